@@ -1,0 +1,307 @@
+"""``sendmail-shim-admin``: the operator's command (click).
+
+Trusts: the operator who runs it; it reads the spool directly, so listing and
+changing the queue needs root or the daemon's user (file modes say so), and
+asks the daemon over its socket where the daemon must act (flush).
+Guarantees: every failure is one line naming the file, the site or the queue id
+and what to do next, with a sysexits status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+from sendmail_shim import handoff, listing, paths, spool, sysexits
+from sendmail_shim.config import Config, load_config
+from sendmail_shim.paths import ConfigError
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
+        sys.exit(sysexits.EX_CONFIG)
+
+
+config_option = click.option(
+    "--config", "config_path", metavar="FILE", default=None,
+    help="Configuration file (default: $SENDMAIL_SHIM_CONFIG, then "
+         f"{paths.SYSTEM_CONFIG}, then the per-user file).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Operate sendmail-shim: the daemon, the queue, the configuration, a demo."""
+
+
+@cli.command()
+@config_option
+def serve(config_path: str | None) -> None:
+    """Run the daemon in the foreground (hand-off socket, pickup, queue runner)."""
+    from sendmail_shim.daemon import run_daemon
+    from sendmail_shim.logsetup import setup_logging
+
+    config = _load(config_path)
+    setup_logging(config)
+    sys.exit(run_daemon(config))
+
+
+@cli.group()
+def queue() -> None:
+    """Inspect and act on the queue."""
+
+
+def _entries_or_exit(config: Config) -> list[spool.QueueEntry]:
+    try:
+        return list(spool.entries(config.layout))
+    except PermissionError as exc:
+        click.echo(f"sendmail-shim-admin: cannot read the spool {config.spool}: {exc.strerror}; "
+                   "run as root or as the daemon's user", err=True)
+        sys.exit(sysexits.EX_NOPERM)
+
+
+@queue.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.option("--site", default=None, help="Only this site's messages.")
+def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None:
+    """List queued messages: id, size, age, site, sender, recipients, last error."""
+    config = _load(config_path)
+    entries = [e for e in _entries_or_exit(config) if site is None or e.envelope.site == site]
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps({
+                "queue_id": e.envelope.queue_id, "state": e.state, "site": e.envelope.site,
+                "uid": e.envelope.uid, "size": e.envelope.size,
+                "age": round(time.time() - e.envelope.arrival, 1),
+                "sender": e.envelope.sender, "recipients": e.envelope.recipients,
+                "done": e.status.done, "failed": e.status.failed,
+                "attempts": e.status.attempts, "last_error": e.status.last_error,
+            }))
+        return
+    click.echo(listing.format_queue(entries), nl=False)
+
+
+@queue.command("flush")
+@config_option
+def queue_flush(config_path: str | None) -> None:
+    """Ask the daemon to deliver every queued message now, deferred ones included."""
+    config = _load(config_path)
+    try:
+        reply = handoff.send_request(config.layout.socket,
+                                     handoff.encode_request([("mode", "flush")], b""), 30)
+    except handoff.DaemonUnreachable as exc:
+        click.echo(f"sendmail-shim-admin: the daemon is not answering ({exc}); start it with "
+                   "'sendmail-shim-admin serve'", err=True)
+        sys.exit(sysexits.EX_TEMPFAIL)
+    _code, _status, text = handoff.parse_reply(reply.split(b"\n", 1)[0])
+    click.echo(text)
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check the configuration."""
+
+
+@config_group.command("check")
+@config_option
+def config_check(config_path: str | None) -> None:
+    """Load the configuration and report problems an operator must fix."""
+    config = _load(config_path)
+    problems = []
+    for site in config.sites.values():
+        login = site.relay_login
+        if login is None:
+            continue
+        try:
+            mode = os.stat(login.password_file).st_mode
+            if mode & 0o007:
+                problems.append(f"site {site.name}: {login.password_file} is readable by "
+                                "every user; chmod 0640 and chown root:<daemon group>")
+        except OSError as exc:
+            problems.append(f"site {site.name}: password file {login.password_file}: "
+                            f"{exc.strerror}")
+    if not config.relays:
+        problems.append("no relays configured: every message will wait in the queue")
+    click.echo(f"configuration {config.path or '(built-in defaults)'}: "
+               f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")
+    for problem in problems:
+        click.echo(f"problem: {problem}")
+    sys.exit(sysexits.EX_CONFIG if problems else 0)
+
+
+@cli.command("capture-relay")
+@click.option("--listen", default="127.0.0.1:2525", show_default=True, metavar="HOST:PORT")
+@click.option("--maildir", required=True, type=click.Path(file_okay=False))
+@click.option("--logins", "logins_file", required=True, type=click.Path(dir_okay=False),
+              help="File of user:password lines; only these may send.")
+@click.option("--tls-cert", default=None, help="Certificate for STARTTLS (PEM).")
+@click.option("--tls-key", default=None, help="Key for STARTTLS (PEM).")
+def capture_relay(listen: str, maildir: str, logins_file: str,
+                  tls_cert: str | None, tls_key: str | None) -> None:
+    """A loopback SMTP relay with AUTH that stores what it receives in a Maildir."""
+    from sendmail_shim.capture_relay import serve_capture_relay
+
+    host, _, port = listen.rpartition(":")
+    try:
+        asyncio.run(serve_capture_relay(host.strip("[]"), int(port), maildir, logins_file,
+                                        tls_cert, tls_key))
+    except (ValueError, OSError) as exc:
+        click.echo(f"sendmail-shim-admin capture-relay: {exc}", err=True)
+        sys.exit(sysexits.EX_CONFIG)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- demo ---------------------------------------------------------------------
+
+DEMO_MARKER = "# written by sendmail-shim-admin demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_private(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def write_demo_config(config_file: str) -> dict[str, Any]:
+    """A per-user configuration: this uid is site demo.example, relay on loopback."""
+    from platformdirs import user_data_dir
+
+    base = user_data_dir("sendmail-shim")
+    secrets_dir = os.path.join(os.path.dirname(config_file), "secrets")
+    os.makedirs(secrets_dir, mode=0o700, exist_ok=True)
+    password = secrets.token_urlsafe(18)
+    password_file = os.path.join(secrets_dir, "demo.example")
+    _write_private(password_file, password + "\n")
+    _write_private(os.path.join(secrets_dir, "capture-relay.logins"),
+                   f"demo.example:{password}\n")
+    port = _free_port()
+    text = f"""{DEMO_MARKER}: a daemon in your user directories and a loopback relay
+spool: {os.path.join(base, "spool")}
+relays:
+  - host: 127.0.0.1
+    port: {port}
+    tls: none
+retry: {{initial: 10s, maximum: 5m, lifetime: 1d}}
+queue_scan_interval: 2s
+sites:
+  demo.example:
+    uids: [{os.getuid()}]
+    domains: [demo.example]
+    sender: noreply@demo.example
+    relay_login: {{user: demo.example, password_file: {password_file}}}
+"""
+    os.makedirs(os.path.dirname(config_file), exist_ok=True)
+    with open(config_file, "w") as fh:
+        fh.write(text)
+    return {"port": port}
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"timed out after {timeout:g}s waiting for {what}")
+
+
+@cli.command()
+@click.option("--keep-running", is_flag=True,
+              help="Leave the daemon and the relay running after the demo message arrives.")
+def demo(keep_running: bool) -> None:
+    """Set up and run the whole path without root: daemon, relay, one message."""
+    from platformdirs import user_data_dir
+
+    config_file = paths.user_config_file()
+    if not os.path.exists(config_file):
+        write_demo_config(config_file)
+        click.echo(f"wrote {config_file}")
+    with open(config_file) as fh:
+        if DEMO_MARKER not in fh.read():
+            raise click.ClickException(
+                f"{config_file} exists and was not written by the demo; move it away or set "
+                "SENDMAIL_SHIM_CONFIG to another file")
+    config = _load(config_file)
+    relay = config.relays[0]
+    maildir = os.path.join(user_data_dir("sendmail-shim"), "demo-maildir")
+    logins = os.path.join(os.path.dirname(config_file), "secrets", "capture-relay.logins")
+    bindir = os.path.dirname(sys.argv[0]) if os.sep in sys.argv[0] else ""
+    admin_cmd = shutil.which("sendmail-shim-admin", path=bindir or None) or sys.argv[0]
+    sendmail_cmd = shutil.which("sendmail-shim", path=bindir or None) or "sendmail-shim"
+    env = dict(os.environ, SENDMAIL_SHIM_CONFIG=config_file)
+    before = set(os.listdir(os.path.join(maildir, "new"))) if os.path.isdir(
+        os.path.join(maildir, "new")) else set()
+    procs = [
+        subprocess.Popen([admin_cmd, "capture-relay", "--listen", f"127.0.0.1:{relay.port}",
+                          "--maildir", maildir, "--logins", logins], env=env),
+        subprocess.Popen([admin_cmd, "serve", "--config", config_file], env=env),
+    ]
+    try:
+        _wait_for(lambda: os.path.exists(config.layout.socket), 20, "the daemon's socket")
+        click.echo(f"daemon up: socket {config.layout.socket}; relay on 127.0.0.1:{relay.port}")
+        message = (
+            "To: Demo Recipient <someone@example.net>\n"
+            "Subject: sendmail-shim demo\n"
+            "\n"
+            "This message went through sendmail-shim -t -i, the daemon's spool,\n"
+            "and the relay, logged in as site demo.example.\n"
+            ".\n"
+            "(the line above is a lone dot, kept because of -i)\n"
+        )
+        click.echo(f"$ {sendmail_cmd} -t -i < message")
+        done = subprocess.run([sendmail_cmd, "-t", "-i"], input=message.encode(), env=env,
+                              check=False)
+        if done.returncode != 0:
+            raise click.ClickException(f"sendmail-shim exited {done.returncode}")
+        new_dir = os.path.join(maildir, "new")
+        _wait_for(lambda: set(os.listdir(new_dir)) - before, 30, "the relay to receive it")
+        name = sorted(set(os.listdir(new_dir)) - before)[0]
+        with open(os.path.join(maildir, "envelopes", name + ".json")) as fh:
+            meta = json.load(fh)
+        click.echo(f"\nthe relay received {os.path.join(new_dir, name)}")
+        click.echo(f"  AUTH login : {meta['login']}")
+        click.echo(f"  MAIL FROM  : <{meta['mail_from']}>")
+        click.echo(f"  RCPT TO    : {', '.join('<' + r + '>' for r in meta['rcpt_tos'])}\n")
+        with open(os.path.join(new_dir, name), "rb") as fh:
+            click.echo(fh.read().decode("utf-8", "replace").replace("\r\n", "\n"))
+        if keep_running:
+            click.echo(f"daemon and relay keep running; try: SENDMAIL_SHIM_CONFIG={config_file} "
+                       f"{sendmail_cmd} -bp   (Ctrl-C to stop)")
+            procs[1].wait()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> None:
+    cli(prog_name="sendmail-shim-admin")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The sendmail command line: a flag table, and a parser that follows it.
+
+Trusts: nothing.  argv may carry words appended by PHP's mail() 5th argument
+(CVE-2016-10033 used ``-X/path`` to write a log into the web root).
+Guarantees: every flag is in :data:`FLAGS` as accepted, ignored or refused; an
+ignored flag never opens, reads or writes anything; an unknown flag or a
+refused mode is a usage error (EX_USAGE) with a message naming it.
+
+Parsing follows Postfix's sendmail: POSIX getopt without permutation (the
+first word that is not an option ends the options, as does ``--``); flags may
+be grouped (``-ti``); an argument may be attached or separate (``-fX``,
+``-f X``); ``-o`` takes the rest of its word (``-oem``, ``-oi``); repeats are
+allowed and the last value wins.
+
+Stdlib-free: this runs on every PHP mail() call.
+"""
+
+from __future__ import annotations
+
+# Flag -> (takes an argument, what we do with it).  "accepted" flags change
+# what happens; "ignored" flags are read and dropped without side effects.
+FLAGS: dict[str, tuple[bool, str]] = {
+    "A": (True, "ignored: Sendmail's -Ac/-Am config choice"),
+    "B": (True, "accepted: body type (7BIT, 8BITMIME), recorded"),
+    "C": (True, "ignored: alternate configuration file; never opened"),
+    "F": (True, "accepted: sender's full name for an added From: header"),
+    "G": (False, "ignored: gateway submission"),
+    "I": (False, "accepted: same as -bi (newaliases): nothing to do"),
+    "L": (True, "ignored: syslog label"),
+    "N": (True, "accepted: DSN notify (never, or failure,delay,success); never = no bounce"),
+    "O": (True, "ignored: Sendmail option=value (e.g. QueueDirectory); nothing is set"),
+    "R": (True, "accepted: DSN return (hdrs, full), recorded"),
+    "U": (False, "ignored: initial user submission"),
+    "V": (True, "accepted: DSN envelope id, recorded"),
+    "X": (True, "ignored: traffic log file; never opened"),
+    "b": (True, "accepted: mode, see MODES"),
+    "c": (False, "ignored: hold expensive connections"),
+    "d": (True, "ignored: debug"),
+    "e": (True, "ignored: error reporting mode"),
+    "f": (True, "accepted: envelope sender; <> for the null sender"),
+    "h": (True, "ignored: hop count"),
+    "i": (False, "accepted: a line with a lone dot does not end the message"),
+    "m": (False, "ignored: send to me too"),
+    "n": (False, "ignored: no aliasing"),
+    "o": (True, "accepted: -oi as -i; every other -o option ignored"),
+    "p": (True, "ignored: protocol name"),
+    "q": (True, "accepted: run the queue now (-q, -q<interval>, -qR<site>, -qS<site>)"),
+    "r": (True, "accepted: same as -f"),
+    "t": (False, "accepted: recipients from To/Cc/Bcc (Resent-* when present); Bcc removed"),
+    "v": (False, "ignored: verbose"),
+    "x": (False, "ignored: trace"),
+}
+# -q's argument is optional: a bare -q takes none.
+OPTIONAL_ARGUMENT = frozenset("q")
+
+MODES: dict[str, str] = {
+    "m": "mail",  # the default: read a message from stdin
+    "i": "newaliases",  # nothing to do: we keep no alias database
+    "p": "mailq",  # list the queue
+    "s": "smtp",  # SMTP dialogue on stdin/stdout
+}
+REFUSED_MODES: dict[str, str] = {
+    "d": "-bd (run as a daemon): start the daemon with 'sendmail-shim-admin serve'",
+    "D": "-bD (daemon in foreground): start the daemon with 'sendmail-shim-admin serve'",
+    "h": "-bh (host status): there is no host status database",
+    "H": "-bH (purge host status): there is no host status database",
+    "l": "-bl (listen): start the daemon with 'sendmail-shim-admin serve'",
+    "v": "-bv (verify addresses): use 'sendmail-shim-admin route explain' instead",
+    "a": "-ba (ARPANET mode) is not supported",
+    "t": "-bt (address test mode) is not supported",
+}
+
+
+class UsageError(Exception):
+    """A command line we do not accept; exit EX_USAGE."""
+
+
+class Invocation:
+    """What the command line asks for."""
+
+    __slots__ = (
+        "body_type",
+        "envid",
+        "extract",
+        "fullname",
+        "ignore_dots",
+        "ignored",
+        "mode",
+        "notify",
+        "recipients",
+        "ret",
+        "sender",
+    )
+
+    def __init__(self) -> None:
+        self.mode = "mail"
+        self.sender: str | None = None
+        self.fullname: str | None = None
+        self.extract = False
+        self.ignore_dots = False
+        self.recipients: list[str] = []
+        self.notify: str | None = None
+        self.ret: str | None = None
+        self.envid: str | None = None
+        self.body_type: str | None = None
+        self.ignored: list[str] = []
+
+
+def _apply(inv: Invocation, flag: str, value: str | None) -> None:
+    if flag in ("f", "r"):
+        inv.sender = value
+    elif flag == "F":
+        inv.fullname = value
+    elif flag == "t":
+        inv.extract = True
+    elif flag == "i":
+        inv.ignore_dots = True
+    elif flag == "o":
+        if value == "i":
+            inv.ignore_dots = True
+        else:
+            inv.ignored.append("-o" + (value or ""))
+    elif flag == "b":
+        if not value:
+            raise UsageError("-b needs a mode letter (for example -bs or -bp)")
+        if value[0] in REFUSED_MODES:
+            raise UsageError(REFUSED_MODES[value[0]])
+        if value[0] not in MODES:
+            raise UsageError(f"-b{value}: unsupported mode")
+        inv.mode = MODES[value[0]]
+    elif flag == "I":
+        inv.mode = "newaliases"
+    elif flag == "q":
+        inv.mode = "flush"
+    elif flag == "N":
+        inv.notify = value
+    elif flag == "R":
+        inv.ret = value
+    elif flag == "V":
+        inv.envid = value
+    elif flag == "B":
+        inv.body_type = value
+    else:
+        inv.ignored.append("-" + flag + (value or ""))
+
+
+def parse_argv(argv: list[str]) -> Invocation:
+    """Parse ``argv`` (argv[0] included) into an :class:`Invocation`."""
+    inv = Invocation()
+    prog = argv[0].rsplit("/", 1)[-1] if argv else "sendmail"
+    if prog == "mailq":
+        inv.mode = "mailq"
+    elif prog == "newaliases":
+        inv.mode = "newaliases"
+    words = argv[1:]
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == "--":
+            index += 1
+            break
+        if len(word) < 2 or word[0] != "-":
+            break
+        pos = 1
+        while pos < len(word):
+            flag = word[pos]
+            spec = FLAGS.get(flag)
+            if spec is None:
+                raise UsageError(f"invalid option -- '{flag}'")
+            takes_arg, _what = spec
+            pos += 1
+            if not takes_arg:
+                _apply(inv, flag, None)
+                continue
+            if pos < len(word):
+                value: str | None = word[pos:]
+            elif flag in OPTIONAL_ARGUMENT:
+                value = None
+            elif index + 1 < len(words):
+                index += 1
+                value = words[index]
+            else:
+                raise UsageError(f"option requires an argument -- '{flag}'")
+            _apply(inv, flag, value)
+            break
+        index += 1
+    inv.recipients = words[index:]
+    return inv

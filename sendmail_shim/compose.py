@@ -1,0 +1,237 @@
+"""Composing the queued message: envelope from argv and headers, and the headers we add.
+
+Trusts: nothing in the message or the request fields; the site and uid come
+from ``identity``.
+Guarantees, following Postfix's sendmail/cleanup:
+
+* ``-t``: recipients from To, Cc and Bcc, or from Resent-To/-Cc/-Bcc when any
+  Resent- header is present; added to the command-line recipients (Postfix >= 2.1);
+* Bcc and Resent-Bcc are removed from the data; Return-Path is removed;
+* missing Message-Id, Date and From are appended at the end of the header
+  block (Resent- forms when the message is resent), as Postfix does;
+* a Received line names the host, the uid, the site and the script hint
+  (``from userid N`` as Postfix writes it), prepended;
+* duplicate recipients are removed; unqualified addresses get ``@hostname``
+  (recipients) or the site's domain (sender);
+* the default envelope sender is the site's ``sender``, else ``noreply@`` its
+  first domain, never ``root@`` or the web user's login name.
+
+The message body bytes are never changed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from email.utils import formatdate, getaddresses
+
+from sendmail_shim.config import Config, Site
+from sendmail_shim.envelope import Envelope
+from sendmail_shim.identity import Caller
+
+_HEADER_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+MAX_ADDRESS_LENGTH = 320  # 64 local + @ + 255 domain (RFC 5321 4.5.3.1)
+
+
+class CompositionError(Exception):
+    """The submission cannot become a message; the text says why."""
+
+
+@dataclass
+class Submission:
+    """Parsed request fields."""
+
+    sender: str | None
+    rcpt_words: list[str]
+    extract: bool
+    fullname: str | None
+    notify: str | None
+    ret: str | None
+    envid: str | None
+    body_type: str | None
+    cwd: str | None
+
+    @classmethod
+    def from_fields(cls, fields: list[tuple[str, str]]) -> Submission:
+        single: dict[str, str] = {}
+        rcpts: list[str] = []
+        for key, value in fields:
+            if key == "rcpt":
+                rcpts.append(value)
+            else:
+                single[key] = value
+        return cls(
+            sender=single.get("sender"),
+            rcpt_words=rcpts,
+            extract=single.get("extract") == "1",
+            fullname=single.get("fullname"),
+            notify=single.get("notify"),
+            ret=single.get("ret"),
+            envid=single.get("envid"),
+            body_type=single.get("body"),
+            cwd=single.get("cwd"),
+        )
+
+
+def split_header_block(message: bytes) -> tuple[list[bytes], bytes]:
+    """Header fields (each with its continuation lines and newlines) and the rest."""
+    headers: list[bytes] = []
+    pos = 0
+    while pos < len(message):
+        end = message.find(b"\n", pos)
+        end = len(message) if end < 0 else end + 1
+        line = message[pos:end]
+        if line[:1] in (b" ", b"\t") and headers:
+            headers[-1] += line
+        elif _HEADER_START.match(line):
+            headers.append(line)
+        else:
+            break  # a blank line or a non-header line: the body starts here
+        pos = end
+    return headers, message[pos:]
+
+
+def header_name(field: bytes) -> str:
+    return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+
+
+def header_value(field: bytes) -> str:
+    value = field.split(b":", 1)[1]
+    return re.sub(r"\r?\n[ \t]", " ", value.decode("utf-8", "surrogateescape")).strip()
+
+
+def _addresses(text: str) -> list[str]:
+    return [addr for _name, addr in getaddresses([text]) if addr]
+
+
+def check_address(addr: str, what: str) -> str:
+    if len(addr) > MAX_ADDRESS_LENGTH or _BAD_ADDRESS_CHARS.search(addr) or " " in addr.strip():
+        raise CompositionError(f"bad {what} address {addr[:80]!r}")
+    return addr.strip()
+
+
+def _qualify(addr: str, domain: str) -> str:
+    return addr if "@" in addr else f"{addr}@{domain}"
+
+
+def default_sender(site: Site, config: Config) -> str:
+    if site.sender:
+        return site.sender
+    if site.domains:
+        return f"noreply@{site.domains[0]}"
+    return f"noreply@{config.hostname}"
+
+
+def envelope_sender(raw: str | None, site: Site, config: Config) -> str:
+    if raw is None:
+        return default_sender(site, config)
+    stripped = raw.strip()
+    if stripped in ("", "<>"):
+        return ""
+    found = _addresses(stripped)
+    if not found:
+        raise CompositionError(f"cannot read the sender address {raw[:80]!r}")
+    domain = site.domains[0] if site.domains else config.hostname
+    return check_address(_qualify(found[0], domain), "sender")
+
+
+def _comment_safe(text: str) -> str:
+    return re.sub(r"[()\\\x00-\x1f\x7f]", "_", text)[:200]
+
+
+def script_hint(headers: list[bytes]) -> str | None:
+    """The script name from PHP's X-PHP-Originating-Script ("<uid>:<script>")."""
+    for field in headers:
+        if header_name(field) == "x-php-originating-script":
+            value = header_value(field)
+            return value.split(":", 1)[1] if ":" in value else value
+    return None
+
+
+def mail_date(when: float) -> str:
+    """RFC 5322 date in local time with the zone name, as Postfix's mail_date()."""
+    return f"{formatdate(when, localtime=True)} ({time.strftime('%Z', time.localtime(when))})"
+
+
+def compose(
+    sub: Submission,
+    message: bytes,
+    site: Site,
+    caller: Caller,
+    config: Config,
+    queue_id: str,
+    now: float,
+) -> tuple[Envelope, bytes]:
+    """The envelope and the final message bytes (see the module docstring)."""
+    headers, rest = split_header_block(message)
+    names = [header_name(h) for h in headers]
+    resent = any(n.startswith("resent-") for n in names)
+    sender = envelope_sender(sub.sender, site, config)
+
+    recipients: list[str] = []
+    for word in sub.rcpt_words:
+        recipients.extend(_addresses(word))
+    if sub.extract:
+        wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+        for field, name in zip(headers, names, strict=True):
+            if name in wanted:
+                recipients.extend(_addresses(header_value(field)))
+    seen: set[str] = set()
+    unique: list[str] = []
+    for addr in recipients:
+        addr = check_address(_qualify(addr, config.hostname), "recipient")
+        if addr.lower() not in seen:
+            seen.add(addr.lower())
+            unique.append(addr)
+    if not unique:
+        raise CompositionError(
+            "No recipient addresses found in message header"
+            if sub.extract
+            else "no recipient addresses given"
+        )
+
+    script = script_hint(headers)
+    kept = [h for h, n in zip(headers, names, strict=True)
+            if n not in ("bcc", "resent-bcc", "return-path")]
+    prefix = "Resent-" if resent else ""
+    present = set(names)
+    if f"{prefix}message-id".lower() not in present:
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        kept.append(f"{prefix}Message-Id: <{stamp}.{queue_id}@{config.hostname}>\n".encode())
+    if f"{prefix}date".lower() not in present:
+        kept.append(f"{prefix}Date: {mail_date(now)}\n".encode())
+    if f"{prefix}from".lower() not in present:
+        from_addr = sender or default_sender(site, config)
+        fullname = f" ({_comment_safe(sub.fullname)})" if sub.fullname and sender else ""
+        kept.append(f"{prefix}From: {from_addr}{fullname}\n".encode("utf-8", "surrogateescape"))
+    origin = f"from userid {caller.uid}, site {_comment_safe(site.name)}"
+    if script:
+        origin += f", script {_comment_safe(script)}"
+    received = (
+        f"Received: by {config.hostname} (sendmail-shim, {origin})\n"
+        f"\tid {queue_id}; {mail_date(now)}\n"
+    ).encode("utf-8", "surrogateescape")
+    if rest and not rest.startswith(b"\n"):
+        rest = b"\n" + rest  # the body started without a blank line: keep them apart
+    final = received + b"".join(kept) + rest
+
+    envelope = Envelope(
+        queue_id=queue_id,
+        site=site.name,
+        uid=caller.uid,
+        gid=caller.gid,
+        pid=caller.pid,
+        sender=sender,
+        recipients=unique,
+        arrival=now,
+        script=script,
+        cwd=caller.cwd,
+        notify=sub.notify,
+        ret=sub.ret,
+        envid=sub.envid,
+        body_type=sub.body_type,
+        size=len(final),
+    )
+    return envelope, final

@@ -1,0 +1,352 @@
+"""Loading and checking the YAML configuration (daemon and admin; never the front end).
+
+Trusts: the file's owner (root or the operator); still, every key is checked
+against a schema, unknown keys are errors (a typo must not silently disable a
+limit), and each error names the file, the key path and what is wrong.
+Guarantees: a :class:`Config` is complete and consistent; the two keys the
+front end reads without YAML (``paths.read_frontend_settings``) read the same
+here, or loading fails.
+
+Schema (see man/sendmail-shim.yaml.5)::
+
+    spool: /var/spool/sendmail-shim
+    message_size_limit: 10240000
+    hostname: mail.host.example          # default: this machine's name
+    log: {target: stderr | syslog, level: info}
+    relays:                              # tried in order
+      - {host: relay1.example.net, port: 587, tls: starttls|implicit|none,
+         verify: true, ca_file: null, timeout: 30, allow_plaintext: false}
+    retry: {initial: 5m, maximum: 1h, lifetime: 5d, jitter: 0.2}
+    queue_scan_interval: 5s
+    sites:
+      example.com:
+        uids: [1001, www-example]        # numbers or user names
+        docroots: [/var/www/example.com]
+        domains: [example.com]
+        sender: noreply@example.com      # default envelope sender and From
+        relay_login: {user: example.com, password_file: /etc/sendmail-shim/secrets/example.com}
+    default_site: refuse                 # or a site mapping (without uids) for unknown uids
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from sendmail_shim import paths
+from sendmail_shim.paths import ConfigError
+
+TLS_MODES = ("starttls", "implicit", "none")
+LOG_TARGETS = ("stderr", "syslog")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+                     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class RelayLogin:
+    user: str
+    password_file: str
+
+    def read_password(self) -> str:
+        """The password, read now so that rotating the file needs no restart."""
+        with open(self.password_file, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n")
+
+
+@dataclass(frozen=True)
+class Relay:
+    host: str
+    port: int
+    tls: str = "starttls"
+    verify: bool = True
+    ca_file: str | None = None
+    timeout: float = 30.0
+    allow_plaintext: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    uids: tuple[int, ...] = ()
+    docroots: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    sender: str | None = None
+    relay_login: RelayLogin | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    # Postfix's minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime.
+    initial: float = 300.0
+    maximum: float = 4000.0
+    lifetime: float = 5 * 86400.0
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None
+    spool: str = paths.DEFAULT_SPOOL
+    message_size_limit: int = paths.DEFAULT_MESSAGE_SIZE_LIMIT
+    hostname: str = field(default_factory=socket.gethostname)
+    log_target: str = "stderr"
+    log_level: str = "info"
+    relays: tuple[Relay, ...] = ()
+    retry: RetryPolicy = RetryPolicy()
+    queue_scan_interval: float = 5.0
+    sites: dict[str, Site] = field(default_factory=dict)
+    default_site: Site | None = None
+
+    @property
+    def layout(self) -> paths.SpoolLayout:
+        return paths.SpoolLayout(self.spool)
+
+    def sites_of_uid(self, uid: int) -> list[Site]:
+        return [site for site in self.sites.values() if uid in site.uids]
+
+
+class _Reader:
+    """Walks the YAML tree, remembering the key path for error messages."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path or "<built-in defaults>"
+
+    def fail(self, where: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {what}")
+
+    def mapping(self, value: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if not isinstance(key, str) or key not in known:
+                raise self.fail(
+                    where, f"unknown key {key!r} (known keys: {', '.join(known)})"
+                )
+        return value
+
+    def string(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(where, f"expected a whole number >= {minimum}, got {value!r}")
+        return value
+
+    def boolean(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"expected true or false, got {value!r}")
+        return value
+
+    def duration(self, value: Any, where: str) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        match = _DURATION.match(str(value)) if isinstance(value, str) else None
+        if not match:
+            raise self.fail(where, f"expected a duration like 30s, 5m, 2h or 5d, got {value!r}")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+
+    def choice(self, value: Any, where: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(where, f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    def strings(self, value: Any, where: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(where, f"expected a list, got {value!r}")
+        return tuple(self.string(item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _relay(r: _Reader, raw: Any, where: str) -> Relay:
+    known = ("host", "port", "tls", "verify", "ca_file", "timeout", "allow_plaintext")
+    data = r.mapping(raw, where, known)
+    if "host" not in data:
+        raise r.fail(where, "missing key 'host'")
+    tls = r.choice(data.get("tls", "starttls"), f"{where}.tls", TLS_MODES)
+    default_port = {"starttls": 587, "implicit": 465, "none": 25}[tls]
+    port = r.integer(data.get("port", default_port), f"{where}.port", 1)
+    if port > 65535:
+        raise r.fail(f"{where}.port", f"expected a port 1-65535, got {port}")
+    host = r.string(data["host"], f"{where}.host")
+    allow_plaintext = r.boolean(data.get("allow_plaintext", False), f"{where}.allow_plaintext")
+    if tls == "none" and not allow_plaintext and not _is_loopback(host):
+        raise r.fail(
+            f"{where}.tls",
+            f"'none' sends site passwords in clear text to {host}; use starttls or "
+            "implicit, or set allow_plaintext: true if this network is trusted",
+        )
+    ca_file = data.get("ca_file")
+    return Relay(
+        host=host,
+        port=port,
+        tls=tls,
+        verify=r.boolean(data.get("verify", True), f"{where}.verify"),
+        ca_file=r.string(ca_file, f"{where}.ca_file") if ca_file is not None else None,
+        timeout=r.duration(data.get("timeout", 30), f"{where}.timeout"),
+        allow_plaintext=allow_plaintext,
+    )
+
+
+def _uid(r: _Reader, value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise r.fail(where, f"no such user {value!r} on this system") from None
+    raise r.fail(where, f"expected a uid number or a user name, got {value!r}")
+
+
+def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True) -> Site:
+    known = ("docroots", "domains", "sender", "relay_login")
+    data = r.mapping(raw, where, (("uids",) if with_uids else ()) + known)
+    uids: tuple[int, ...] = ()
+    if with_uids:
+        raw_uids = data.get("uids")
+        if not isinstance(raw_uids, list) or not raw_uids:
+            raise r.fail(f"{where}.uids", "expected a non-empty list of uids or user names")
+        uids = tuple(_uid(r, u, f"{where}.uids[{i}]") for i, u in enumerate(raw_uids))
+    raw_domains = r.strings(data.get("domains"), f"{where}.domains")
+    domains = tuple(d.lower().rstrip(".") for d in raw_domains)
+    for i, domain in enumerate(domains):
+        try:
+            ascii_form = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_form = ""
+        if not _DOMAIN.match(ascii_form):
+            raise r.fail(f"{where}.domains[{i}]", f"not a domain name: {domain!r}")
+    sender = data.get("sender")
+    if sender is not None:
+        sender = r.string(sender, f"{where}.sender")
+        if "@" not in sender:
+            raise r.fail(f"{where}.sender",
+                         f"expected an address like noreply@{name}, got {sender!r}")
+    login = None
+    if data.get("relay_login") is not None:
+        ldata = r.mapping(data["relay_login"], f"{where}.relay_login", ("user", "password_file"))
+        for key in ("user", "password_file"):
+            if key not in ldata:
+                raise r.fail(f"{where}.relay_login", f"missing key {key!r}")
+        login = RelayLogin(
+            user=r.string(ldata["user"], f"{where}.relay_login.user"),
+            password_file=r.string(ldata["password_file"], f"{where}.relay_login.password_file"),
+        )
+    docroots = tuple(
+        os.path.normpath(d) for d in r.strings(data.get("docroots"), f"{where}.docroots")
+    )
+    return Site(name=name, uids=uids, docroots=docroots, domains=domains, sender=sender,
+                relay_login=login)
+
+
+TOP_KEYS = ("spool", "message_size_limit", "hostname", "log", "relays", "retry",
+            "queue_scan_interval", "sites", "default_site")
+
+
+def parse_config(raw: Any, path: str | None) -> Config:
+    """Build a :class:`Config` from the YAML tree ``raw`` read from ``path``."""
+    r = _Reader(path)
+    data = r.mapping(raw, "top level", TOP_KEYS)
+    kwargs: dict[str, Any] = {"path": path}
+    if "spool" in data:
+        spool = r.string(data["spool"], "spool")
+        if not os.path.isabs(spool):
+            raise r.fail("spool", f"expected an absolute path, got {spool!r}")
+        kwargs["spool"] = spool
+    if "message_size_limit" in data:
+        kwargs["message_size_limit"] = r.integer(
+            data["message_size_limit"], "message_size_limit", 1)
+    if "hostname" in data:
+        kwargs["hostname"] = r.string(data["hostname"], "hostname")
+    log = r.mapping(data.get("log"), "log", ("target", "level"))
+    kwargs["log_target"] = r.choice(log.get("target", "stderr"), "log.target", LOG_TARGETS)
+    kwargs["log_level"] = r.choice(log.get("level", "info"), "log.level",
+                                   ("debug", "info", "warning", "error"))
+    raw_relays = data.get("relays") or []
+    if not isinstance(raw_relays, list):
+        raise r.fail("relays", "expected a list of relays")
+    kwargs["relays"] = tuple(_relay(r, item, f"relays[{i}]") for i, item in enumerate(raw_relays))
+    retry = r.mapping(data.get("retry"), "retry", ("initial", "maximum", "lifetime", "jitter"))
+    defaults = RetryPolicy()
+    jitter = retry.get("jitter", defaults.jitter)
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
+        raise r.fail("retry.jitter", f"expected a fraction between 0 and 1, got {jitter!r}")
+    kwargs["retry"] = RetryPolicy(
+        initial=r.duration(retry.get("initial", defaults.initial), "retry.initial"),
+        maximum=r.duration(retry.get("maximum", defaults.maximum), "retry.maximum"),
+        lifetime=r.duration(retry.get("lifetime", defaults.lifetime), "retry.lifetime"),
+        jitter=float(jitter),
+    )
+    if "queue_scan_interval" in data:
+        kwargs["queue_scan_interval"] = max(
+            0.2, r.duration(data["queue_scan_interval"], "queue_scan_interval")
+        )
+    sites_raw = data.get("sites") or {}
+    if not isinstance(sites_raw, dict):
+        raise r.fail("sites", "expected a mapping of site name to site")
+    kwargs["sites"] = {
+        str(name): _site(r, str(name), body, f"sites.{name}") for name, body in sites_raw.items()
+    }
+    default = data.get("default_site", "refuse")
+    if default != "refuse":
+        kwargs["default_site"] = _site(r, "default", default, "default_site", with_uids=False)
+    config = Config(**kwargs)
+    _check_frontend_agrees(config, path)
+    return config
+
+
+def _check_frontend_agrees(config: Config, path: str | None) -> None:
+    """The front end reads spool and message_size_limit without YAML: same values?"""
+    try:
+        spool, limit = paths.frontend_spool_and_limit(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the sendmail front end reads this line without YAML)") from exc
+    if spool != config.spool or limit != config.message_size_limit:
+        raise ConfigError(
+            f"{config.path}: spool/message_size_limit: write each as one plain top-level "
+            "line ('spool: /path', 'message_size_limit: 10240000'): the sendmail front end "
+            f"reads them without a YAML parser and saw spool={spool!r}, "
+            f"message_size_limit={limit}"
+        )
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """Find (``paths.find_config``), read and check the configuration."""
+    path = paths.find_config(explicit)
+    if path is None:
+        return parse_config({}, None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(raw, path)

@@ -1,0 +1,197 @@
+"""The daemon: hand-off socket, pickup of drop files, and the queue runner.
+
+Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
+the peer writes.  Requests are bounded (header size, message_size_limit,
+read timeouts) and parsed by handoff.py; the verdict comes from intake.py.
+Guarantees: one daemon per spool (a lock file); the reply "250" is written only
+after the message is durable; interrupted writes in ``tmp/`` are removed at
+start; drop files are ingested at start and on every scan; on SIGTERM the
+daemon stops accepting, lets in-flight submissions finish and exits.
+
+Control requests on the same socket: ``flush`` (any user, like Postfix's
+``sendmail -q``) and ``mailq``, which shows root and the daemon's own user the
+whole queue and every other uid only its own messages: on a shared host one
+site must not read another site's correspondents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+
+import filelock
+
+from sendmail_shim import handoff, listing, paths, pickup, spool, sysexits
+from sendmail_shim.config import Config
+from sendmail_shim.delivery import QueueRunner
+from sendmail_shim.identity import Caller
+from sendmail_shim.intake import accept_submission
+from sendmail_shim.outcome import Verdict
+
+log = logging.getLogger("sendmail_shim.daemon")
+READ_TIMEOUT = 60.0
+MAX_CONNECTIONS = 256
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runner = QueueRunner(config)
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._lock: filelock.BaseFileLock | None = None
+
+    # -- start and stop -------------------------------------------------------
+    def _take_lock(self) -> None:
+        lock = filelock.FileLock(self.config.layout.lock)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise AlreadyRunning(
+                f"another sendmail-shim daemon holds {self.config.layout.lock}; "
+                "stop it first (one daemon per spool)") from None
+        self._lock = lock
+
+    async def serve(self) -> None:
+        layout = self.config.layout
+        spool.prepare_spool(layout)
+        self._take_lock()
+        for name in spool.clean_tmp(layout):
+            log.info("removed interrupted write tmp/%s", name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layout.socket)
+        server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
+                                                 limit=handoff.MAX_HEADER_BYTES + 2)
+        os.chmod(layout.socket, paths.MODE_SOCKET)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info("started spool=%s socket=%s relays=%s sites=%d", layout.root, layout.socket,
+                 ",".join(r.label for r in self.config.relays) or "none",
+                 len(self.config.sites))
+        background = [asyncio.create_task(self.runner.run_forever()),
+                      asyncio.create_task(self._pickup_forever())]
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("stopping: no new submissions; finishing %d in flight", len(self._inflight))
+            server.close()
+            await server.wait_closed()
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=30)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layout.socket)
+            if self._lock is not None:
+                self._lock.release()
+            log.info("stopped")
+
+    async def _pickup_forever(self) -> None:
+        while True:
+            try:
+                if await asyncio.to_thread(pickup.scan, self.config):
+                    self.runner.poke()
+            except Exception:
+                log.exception("pickup scan failed; retrying after the scan interval")
+            await asyncio.sleep(self.config.queue_scan_interval)
+
+    # -- one connection ---------------------------------------------------------
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            async with self._slots:
+                reply = await self._handle(reader, writer)
+            writer.write(reply)
+            await writer.drain()
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("client went away: %s", exc)
+        finally:
+            self._inflight.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        sock = writer.get_extra_info("socket")
+        pid, uid, gid = peer_credentials(sock)
+        try:
+            magic = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            if magic != handoff.MAGIC:
+                raise handoff.ProtocolError("bad greeting")
+            header = await asyncio.wait_for(reader.readuntil(b"\n\n"), READ_TIMEOUT)
+            fields = handoff.decode_header(header)
+        except (handoff.ProtocolError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
+                ValueError) as exc:
+            log.warning("bad request uid=%d pid=%d reason=%r", uid, pid, str(exc))
+            return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
+        mode = next((v for k, v in fields if k == "mode"), "submit")
+        if mode == "flush":
+            self.runner.poke(force=True)
+            log.info("flush requested uid=%d pid=%d", uid, pid)
+            return handoff.format_reply(250, 0, "queue run started")
+        if mode == "mailq":
+            text = await asyncio.to_thread(self._mailq_text, uid)
+            return handoff.format_reply(250, 0, "queue follows") + text.encode()
+        if mode != "submit":
+            return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"unknown mode {mode!r}")
+        try:
+            size = handoff.request_size(fields)
+        except handoff.ProtocolError as exc:
+            return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
+        if size > self.config.message_size_limit:
+            return handoff.format_reply(
+                552, sysexits.EX_DATAERR,
+                f"message of {size} bytes exceeds message_size_limit "
+                f"{self.config.message_size_limit}; nothing was queued")
+        try:
+            body = await asyncio.wait_for(reader.readexactly(size + len(handoff.TRAILER)),
+                                          READ_TIMEOUT)
+        except asyncio.IncompleteReadError:
+            log.warning("incomplete request uid=%d pid=%d: nothing queued", uid, pid)
+            return handoff.format_reply(500, sysexits.EX_PROTOCOL, "incomplete request")
+        if not body.endswith(handoff.TRAILER):
+            return handoff.format_reply(500, sysexits.EX_PROTOCOL, "missing END trailer")
+        caller = Caller(uid=uid, gid=gid, pid=pid)
+        verdict: Verdict = await asyncio.to_thread(
+            accept_submission, self.config, fields, body[:size], caller)
+        if verdict.accepted:
+            self.runner.poke()
+        return handoff.format_reply(verdict.code, verdict.status,
+                                    f"{verdict.enhanced} {verdict.text}")
+
+    def _mailq_text(self, uid: int) -> str:
+        everything = uid in (0, os.getuid())
+        entries = [e for e in spool.entries(self.config.layout)
+                   if everything or e.envelope.uid == uid]
+        return listing.format_queue(entries)
+
+
+def run_daemon(config: Config) -> int:
+    try:
+        asyncio.run(Daemon(config).serve())
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return sysexits.EX_TEMPFAIL
+    return sysexits.EX_OK

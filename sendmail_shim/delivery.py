@@ -1,0 +1,213 @@
+"""The queue runner: picks due messages, delivers them per site, retries, bounces.
+
+Trusts: queue files (the daemon wrote them) but re-validates them on read; a
+file that does not parse moves to ``corrupt/`` and is never delivered.
+Guarantees:
+
+* a message leaves the spool only when every recipient has a final outcome
+  (delivered or bounced); delivered recipients are written to ``status/``
+  before anything else happens, so a crash re-sends at most the message in
+  flight (at-least-once, as every MTA), never skips one;
+* temporary trouble (4xx, network, TLS, AUTH) waits with exponential backoff
+  and jitter (``retry.initial`` doubling up to ``retry.maximum``); after
+  ``retry.lifetime`` in the queue the remaining recipients are bounced;
+* permanent refusals (5xx) are bounced at once (bounce.py), never for the
+  null sender;
+* messages of one site share one relay connection per run (batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+
+from sendmail_shim import bounce, spool
+from sendmail_shim.config import Config, Site
+from sendmail_shim.envelope import Envelope
+from sendmail_shim.outcome import OK, PERM, Outcome
+from sendmail_shim.relay import RelaySession, RelaysUnavailable, SessionBroken, open_session
+
+log = logging.getLogger("sendmail_shim.delivery")
+MAX_PARALLEL_SITES = 8
+
+
+def backoff(config: Config, attempts: int) -> float:
+    """Seconds to wait after ``attempts`` failed attempts."""
+    policy = config.retry
+    delay: float = min(policy.maximum, policy.initial * (2.0 ** max(0, attempts - 1)))
+    return delay * (1 + random.uniform(-policy.jitter, policy.jitter))
+
+
+class QueueRunner:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.wake = asyncio.Event()
+        self._force = False
+        self._lock = asyncio.Lock()
+
+    def poke(self, force: bool = False) -> None:
+        """Run soon; ``force`` also retries deferred mail before its time (flush)."""
+        self._force = self._force or force
+        self.wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("queue run failed; retrying after the scan interval")
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.config.queue_scan_interval)
+            except TimeoutError:
+                pass
+
+    def _site(self, name: str) -> Site | None:
+        if name in self.config.sites:
+            return self.config.sites[name]
+        if name == "default" and self.config.default_site is not None:
+            return self.config.default_site
+        return None
+
+    async def run_once(self) -> int:
+        """Deliver every due message once; the number attempted."""
+        async with self._lock:
+            self.wake.clear()
+            force, self._force = self._force, False
+            layout = self.config.layout
+            now = time.time()
+            due: dict[str, list[tuple[str, str]]] = defaultdict(list)
+            for state in (spool.INCOMING, spool.DEFERRED):
+                for queue_id in spool.queue_ids(layout, state):
+                    status = spool.read_status(layout, queue_id)
+                    if state == spool.DEFERRED and not force and status.next_attempt > now:
+                        continue
+                    try:
+                        env = spool.read_envelope(layout, state, queue_id)
+                    except (OSError, ValueError) as exc:
+                        self._corrupt(queue_id, state, str(exc))
+                        continue
+                    due[env.site].append((state, queue_id))
+            limiter = asyncio.Semaphore(MAX_PARALLEL_SITES)
+
+            async def one_site(site_name: str, items: list[tuple[str, str]]) -> None:
+                async with limiter:
+                    await self._deliver_site(site_name, items)
+
+            await asyncio.gather(*(one_site(s, items) for s, items in due.items()))
+            return sum(len(items) for items in due.values())
+
+    def _corrupt(self, queue_id: str, state: str, why: str) -> None:
+        log.error("corrupt queue_id=%s state=%s reason=%r action='moved to corrupt/; "
+                  "inspect it with sendmail-shim-admin queue show'", queue_id, state, why)
+        try:
+            spool.move(self.config.layout, queue_id, state, spool.CORRUPT)
+        except OSError:
+            pass
+
+    async def _deliver_site(self, site_name: str, items: list[tuple[str, str]]) -> None:
+        site = self._site(site_name)
+        if site is None:
+            for state, queue_id in items:
+                self._after_attempt(state, queue_id, None, {}, Outcome.network(
+                    f"site {site_name} is no longer in the configuration; add it back "
+                    "or delete the message"))
+            return
+        session: RelaySession | None = None
+        try:
+            for index, (state, queue_id) in enumerate(items):
+                try:
+                    env, message = spool.read_entry(self.config.layout, state, queue_id)
+                except (OSError, ValueError) as exc:
+                    self._corrupt(queue_id, state, str(exc))
+                    continue
+                status = spool.read_status(self.config.layout, queue_id)
+                pending = [r for r in env.recipients
+                           if r not in status.done and r not in status.failed]
+                if session is None:
+                    try:
+                        session = await open_session(self.config.relays, site.relay_login,
+                                                     self.config.hostname, site_name)
+                    except RelaysUnavailable as exc:
+                        for st, qid in items[index:]:
+                            self._after_attempt(st, qid, None, {}, exc.outcome)
+                        return
+                try:
+                    results = await session.send(env, message, pending)
+                except SessionBroken as exc:
+                    session.client.close()
+                    session = None
+                    results = dict.fromkeys(pending, Outcome.network(str(exc)))
+                self._after_attempt(state, queue_id, (env, message), results, None)
+        finally:
+            if session is not None:
+                await session.close()
+
+    def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
+                       results: dict[str, Outcome], trouble: Outcome | None) -> None:
+        """Record one attempt: status, bounces, removal or deferral."""
+        layout = self.config.layout
+        if entry is None:
+            try:
+                entry = spool.read_entry(layout, state, queue_id)
+            except (OSError, ValueError) as exc:
+                self._corrupt(queue_id, state, str(exc))
+                return
+        env, message = entry
+        status = spool.read_status(layout, queue_id)
+        pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
+        if trouble is not None:
+            results = dict.fromkeys(pending, trouble)
+        now = time.time()
+        new_failures: dict[str, Outcome] = {}
+        temp: dict[str, Outcome] = {}
+        for rcpt in pending:
+            out = results.get(rcpt) or Outcome.network("no result for this recipient")
+            if out.kind == OK:
+                status.done.append(rcpt)
+                log.info("delivered queue_id=%s site=%s uid=%d rcpt=<%s> relay=%s status=%d "
+                         "reply=%r", queue_id, env.site, env.uid, rcpt, out.relay, out.code,
+                         out.text)
+            elif out.kind == PERM:
+                new_failures[rcpt] = out
+            else:
+                temp[rcpt] = out
+        if temp and now - env.arrival > self.config.retry.lifetime:
+            days = self.config.retry.lifetime / 86400
+            for rcpt, out in temp.items():
+                new_failures[rcpt] = Outcome(PERM, 0, f"message expired after {days:g} days "
+                                             f"in the queue; last error: {out.describe()}",
+                                             out.relay)
+            temp = {}
+        for rcpt, out in new_failures.items():
+            status.failed[rcpt] = out.describe()
+            log.warning("bounced queue_id=%s site=%s uid=%d sender=<%s> rcpt=<%s> relay=%s "
+                        "status=%d reply=%r", queue_id, env.site, env.uid, env.sender, rcpt,
+                        out.relay, out.code, out.text)
+        status.delayed = {r: o.describe() for r, o in temp.items()}
+        # Record delivered/failed recipients before anything else can go wrong.
+        spool.write_status(layout, queue_id, status)
+        if new_failures:
+            notice = bounce.queue_bounce(self.config, env, message, new_failures)
+            if notice:
+                log.info("bounce_queued queue_id=%s bounce_of=%s to=<%s>", notice, queue_id,
+                         env.sender)
+                self.poke()
+        if not temp:
+            spool.remove(layout, queue_id, state)
+            log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id, env.site,
+                     len(status.done), len(status.failed))
+            return
+        status.attempts += 1
+        delay = backoff(self.config, status.attempts)
+        status.next_attempt = now + delay
+        first = next(iter(temp.values()))
+        status.last_error = first.describe()
+        spool.write_status(layout, queue_id, status)
+        if state == spool.INCOMING:
+            spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
+        log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d retry_in=%ds "
+                    "relay=%s reason=%r", queue_id, env.site, env.uid, len(temp),
+                    status.attempts, int(delay), first.relay, first.describe())

@@ -1,0 +1,65 @@
+"""Who is sending: kernel uid (+ hints) to a configured site.
+
+Trusts: the uid, and only the uid, because the kernel vouches for it
+(SO_PEERCRED on the socket, st_uid of a drop file).  The working directory
+and the X-PHP-Originating-Script header are hints written by the caller: they
+only choose among the sites that already belong to that uid, never widen them.
+Guarantees: a uid listed by no site gets ``default_site`` or a refusal; a hint
+that matches none of the uid's sites falls back to the uid's first site
+(the order in the configuration), and the choice is reported for the log.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from sendmail_shim.config import Config, Site
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What the kernel says about the caller, plus its hints."""
+
+    uid: int
+    gid: int
+    pid: int | None  # None for drop files: the writer is gone
+    cwd: str | None = None
+    script: str | None = None  # from X-PHP-Originating-Script: "<uid>:<script>"
+
+
+@dataclass(frozen=True)
+class Identification:
+    site: Site | None  # None: refused
+    reason: str  # for the log and for a refusal text
+
+
+def _under(path: str, root: str) -> bool:
+    path = os.path.normpath(path)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def identify(config: Config, caller: Caller) -> Identification:
+    """The site a message from ``caller`` belongs to."""
+    candidates = config.sites_of_uid(caller.uid)
+    if not candidates:
+        if config.default_site is not None:
+            return Identification(config.default_site, f"uid {caller.uid} is in no site: default")
+        return Identification(
+            None,
+            f"uid {caller.uid} belongs to no site in {config.path or 'the configuration'}; "
+            "the operator must add it to a site's uids (sendmail-shim-admin config check)",
+        )
+    if len(candidates) == 1:
+        return Identification(candidates[0], f"uid {caller.uid}")
+    if caller.cwd:
+        best: tuple[int, Site] | None = None
+        for site in candidates:
+            for root in site.docroots:
+                if _under(caller.cwd, root) and (best is None or len(root) > best[0]):
+                    best = (len(root), site)
+        if best is not None:
+            return Identification(best[1], f"uid {caller.uid}, docroot hint {caller.cwd}")
+    return Identification(
+        candidates[0], f"uid {caller.uid} owns several sites, no hint matched: first listed"
+    )

@@ -1,0 +1,140 @@
+"""Every path and mode of sendmail-shim, and how the front end finds them.
+
+Trusts: nothing it reads; a missing or odd file yields defaults or a
+``ConfigError``, never a guess.
+Guarantees: the front end and the daemon compute the same socket and drop
+directory from the same configuration file, using the same code.
+
+Stdlib only, and only ``os``: this module runs on every PHP mail() call.  The
+front end does not parse YAML.  It reads two top-level scalar lines
+(``spool:`` and ``message_size_limit:``) with :func:`read_frontend_settings`;
+the daemon's full YAML loader (``config.py``) calls the same function and
+refuses a file where the two readings differ, so they can never drift.
+
+Spool layout (modes enforced by ``spool.prepare_spool``)::
+
+    <spool>/            0755  daemon   root of everything below
+      public/           0755  daemon   submit.sock (0666): the hand-off socket
+      maildrop/         3733  daemon:daemon-group  drop area when the daemon is down
+      tmp/ incoming/ deferred/ hold/ corrupt/ status/   0700  daemon
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_CONFIG = "SENDMAIL_SHIM_CONFIG"
+SYSTEM_CONFIG = "/etc/sendmail-shim/config.yaml"
+DEFAULT_SPOOL = "/var/spool/sendmail-shim"
+# Postfix's message_size_limit default, so callers see the same cap.
+DEFAULT_MESSAGE_SIZE_LIMIT = 10_240_000
+
+MODE_SPOOL_ROOT = 0o755
+MODE_PUBLIC_DIR = 0o755
+MODE_SOCKET = 0o666
+# setgid: drop files inherit the daemon's group, so the daemon reads them while
+# other site users cannot; sticky: nobody renames or unlinks another's file;
+# no read bit for others: nobody lists the directory to learn names.
+MODE_MAILDROP_DIR = 0o3733
+MODE_DROP_FILE = 0o640
+MODE_PRIVATE_DIR = 0o700
+MODE_QUEUE_FILE = 0o600
+
+FRONTEND_KEYS = ("spool", "message_size_limit")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the text names file and key."""
+
+
+class SpoolLayout:
+    """Names of the spool's directories; creates nothing."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.public = os.path.join(root, "public")
+        self.socket = os.path.join(self.public, "submit.sock")
+        self.maildrop = os.path.join(root, "maildrop")
+        self.tmp = os.path.join(root, "tmp")
+        self.status = os.path.join(root, "status")
+        self.lock = os.path.join(root, "status", "daemon.lock")
+
+    def state_dir(self, state: str) -> str:
+        return os.path.join(self.root, state)
+
+
+def user_config_file() -> str:
+    """The per-user configuration file (platformdirs), for running without root."""
+    from platformdirs import user_config_dir  # not on the hot path unless needed
+
+    return os.path.join(user_config_dir("sendmail-shim"), "config.yaml")
+
+
+def find_config(explicit: str | None = None) -> str | None:
+    """``--config``, then ``$SENDMAIL_SHIM_CONFIG``, then the system file, then the user's.
+
+    Returns None when none exists: the built-in defaults apply.
+    """
+    if explicit:
+        return explicit
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return env
+    if os.path.exists(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    user = user_config_file()
+    if os.path.exists(user):
+        return user
+    return None
+
+
+def _plain_scalar(raw: str) -> str:
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    hash_at = value.find(" #")
+    if hash_at >= 0:
+        value = value[:hash_at].rstrip()
+    return value
+
+
+def read_frontend_settings(path: str | None) -> dict[str, str]:
+    """The front end's two settings from the top level of the YAML file ``path``.
+
+    Only lines of the form ``key: value`` at column 0 count.  Keys that are absent
+    are absent from the result; the caller applies the defaults.
+    """
+    found: dict[str, str] = {}
+    if path is None:
+        return found
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line or line[0] in " \t#-":
+                    continue
+                key, sep, rest = line.partition(":")
+                if sep and key in FRONTEND_KEYS and key not in found:
+                    found[key] = _plain_scalar(rest)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not UTF-8: {exc}") from exc
+    return found
+
+
+def frontend_spool_and_limit(path: str | None) -> tuple[str, int]:
+    """Spool root and message size limit as the front end sees them."""
+    found = read_frontend_settings(path)
+    spool = found.get("spool") or DEFAULT_SPOOL
+    raw_limit = found.get("message_size_limit")
+    if raw_limit is None or raw_limit == "":
+        return spool, DEFAULT_MESSAGE_SIZE_LIMIT
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        raise ConfigError(
+            f"{path}: message_size_limit: expected a whole number of bytes, got {raw_limit!r}"
+        ) from None
+    if limit <= 0:
+        raise ConfigError(f"{path}: message_size_limit: must be positive, got {limit}")
+    return spool, limit
