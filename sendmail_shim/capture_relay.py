@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import socket
 import ssl
@@ -104,6 +105,7 @@ async def serve_capture_relay(host: str, port: int, maildir: str, logins_file: s
     # aiosmtpd warns about AUTH without TLS; on loopback that is the point of a stand-in.
     warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
     warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(factory, host=host, port=port)
     if ready is not None:

@@ -155,7 +155,8 @@ def run(argv: list[str]) -> int:
     if inv.mode == "smtp":
         from sendmail_shim.smtp_stdio import serve_stdio  # only -bs pays for aiosmtpd
 
-        return serve_stdio(inv, layout, limit)
+        status: int = serve_stdio(inv, layout, limit)
+        return status
     return _fail(sysexits.EX_SOFTWARE, f"internal error: unknown mode {inv.mode}")
 
 
