@@ -79,8 +79,10 @@ def workdir() -> Iterator[str]:
 class Relay:
     """The capture relay (our aiosmtpd relay with AUTH) as a separate process."""
 
-    def __init__(self, workdir: str, logins: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, workdir: str, logins: dict[str, str], port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.maildir = os.path.join(workdir, f"relay-{self.port}")
         self.logins_file = os.path.join(workdir, f"relay-{self.port}.logins")
         with open(self.logins_file, "w") as fh:
@@ -90,7 +92,7 @@ class Relay:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [ADMIN, "capture-relay", "--listen", f"127.0.0.1:{self.port}", "--maildir",
-             self.maildir, "--logins", self.logins_file])
+             self.maildir, "--logins", self.logins_file, *self.extra_args])
 
         def listening() -> bool:
             try:
@@ -178,6 +180,13 @@ class Shim:
         if as_user:
             os.chown(self.spool, daemon.pw_uid, daemon.pw_gid)
 
+    def edit_config(self, old: str, new: str) -> None:
+        with open(self.config) as fh:
+            text = fh.read()
+        assert old in text
+        with open(self.config, "w") as fh:
+            fh.write(text.replace(old, new))
+
     @property
     def logins(self) -> dict[str, str]:
         return {s.login: s.password for s in self.sites.values()}
@@ -245,8 +254,9 @@ class Shim:
 def shim_factory(workdir: str, accounts: dict[str, pwd.struct_passwd]) -> Iterator[Any]:
     made: list[Shim | Relay] = []
 
-    def make_relay(logins: dict[str, str], port: int | None = None) -> Relay:
-        relay = Relay(workdir, logins, port)
+    def make_relay(logins: dict[str, str], port: int | None = None,
+                   extra_args: tuple[str, ...] = ()) -> Relay:
+        relay = Relay(workdir, logins, port, extra_args)
         made.append(relay)
         return relay
 

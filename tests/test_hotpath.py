@@ -1,0 +1,39 @@
+"""The sendmail hot path imports only what it needs: PHP waits for us on every mail()."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Relay, Shim
+
+# What a plain "-t -i" submission must never import (ARCHITECTURE.md, issue 2),
+# plus the stdlib modules we avoid on purpose because each costs milliseconds.
+BANNED = {"asyncio", "dns", "yaml", "click", "aiosmtplib", "aiosmtpd", "platformdirs",
+          "filelock", "email", "json", "logging", "socket", "dataclasses", "typing", "re",
+          "enum", "subprocess", "tempfile"}
+
+
+def imported_modules(stderr: bytes) -> set[str]:
+    names = set()
+    for line in stderr.decode().splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":
+                names.add(name.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("daemon_up", [True, False], ids=["socket", "drop-file"])
+def test_plain_submission_imports_nothing_heavy(system: tuple[Shim, Relay],
+                                                daemon_up: bool) -> None:
+    shim, relay = system
+    if not daemon_up:
+        shim.stop()
+    done = shim.sendmail(["-t", "-i"], b"To: a@example.net\nSubject: s\n\nx\n",
+                         env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0
+    modules = imported_modules(done.stderr)
+    assert "sendmail_shim" in modules  # the measurement itself works
+    assert modules & BANNED == set()
+    if not daemon_up:
+        shim.start()
+    relay.wait(1)
