@@ -33,7 +33,7 @@ FLAGS: dict[str, tuple[bool, str]] = {
     "U": (False, "ignored: initial user submission"),
     "V": (True, "accepted: DSN envelope id, recorded"),
     "X": (True, "ignored: traffic log file; never opened"),
-    "b": (True, "accepted: mode, see MODES"),
+    "b": (True, "accepted: mode, see the modes below"),
     "c": (False, "ignored: hold expensive connections"),
     "d": (True, "ignored: debug"),
     "e": (True, "ignored: error reporting mode"),
@@ -65,7 +65,7 @@ REFUSED_MODES: dict[str, str] = {
     "h": "-bh (host status): there is no host status database",
     "H": "-bH (purge host status): there is no host status database",
     "l": "-bl (listen): start the daemon with 'sendmail-shim-admin serve'",
-    "v": "-bv (verify addresses): use 'sendmail-shim-admin route explain' instead",
+    "v": "-bv (verify addresses) is not supported",
     "a": "-ba (ARPANET mode) is not supported",
     "t": "-bt (address test mode) is not supported",
 }
@@ -104,6 +104,29 @@ class Invocation:
         self.envid: str | None = None
         self.body_type: str | None = None
         self.ignored: list[str] = []
+
+
+def usage_text() -> str:
+    """``sendmail-shim --help``: generated from the flag table, so it cannot drift."""
+    lines = [
+        "usage: sendmail-shim [flags] [--] [recipient ...]   (also: mailq, newaliases)",
+        "",
+        "Reads a message on stdin and queues it for the sendmail-shim daemon, which sends",
+        "it through the relay under your site's login.  Exit 0 means durably queued.",
+        "",
+        "flags (the Postfix/Sendmail command line; '-X arg' takes an argument):",
+    ]
+    for flag, (takes_arg, what) in FLAGS.items():
+        name = f"-{flag} arg" if takes_arg else f"-{flag}"
+        lines.append(f"  {name:<8} {what}")
+    lines += ["", "modes for -b:"]
+    lines += [f"  -b{letter}      {mode}" for letter, mode in MODES.items()]
+    lines += [f"  -b{letter}      refused: {why}" for letter, why in REFUSED_MODES.items()]
+    lines += ["", "exit status: 0 queued; 64 usage; 65 bad message; 75 try again later;",
+              "77 not permitted (site refused); 78 configuration error.",
+              "configuration: $SENDMAIL_SHIM_CONFIG, /etc/sendmail-shim/config.yaml, or the",
+              "per-user file; see sendmail-shim(8)."]
+    return "\n".join(lines) + "\n"
 
 
 def _apply(inv: Invocation, flag: str, value: str | None) -> None:

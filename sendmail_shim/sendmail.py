@@ -135,6 +135,12 @@ def _control(layout: SpoolLayout, mode: str) -> int:
 
 
 def run(argv: list[str]) -> int:
+    if argv[1:] in (["--help"], ["--version"]):
+        from sendmail_shim import __version__
+        from sendmail_shim.argv import usage_text
+
+        sys.stdout.write(usage_text() if argv[1] == "--help" else f"{PROG} {__version__}\n")
+        return sysexits.EX_OK
     try:
         inv = parse_argv(argv)
     except UsageError as exc:
