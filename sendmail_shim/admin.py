@@ -150,15 +150,17 @@ def config_check(config_path: str | None) -> None:
               help="File of user:password lines; only these may send.")
 @click.option("--tls-cert", default=None, help="Certificate for STARTTLS (PEM).")
 @click.option("--tls-key", default=None, help="Key for STARTTLS (PEM).")
+@click.option("--implicit-tls", is_flag=True,
+              help="Speak TLS from the first byte (port 465 style) instead of STARTTLS.")
 def capture_relay(listen: str, maildir: str, logins_file: str,
-                  tls_cert: str | None, tls_key: str | None) -> None:
+                  tls_cert: str | None, tls_key: str | None, implicit_tls: bool) -> None:
     """A loopback SMTP relay with AUTH that stores what it receives in a Maildir."""
     from sendmail_shim.capture_relay import serve_capture_relay
 
     host, _, port = listen.rpartition(":")
     try:
         asyncio.run(serve_capture_relay(host.strip("[]"), int(port), maildir, logins_file,
-                                        tls_cert, tls_key))
+                                        tls_cert, tls_key, implicit_tls))
     except (ValueError, OSError) as exc:
         click.echo(f"sendmail-shim-admin capture-relay: {exc}", err=True)
         sys.exit(sysexits.EX_CONFIG)

@@ -7,8 +7,10 @@ Guarantees: every accepted message is a file in ``<maildir>/new/`` (written in
 ``tmp/``, fsynced, renamed), holding the DATA bytes exactly as received after
 dot-unstuffing (CRLF line endings); beside it
 ``<maildir>/envelopes/<name>.json`` records the login, MAIL FROM, RCPT TO and
-the client address.  It listens only where it is told (refuses non-loopback
-addresses unless ``allow_remote``).
+the client address.  With a certificate it offers STARTTLS (and then requires
+it before AUTH), or speaks TLS from the first byte (``implicit_tls``).  It
+listens only where it is told (refuses non-loopback addresses unless
+``allow_remote``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _authenticator(logins: dict[str, str]) -> Any:
 
 async def serve_capture_relay(host: str, port: int, maildir: str, logins_file: str,
                               tls_cert: str | None = None, tls_key: str | None = None,
-                              allow_remote: bool = False,
+                              implicit_tls: bool = False, allow_remote: bool = False,
                               ready: asyncio.Event | None = None) -> None:
     """Run until cancelled."""
     if not allow_remote and not ipaddress.ip_address(host).is_loopback:
@@ -98,8 +100,9 @@ async def serve_capture_relay(host: str, port: int, maildir: str, logins_file: s
     def factory() -> SMTP:
         return SMTP(handler, hostname="capture-relay.localhost",
                     authenticator=_authenticator(logins),
-                    auth_required=True, auth_require_tls=tls_context is not None,
-                    tls_context=tls_context, decode_data=False,
+                    auth_required=True,
+                    auth_require_tls=tls_context is not None and not implicit_tls,
+                    tls_context=None if implicit_tls else tls_context, decode_data=False,
                     enable_SMTPUTF8=True)
 
     # aiosmtpd warns about AUTH without TLS; on loopback that is the point of a stand-in.
@@ -107,7 +110,8 @@ async def serve_capture_relay(host: str, port: int, maildir: str, logins_file: s
     warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(factory, host=host, port=port)
+    server = await loop.create_server(factory, host=host, port=port,
+                                      ssl=tls_context if implicit_tls else None)
     if ready is not None:
         ready.set()
     async with server:

@@ -5,7 +5,8 @@ the peer writes.  Requests are bounded (header size, message_size_limit,
 read timeouts) and parsed by handoff.py; the verdict comes from intake.py.
 Guarantees: one daemon per spool (a lock file); the reply "250" is written only
 after the message is durable; interrupted writes in ``tmp/`` are removed at
-start; drop files are ingested at start and on every scan; on SIGTERM the
+start; drop files are ingested at start, on every scan and on a flush
+request (``sendmail -q``); on SIGTERM the
 daemon stops accepting, lets in-flight submissions finish and exits.
 
 Control requests on the same socket: ``flush`` (any user, like Postfix's
@@ -56,6 +57,7 @@ class Daemon:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._pickup_wake = asyncio.Event()
         self._lock: filelock.BaseFileLock | None = None
 
     # -- start and stop -------------------------------------------------------
@@ -112,7 +114,11 @@ class Daemon:
                     self.runner.poke()
             except Exception:
                 log.exception("pickup scan failed; retrying after the scan interval")
-            await asyncio.sleep(self.config.queue_scan_interval)
+            try:
+                await asyncio.wait_for(self._pickup_wake.wait(), self.config.queue_scan_interval)
+            except TimeoutError:
+                pass
+            self._pickup_wake.clear()
 
     # -- one connection ---------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader,
@@ -148,6 +154,7 @@ class Daemon:
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         mode = next((v for k, v in fields if k == "mode"), "submit")
         if mode == "flush":
+            self._pickup_wake.set()
             self.runner.poke(force=True)
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return handoff.format_reply(250, 0, "queue run started")

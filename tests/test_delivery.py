@@ -190,15 +190,32 @@ def make_cert(workdir: str) -> tuple[str, str]:
     return cert, key
 
 
-def test_starttls_with_verified_certificate(shim_factory: Any, workdir: str) -> None:
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_tls_with_verified_certificate(shim_factory: Any, workdir: str, mode: str) -> None:
     make_relay, make_shim = shim_factory
     cert, key = make_cert(workdir)
     port = free_port()
     shim = make_shim([port])
-    shim.edit_config("    tls: none", f"    tls: starttls\n    ca_file: {cert}")
-    relay = make_relay(shim.logins, port, ("--tls-cert", cert, "--tls-key", key))
+    shim.edit_config("    tls: none", f"    tls: {mode}\n    ca_file: {cert}")
+    implicit = ("--implicit-tls",) if mode == "implicit" else ()
+    relay = make_relay(shim.logins, port, ("--tls-cert", cert, "--tls-key", key, *implicit))
     relay.start()
     shim.start()
     shim.sendmail(["-i", "tls@example.net"], b"Subject: tls\n\nx\n")
     [(meta, _)] = relay.wait(1)
     assert meta["login"] == "site1.test"
+
+
+def test_unverifiable_certificate_defers(shim_factory: Any, workdir: str) -> None:
+    make_relay, make_shim = shim_factory
+    cert, key = make_cert(workdir)
+    port = free_port()
+    shim = make_shim([port])
+    shim.edit_config("    tls: none", "    tls: starttls")  # no ca_file: system CAs only
+    relay = make_relay(shim.logins, port, ("--tls-cert", cert, "--tls-key", key))
+    relay.start()
+    shim.start()
+    shim.sendmail(["-i", "tls@example.net"], b"Subject: tls\n\nx\n")
+    wait_until(lambda: shim.queue_files("deferred"), 15, "deferral")
+    assert "CERTIFICATE_VERIFY_FAILED" in shim.admin("queue", "list").stdout.decode()
+    assert relay.messages() == []
