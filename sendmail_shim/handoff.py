@@ -44,6 +44,9 @@ from __future__ import annotations
 
 import os
 
+from sendmail_shim.durable import fsync_dir, write_synced
+from sendmail_shim.paths import MODE_DROP_FILE
+
 MAGIC = b"SMSHIM1\n"
 TRAILER = b"END\n"
 MAX_HEADER_BYTES = 1 << 20  # a million bytes of envelope is plenty: 10,000 recipients
@@ -174,19 +177,14 @@ def send_request(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOU
     return reply
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_drop_dir(path: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_dir(path)
     except PermissionError:
         # Site users may not read the drop directory (that would let them list
         # names), so they cannot fsync it either: flush the filesystems instead.
         # This is the rare road (the daemon is down); durability wins over speed.
         os.sync()
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_drop_file(maildrop: str, request: bytes) -> str:
@@ -196,25 +194,15 @@ def write_drop_file(maildrop: str, request: bytes) -> str:
         token = os.urandom(8).hex()
         tmp = os.path.join(maildrop, f"t.{token}")
         try:
-            fd = os.open(tmp, flags, 0o640)
+            fd = os.open(tmp, flags, MODE_DROP_FILE)
         except FileExistsError:
             continue
         break
     else:
         raise OSError(f"cannot create a unique file in {maildrop}")
-    try:
-        os.fchmod(fd, 0o640)  # a umask of 077 must not hide the file from the daemon
-        view = memoryview(request)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
+    os.fchmod(fd, MODE_DROP_FILE)  # a umask of 077 must not hide the file from the daemon
+    write_synced(fd, tmp, request)
     final = f"m.{os.getpid()}.{token}"
     os.rename(tmp, os.path.join(maildrop, final))
-    _fsync_dir(maildrop)
+    _fsync_drop_dir(maildrop)
     return final

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from sendmail_shim import paths
+from sendmail_shim.durable import fsync_dir, write_synced
 from sendmail_shim.envelope import Envelope
 
 QUEUE_MAGIC = b"SMSHIMQ1\n"
@@ -70,14 +71,6 @@ class QueueEntry:
     mtime: float
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def prepare_spool(layout: paths.SpoolLayout) -> None:
     """Create the spool directories with their modes (idempotent; the daemon's own)."""
     os.makedirs(layout.root, mode=paths.MODE_SPOOL_ROOT, exist_ok=True)
@@ -104,19 +97,9 @@ def commit(layout: paths.SpoolLayout, envelope: Envelope, message: bytes) -> Non
     tmp = os.path.join(layout.tmp, queue_id)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, paths.MODE_QUEUE_FILE)
-    try:
-        data = QUEUE_MAGIC + envelope.to_json() + b"\n" + message
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
+    write_synced(fd, tmp, QUEUE_MAGIC + envelope.to_json() + b"\n" + message)
     os.rename(tmp, queue_path(layout, INCOMING, queue_id))
-    _fsync_dir(layout.state_dir(INCOMING))
+    fsync_dir(layout.state_dir(INCOMING))
 
 
 def read_entry(layout: paths.SpoolLayout, state: str, queue_id: str) -> tuple[Envelope, bytes]:
@@ -166,23 +149,21 @@ def write_status(layout: paths.SpoolLayout, queue_id: str, status: Status) -> No
     """Replace the status atomically (tmp, fsync, rename)."""
     final = status_path(layout, queue_id)
     tmp = final + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(json.dumps(asdict(status)).encode())
-        fh.flush()
-        os.fsync(fh.fileno())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                 paths.MODE_QUEUE_FILE)
+    write_synced(fd, tmp, json.dumps(asdict(status)).encode())
     os.rename(tmp, final)
 
 
 def move(layout: paths.SpoolLayout, queue_id: str, src: str, dst: str) -> None:
     os.rename(queue_path(layout, src, queue_id), queue_path(layout, dst, queue_id))
-    _fsync_dir(layout.state_dir(dst))
+    fsync_dir(layout.state_dir(dst))
 
 
 def remove(layout: paths.SpoolLayout, queue_id: str, state: str) -> None:
     """Forget a message: the queue file first, then its status."""
     os.unlink(queue_path(layout, state, queue_id))
-    _fsync_dir(layout.state_dir(state))
+    fsync_dir(layout.state_dir(state))
     try:
         os.unlink(status_path(layout, queue_id))
     except FileNotFoundError:
