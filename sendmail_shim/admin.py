@@ -10,6 +10,7 @@ and what to do next, with a sysexits status.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import secrets
@@ -21,10 +22,12 @@ import time
 from typing import Any
 
 import click
+import filelock
 
-from sendmail_shim import handoff, listing, paths, spool, sysexits
+from sendmail_shim import handoff, operations, paths, sysexits
 from sendmail_shim.config import Config, load_config
 from sendmail_shim.paths import ConfigError
+from sendmail_shim.state import State, state_dir
 
 
 def _load(config_path: str | None) -> Config:
@@ -59,40 +62,130 @@ def serve(config_path: str | None) -> None:
     sys.exit(run_daemon(config))
 
 
+def _fix_ownership(config: Config) -> None:
+    """Files root created beside the daemon must stay the daemon's (its user owns the spool)."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(config.spool)
+    for directory in (config.layout.status, state_dir(config.layout)):
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if os.lstat(path).st_uid != owner.st_uid:
+                os.lchown(path, owner.st_uid, owner.st_gid)
+
+
+def _direct(config: Config, action: str, args: operations.Args) -> str:
+    """Run an action on the spool ourselves: only while no daemon holds the lock."""
+    if not os.path.isdir(config.layout.status):
+        raise click.ClickException(f"no spool at {config.spool}: start the daemon once "
+                                   "('sendmail-shim-admin serve') to create it")
+    lock = filelock.FileLock(config.layout.lock)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise click.ClickException(
+            f"the daemon holds {config.layout.lock} but its control socket "
+            f"{config.layout.control_socket} does not answer; check the daemon's log") from None
+    try:
+        state = State(config.layout)
+        try:
+            return operations.perform(config, state, action, args,
+                                      f"operator uid {os.getuid()} (daemon stopped)")
+        finally:
+            state.close()
+    except operations.OperationError as exc:
+        click.echo(f"sendmail-shim-admin: {exc}", err=True)
+        sys.exit(sysexits.EX_DATAERR)
+    except PermissionError as exc:
+        click.echo(f"sendmail-shim-admin: {exc}; run as root or as the daemon's user", err=True)
+        sys.exit(sysexits.EX_NOPERM)
+    finally:
+        lock.release()
+        _fix_ownership(config)
+
+
+def operate(config_path: str | None, action: str, **raw: Any) -> None:
+    """Ask the daemon (control socket) to act; when no daemon runs, act directly."""
+    config = _load(config_path)
+    args: operations.Args = {}
+    for key, value in raw.items():
+        if value is None or value is False or value == ():
+            continue
+        if isinstance(value, (list, tuple)):
+            args[key] = [str(v) for v in value]
+        else:
+            args[key] = ["1" if value is True else str(value)]
+    request = handoff.encode_request(operations.encode_args(action, args), b"")
+    try:
+        reply = handoff.send_request(config.layout.control_socket, request, 120)
+    except handoff.DaemonUnreachable as exc:
+        if exc.errno == errno.EACCES:
+            click.echo(f"sendmail-shim-admin: {exc}: the control socket is for root, the "
+                       "daemon's user and the admin group (admin.group)", err=True)
+            sys.exit(sysexits.EX_NOPERM)
+        click.echo(_direct(config, action, args), nl=False)
+        return
+    first, _, rest = reply.partition(b"\n")
+    code, status, text = handoff.parse_reply(first)
+    if code >= 400:
+        click.echo(f"sendmail-shim-admin: {text}", err=True)
+        sys.exit(status or sysexits.EX_SOFTWARE)
+    click.echo(rest.decode("utf-8", "replace"), nl=False)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+site_option = click.option("--site", default=None, help="Only this site's messages.")
+
+
 @cli.group()
 def queue() -> None:
     """Inspect and act on the queue."""
 
 
-def _entries_or_exit(config: Config) -> list[spool.QueueEntry]:
-    try:
-        return list(spool.entries(config.layout))
-    except PermissionError as exc:
-        click.echo(f"sendmail-shim-admin: cannot read the spool {config.spool}: {exc.strerror}; "
-                   "run as root or as the daemon's user", err=True)
-        sys.exit(sysexits.EX_NOPERM)
-
-
 @queue.command("list")
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
-@click.option("--site", default=None, help="Only this site's messages.")
+@json_option
+@site_option
 def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None:
     """List queued messages: id, size, age, site, sender, recipients, last error."""
-    config = _load(config_path)
-    entries = [e for e in _entries_or_exit(config) if site is None or e.envelope.site == site]
-    if as_json:
-        for e in entries:
-            click.echo(json.dumps({
-                "queue_id": e.envelope.queue_id, "state": e.state, "site": e.envelope.site,
-                "uid": e.envelope.uid, "size": e.envelope.size,
-                "age": round(time.time() - e.envelope.arrival, 1),
-                "sender": e.envelope.sender, "recipients": e.envelope.recipients,
-                "done": e.status.done, "failed": e.status.failed,
-                "attempts": e.status.attempts, "last_error": e.status.last_error,
-            }))
-        return
-    click.echo(listing.format_queue(entries), nl=False)
+    operate(config_path, "queue-list", json=as_json, site=site)
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id")
+def queue_show(config_path: str | None, queue_id: str) -> None:
+    """One message: envelope, delivery state and headers."""
+    operate(config_path, "queue-show", id=[queue_id])
+
+
+@queue.command("hold")
+@config_option
+@site_option
+@click.argument("queue_ids", nargs=-1)
+def queue_hold(config_path: str | None, site: str | None, queue_ids: tuple[str, ...]) -> None:
+    """Stop delivering messages (by id, or all of --site) until released."""
+    operate(config_path, "queue-hold", id=queue_ids, site=site)
+
+
+@queue.command("release")
+@config_option
+@site_option
+@click.argument("queue_ids", nargs=-1)
+def queue_release(config_path: str | None, site: str | None,
+                  queue_ids: tuple[str, ...]) -> None:
+    """Deliver held messages (by id, or all of --site) now."""
+    operate(config_path, "queue-release", id=queue_ids, site=site)
+
+
+@queue.command("delete")
+@config_option
+@site_option
+@click.argument("queue_ids", nargs=-1)
+def queue_delete(config_path: str | None, site: str | None,
+                 queue_ids: tuple[str, ...]) -> None:
+    """Delete messages (by id, or all of --site) without delivering or bouncing them."""
+    operate(config_path, "queue-delete", id=queue_ids, site=site)
 
 
 @queue.command("flush")
@@ -109,6 +202,92 @@ def queue_flush(config_path: str | None) -> None:
         sys.exit(sysexits.EX_TEMPFAIL)
     _code, _status, text = handoff.parse_reply(reply.split(b"\n", 1)[0])
     click.echo(text)
+
+
+@cli.group()
+def site() -> None:
+    """Sites: list, show, suspend, resume."""
+
+
+@site.command("list")
+@config_option
+@json_option
+def site_list(config_path: str | None, as_json: bool) -> None:
+    """Every configured site with its uids, relay login and state."""
+    operate(config_path, "site-list", json=as_json)
+
+
+@site.command("show")
+@config_option
+@click.argument("name")
+def site_show(config_path: str | None, name: str) -> None:
+    """One site: identity, policy, state, queue and quota usage."""
+    operate(config_path, "site-show", site=name)
+
+
+@site.command("suspend")
+@config_option
+@click.option("--reason", default=None, help="Why; shown to the site's scripts and logged.")
+@click.argument("name")
+def site_suspend(config_path: str | None, reason: str | None, name: str) -> None:
+    """Refuse the site's new mail and hold its queued mail; notifies admin.notify."""
+    operate(config_path, "site-suspend", site=name, reason=reason)
+
+
+@site.command("resume")
+@config_option
+@click.argument("name")
+def site_resume(config_path: str | None, name: str) -> None:
+    """Accept the site's mail again (held mail stays held: release or delete it)."""
+    operate(config_path, "site-resume", site=name)
+
+
+@cli.group("quota")
+def quota_group() -> None:
+    """Per-site quotas: usage against limits, overrides, reset."""
+
+
+@quota_group.command("show")
+@config_option
+@json_option
+@click.argument("name", required=False)
+def quota_show(config_path: str | None, as_json: bool, name: str | None) -> None:
+    """Usage in the last hour and day against each limit (all sites, or NAME)."""
+    operate(config_path, "quota-show", site=name, json=as_json)
+
+
+@quota_group.command("set")
+@config_option
+@click.option("--per-hour", "per_hour", type=str, default=None,
+              help="Messages per hour (a number, or 'none' for unlimited).")
+@click.option("--per-day", "per_day", type=str, default=None, help="Messages per day.")
+@click.option("--recipients-per-message", "recipients_per_message", type=str, default=None,
+              help="Recipients in one message.")
+@click.option("--recipients-per-hour", "recipients_per_hour", type=str, default=None,
+              help="Recipients per hour.")
+@click.option("--clear", is_flag=True, help="Forget earlier overrides first: back to the file.")
+@click.argument("name")
+def quota_set(config_path: str | None, name: str, clear: bool, **limits: str | None) -> None:
+    """Override the configured limits of site NAME (kept in the daemon's state)."""
+    for key, value in limits.items():
+        if value is not None and value != "none" and not value.isdigit():
+            raise click.BadParameter(f"{value!r}: a whole number or 'none'", param_hint=key)
+    operate(config_path, "quota-set", site=name, clear=clear, **limits)
+
+
+@quota_group.command("reset")
+@config_option
+@click.argument("name")
+def quota_reset(config_path: str | None, name: str) -> None:
+    """Forget the usage of site NAME: its counters start from zero."""
+    operate(config_path, "quota-reset", site=name)
+
+
+@cli.command()
+@config_option
+def top(config_path: str | None) -> None:
+    """Sites and scripts by volume in the last hour and the last day."""
+    operate(config_path, "top")
 
 
 @cli.group("config")

@@ -90,6 +90,7 @@ class Invocation:
         "recipients",
         "ret",
         "sender",
+        "site",
     )
 
     def __init__(self) -> None:
@@ -104,6 +105,7 @@ class Invocation:
         self.envid: str | None = None
         self.body_type: str | None = None
         self.ignored: list[str] = []
+        self.site: str | None = None
 
 
 def usage_text() -> str:
@@ -119,6 +121,7 @@ def usage_text() -> str:
     for flag, (takes_arg, what) in FLAGS.items():
         name = f"-{flag} arg" if takes_arg else f"-{flag}"
         lines.append(f"  {name:<8} {what}")
+    lines.append("  --site S  accepted: which of your own sites sends (a hint; the uid decides)")
     lines += ["", "modes for -b:"]
     lines += [f"  -b{letter}      {mode}" for letter, mode in MODES.items()]
     lines += [f"  -b{letter}      refused: {why}" for letter, why in REFUSED_MODES.items()]
@@ -182,6 +185,17 @@ def parse_argv(argv: list[str]) -> Invocation:
         if word == "--":
             index += 1
             break
+        if word == "--site" or word.startswith("--site="):
+            # Operator's hint (PHP-FPM pool): chooses among the caller's own sites only.
+            if word == "--site":
+                if index + 1 >= len(words):
+                    raise UsageError("option requires an argument -- 'site'")
+                index += 1
+                inv.site = words[index]
+            else:
+                inv.site = word.split("=", 1)[1]
+            index += 1
+            continue
         if len(word) < 2 or word[0] != "-":
             break
         pos = 1

@@ -52,6 +52,7 @@ class Submission:
     envid: str | None
     body_type: str | None
     cwd: str | None
+    site: str | None = None
 
     @classmethod
     def from_fields(cls, fields: list[tuple[str, str]]) -> Submission:
@@ -72,6 +73,7 @@ class Submission:
             envid=single.get("envid"),
             body_type=single.get("body"),
             cwd=single.get("cwd"),
+            site=single.get("site"),
         )
 
 

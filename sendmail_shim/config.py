@@ -30,12 +30,13 @@ Schema (see man/sendmail-shim.yaml.5)::
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -77,6 +78,42 @@ class Relay:
         return f"{self.host}:{self.port}"
 
 
+QUOTA_KEYS = ("per_hour", "per_day", "recipients_per_message", "recipients_per_hour")
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits; None means unlimited, 0 means nothing at all."""
+
+    per_hour: int | None = None
+    per_day: int | None = None
+    recipients_per_message: int | None = None
+    recipients_per_hour: int | None = None
+
+    def merged(self, overrides: dict[str, int | None]) -> Quota:
+        values = {k: getattr(self, k) for k in QUOTA_KEYS}
+        values.update({k: v for k, v in overrides.items() if k in QUOTA_KEYS})
+        return Quota(**values)
+
+
+@dataclass(frozen=True)
+class OutbreakRules:
+    """What trips an automatic suspension; None disables a rule."""
+
+    quota_refusals: int | None = 20  # refusals for quota ...
+    quota_refusals_window: float = 600.0  # ... within this window
+    recipient_domains_per_hour: int | None = 200  # distinct recipient domains in one hour
+    relay_5xx_share: float | None = 0.5  # share of 5xx relay answers ...
+    relay_5xx_min_results: int = 20  # ... once there are this many answers ...
+    relay_5xx_window: float = 3600.0  # ... within this window
+    new_script_count: int | None = 50  # messages from a script first seen ...
+    new_script_window: float = 3600.0  # ... within this window
+
+
+SENDER_ACTIONS = ("rewrite", "refuse", "keep")
+FROM_ACTIONS = ("keep", "rewrite", "refuse")
+
+
 @dataclass(frozen=True)
 class Site:
     name: str
@@ -85,6 +122,20 @@ class Site:
     domains: tuple[str, ...] = ()
     sender: str | None = None
     relay_login: RelayLogin | None = None
+    quota: Quota = Quota()
+    envelope_policy: str = "rewrite"  # sender outside the site's domains: rewrite|refuse|keep
+    from_policy: str = "keep"  # From: outside the site's domains: keep|rewrite|refuse
+    outbreak: OutbreakRules | None = OutbreakRules()
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The operator: who is notified, with which relay login, who may use the control socket."""
+
+    notify: tuple[str, ...] = ()
+    sender: str | None = None
+    relay_login: RelayLogin | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +160,8 @@ class Config:
     queue_scan_interval: float = 5.0
     sites: dict[str, Site] = field(default_factory=dict)
     default_site: Site | None = None
+    accounts: dict[int, Quota] = field(default_factory=dict)  # uid -> account-wide quota
+    admin: Admin = Admin()
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -116,6 +169,20 @@ class Config:
 
     def sites_of_uid(self, uid: int) -> list[Site]:
         return [site for site in self.sites.values() if uid in site.uids]
+
+    def site_named(self, name: str) -> Site | None:
+        """The site a queued message belongs to (``default`` for unknown uids)."""
+        if name in self.sites:
+            return self.sites[name]
+        if name == "default" and self.default_site is not None:
+            return self.default_site
+        if name == ADMIN_SITE:
+            return Site(name=ADMIN_SITE, sender=self.admin.sender,
+                        relay_login=self.admin.relay_login, outbreak=None)
+        return None
+
+
+ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 
 class _Reader:
@@ -225,8 +292,76 @@ def _uid(r: _Reader, value: Any, where: str) -> int:
     raise r.fail(where, f"expected a uid number or a user name, got {value!r}")
 
 
-def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True) -> Site:
-    known = ("docroots", "domains", "sender", "relay_login")
+def _quota(r: _Reader, raw: Any, where: str, base: Quota = Quota()) -> Quota:
+    data = r.mapping(raw, where, QUOTA_KEYS)
+    values: dict[str, int | None] = {}
+    for key, value in data.items():
+        values[key] = None if value is None else r.integer(value, f"{where}.{key}")
+    return base.merged(values)
+
+
+def _login(r: _Reader, raw: Any, where: str) -> RelayLogin:
+    ldata = r.mapping(raw, where, ("user", "password_file"))
+    for key in ("user", "password_file"):
+        if key not in ldata:
+            raise r.fail(where, f"missing key {key!r}")
+    return RelayLogin(user=r.string(ldata["user"], f"{where}.user"),
+                      password_file=r.string(ldata["password_file"], f"{where}.password_file"))
+
+
+OUTBREAK_KEYS = ("quota_refusals", "recipient_domains_per_hour", "relay_5xx_share", "new_script")
+
+
+def _outbreak(r: _Reader, raw: Any, where: str,
+              base: OutbreakRules | None) -> OutbreakRules | None:
+    if raw is False:
+        return None
+    data = r.mapping(raw, where, OUTBREAK_KEYS)
+    rules = base or OutbreakRules()
+    values: dict[str, Any] = {}
+    if "quota_refusals" in data:
+        item = r.mapping(data["quota_refusals"], f"{where}.quota_refusals", ("count", "window"))
+        values["quota_refusals"] = (r.integer(item["count"], f"{where}.quota_refusals.count", 1)
+                                    if item.get("count") is not None else None)
+        values["quota_refusals_window"] = r.duration(
+            item.get("window", rules.quota_refusals_window), f"{where}.quota_refusals.window")
+    if "recipient_domains_per_hour" in data:
+        value = data["recipient_domains_per_hour"]
+        values["recipient_domains_per_hour"] = None if value is None else r.integer(
+            value, f"{where}.recipient_domains_per_hour", 1)
+    if "relay_5xx_share" in data:
+        item = r.mapping(data["relay_5xx_share"], f"{where}.relay_5xx_share",
+                         ("share", "min_results", "window"))
+        share = item.get("share")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0 < share <= 1):
+            raise r.fail(f"{where}.relay_5xx_share.share",
+                         f"expected 0 < share <= 1, got {share!r}")
+        values["relay_5xx_share"] = None if share is None else float(share)
+        values["relay_5xx_min_results"] = r.integer(
+            item.get("min_results", rules.relay_5xx_min_results),
+            f"{where}.relay_5xx_share.min_results", 1)
+        values["relay_5xx_window"] = r.duration(item.get("window", rules.relay_5xx_window),
+                                                f"{where}.relay_5xx_share.window")
+    if "new_script" in data:
+        item = r.mapping(data["new_script"], f"{where}.new_script", ("count", "window"))
+        values["new_script_count"] = (r.integer(item["count"], f"{where}.new_script.count", 1)
+                                      if item.get("count") is not None else None)
+        values["new_script_window"] = r.duration(item.get("window", rules.new_script_window),
+                                                 f"{where}.new_script.window")
+    return replace(rules, **values)
+
+
+@dataclass(frozen=True)
+class _SiteDefaults:
+    quota: Quota = Quota()
+    outbreak: OutbreakRules | None = OutbreakRules()
+
+
+def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
+          defaults: _SiteDefaults = _SiteDefaults()) -> Site:
+    known = ("docroots", "domains", "sender", "relay_login", "quota", "sender_policy",
+             "outbreak")
     data = r.mapping(raw, where, (("uids",) if with_uids else ()) + known)
     uids: tuple[int, ...] = ()
     if with_uids:
@@ -251,23 +386,28 @@ def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True) -
                          f"expected an address like noreply@{name}, got {sender!r}")
     login = None
     if data.get("relay_login") is not None:
-        ldata = r.mapping(data["relay_login"], f"{where}.relay_login", ("user", "password_file"))
-        for key in ("user", "password_file"):
-            if key not in ldata:
-                raise r.fail(f"{where}.relay_login", f"missing key {key!r}")
-        login = RelayLogin(
-            user=r.string(ldata["user"], f"{where}.relay_login.user"),
-            password_file=r.string(ldata["password_file"], f"{where}.relay_login.password_file"),
-        )
+        login = _login(r, data["relay_login"], f"{where}.relay_login")
+    policy = r.mapping(data.get("sender_policy"), f"{where}.sender_policy",
+                       ("envelope", "from_header"))
     docroots = tuple(
         os.path.normpath(d) for d in r.strings(data.get("docroots"), f"{where}.docroots")
     )
-    return Site(name=name, uids=uids, docroots=docroots, domains=domains, sender=sender,
-                relay_login=login)
+    return Site(
+        name=name, uids=uids, docroots=docroots, domains=domains, sender=sender,
+        relay_login=login,
+        quota=_quota(r, data.get("quota"), f"{where}.quota", defaults.quota),
+        envelope_policy=r.choice(policy.get("envelope", "rewrite"),
+                                 f"{where}.sender_policy.envelope", SENDER_ACTIONS),
+        from_policy=r.choice(policy.get("from_header", "keep"),
+                             f"{where}.sender_policy.from_header", FROM_ACTIONS),
+        outbreak=_outbreak(r, data.get("outbreak"), f"{where}.outbreak", defaults.outbreak)
+        if "outbreak" in data else defaults.outbreak,
+    )
 
 
 TOP_KEYS = ("spool", "message_size_limit", "hostname", "log", "relays", "retry",
-            "queue_scan_interval", "sites", "default_site")
+            "queue_scan_interval", "sites", "default_site", "default_quota", "outbreak",
+            "accounts", "admin")
 
 
 def parse_config(raw: Any, path: str | None) -> Config:
@@ -294,29 +434,61 @@ def parse_config(raw: Any, path: str | None) -> Config:
         raise r.fail("relays", "expected a list of relays")
     kwargs["relays"] = tuple(_relay(r, item, f"relays[{i}]") for i, item in enumerate(raw_relays))
     retry = r.mapping(data.get("retry"), "retry", ("initial", "maximum", "lifetime", "jitter"))
-    defaults = RetryPolicy()
-    jitter = retry.get("jitter", defaults.jitter)
+    retry_defaults = RetryPolicy()
+    jitter = retry.get("jitter", retry_defaults.jitter)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
         raise r.fail("retry.jitter", f"expected a fraction between 0 and 1, got {jitter!r}")
     kwargs["retry"] = RetryPolicy(
-        initial=r.duration(retry.get("initial", defaults.initial), "retry.initial"),
-        maximum=r.duration(retry.get("maximum", defaults.maximum), "retry.maximum"),
-        lifetime=r.duration(retry.get("lifetime", defaults.lifetime), "retry.lifetime"),
+        initial=r.duration(retry.get("initial", retry_defaults.initial), "retry.initial"),
+        maximum=r.duration(retry.get("maximum", retry_defaults.maximum), "retry.maximum"),
+        lifetime=r.duration(retry.get("lifetime", retry_defaults.lifetime), "retry.lifetime"),
         jitter=float(jitter),
     )
     if "queue_scan_interval" in data:
         kwargs["queue_scan_interval"] = max(
             0.2, r.duration(data["queue_scan_interval"], "queue_scan_interval")
         )
+    defaults = _SiteDefaults(
+        quota=_quota(r, data.get("default_quota"), "default_quota"),
+        outbreak=_outbreak(r, data.get("outbreak"), "outbreak", OutbreakRules())
+        if "outbreak" in data else OutbreakRules(),
+    )
     sites_raw = data.get("sites") or {}
     if not isinstance(sites_raw, dict):
         raise r.fail("sites", "expected a mapping of site name to site")
+    for name in sites_raw:
+        if str(name) in ("default", ADMIN_SITE):
+            raise r.fail(f"sites.{name}", "this name is reserved; choose another")
     kwargs["sites"] = {
-        str(name): _site(r, str(name), body, f"sites.{name}") for name, body in sites_raw.items()
+        str(name): _site(r, str(name), body, f"sites.{name}", defaults=defaults)
+        for name, body in sites_raw.items()
     }
     default = data.get("default_site", "refuse")
     if default != "refuse":
-        kwargs["default_site"] = _site(r, "default", default, "default_site", with_uids=False)
+        kwargs["default_site"] = _site(r, "default", default, "default_site", with_uids=False,
+                                       defaults=defaults)
+    accounts_raw = r.mapping(data.get("accounts"), "accounts",
+                             tuple(str(k) for k in (data.get("accounts") or {})))
+    kwargs["accounts"] = {}
+    for key, body in accounts_raw.items():
+        item = r.mapping(body, f"accounts.{key}", ("quota",))
+        uid = _uid(r, int(key) if str(key).isdigit() else key, f"accounts.{key}")
+        kwargs["accounts"][uid] = _quota(r, item.get("quota"), f"accounts.{key}.quota")
+    admin = r.mapping(data.get("admin"), "admin", ("notify", "sender", "relay_login", "group"))
+    group = admin.get("group")
+    if group is not None:
+        group = r.string(group, "admin.group")
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise r.fail("admin.group", f"no such group {group!r} on this system") from None
+    kwargs["admin"] = Admin(
+        notify=r.strings(admin.get("notify"), "admin.notify"),
+        sender=r.string(admin["sender"], "admin.sender") if admin.get("sender") else None,
+        relay_login=_login(r, admin["relay_login"], "admin.relay_login")
+        if admin.get("relay_login") else None,
+        group=group,
+    )
     config = Config(**kwargs)
     _check_frontend_agrees(config, path)
     return config

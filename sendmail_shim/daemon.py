@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import signal
@@ -27,12 +28,13 @@ import struct
 
 import filelock
 
-from sendmail_shim import handoff, listing, paths, pickup, spool, sysexits
+from sendmail_shim import handoff, listing, operations, paths, pickup, spool, sysexits
 from sendmail_shim.config import Config
 from sendmail_shim.delivery import QueueRunner
 from sendmail_shim.identity import Caller
 from sendmail_shim.intake import accept_submission
 from sendmail_shim.outcome import Verdict
+from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.daemon")
 READ_TIMEOUT = 60.0
@@ -53,7 +55,9 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.runner = QueueRunner(config)
+        self.state: State | None = None
+        self.runner: QueueRunner | None = None
+        self._admin_gid: int | None = None
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -75,6 +79,8 @@ class Daemon:
         layout = self.config.layout
         spool.prepare_spool(layout)
         self._take_lock()
+        self.state = State(layout)
+        self.runner = QueueRunner(self.config, self.state)
         for name in spool.clean_tmp(layout):
             log.info("removed interrupted write tmp/%s", name)
         with contextlib.suppress(FileNotFoundError):
@@ -82,6 +88,7 @@ class Daemon:
         server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
                                                  limit=handoff.MAX_HEADER_BYTES + 2)
         os.chmod(layout.socket, paths.MODE_SOCKET)
+        control = await self._start_control()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -95,14 +102,18 @@ class Daemon:
         finally:
             log.info("stopping: no new submissions; finishing %d in flight", len(self._inflight))
             server.close()
+            control.close()
             await server.wait_closed()
+            await control.wait_closed()
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=30)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(layout.socket)
+            for path in (layout.socket, layout.control_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self.state.close()
             if self._lock is not None:
                 self._lock.release()
             log.info("stopped")
@@ -110,8 +121,8 @@ class Daemon:
     async def _pickup_forever(self) -> None:
         while True:
             try:
-                if await asyncio.to_thread(pickup.scan, self.config):
-                    self.runner.poke()
+                if await asyncio.to_thread(pickup.scan, self.config, self._state()):
+                    self._runner().poke()
             except Exception:
                 log.exception("pickup scan failed; retrying after the scan interval")
             try:
@@ -155,7 +166,7 @@ class Daemon:
         mode = next((v for k, v in fields if k == "mode"), "submit")
         if mode == "flush":
             self._pickup_wake.set()
-            self.runner.poke(force=True)
+            self._runner().poke(force=True)
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return handoff.format_reply(250, 0, "queue run started")
         if mode == "mailq":
@@ -182,11 +193,93 @@ class Daemon:
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, "missing END trailer")
         caller = Caller(uid=uid, gid=gid, pid=pid)
         verdict: Verdict = await asyncio.to_thread(
-            accept_submission, self.config, fields, body[:size], caller)
+            accept_submission, self.config, self._state(), fields, body[:size], caller)
         if verdict.accepted:
-            self.runner.poke()
+            self._runner().poke()
         return handoff.format_reply(verdict.code, verdict.status,
                                     f"{verdict.enhanced} {verdict.text}")
+
+    def _state(self) -> State:
+        assert self.state is not None, "serve() creates the state"
+        return self.state
+
+    def _runner(self) -> QueueRunner:
+        assert self.runner is not None, "serve() creates the runner"
+        return self.runner
+
+    # -- the control socket -------------------------------------------------------
+    async def _start_control(self) -> asyncio.AbstractServer:
+        layout = self.config.layout
+        os.makedirs(layout.control, mode=paths.MODE_CONTROL_DIR, exist_ok=True)
+        os.chmod(layout.control, paths.MODE_CONTROL_DIR)
+        if self.config.admin.group:
+            self._admin_gid = grp.getgrnam(self.config.admin.group).gr_gid
+            try:
+                os.chown(layout.control, -1, self._admin_gid)
+            except PermissionError:
+                log.warning("cannot give %s to group %s: add the daemon's user to that group",
+                            layout.control, self.config.admin.group)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layout.control_socket)
+        server = await asyncio.start_unix_server(self._on_control, path=layout.control_socket,
+                                                 limit=handoff.MAX_HEADER_BYTES + 2)
+        os.chmod(layout.control_socket, paths.MODE_CONTROL_SOCKET)
+        return server
+
+    def _is_operator(self, pid: int, uid: int, gid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        if self._admin_gid is None:
+            return False
+        if gid == self._admin_gid:
+            return True
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("Groups:"):
+                        return str(self._admin_gid) in line.split()[1:]
+        except OSError:
+            pass
+        return False
+
+    async def _on_control(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+        try:
+            if not self._is_operator(pid, uid, gid):
+                log.warning("control refused uid=%d pid=%d: not root, the daemon's user or "
+                            "the admin group", uid, pid)
+                reply = handoff.format_reply(550, sysexits.EX_NOPERM, "not permitted")
+            else:
+                reply = await self._control_request(reader, uid)
+            writer.write(reply)
+            await writer.drain()
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("control client went away: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _control_request(self, reader: asyncio.StreamReader, uid: int) -> bytes:
+        try:
+            if await asyncio.wait_for(reader.readline(), READ_TIMEOUT) != handoff.MAGIC:
+                raise handoff.ProtocolError("bad greeting")
+            fields = handoff.decode_header(
+                await asyncio.wait_for(reader.readuntil(b"\n\n"), READ_TIMEOUT))
+        except (handoff.ProtocolError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
+                ValueError) as exc:
+            return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
+        action, args = operations.decode_args(fields)
+        actor = f"operator uid {uid}"
+        try:
+            text = await asyncio.to_thread(operations.perform, self.config, self._state(),
+                                           action, args, actor)
+        except operations.OperationError as exc:
+            return handoff.format_reply(550, sysexits.EX_DATAERR, str(exc))
+        if action in ("queue-release", "site-resume"):
+            self._runner().poke(force=True)
+        return handoff.format_reply(250, 0, "ok") + text.encode()
 
     def _mailq_text(self, uid: int) -> str:
         everything = uid in (0, os.getuid())

@@ -19,16 +19,19 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import defaultdict
 
-from sendmail_shim import bounce, spool
+from sendmail_shim import bounce, outbreak, spool
 from sendmail_shim.config import Config, Site
 from sendmail_shim.envelope import Envelope
+from sendmail_shim.operations import suspend_site
 from sendmail_shim.outcome import OK, PERM, Outcome
 from sendmail_shim.relay import RelaySession, RelaysUnavailable, SessionBroken, open_session
+from sendmail_shim.state import RELAY_5XX, RELAY_OK, State
 
 log = logging.getLogger("sendmail_shim.delivery")
 MAX_PARALLEL_SITES = 8
@@ -42,8 +45,9 @@ def backoff(config: Config, attempts: int) -> float:
 
 
 class QueueRunner:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, state: State) -> None:
         self.config = config
+        self.state = state
         self.wake = asyncio.Event()
         self._force = False
         self._lock = asyncio.Lock()
@@ -63,13 +67,6 @@ class QueueRunner:
                 await asyncio.wait_for(self.wake.wait(), self.config.queue_scan_interval)
             except TimeoutError:
                 pass
-
-    def _site(self, name: str) -> Site | None:
-        if name in self.config.sites:
-            return self.config.sites[name]
-        if name == "default" and self.config.default_site is not None:
-            return self.config.default_site
-        return None
 
     async def run_once(self) -> int:
         """Deliver every due message once; the number attempted."""
@@ -108,7 +105,14 @@ class QueueRunner:
             pass
 
     async def _deliver_site(self, site_name: str, items: list[tuple[str, str]]) -> None:
-        site = self._site(site_name)
+        site = self.config.site_named(site_name)
+        if site is not None and self.state.suspension(site_name) is not None:
+            # Suspended while queued (or by a rule just now): nothing leaves; hold it all.
+            for _state, queue_id in items:
+                with contextlib.suppress(FileNotFoundError):
+                    spool.move(self.config.layout, queue_id, _state, spool.HOLD)
+                    log.warning("held queue_id=%s site=%s reason=suspended", queue_id, site_name)
+            return
         if site is None:
             for state, queue_id in items:
                 self._after_attempt(state, queue_id, None, {}, Outcome.network(
@@ -141,9 +145,27 @@ class QueueRunner:
                     session = None
                     results = dict.fromkeys(pending, Outcome.network(str(exc)))
                 self._after_attempt(state, queue_id, (env, message), results, None)
+                self._watch_relay_answers(site, env, results)
+                if self.state.suspension(site_name) is not None:
+                    return  # an outbreak rule tripped: the rest is on hold now
         finally:
             if session is not None:
                 await session.close()
+
+    def _watch_relay_answers(self, site: Site, env: Envelope,
+                             results: dict[str, Outcome]) -> None:
+        """Feed the relay's answers to the outbreak rules (relay_5xx_share)."""
+        if env.origin in ("bounce", "notice"):
+            return
+        now = time.time()
+        for out in results.values():
+            if out.kind == OK:
+                self.state.record(site.name, env.uid, RELAY_OK, ts=now)
+            elif out.kind == PERM and out.code >= 500:
+                self.state.record(site.name, env.uid, RELAY_5XX, ts=now)
+        reason = outbreak.after_relay_results(self.state, site, now)
+        if reason is not None:
+            suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
 
     def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
                        results: dict[str, Outcome], trouble: Outcome | None) -> None:
@@ -196,7 +218,12 @@ class QueueRunner:
                          env.sender)
                 self.poke()
         if not temp:
-            spool.remove(layout, queue_id, state)
+            try:
+                spool.remove(layout, queue_id, state)
+            except FileNotFoundError:
+                # Held by the operator meanwhile; its status says it is done.
+                log.info("moved_meanwhile queue_id=%s site=%s", queue_id, env.site)
+                return
             log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id, env.site,
                      len(status.done), len(status.failed))
             return
@@ -207,7 +234,8 @@ class QueueRunner:
         status.last_error = first.describe()
         spool.write_status(layout, queue_id, status)
         if state == spool.INCOMING:
-            spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
+            with contextlib.suppress(FileNotFoundError):  # held meanwhile
+                spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
         log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d retry_in=%ds "
                     "relay=%s reason=%r", queue_id, env.site, env.uid, len(temp),
                     status.attempts, int(delay), first.relay, first.describe())

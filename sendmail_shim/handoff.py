@@ -56,6 +56,10 @@ REPLY_TIMEOUT = 300.0  # the daemon answers after an fsync; a stuck daemon is a 
 class DaemonUnreachable(Exception):
     """No verdict came from the daemon; the message may be dropped instead."""
 
+    def __init__(self, text: str, errno: int = 0) -> None:
+        super().__init__(text)
+        self.errno = errno
+
 
 class ProtocolError(Exception):
     """A request that does not follow the wire format."""
@@ -157,7 +161,8 @@ def send_request(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOU
         try:
             sock.connect(socket_path)
         except OSError as exc:
-            raise DaemonUnreachable(f"cannot connect to {socket_path}: {exc.strerror}") from exc
+            raise DaemonUnreachable(f"cannot connect to {socket_path}: {exc.strerror}",
+                                    exc.errno or 0) from exc
         try:
             sock.sendall(request)
             sock.shutdown(_socket.SHUT_WR)

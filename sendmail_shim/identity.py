@@ -4,8 +4,9 @@ Trusts: the uid, and only the uid, because the kernel vouches for it
 (SO_PEERCRED on the socket, st_uid of a drop file).  The working directory
 and the X-PHP-Originating-Script header are hints written by the caller: they
 only choose among the sites that already belong to that uid, never widen them.
-Guarantees: a uid listed by no site gets ``default_site`` or a refusal; a hint
-that matches none of the uid's sites falls back to the uid's first site
+Guarantees: a uid listed by no site gets ``default_site`` or a refusal; an
+explicit ``--site`` naming a site that is not the uid's is refused; a docroot
+hint that matches none of the uid's sites falls back to the uid's first site
 (the order in the configuration), and the choice is reported for the log.
 """
 
@@ -26,6 +27,7 @@ class Caller:
     pid: int | None  # None for drop files: the writer is gone
     cwd: str | None = None
     script: str | None = None  # from X-PHP-Originating-Script: "<uid>:<script>"
+    site_hint: str | None = None  # --site, set by the operator in the FPM pool
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,15 @@ def identify(config: Config, caller: Caller) -> Identification:
             None,
             f"uid {caller.uid} belongs to no site in {config.path or 'the configuration'}; "
             "the operator must add it to a site's uids (sendmail-shim-admin config check)",
+        )
+    if caller.site_hint is not None:
+        for site in candidates:
+            if site.name == caller.site_hint:
+                return Identification(site, f"uid {caller.uid}, --site {site.name}")
+        return Identification(
+            None,
+            f"--site {caller.site_hint!r} is not a site of uid {caller.uid} (its sites: "
+            f"{', '.join(s.name for s in candidates)}); fix the sendmail_path of this PHP pool",
         )
     if len(candidates) == 1:
         return Identification(candidates[0], f"uid {caller.uid}")

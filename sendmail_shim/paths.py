@@ -16,7 +16,8 @@ Spool layout (modes enforced by ``spool.prepare_spool``)::
     <spool>/            0755  daemon   root of everything below
       public/           0755  daemon   submit.sock (0666): the hand-off socket
       maildrop/         3733  daemon:daemon-group  drop area when the daemon is down
-      tmp/ incoming/ deferred/ hold/ corrupt/ status/   0700  daemon
+      tmp/ incoming/ deferred/ hold/ corrupt/ status/ state/   0700  daemon
+      control/          0750  daemon:admin-group  control.sock (0660): the admin's socket
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ MODE_SOCKET = 0o666
 MODE_MAILDROP_DIR = 0o3733
 MODE_DROP_FILE = 0o640
 MODE_PRIVATE_DIR = 0o700
+# The control socket: root, the daemon's user and the admin group (config admin.group).
+MODE_CONTROL_DIR = 0o750
+MODE_CONTROL_SOCKET = 0o660
 MODE_QUEUE_FILE = 0o600
 
 FRONTEND_KEYS = ("spool", "message_size_limit")
@@ -58,6 +62,8 @@ class SpoolLayout:
         self.tmp = os.path.join(root, "tmp")
         self.status = os.path.join(root, "status")
         self.lock = os.path.join(root, "status", "daemon.lock")
+        self.control = os.path.join(root, "control")
+        self.control_socket = os.path.join(self.control, "control.sock")
 
     def state_dir(self, state: str) -> str:
         return os.path.join(self.root, state)

@@ -20,6 +20,7 @@ from sendmail_shim import handoff
 from sendmail_shim.config import Config
 from sendmail_shim.identity import Caller
 from sendmail_shim.intake import accept_submission
+from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.pickup")
 STALE_TMP = 86400.0
@@ -36,7 +37,7 @@ def _quarantine(config: Config, name: str, why: str) -> None:
         os.unlink(src)
 
 
-def ingest_file(config: Config, name: str) -> bool:
+def ingest_file(config: Config, state: State, name: str) -> bool:
     """Ingest one ``m.`` file; True when it is gone from the drop directory."""
     path = os.path.join(config.layout.maildrop, name)
     try:
@@ -62,7 +63,7 @@ def ingest_file(config: Config, name: str) -> bool:
         _quarantine(config, name, str(exc))
         return True
     caller = Caller(uid=st.st_uid, gid=st.st_gid, pid=None)
-    verdict = accept_submission(config, fields, message, caller, origin="maildrop")
+    verdict = accept_submission(config, state, fields, message, caller, origin="maildrop")
     if verdict.code // 100 == 4:
         return False  # temporary trouble (spool full): keep the file, try again later
     if not verdict.accepted:
@@ -72,14 +73,14 @@ def ingest_file(config: Config, name: str) -> bool:
     return True
 
 
-def scan(config: Config) -> int:
+def scan(config: Config, state: State) -> int:
     """Ingest every finished drop file; the number ingested."""
     maildrop = config.layout.maildrop
     count = 0
     now = time.time()
     for name in sorted(os.listdir(maildrop)):
         if name.startswith("m."):
-            count += ingest_file(config, name)
+            count += ingest_file(config, state, name)
         elif name.startswith("t."):
             path = os.path.join(maildrop, name)
             try:

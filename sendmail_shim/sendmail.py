@@ -51,6 +51,8 @@ def _submission_fields(inv: Invocation) -> list[tuple[str, str]]:
         fields.append(("sender", inv.sender))
     if inv.extract:
         fields.append(("extract", "1"))
+    if inv.site is not None:
+        fields.append(("site", inv.site))
     for name, value in (
         ("fullname", inv.fullname),
         ("notify", inv.notify),

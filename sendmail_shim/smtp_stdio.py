@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 class HandOffHandler:
     """aiosmtpd hooks: each transaction becomes one hand-off to the daemon."""
 
-    def __init__(self, layout: SpoolLayout, cwd: str | None) -> None:
+    def __init__(self, layout: SpoolLayout, cwd: str | None, site: str | None) -> None:
         self.layout = layout
         self.cwd = cwd
+        self.site = site
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -50,6 +51,8 @@ class HandOffHandler:
         fields: list[tuple[str, str]] = [("mode", "submit"), ("sender", envelope.mail_from)]
         if self.cwd:
             fields.append(("cwd", self.cwd))
+        if self.site:
+            fields.append(("site", self.site))
         fields.extend(("rcpt", rcpt) for rcpt in envelope.rcpt_tos)
         request = handoff.encode_request(fields, message)
         try:
@@ -95,10 +98,11 @@ def _pump_stdout(sock: socket.socket) -> None:
         pass
 
 
-async def _serve(layout: SpoolLayout, limit: int, hostname: str, cwd: str | None) -> None:
+async def _serve(layout: SpoolLayout, limit: int, hostname: str, cwd: str | None,
+                 site: str | None) -> None:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
-    handler = HandOffHandler(layout, cwd)
+    handler = HandOffHandler(layout, cwd, site)
 
     def factory() -> SMTP:
         return SMTP(handler, hostname=hostname, ident="sendmail-shim", data_size_limit=limit,
@@ -122,7 +126,7 @@ def serve_stdio(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
     except OSError:
         cwd = None
     try:
-        asyncio.run(_serve(layout, limit, socket.gethostname(), cwd))
+        asyncio.run(_serve(layout, limit, socket.gethostname(), cwd, inv.site))
     except KeyboardInterrupt:
         return sysexits.EX_TEMPFAIL
     return sysexits.EX_OK

@@ -1,0 +1,340 @@
+"""What the operator (or an outbreak rule) does to sites, quotas and the queue.
+
+Trusts: its caller to be the operator (the daemon's control socket admits root,
+the daemon's user and the admin group; the admin command runs these directly
+only while it holds the daemon's lock, i.e. when no daemon runs).
+Guarantees: one implementation of each action, whoever asks; queue ids are
+validated before use; every action is logged with the site and the actor; the
+text returned is what the operator sees, naming what to do next.
+
+Actions (``perform``): site-list, site-show, site-suspend, site-resume,
+quota-show, quota-set, quota-reset, top, queue-list, queue-show, queue-hold,
+queue-release, queue-delete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from sendmail_shim import listing, quota, spool
+from sendmail_shim.compose import mail_date
+from sendmail_shim.config import ADMIN_SITE, QUOTA_KEYS, Config, Site
+from sendmail_shim.envelope import Envelope
+from sendmail_shim.state import State
+
+log = logging.getLogger("sendmail_shim.operations")
+Args = dict[str, list[str]]
+
+
+class OperationError(Exception):
+    """The operator asked for something impossible; the text says why."""
+
+
+def _site(config: Config, name: str) -> Site:
+    site = config.site_named(name)
+    if site is None or name == ADMIN_SITE:
+        known = ", ".join(sorted(config.sites)) or "none"
+        raise OperationError(f"no site {name!r} in {config.path} (sites: {known})")
+    return site
+
+
+def _first(args: Args, key: str) -> str | None:
+    values = args.get(key)
+    return values[0] if values else None
+
+
+def select(config: Config, queue_ids: list[str], site: str | None,
+           states: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(state, queue id) of the named messages, or of every message of ``site``."""
+    layout = config.layout
+    found: list[tuple[str, str]] = []
+    for queue_id in queue_ids:
+        try:
+            spool.check_queue_id(queue_id)
+        except spool.QueueIdError as exc:
+            raise OperationError(str(exc)) from None
+        state = spool.find_state(layout, queue_id)
+        if state is None or state not in states:
+            raise OperationError(f"no message {queue_id} in {', '.join(states)}")
+        found.append((state, queue_id))
+    if site is not None:
+        for state in states:
+            for queue_id in spool.queue_ids(layout, state):
+                try:
+                    if spool.read_envelope(layout, state, queue_id).site == site:
+                        found.append((state, queue_id))
+                except (OSError, ValueError):
+                    continue
+    return found
+
+
+def hold_messages(config: Config, queue_ids: list[str], site: str | None, actor: str) -> int:
+    moved = 0
+    for state, queue_id in select(config, queue_ids, site, (spool.INCOMING, spool.DEFERRED)):
+        try:
+            spool.move(config.layout, queue_id, state, spool.HOLD)
+        except FileNotFoundError:
+            continue  # delivered or moved meanwhile
+        moved += 1
+        log.warning("held queue_id=%s site=%s actor=%s", queue_id, site or "-", actor)
+    return moved
+
+
+def release_messages(config: Config, queue_ids: list[str], site: str | None,
+                     actor: str) -> int:
+    moved = 0
+    for _state, queue_id in select(config, queue_ids, site, (spool.HOLD,)):
+        status = spool.read_status(config.layout, queue_id)
+        status.next_attempt = 0.0
+        spool.write_status(config.layout, queue_id, status)
+        spool.move(config.layout, queue_id, spool.HOLD, spool.INCOMING)
+        moved += 1
+        log.info("released queue_id=%s actor=%s", queue_id, actor)
+    return moved
+
+
+def delete_messages(config: Config, queue_ids: list[str], site: str | None, actor: str) -> int:
+    removed = 0
+    for state, queue_id in select(config, queue_ids, site, spool.STATES):
+        try:
+            spool.remove(config.layout, queue_id, state)
+        except FileNotFoundError:
+            continue
+        removed += 1
+        log.warning("deleted queue_id=%s state=%s actor=%s", queue_id, state, actor)
+    return removed
+
+
+def notify_admin(config: Config, subject: str, body: str) -> str | None:
+    """Queue a notice to ``admin.notify`` through the relay with the admin login."""
+    if not config.admin.notify:
+        return None
+    now = time.time()
+    queue_id = spool.new_queue_id()
+    sender = config.admin.sender or f"sendmail-shim@{config.hostname}"
+    message = (
+        f"From: sendmail-shim <{sender}>\nTo: {', '.join(config.admin.notify)}\n"
+        f"Subject: [sendmail-shim] {subject}\nDate: {mail_date(now)}\n"
+        f"Message-Id: <{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{queue_id}"
+        f"@{config.hostname}>\nAuto-Submitted: auto-generated\n"
+        "Content-Type: text/plain; charset=utf-8\n\n" + body
+    ).encode()
+    envelope = Envelope(queue_id=queue_id, site=ADMIN_SITE, uid=0, sender=sender,
+                        recipients=list(config.admin.notify), arrival=now, origin="notice",
+                        size=len(message))
+    spool.commit(config.layout, envelope, message)
+    log.info("notice_queued queue_id=%s to=%s subject=%r", queue_id,
+             ",".join(config.admin.notify), subject)
+    return queue_id
+
+
+def suspend_site(config: Config, state: State, name: str, reason: str, actor: str) -> str:
+    site = _site(config, name)
+    new = state.suspend(site.name, reason, actor)
+    held = hold_messages(config, [], site.name, actor)
+    if not new:
+        return f"site {site.name} was already suspended; {held} more message(s) held"
+    log.warning("suspended site=%s actor=%s held=%d reason=%r", site.name, actor, held, reason)
+    now = time.time()
+    scripts = [(s, c) for n, s, c, _r in state.top(now - 3600, by_script=True) if n == site.name]
+    lines = "\n".join(f"  {c:6d}  {s or '(no script header)'}" for s, c in scripts[:10])
+    notify_admin(config, f"site {site.name} suspended", (
+        f"Site {site.name} (uids {', '.join(map(str, site.uids)) or '-'}) was suspended "
+        f"by {actor}.\n\nReason: {reason}\n\nNew mail from the site is refused; "
+        f"{held} queued message(s) were moved to hold.\n\n"
+        f"Scripts that sent in the last hour (messages):\n{lines or '  none recorded'}\n\n"
+        "What to do next:\n"
+        f"  sendmail-shim-admin queue list --site {site.name}     see the held mail\n"
+        f"  sendmail-shim-admin queue delete --site {site.name}   drop it (spam)\n"
+        f"  sendmail-shim-admin queue release --site {site.name}  send it after all\n"
+        f"  sendmail-shim-admin site resume {site.name}           accept new mail again\n"))
+    return f"site {site.name} suspended ({reason}); {held} message(s) held"
+
+
+def resume_site(config: Config, state: State, name: str, actor: str) -> str:
+    site = _site(config, name)
+    if not state.resume(site.name):
+        return f"site {site.name} was not suspended"
+    log.warning("resumed site=%s actor=%s", site.name, actor)
+    held = len(select(config, [], site.name, (spool.HOLD,)))
+    return (f"site {site.name} resumed; {held} message(s) still on hold: "
+            f"'sendmail-shim-admin queue release --site {site.name}' or 'queue delete'")
+
+
+def _quota_rows(config: Config, state: State, names: list[str],
+                now: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        site = _site(config, name)
+        limits = quota.describe(quota.effective_quota(config, state, site))
+        used = quota.usage(state, now, site=name).as_dict()
+        suspended = state.suspension(name)
+        rows.append({"site": name, "limits": limits, "usage": used,
+                     "suspended": suspended[1] if suspended else None})
+    return rows
+
+
+def _fmt_limit(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def quota_show(config: Config, state: State, args: Args) -> str:
+    names = args.get("site") or sorted(config.sites)
+    rows = _quota_rows(config, state, names, time.time())
+    if args.get("json"):
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    out = [f"{'SITE':<24} {'HOUR':>11} {'DAY':>11} {'RCPT/HOUR':>13} {'RCPT/MSG':>8}  STATE"]
+    for row in rows:
+        lim, use = row["limits"], row["usage"]
+        out.append(
+            f"{row['site']!s:<24} {use['per_hour']:>5}/{_fmt_limit(lim['per_hour']):<5} "
+            f"{use['per_day']:>5}/{_fmt_limit(lim['per_day']):<5} "
+            f"{use['recipients_per_hour']:>6}/{_fmt_limit(lim['recipients_per_hour']):<6} "
+            f"{_fmt_limit(lim['recipients_per_message']):>8}  "
+            f"{'suspended: ' + str(row['suspended']) if row['suspended'] else 'active'}")
+    return "\n".join(out) + "\n"
+
+
+def quota_set(config: Config, state: State, args: Args, actor: str) -> str:
+    site = _site(config, args["site"][0])
+    if args.get("clear"):
+        state.clear_overrides(site.name)
+    for key in QUOTA_KEYS:
+        for value in args.get(key, []):
+            state.set_override(site.name, key, None if value in ("", "none") else int(value))
+    limits = quota.describe(quota.effective_quota(config, state, site))
+    log.warning("quota_set site=%s actor=%s limits=%s", site.name, actor, limits)
+    return f"site {site.name}: " + ", ".join(f"{k}={_fmt_limit(v)}" for k, v in limits.items()) \
+        + "\n"
+
+
+def quota_reset(config: Config, state: State, args: Args, actor: str) -> str:
+    site = _site(config, args["site"][0])
+    removed = state.reset_usage(site.name)
+    log.warning("quota_reset site=%s actor=%s events=%d", site.name, actor, removed)
+    return f"site {site.name}: usage reset ({removed} events forgotten)\n"
+
+
+def site_list(config: Config, state: State, args: Args) -> str:
+    rows: list[dict[str, Any]] = []
+    for site in config.sites.values():
+        suspended = state.suspension(site.name)
+        rows.append({"site": site.name, "uids": list(site.uids), "domains": list(site.domains),
+                     "login": site.relay_login.user if site.relay_login else None,
+                     "suspended": suspended[1] if suspended else None})
+    if args.get("json"):
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    out = [f"{'SITE':<24} {'UIDS':<12} {'LOGIN':<20} STATE"]
+    for r in rows:
+        uids = ",".join(map(str, r["uids"]))
+        state_text = f"suspended: {r['suspended']}" if r["suspended"] else "active"
+        out.append(f"{r['site']!s:<24} {uids:<12} {r['login'] or '-'!s:<20} {state_text}")
+    return "\n".join(out) + "\n"
+
+
+def site_show(config: Config, state: State, args: Args) -> str:
+    site = _site(config, args["site"][0])
+    suspended = state.suspension(site.name)
+    queued = {s: len(select(config, [], site.name, (s,))) for s in spool.STATES}
+    lines = [
+        f"site:       {site.name}",
+        f"uids:       {', '.join(map(str, site.uids)) or '-'}",
+        f"domains:    {', '.join(site.domains) or '-'}",
+        f"docroots:   {', '.join(site.docroots) or '-'}",
+        f"sender:     {site.sender or '-'}",
+        f"relay login: {site.relay_login.user if site.relay_login else '-'}",
+        f"policy:     envelope {site.envelope_policy}, From: {site.from_policy}",
+        "state:      " + (f"suspended since {mail_date(suspended[0])} by {suspended[2]}: "
+                          f"{suspended[1]}" if suspended else "active"),
+        "queue:      " + ", ".join(f"{k} {v}" for k, v in queued.items()),
+    ]
+    return "\n".join(lines) + "\n" + quota_show(config, state, {"site": [site.name]})
+
+
+def top(config: Config, state: State, args: Args) -> str:
+    now = time.time()
+    out = []
+    for label, since in (("last hour", now - 3600), ("last day", now - 86400)):
+        out.append(f"-- {label}: messages, recipients, site, script")
+        for site, script, count, rcpts in state.top(since, by_script=True)[:20]:
+            out.append(f"{count:8d} {rcpts:8d}  {site:<24} {script or '-'}")
+    return "\n".join(out) + "\n"
+
+
+def queue_list(config: Config, state: State, args: Args) -> str:
+    site = _first(args, "site")
+    entries = [e for e in spool.entries(config.layout) if site is None or e.envelope.site == site]
+    if args.get("json"):
+        now = time.time()
+        return "".join(json.dumps({
+            "queue_id": e.envelope.queue_id, "state": e.state, "site": e.envelope.site,
+            "uid": e.envelope.uid, "size": e.envelope.size,
+            "age": round(now - e.envelope.arrival, 1), "sender": e.envelope.sender,
+            "recipients": e.envelope.recipients, "done": e.status.done,
+            "failed": e.status.failed, "attempts": e.status.attempts,
+            "last_error": e.status.last_error, "script": e.envelope.script,
+        }) + "\n" for e in entries)
+    return listing.format_queue(entries)
+
+
+def queue_show(config: Config, state: State, args: Args) -> str:
+    [(where, queue_id)] = select(config, args.get("id", [])[:1], None, spool.STATES)
+    envelope, message = spool.read_entry(config.layout, where, queue_id)
+    status = spool.read_status(config.layout, queue_id)
+    head = message.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    return (f"queue id:   {queue_id} ({where})\nsite:       {envelope.site} (uid "
+            f"{envelope.uid}, script {envelope.script or '-'})\n"
+            f"sender:     <{envelope.sender}>\nrecipients: {', '.join(envelope.recipients)}\n"
+            f"delivered:  {', '.join(status.done) or '-'}\nattempts:   {status.attempts}\n"
+            f"last error: {status.last_error or '-'}\n\n{head}\n")
+
+
+def encode_args(action: str, args: Args) -> list[tuple[str, str]]:
+    """Request fields of an action, for the control socket."""
+    fields = [("mode", "control"), ("action", action)]
+    for key, values in args.items():
+        fields.extend(("arg", f"{key}={value}") for value in values)
+    return fields
+
+
+def decode_args(fields: list[tuple[str, str]]) -> tuple[str, Args]:
+    action = ""
+    args: Args = {}
+    for key, value in fields:
+        if key == "action":
+            action = value
+        elif key == "arg" and "=" in value:
+            name, _, item = value.partition("=")
+            args.setdefault(name, []).append(item)
+    return action, args
+
+
+def perform(config: Config, state: State, action: str, args: Args, actor: str) -> str:
+    """Run one action; the operator's text.  Raises OperationError."""
+    site = _first(args, "site")
+    ids = args.get("id", [])
+    if action in ("queue-hold", "queue-release", "queue-delete") and not ids and not site:
+        raise OperationError("name queue ids or --site SITE")
+    if action == "queue-hold":
+        return f"{hold_messages(config, ids, site, actor)} message(s) held\n"
+    if action == "queue-release":
+        return f"{release_messages(config, ids, site, actor)} message(s) released\n"
+    if action == "queue-delete":
+        return f"{delete_messages(config, ids, site, actor)} message(s) deleted\n"
+    if action == "site-suspend":
+        reason = (args.get("reason") or ["suspended by the operator"])[0]
+        return suspend_site(config, state, args["site"][0], reason, actor) + "\n"
+    if action == "site-resume":
+        return resume_site(config, state, args["site"][0], actor) + "\n"
+    readers = {"site-list": site_list, "site-show": site_show, "quota-show": quota_show,
+               "top": top, "queue-list": queue_list, "queue-show": queue_show}
+    if action in readers:
+        return readers[action](config, state, args)
+    if action == "quota-set":
+        return quota_set(config, state, args, actor)
+    if action == "quota-reset":
+        return quota_reset(config, state, args, actor)
+    raise OperationError(f"unknown action {action!r}")
