@@ -174,6 +174,13 @@ class Shim:
                       f"    relay_login: {{user: {site.login}, password_file: {pw_file}}}"]
         lines += ["  system:", "    uids: [0]", "    domains: [shim.test]",
                   "    sender: root-mail@shim.test"]
+        admin_pw = os.path.join(secrets, "admin")
+        with open(admin_pw, "w") as fh:
+            fh.write(self.ADMIN_PASSWORD + "\n")
+        os.chown(admin_pw, 0, daemon.pw_gid)
+        os.chmod(admin_pw, 0o640)
+        lines += ["admin:", "  notify: [ops@host.test]", "  sender: shim@shim.test",
+                  f"  relay_login: {{user: {self.ADMIN_LOGIN}, password_file: {admin_pw}}}"]
         with open(self.config, "w") as fh:
             fh.write("\n".join(lines) + "\n" + extra)
         os.makedirs(self.spool, mode=0o755)
@@ -187,9 +194,14 @@ class Shim:
         with open(self.config, "w") as fh:
             fh.write(text.replace(old, new))
 
+    ADMIN_LOGIN = "admin.shim"
+    ADMIN_PASSWORD = "pw-admin-zzzzzzzz"
+
     @property
     def logins(self) -> dict[str, str]:
-        return {s.login: s.password for s in self.sites.values()}
+        logins = {s.login: s.password for s in self.sites.values()}
+        logins[self.ADMIN_LOGIN] = self.ADMIN_PASSWORD
+        return logins
 
     @property
     def socket(self) -> str:

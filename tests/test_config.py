@@ -34,6 +34,14 @@ def write(tmp_path: os.PathLike[str], text: str) -> str:
     ("spool: {x: 1}\n", "spool"),
     ("message_size_limit: 10k\n", "message_size_limit"),
     ("sites: [\n", "not valid YAML"),
+    ("sites:\n  a.test: {uids: [5], quota: {per_hour: -1}}\n", "sites.a.test.quota.per_hour"),
+    ("sites:\n  a.test: {uids: [5], quota: {per_week: 1}}\n", "unknown key 'per_week'"),
+    ("sites:\n  a.test: {uids: [5], sender_policy: {envelope: maybe}}\n",
+     "sites.a.test.sender_policy.envelope: expected one of rewrite, refuse, keep"),
+    ("outbreak: {relay_5xx_share: {share: 2}}\n", "outbreak.relay_5xx_share.share"),
+    ("sites:\n  _admin: {uids: [5]}\n", "sites._admin: this name is reserved"),
+    ("admin: {group: no-such-group-here}\n", "admin.group: no such group"),
+    ("accounts:\n  no-such-user-x: {quota: {per_hour: 1}}\n", "no such user"),
 ])
 def test_errors_name_file_and_key(tmp_path: os.PathLike[str], text: str, message: str) -> None:
     path = write(tmp_path, text)
