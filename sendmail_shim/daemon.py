@@ -212,18 +212,19 @@ class Daemon:
         layout = self.config.layout
         os.makedirs(layout.control, mode=paths.MODE_CONTROL_DIR, exist_ok=True)
         os.chmod(layout.control, paths.MODE_CONTROL_DIR)
-        if self.config.admin.group:
-            self._admin_gid = grp.getgrnam(self.config.admin.group).gr_gid
-            try:
-                os.chown(layout.control, -1, self._admin_gid)
-            except PermissionError:
-                log.warning("cannot give %s to group %s: add the daemon's user to that group",
-                            layout.control, self.config.admin.group)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(layout.control_socket)
         server = await asyncio.start_unix_server(self._on_control, path=layout.control_socket,
                                                  limit=handoff.MAX_HEADER_BYTES + 2)
         os.chmod(layout.control_socket, paths.MODE_CONTROL_SOCKET)
+        if self.config.admin.group:
+            self._admin_gid = grp.getgrnam(self.config.admin.group).gr_gid
+            try:
+                for path in (layout.control, layout.control_socket):
+                    os.chown(path, -1, self._admin_gid)
+            except PermissionError:
+                log.warning("cannot give %s to group %s: add the daemon's user to that group",
+                            layout.control, self.config.admin.group)
         return server
 
     def _is_operator(self, pid: int, uid: int, gid: int) -> bool:

@@ -304,3 +304,43 @@ class TestTwoUsers:
              f"import os; os.listdir({os.path.join(shim.spool, 'state')!r})"],
             capture_output=True)
         assert b"PermissionError" in probe.stderr
+
+
+def test_concurrent_burst_never_exceeds_quota(shim_factory: Any) -> None:
+    make_relay, make_shim = shim_factory
+    port = free_port()
+    shim = make_shim([port])
+    with_site_keys(shim, "site1.test", "quota: {per_hour: 10}", "outbreak: false")
+    relay = make_relay(shim.logins, port)
+    relay.start()
+    shim.start()
+    procs = [subprocess.Popen(["runuser", "-u", "shimsite1", "--", "env",
+                               f"SENDMAIL_SHIM_CONFIG={shim.config}",
+                               os.path.join(os.path.dirname(ADMIN), "sendmail-shim"), "-i",
+                               f"r{n}@example.net"], stdin=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) for n in range(30)]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(b"Subject: burst\n\nx\n")
+        proc.stdin.close()
+    statuses = sorted(proc.wait(60) for proc in procs)
+    assert statuses.count(0) == 10 and statuses.count(77) == 20
+    relay.wait(10)
+
+
+def test_admin_group_member_may_use_the_control_socket(shim_factory: Any) -> None:
+    subprocess.run(["groupadd", "-f", "shimadmin"], check=True)
+    subprocess.run(["usermod", "-aG", "shimadmin", "shimd"], check=True)
+    from conftest import ensure_user
+
+    ensure_user("shimop")
+    subprocess.run(["usermod", "-aG", "shimadmin", "shimop"], check=True)
+    _make_relay, make_shim = shim_factory
+    shim = make_shim([free_port()], extra="")
+    shim.edit_config("admin:\n", "admin:\n  group: shimadmin\n")
+    shim.start()
+    done = shim.run(["site", "list"], user="shimop", prog=ADMIN)
+    assert done.returncode == 0, done.stderr
+    assert b"site1.test" in done.stdout
+    refused = shim.run(["site", "list"], user="shimsite1", prog=ADMIN)
+    assert refused.returncode == 77
