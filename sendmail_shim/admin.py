@@ -439,6 +439,14 @@ def demo(keep_running: bool) -> None:
         subprocess.Popen([admin_cmd, "serve", "--config", config_file], env=env),
     ]
     try:
+        def relay_listening() -> bool:
+            try:
+                with socket.create_connection((relay.host, relay.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        _wait_for(relay_listening, 20, f"the capture relay on {relay.label}")
         _wait_for(lambda: os.path.exists(config.layout.socket), 20, "the daemon's socket")
         click.echo(f"daemon up: socket {config.layout.socket}; relay on 127.0.0.1:{relay.port}")
         message = (

@@ -129,6 +129,21 @@ class Site:
 
 
 @dataclass(frozen=True)
+class LocalTransport:
+    """Where mail for local domains goes: SMTP or LMTP, TCP on loopback or a Unix socket."""
+
+    protocol: str  # smtp | lmtp
+    host: str = "127.0.0.1"
+    port: int = 25
+    socket_path: str | None = None
+
+    @property
+    def label(self) -> str:
+        where = self.socket_path or f"{self.host}:{self.port}"
+        return f"{self.protocol}:{where}"
+
+
+@dataclass(frozen=True)
 class Admin:
     """The operator: who is notified, with which relay login, who may use the control socket."""
 
@@ -162,6 +177,13 @@ class Config:
     default_site: Site | None = None
     accounts: dict[int, Quota] = field(default_factory=dict)  # uid -> account-wide quota
     admin: Admin = Admin()
+    local_mx: tuple[str, ...] = ()
+    local_addresses: tuple[str, ...] = ()
+    local_transport: LocalTransport | None = None
+    routing: dict[str, str] = field(default_factory=dict)  # domain -> local|remote|auto
+    resolver_nameservers: tuple[str, ...] = ()
+    resolver_port: int = 53
+    resolver_timeout: float = 3.0
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -407,7 +429,8 @@ def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
 
 TOP_KEYS = ("spool", "message_size_limit", "hostname", "log", "relays", "retry",
             "queue_scan_interval", "sites", "default_site", "default_quota", "outbreak",
-            "accounts", "admin")
+            "accounts", "admin", "local_mx", "local_addresses", "local_transport", "routing",
+            "resolver")
 
 
 def parse_config(raw: Any, path: str | None) -> Config:
@@ -489,9 +512,59 @@ def parse_config(raw: Any, path: str | None) -> Config:
         if admin.get("relay_login") else None,
         group=group,
     )
+    _routing(r, data, kwargs)
     config = Config(**kwargs)
     _check_frontend_agrees(config, path)
     return config
+
+
+_TRANSPORT = re.compile(r"^(smtp|lmtp)://(\[[0-9a-fA-F:]+\]|[^:/\[\]]+):(\d+)/?$")
+
+
+def _local_transport(r: _Reader, raw: Any) -> LocalTransport:
+    text = r.string(raw, "local_transport")
+    if text.startswith(("lmtp:unix:", "smtp:unix:")):
+        protocol, _, path = text.split(":", 2)
+        if not os.path.isabs(path):
+            raise r.fail("local_transport", f"expected an absolute socket path, got {path!r}")
+        return LocalTransport(protocol, socket_path=path)
+    match = _TRANSPORT.match(text)
+    if not match:
+        raise r.fail("local_transport", "expected smtp://HOST:PORT, lmtp://HOST:PORT or "
+                                        f"lmtp:unix:/PATH, got {text!r}")
+    host = match.group(2).strip("[]")
+    if not _is_loopback(host):
+        raise r.fail("local_transport", f"{host} is not a loopback address: local delivery "
+                                        "stays on this machine")
+    return LocalTransport(match.group(1), host, int(match.group(3)))
+
+
+def _routing(r: _Reader, data: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    kwargs["local_mx"] = tuple(n.lower().rstrip(".") for n in r.strings(data.get("local_mx"),
+                                                                         "local_mx"))
+    addresses = r.strings(data.get("local_addresses"), "local_addresses")
+    for i, address in enumerate(addresses):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise r.fail(f"local_addresses[{i}]", f"not an IP address: {address!r}") from None
+    kwargs["local_addresses"] = addresses
+    if data.get("local_transport") is not None:
+        kwargs["local_transport"] = _local_transport(r, data["local_transport"])
+    pins = r.mapping(data.get("routing"), "routing",
+                     tuple(str(k) for k in (data.get("routing") or {})))
+    routing = {}
+    for domain, choice in pins.items():
+        routing[domain.lower().rstrip(".").encode("idna").decode("ascii")] = r.choice(
+            choice, f"routing.{domain}", ("local", "remote", "auto"))
+    if "local" in routing.values() and "local_transport" not in kwargs:
+        raise r.fail("routing", "a domain is pinned to local but local_transport is not set")
+    kwargs["routing"] = routing
+    resolver = r.mapping(data.get("resolver"), "resolver", ("nameservers", "port", "timeout"))
+    kwargs["resolver_nameservers"] = r.strings(resolver.get("nameservers"),
+                                               "resolver.nameservers")
+    kwargs["resolver_port"] = r.integer(resolver.get("port", 53), "resolver.port", 1)
+    kwargs["resolver_timeout"] = r.duration(resolver.get("timeout", 3), "resolver.timeout")
 
 
 def _check_frontend_agrees(config: Config, path: str | None) -> None:

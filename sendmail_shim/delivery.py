@@ -24,13 +24,16 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 from sendmail_shim import bounce, outbreak, spool
 from sendmail_shim.config import Config, Site
 from sendmail_shim.envelope import Envelope
+from sendmail_shim.local_delivery import Session, open_local_session
 from sendmail_shim.operations import suspend_site
 from sendmail_shim.outcome import OK, PERM, Outcome
-from sendmail_shim.relay import RelaySession, RelaysUnavailable, SessionBroken, open_session
+from sendmail_shim.relay import RelaysUnavailable, SessionBroken, open_session
+from sendmail_shim.route import FAIL, LOCAL, REMOTE, Router
 from sendmail_shim.state import RELAY_5XX, RELAY_OK, State
 
 log = logging.getLogger("sendmail_shim.delivery")
@@ -44,10 +47,49 @@ def backoff(config: Config, attempts: int) -> float:
     return delay * (1 + random.uniform(-policy.jitter, policy.jitter))
 
 
+class _Channel:
+    """One lazily opened session (the relay as a site, or the local MTA) for a batch.
+
+    A session that cannot be opened makes every later message of the batch wait
+    with the same reason, instead of knocking again for each one.
+    """
+
+    def __init__(self, opener: Callable[[], Awaitable[Session]]) -> None:
+        self.opener = opener
+        self.session: Session | None = None
+        self.down: Outcome | None = None
+
+    async def send(self, env: Envelope, message: bytes,
+                   recipients: list[str]) -> dict[str, Outcome]:
+        if not recipients:
+            return {}
+        if self.down is not None:
+            return dict.fromkeys(recipients, self.down)
+        if self.session is None:
+            try:
+                self.session = await self.opener()
+            except RelaysUnavailable as exc:
+                self.down = exc.outcome
+                return dict.fromkeys(recipients, exc.outcome)
+        try:
+            return await self.session.send(env, message, recipients)
+        except (SessionBroken, OSError, TimeoutError) as exc:
+            broken, self.session = self.session, None
+            with contextlib.suppress(Exception):
+                await broken.close()
+            return dict.fromkeys(recipients, Outcome.network(f"connection lost: {exc}"))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
 class QueueRunner:
     def __init__(self, config: Config, state: State) -> None:
         self.config = config
         self.state = state
+        # DNS routing matters only where there is somewhere local to deliver to.
+        self.router = Router(config) if config.local_transport is not None else None
         self.wake = asyncio.Event()
         self._force = False
         self._lock = asyncio.Lock()
@@ -119,9 +161,14 @@ class QueueRunner:
                     f"site {site_name} is no longer in the configuration; add it back "
                     "or delete the message"))
             return
-        session: RelaySession | None = None
+        config = self.config
+        login = site.relay_login
+        relay = _Channel(lambda: open_session(config.relays, login, config.hostname, site_name))
+        transport = config.local_transport
+        local = _Channel(lambda: open_local_session(transport, config.hostname)) \
+            if transport is not None else None
         try:
-            for index, (state, queue_id) in enumerate(items):
+            for state, queue_id in items:
                 try:
                     env, message = spool.read_entry(self.config.layout, state, queue_id)
                 except (OSError, ValueError) as exc:
@@ -130,27 +177,38 @@ class QueueRunner:
                 status = spool.read_status(self.config.layout, queue_id)
                 pending = [r for r in env.recipients
                            if r not in status.done and r not in status.failed]
-                if session is None:
-                    try:
-                        session = await open_session(self.config.relays, site.relay_login,
-                                                     self.config.hostname, site_name)
-                    except RelaysUnavailable as exc:
-                        for st, qid in items[index:]:
-                            self._after_attempt(st, qid, None, {}, exc.outcome)
-                        return
-                try:
-                    results = await session.send(env, message, pending)
-                except SessionBroken as exc:
-                    session.client.close()
-                    session = None
-                    results = dict.fromkeys(pending, Outcome.network(str(exc)))
+                results, to_relay, to_local = await self._route(pending)
+                results.update(await relay.send(env, message, to_relay))
+                if local is not None:
+                    results.update(await local.send(env, message, to_local))
                 self._after_attempt(state, queue_id, (env, message), results, None)
-                self._watch_relay_answers(site, env, results)
+                self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
                 if self.state.suspension(site_name) is not None:
                     return  # an outbreak rule tripped: the rest is on hold now
         finally:
-            if session is not None:
-                await session.close()
+            await relay.close()
+            if local is not None:
+                await local.close()
+
+    async def _route(self, recipients: list[str]
+                     ) -> tuple[dict[str, Outcome], list[str], list[str]]:
+        """Outcomes decided by routing (DNS failures), recipients for the relay, for local."""
+        if self.router is None:
+            return {}, list(recipients), []
+        decided: dict[str, Outcome] = {}
+        to_relay: list[str] = []
+        to_local: list[str] = []
+        for rcpt in recipients:
+            route = await self.router.route(rcpt.rsplit("@", 1)[-1])
+            if route.kind == LOCAL:
+                to_local.append(rcpt)
+            elif route.kind == REMOTE:
+                to_relay.append(rcpt)
+            elif route.kind == FAIL:
+                decided[rcpt] = Outcome(PERM, 0, route.reason)
+            else:
+                decided[rcpt] = Outcome.network(route.reason)
+        return decided, to_relay, to_local
 
     def _watch_relay_answers(self, site: Site, env: Envelope,
                              results: dict[str, Outcome]) -> None:

@@ -107,10 +107,12 @@ class RelaySession:
             pass
 
 
-async def _connect(relay: Relay, login: RelayLogin | None, hostname: str) -> RelaySession:
+async def _connect(relay: Relay, login: RelayLogin | None, hostname: str,
+                   socket_path: str | None = None) -> RelaySession:
     client = aiosmtplib.SMTP(
-        hostname=relay.host,
-        port=relay.port,
+        hostname=None if socket_path else relay.host,
+        port=None if socket_path else relay.port,
+        socket_path=socket_path,
         local_hostname=hostname,
         timeout=relay.timeout,
         use_tls=relay.tls == "implicit",
@@ -125,6 +127,15 @@ async def _connect(relay: Relay, login: RelayLogin | None, hostname: str) -> Rel
         client.close()
         raise
     return RelaySession(client, relay)
+
+
+async def connect_plain(relay: Relay, hostname: str,
+                        socket_path: str | None = None) -> RelaySession:
+    """An SMTP session without TLS or AUTH: the local MTA (local_delivery.py)."""
+    try:
+        return await _connect(relay, None, hostname, socket_path)
+    except aiosmtplib.SMTPException as exc:
+        raise ConnectionError(str(exc)) from exc
 
 
 async def open_session(relays: tuple[Relay, ...], login: RelayLogin | None,

@@ -1,0 +1,107 @@
+"""A small authoritative DNS server on loopback (dnspython), for routing tests.
+
+Serves a zone dict over UDP and TCP.  Names under ``servfail.test`` answer
+SERVFAIL; names under ``blackhole.test`` are never answered (a dead server);
+names not in the zone answer NXDOMAIN with an SOA in the authority section.
+Counts queries per name so tests can see the cache at work.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections import Counter
+
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+SOA = "ns.test. hostmaster.test. 1 3600 600 86400 30"
+
+
+class Zone:
+    def __init__(self, records: dict[tuple[str, str], list[str]], ttl: int = 300) -> None:
+        self.records = {(n.lower().rstrip(".") + ".", t): v for (n, t), v in records.items()}
+        self.ttl = ttl
+        self.queries: Counter[str] = Counter()
+
+    def answer(self, wire: bytes) -> bytes | None:
+        query = dns.message.from_wire(wire)
+        question = query.question[0]
+        name = question.name.to_text().lower()
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries[f"{name} {rdtype}"] += 1
+        if name.endswith("blackhole.test."):
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        if name.endswith("servfail.test."):
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
+        target = name
+        cname = self.records.get((name, "CNAME"))
+        if cname and rdtype != "CNAME":
+            response.answer.append(dns.rrset.from_text_list(
+                name, self.ttl, "IN", "CNAME", cname))
+            target = cname[0].lower()
+        values = self.records.get((target, rdtype))
+        if values:
+            response.answer.append(dns.rrset.from_text_list(
+                target, self.ttl, "IN", rdtype, values))
+        elif not any(n == target for n, _t in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            response.authority.append(dns.rrset.from_text("test.", 30, "IN", "SOA", SOA))
+        else:
+            response.authority.append(dns.rrset.from_text("test.", 30, "IN", "SOA", SOA))
+        return response.to_wire()
+
+
+class DnsServer:
+    def __init__(self, zone: Zone, port: int) -> None:
+        self.zone = zone
+        self.port = port
+        zone_ref = zone
+
+        class Udp(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                reply = zone_ref.answer(data)
+                if reply is not None:
+                    sock.sendto(reply, self.client_address)
+
+        class Tcp(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                size = int.from_bytes(self.rfile.read(2), "big")
+                reply = zone_ref.answer(self.rfile.read(size))
+                if reply is not None:
+                    self.wfile.write(len(reply).to_bytes(2, "big") + reply)
+
+        socketserver.ThreadingUDPServer.allow_reuse_address = True
+        self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", port), Udp)
+        self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", port), Tcp)
+
+    def start(self) -> None:
+        for server in (self.udp, self.tcp):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        for server in (self.udp, self.tcp):
+            server.shutdown()
+            server.server_close()
+
+
+def free_udp_tcp_port() -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
