@@ -472,8 +472,8 @@ def demo(keep_running: bool) -> None:
         click.echo(f"  AUTH login : {meta['login']}")
         click.echo(f"  MAIL FROM  : <{meta['mail_from']}>")
         click.echo(f"  RCPT TO    : {', '.join('<' + r + '>' for r in meta['rcpt_tos'])}\n")
-        with open(os.path.join(new_dir, name), "rb") as fh:
-            click.echo(fh.read().decode("utf-8", "replace").replace("\r\n", "\n"))
+        with open(os.path.join(new_dir, name), "rb") as raw:
+            click.echo(raw.read().decode("utf-8", "replace").replace("\r\n", "\n"))
         if keep_running:
             click.echo(f"daemon and relay keep running; try: SENDMAIL_SHIM_CONFIG={config_file} "
                        f"{sendmail_cmd} -bp   (Ctrl-C to stop)")
