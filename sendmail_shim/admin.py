@@ -290,6 +290,66 @@ def top(config_path: str | None) -> None:
     operate(config_path, "top")
 
 
+@cli.group()
+def route() -> None:
+    """Where mail for an address goes, and why."""
+
+
+@route.command("explain")
+@config_option
+@click.argument("address")
+def route_explain(config_path: str | None, address: str) -> None:
+    """The routing decision for ADDRESS: local MTA, relay, bounce or retry, and why."""
+    from sendmail_shim.route import Router
+
+    config = _load(config_path)
+    domain = address.rsplit("@", 1)[-1]
+    decision = asyncio.run(Router(config).route(domain))
+    if config.local_transport is None and not decision.pinned:
+        click.echo("note: no local_transport is configured, so the daemon sends everything "
+                   "to the relay; the DNS view follows")
+    click.echo(f"{address}: {decision.kind}")
+    click.echo(f"  domain  {decision.domain}")
+    click.echo(f"  why     {decision.reason}")
+    if decision.exchanges:
+        click.echo("  MX      " + ", ".join(f"{p} {h or '.'}" for p, h in decision.exchanges))
+    if decision.records and not decision.exchanges[1:] and decision.kind != "fail":
+        click.echo("  records " + ", ".join(decision.records))
+    click.echo(f"  ttl {decision.ttl}s{'  (pinned in routing:)' if decision.pinned else ''}")
+    target = {"local": config.local_transport.label if config.local_transport else "-",
+              "remote": ", ".join(r.label for r in config.relays) or "no relay configured",
+              "fail": "a bounce to the sender", "defer": "the queue, to retry"}[decision.kind]
+    click.echo(f"  goes to {target}")
+
+
+@cli.group("dns")
+def dns_group() -> None:
+    """Check a site's DNS for mail: MX, SPF, DKIM, DMARC."""
+
+
+@dns_group.command("check")
+@config_option
+@click.argument("name")
+def dns_check(config_path: str | None, name: str) -> None:
+    """Report MX, SPF, DKIM and DMARC of site NAME's domains, with what to publish."""
+    from sendmail_shim.dnscheck import DnsChecker
+    from sendmail_shim.route import Router
+
+    config = _load(config_path)
+    site = config.sites.get(name)
+    if site is None:
+        raise click.ClickException(f"no site {name!r} in {config.path}")
+    checker = DnsChecker(config, Router(config))
+    report = asyncio.run(checker.check_site(site))
+    problems = 0
+    for domain, findings in report:
+        click.echo(f"{domain}:")
+        for finding in findings:
+            problems += finding.problem
+            click.echo(f"  {finding.check:<6} {finding.status:<11} {finding.text}")
+    sys.exit(1 if problems else 0)
+
+
 @cli.group("config")
 def config_group() -> None:
     """Check the configuration."""

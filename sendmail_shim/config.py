@@ -126,6 +126,7 @@ class Site:
     envelope_policy: str = "rewrite"  # sender outside the site's domains: rewrite|refuse|keep
     from_policy: str = "keep"  # From: outside the site's domains: keep|rewrite|refuse
     outbreak: OutbreakRules | None = OutbreakRules()
+    dkim_selectors: tuple[str, ...] = ()  # for 'dns check': the selectors the relay signs with
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ class _SiteDefaults:
 def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
           defaults: _SiteDefaults = _SiteDefaults()) -> Site:
     known = ("docroots", "domains", "sender", "relay_login", "quota", "sender_policy",
-             "outbreak")
+             "outbreak", "dkim_selectors")
     data = r.mapping(raw, where, (("uids",) if with_uids else ()) + known)
     uids: tuple[int, ...] = ()
     if with_uids:
@@ -424,6 +425,7 @@ def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
                              f"{where}.sender_policy.from_header", FROM_ACTIONS),
         outbreak=_outbreak(r, data.get("outbreak"), f"{where}.outbreak", defaults.outbreak)
         if "outbreak" in data else defaults.outbreak,
+        dkim_selectors=r.strings(data.get("dkim_selectors"), f"{where}.dkim_selectors"),
     )
 
 

@@ -13,7 +13,12 @@ Guarantees:
   ``retry.lifetime`` in the queue the remaining recipients are bounced;
 * permanent refusals (5xx) are bounced at once (bounce.py), never for the
   null sender;
-* messages of one site share one relay connection per run (batch).
+* messages of one site share one relay connection per run (batch);
+* with a ``local_transport`` configured, each recipient is routed by its
+  domain's real MX (route.py): local ones go to the local MTA without any site
+  login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
+  DNS trouble defers.  Without a local transport there is nowhere local to
+  deliver, so everything goes to the relay and no DNS is asked.
 """
 
 from __future__ import annotations
