@@ -350,6 +350,48 @@ def dns_check(config_path: str | None, name: str) -> None:
     sys.exit(1 if problems else 0)
 
 
+@cli.group()
+def firewall() -> None:
+    """Render and check the rules that make sendmail-shim the only way out."""
+
+
+@firewall.command("render")
+@config_option
+@click.option("--nft", "fmt", flag_value="nft", default=True, help="nftables (default).")
+@click.option("--iptables", "fmt", flag_value="iptables",
+              help="iptables-restore --noflush file for IPv4, then IPv6 (ip6tables).")
+def firewall_render(config_path: str | None, fmt: str) -> None:
+    """Print the ruleset for this configuration (apply with nft -f)."""
+    from sendmail_shim import firewall as fw
+
+    config = _load(config_path)
+    if fmt == "nft":
+        click.echo(fw.render_nft(config), nl=False)
+    else:
+        click.echo(fw.render_iptables(config, 4), nl=False)
+        click.echo(fw.render_iptables(config, 6), nl=False)
+
+
+@firewall.command("check")
+@config_option
+def firewall_check(config_path: str | None) -> None:
+    """Is the live ruleset ours, in force and complete?  Exit 1 when not."""
+    from sendmail_shim import firewall as fw
+
+    config = _load(config_path)
+    try:
+        ok, problems = fw.check(config)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        raise click.ClickException(f"cannot read the ruleset ({exc}); run as root") from exc
+    if ok:
+        click.echo(f"firewall: table inet {fw.TABLE} is in force and complete")
+        return
+    click.echo(f"firewall: table inet {fw.TABLE} is NOT as configured:")
+    for line in problems:
+        click.echo(f"  {line}")
+    sys.exit(1)
+
+
 @cli.group("config")
 def config_group() -> None:
     """Check the configuration."""

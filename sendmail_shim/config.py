@@ -127,6 +127,7 @@ class Site:
     from_policy: str = "keep"  # From: outside the site's domains: keep|rewrite|refuse
     outbreak: OutbreakRules | None = OutbreakRules()
     dkim_selectors: tuple[str, ...] = ()  # for 'dns check': the selectors the relay signs with
+    allow_submission: tuple[str, ...] = ()  # hosts this site's uids may reach on 465/587
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,16 @@ class LocalTransport:
     def label(self) -> str:
         where = self.socket_path or f"{self.host}:{self.port}"
         return f"{self.protocol}:{where}"
+
+
+@dataclass(frozen=True)
+class Firewall:
+    """Who may open SMTP connections out, and where captured port-25 traffic goes."""
+
+    daemon_user: str | None = None  # the daemon's Unix user (always exempt)
+    exempt_users: tuple[str, ...] = ()  # MTA users that deliver themselves (postfix, exim)
+    capture_port: int | None = None  # redirect site uids' port 25 here (None: just drop)
+    log_rate: str = "10/minute"
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ class Config:
     resolver_nameservers: tuple[str, ...] = ()
     resolver_port: int = 53
     resolver_timeout: float = 3.0
+    firewall: Firewall = Firewall()
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -384,7 +396,7 @@ class _SiteDefaults:
 def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
           defaults: _SiteDefaults = _SiteDefaults()) -> Site:
     known = ("docroots", "domains", "sender", "relay_login", "quota", "sender_policy",
-             "outbreak", "dkim_selectors")
+             "outbreak", "dkim_selectors", "allow_submission")
     data = r.mapping(raw, where, (("uids",) if with_uids else ()) + known)
     uids: tuple[int, ...] = ()
     if with_uids:
@@ -426,13 +438,14 @@ def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
         outbreak=_outbreak(r, data.get("outbreak"), f"{where}.outbreak", defaults.outbreak)
         if "outbreak" in data else defaults.outbreak,
         dkim_selectors=r.strings(data.get("dkim_selectors"), f"{where}.dkim_selectors"),
+        allow_submission=r.strings(data.get("allow_submission"), f"{where}.allow_submission"),
     )
 
 
 TOP_KEYS = ("spool", "message_size_limit", "hostname", "log", "relays", "retry",
             "queue_scan_interval", "sites", "default_site", "default_quota", "outbreak",
             "accounts", "admin", "local_mx", "local_addresses", "local_transport", "routing",
-            "resolver")
+            "resolver", "firewall")
 
 
 def parse_config(raw: Any, path: str | None) -> Config:
@@ -515,8 +528,10 @@ def parse_config(raw: Any, path: str | None) -> Config:
         group=group,
     )
     _routing(r, data, kwargs)
+    kwargs["firewall"] = _firewall(r, data.get("firewall"))
     config = Config(**kwargs)
-    _check_frontend_agrees(config, path)
+    if path is not None:  # a tree built in memory has no file for the front end to read
+        _check_frontend_agrees(config, path)
     return config
 
 
@@ -539,6 +554,25 @@ def _local_transport(r: _Reader, raw: Any) -> LocalTransport:
         raise r.fail("local_transport", f"{host} is not a loopback address: local delivery "
                                         "stays on this machine")
     return LocalTransport(match.group(1), host, int(match.group(3)))
+
+
+def _firewall(r: _Reader, raw: Any) -> Firewall:
+    data = r.mapping(raw, "firewall", ("daemon_user", "exempt_users", "capture", "log_rate"))
+    users = r.strings(data.get("exempt_users"), "firewall.exempt_users")
+    daemon_user = data.get("daemon_user")
+    for i, user in enumerate((*users, *([daemon_user] if daemon_user else []))):
+        _uid(r, user, f"firewall.exempt_users[{i}]" if i < len(users) else "firewall.daemon_user")
+    capture = r.mapping(data.get("capture"), "firewall.capture", ("listen_port",))
+    port = capture.get("listen_port")
+    rate = str(data.get("log_rate", "10/minute"))
+    if not re.match(r"^\d+/(second|minute|hour|day)$", rate):
+        raise r.fail("firewall.log_rate", f"expected like 10/minute, got {rate!r}")
+    return Firewall(
+        daemon_user=r.string(daemon_user, "firewall.daemon_user") if daemon_user else None,
+        exempt_users=users,
+        capture_port=r.integer(port, "firewall.capture.listen_port", 1) if port else None,
+        log_rate=rate,
+    )
 
 
 def _routing(r: _Reader, data: dict[str, Any], kwargs: dict[str, Any]) -> None:

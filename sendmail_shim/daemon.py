@@ -29,6 +29,7 @@ import struct
 import filelock
 
 from sendmail_shim import handoff, listing, operations, paths, pickup, spool, sysexits
+from sendmail_shim.capture import start_capture
 from sendmail_shim.config import Config
 from sendmail_shim.delivery import QueueRunner
 from sendmail_shim.identity import Caller
@@ -89,6 +90,10 @@ class Daemon:
                                                  limit=handoff.MAX_HEADER_BYTES + 2)
         os.chmod(layout.socket, paths.MODE_SOCKET)
         control = await self._start_control()
+        captures = []
+        if self.config.firewall.capture_port:
+            captures = await start_capture(self.config, self.state,
+                                           self.config.firewall.capture_port)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -103,6 +108,8 @@ class Daemon:
             log.info("stopping: no new submissions; finishing %d in flight", len(self._inflight))
             server.close()
             control.close()
+            for capture in captures:
+                capture.close()
             await server.wait_closed()
             await control.wait_closed()
             if self._inflight:

@@ -80,9 +80,10 @@ class Relay:
     """The capture relay (our aiosmtpd relay with AUTH) as a separate process."""
 
     def __init__(self, workdir: str, logins: dict[str, str], port: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), netns: str | None = None) -> None:
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.netns = netns
         self.maildir = os.path.join(workdir, f"relay-{self.port}")
         self.logins_file = os.path.join(workdir, f"relay-{self.port}.logins")
         with open(self.logins_file, "w") as fh:
@@ -90,11 +91,17 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [ADMIN, "capture-relay", "--listen", f"127.0.0.1:{self.port}", "--maildir",
+            [*wrap, ADMIN, "capture-relay", "--listen", f"127.0.0.1:{self.port}", "--maildir",
              self.maildir, "--logins", self.logins_file, *self.extra_args])
 
         def listening() -> bool:
+            if self.netns:
+                probe = ("import socket; socket.create_connection(('127.0.0.1', "
+                         f"{self.port}), timeout=0.5)")
+                return subprocess.run([*wrap, "/usr/bin/python3", "-c", probe],
+                                      capture_output=True).returncode == 0
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return True
@@ -146,6 +153,7 @@ class Shim:
         self.config = os.path.join(workdir, "config.yaml")
         self.log = os.path.join(workdir, "daemon.log")
         self.as_user = as_user
+        self.netns: str | None = None  # run the daemon in this network namespace
         self.proc: subprocess.Popen[bytes] | None = None
         daemon = accounts[DAEMON_USER]
         secrets = os.path.join(workdir, "secrets")
@@ -214,6 +222,8 @@ class Shim:
         cmd = [ADMIN, "serve", "--config", self.config]
         if self.as_user:
             cmd = ["runuser", "-u", self.as_user, "--", *cmd]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env())
         wait_until(lambda: os.path.exists(self.socket), 15, "the daemon's socket")
@@ -267,8 +277,8 @@ def shim_factory(workdir: str, accounts: dict[str, pwd.struct_passwd]) -> Iterat
     made: list[Shim | Relay] = []
 
     def make_relay(logins: dict[str, str], port: int | None = None,
-                   extra_args: tuple[str, ...] = ()) -> Relay:
-        relay = Relay(workdir, logins, port, extra_args)
+                   extra_args: tuple[str, ...] = (), netns: str | None = None) -> Relay:
+        relay = Relay(workdir, logins, port, extra_args, netns)
         made.append(relay)
         return relay
 

@@ -1,0 +1,224 @@
+"""The firewall, proven in network namespaces this test creates (ip netns, veth, nft).
+
+near: where the sites, the daemon and its relay run, with our rules applied.
+far:  a host with SMTP listeners on 25 and 587 (IPv4 10.201.0.2, IPv6 fd00:201::2).
+Only these namespaces and their loopbacks are ever addressed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import ADMIN, IS_ROOT, Shim, free_port, wait_until
+
+from sendmail_shim.config import parse_config
+from sendmail_shim.firewall import render_iptables, render_nft
+
+FAR4, FAR6 = "10.201.0.2", "fd00:201::2"
+LISTENER = r"""
+import socket, threading
+def serve(family, addr, port):
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(b"220 far ESMTP\r\n"); c.close()
+for fam, addr in ((socket.AF_INET, "10.201.0.2"), (socket.AF_INET6, "fd00:201::2")):
+    for port in (25, 587):
+        threading.Thread(target=serve, args=(fam, addr, port), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def sh(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str]]:
+    if not IS_ROOT:
+        pytest.skip("needs root for network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    near, far = f"shimnear{tag}", f"shimfar{tag}"
+    for ns in (near, far):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", f"vn{tag}", "netns", near, "type", "veth", "peer", f"vf{tag}",
+       "netns", far)
+    for ns, dev, v4, v6 in ((near, f"vn{tag}", "10.201.0.1/24", "fd00:201::1/64"),
+                            (far, f"vf{tag}", "10.201.0.2/24", "fd00:201::2/64")):
+        sh("ip", "-n", ns, "addr", "add", v4, "dev", dev)
+        sh("ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad")
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    listener = subprocess.Popen(["ip", "netns", "exec", far, "/usr/bin/python3", "-c", LISTENER])
+    try:
+        wait_until(lambda: connect(near, None, FAR4, 25), 10, "far listener")
+        yield near, far
+    finally:
+        listener.kill()
+        listener.wait()
+        for ns in (near, far):
+            sh("ip", "netns", "del", ns)
+
+
+def connect(ns: str, user: str | None, host: str, port: int) -> bool:
+    code = (f"import socket; s = socket.create_connection(({host!r}, {port}), timeout=2); "
+            "assert s.recv(100).startswith(b'220')")
+    cmd = ["ip", "netns", "exec", ns]
+    if user:
+        cmd += ["runuser", "-u", user, "--"]
+    return subprocess.run([*cmd, "/usr/bin/python3", "-c", code], capture_output=True,
+                          timeout=20).returncode == 0
+
+
+def fw_config(shim: Shim, capture_port: int | None = None) -> None:
+    capture = f"  capture: {{listen_port: {capture_port}}}\n" if capture_port else ""
+    shim.edit_config("sites:\n", f"firewall:\n  daemon_user: shimd\n{capture}sites:\n")
+    shim.edit_config("    docroots: [/var/www/site1.test]\n",
+                     f"    docroots: [/var/www/site1.test]\n    allow_submission: [{FAR4}]\n")
+
+
+def apply(ns: str, shim: Shim) -> None:
+    rules = subprocess.run([ADMIN, "firewall", "render", "--config", shim.config],
+                           capture_output=True, text=True, check=True).stdout
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True,
+                   check=True)
+
+
+class TestBlocking:
+    def test_site_uids_cannot_reach_port_25_the_daemon_can(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        fw_config(shim)
+        assert connect(near, "shimsite1", FAR4, 25)  # before: the hole
+        apply(near, shim)
+        for host in (FAR4, FAR6):
+            assert not connect(near, "shimsite1", host, 25), host
+            assert not connect(near, "shimsite2", host, 25), host
+            assert connect(near, "shimd", host, 25), host
+            assert connect(near, None, host, 25), host  # root
+        # site1's own provider account on 587 is allowed, site2's is not
+        assert connect(near, "shimsite1", FAR4, 587)
+        assert not connect(near, "shimsite2", FAR4, 587)
+        assert not connect(near, "shimsite1", FAR6, 587)  # only the listed address
+
+    def test_rules_are_idempotent(self, netns: tuple[str, str], shim_factory: Any) -> None:
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        fw_config(shim)
+        apply(near, shim)
+        apply(near, shim)
+        listing = sh("ip", "netns", "exec", near, "nft", "list", "ruleset").stdout
+        assert listing.count("table inet sendmail_shim") == 1
+
+
+class TestCheck:
+    def test_check_reports_missing_in_force_and_tampered(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        fw_config(shim)
+        check = ["ip", "netns", "exec", near, ADMIN, "firewall", "check", "--config",
+                 shim.config]
+        done = subprocess.run(check, capture_output=True, text=True)
+        assert done.returncode == 1 and "is not loaded" in done.stdout
+        apply(near, shim)
+        done = subprocess.run(check, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "in force and complete" in done.stdout
+        handle = next(line for line in sh("ip", "netns", "exec", near, "nft", "-a", "list", "chain",
+                                      "inet", "sendmail_shim", "smtp_out").stdout.splitlines()
+                  if line.strip().startswith("drop")).split("# handle ")[1]
+        sh("ip", "netns", "exec", near, "nft", "delete", "rule", "inet", "sendmail_shim",
+           "smtp_out", "handle", handle)
+        done = subprocess.run(check, capture_output=True, text=True)
+        assert done.returncode == 1 and "missing: drop" in done.stdout
+
+
+class TestCapture:
+    def test_captured_smtp_is_delivered_with_attribution(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        near, _far = netns
+        make_relay, make_shim = shim_factory
+        relay_port, capture_port = free_port(), free_port()
+        shim = make_shim([relay_port])
+        fw_config(shim, capture_port)
+        relay = make_relay(shim.logins, relay_port, netns=near)
+        relay.start()
+        shim.netns = near
+        shim.start()
+        apply(near, shim)
+        for n, host in enumerate((FAR4, FAR6)):
+            code = ("import smtplib; s = smtplib.SMTP(timeout=10); "
+                    f"s.connect({host!r}, 25); s.ehlo('wp.site1.test'); "
+                    f"s.sendmail('wordpress@site1.test', ['buyer{n}@example.net'], "
+                    f"b'Subject: captured {n}\\r\\n\\r\\nbody\\r\\n'); s.quit()")
+            done = subprocess.run(["ip", "netns", "exec", near, "runuser", "-u", "shimsite1",
+                                   "--", "/usr/bin/python3", "-c", code], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        msgs = relay.wait(2)
+        assert all(meta["login"] == "site1.test" for meta, _ in msgs)
+        assert sorted(meta["rcpt_tos"][0] for meta, _ in msgs) == [
+            "buyer0@example.net", "buyer1@example.net"]
+        log = shim.daemon_log()
+        uid = int(subprocess.run(["id", "-u", "shimsite1"], capture_output=True,
+                                 text=True).stdout)
+        assert f"captured uid={uid}" in log
+        assert f"original_dst={FAR4}:25" in log and f"original_dst=[{FAR6}]:25" in log
+        assert "origin=capture" in log
+
+    def test_unknown_uid_through_capture_is_refused(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        relay_port, capture_port = free_port(), free_port()
+        shim = make_shim([relay_port])
+        fw_config(shim, capture_port)
+        shim.netns = near
+        shim.start()
+        apply(near, shim)
+        code = ("import smtplib\ns = smtplib.SMTP(timeout=10)\ns.connect('10.201.0.2', 25)\n"
+                "try:\n    s.sendmail('x@y.test', ['z@example.net'], b'Subject: x\\r\\n\\r\\nx')\n"
+                "except smtplib.SMTPDataError as e:\n    print(e.smtp_code)\n")
+        done = subprocess.run(["ip", "netns", "exec", near, "runuser", "-u", "shimstranger",
+                               "--", "/usr/bin/python3", "-c", code], capture_output=True,
+                              text=True, timeout=60)
+        assert done.stdout.strip() == "550", done.stderr
+
+
+def test_render_formats() -> None:
+    config = parse_config({"relays": [{"host": "127.0.0.1", "port": 2525, "tls": "none"},
+                                      {"host": "::1", "port": 2525, "tls": "none"}],
+                           "firewall": {"capture": {"listen_port": 10025}},
+                           "spool": "/nonexistent"}, None)
+    nft = render_nft(config)
+    assert "tcp dport { 25, 465, 587 } ct state new jump smtp_out" in nft
+    assert "elements = { 127.0.0.1 }" in nft and "elements = { ::1 }" in nft
+    assert "redirect to :10025" in nft
+    ipt = render_iptables(config, 4)
+    assert "-A SENDMAIL_SHIM -d 127.0.0.1 -j RETURN" in ipt and "REDIRECT --to-ports 10025" \
+        in ipt
+    assert "-d ::1" in render_iptables(config, 6)
+    assert os.path.basename(ADMIN) == "sendmail-shim-admin"
+
+
+def test_packaged_default_rules_load_and_block(netns: tuple[str, str]) -> None:
+    near, _far = netns
+    from conftest import ensure_user
+
+    ensure_user("sendmail-shim")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "packaging", "sendmail-shim.nft")
+    subprocess.run(["ip", "netns", "exec", near, "nft", "-f", path], check=True)
+    assert not connect(near, "shimsite1", FAR4, 25)
+    assert connect(near, "sendmail-shim", FAR4, 25)
