@@ -51,9 +51,11 @@ class TestQuota:
         assert b"site site1.test is over its quota" in refused.stderr
         assert b"per_hour 3" in refused.stderr
         assert [send(shim, "shimsite2").returncode for _ in range(4)] == [0, 0, 0, 0]
-        msgs = relay.wait(7)
+        # The third refusal tripped quota_refusals: the operator's notice comes too.
+        msgs = relay.wait(8)
         logins = sorted(meta["login"] for meta, _ in msgs)
         assert logins.count("site1.test") == 3 and logins.count("site2.test") == 4
+        assert logins.count(Shim.ADMIN_LOGIN) == 1
 
     def test_recipients_per_message(self, limited: tuple[Shim, Relay]) -> None:
         shim, _relay = limited
