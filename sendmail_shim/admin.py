@@ -392,6 +392,33 @@ def firewall_check(config_path: str | None) -> None:
     sys.exit(1)
 
 
+@cli.group()
+def spool() -> None:
+    """The spool directories."""
+
+
+@spool.command("init")
+@config_option
+@click.option("--user", "user", default=None,
+              help="The daemon's user: it owns the spool (default: the current user).")
+def spool_init(config_path: str | None, user: str | None) -> None:
+    """Create the spool with its modes and give it to the daemon's user."""
+    import pwd
+
+    from sendmail_shim.spool import prepare_spool
+
+    config = _load(config_path)
+    prepare_spool(config.layout)
+    os.makedirs(state_dir(config.layout), mode=paths.MODE_PRIVATE_DIR, exist_ok=True)
+    os.makedirs(config.layout.control, mode=paths.MODE_CONTROL_DIR, exist_ok=True)
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for root, dirs, files in os.walk(config.spool):
+            for name in [".", *dirs, *files]:
+                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+    click.echo(f"spool {config.spool} ready" + (f", owned by {user}" if user else ""))
+
+
 @cli.group("config")
 def config_group() -> None:
     """Check the configuration."""

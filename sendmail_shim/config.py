@@ -7,25 +7,11 @@ Guarantees: a :class:`Config` is complete and consistent; the two keys the
 front end reads without YAML (``paths.read_frontend_settings``) read the same
 here, or loading fails.
 
-Schema (see man/sendmail-shim.yaml.5)::
-
-    spool: /var/spool/sendmail-shim
-    message_size_limit: 10240000
-    hostname: mail.host.example          # default: this machine's name
-    log: {target: stderr | syslog, level: info}
-    relays:                              # tried in order
-      - {host: relay1.example.net, port: 587, tls: starttls|implicit|none,
-         verify: true, ca_file: null, timeout: 30, allow_plaintext: false}
-    retry: {initial: 5m, maximum: 1h, lifetime: 5d, jitter: 0.2}
-    queue_scan_interval: 5s
-    sites:
-      example.com:
-        uids: [1001, www-example]        # numbers or user names
-        docroots: [/var/www/example.com]
-        domains: [example.com]
-        sender: noreply@example.com      # default envelope sender and From
-        relay_login: {user: example.com, password_file: /etc/sendmail-shim/secrets/example.com}
-    default_site: refuse                 # or a site mapping (without uids) for unknown uids
+Schema: man/sendmail-shim.yaml.5 documents every key (a test checks that it
+names every key of the tuples below), README.md shows a full example.  The
+sections: top level (TOP_KEYS), relays (RELAY_KEYS), sites (SITE_KEYS) with
+quota (QUOTA_KEYS), sender_policy and outbreak (OUTBREAK_KEYS), log, retry,
+admin, firewall and resolver.
 """
 
 from __future__ import annotations
@@ -45,6 +31,15 @@ from sendmail_shim import paths
 from sendmail_shim.paths import ConfigError
 
 TLS_MODES = ("starttls", "implicit", "none")
+# The schema's keys, section by section (man/sendmail-shim.yaml.5 is tested against them).
+RELAY_KEYS = ("host", "port", "tls", "verify", "ca_file", "timeout", "allow_plaintext")
+SITE_KEYS = ("uids", "docroots", "domains", "sender", "relay_login", "quota", "sender_policy",
+             "outbreak", "dkim_selectors", "allow_submission")
+LOG_KEYS = ("target", "level")
+RETRY_KEYS = ("initial", "maximum", "lifetime", "jitter")
+ADMIN_KEYS = ("notify", "sender", "relay_login", "group")
+FIREWALL_KEYS = ("daemon_user", "exempt_users", "capture", "log_rate")
+RESOLVER_KEYS = ("nameservers", "port", "timeout")
 LOG_TARGETS = ("stderr", "syslog")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -287,8 +282,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _relay(r: _Reader, raw: Any, where: str) -> Relay:
-    known = ("host", "port", "tls", "verify", "ca_file", "timeout", "allow_plaintext")
-    data = r.mapping(raw, where, known)
+    data = r.mapping(raw, where, RELAY_KEYS)
     if "host" not in data:
         raise r.fail(where, "missing key 'host'")
     tls = r.choice(data.get("tls", "starttls"), f"{where}.tls", TLS_MODES)
@@ -395,9 +389,8 @@ class _SiteDefaults:
 
 def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
           defaults: _SiteDefaults = _SiteDefaults()) -> Site:
-    known = ("docroots", "domains", "sender", "relay_login", "quota", "sender_policy",
-             "outbreak", "dkim_selectors", "allow_submission")
-    data = r.mapping(raw, where, (("uids",) if with_uids else ()) + known)
+    known = SITE_KEYS if with_uids else tuple(k for k in SITE_KEYS if k != "uids")
+    data = r.mapping(raw, where, known)
     uids: tuple[int, ...] = ()
     if with_uids:
         raw_uids = data.get("uids")
@@ -463,7 +456,7 @@ def parse_config(raw: Any, path: str | None) -> Config:
             data["message_size_limit"], "message_size_limit", 1)
     if "hostname" in data:
         kwargs["hostname"] = r.string(data["hostname"], "hostname")
-    log = r.mapping(data.get("log"), "log", ("target", "level"))
+    log = r.mapping(data.get("log"), "log", LOG_KEYS)
     kwargs["log_target"] = r.choice(log.get("target", "stderr"), "log.target", LOG_TARGETS)
     kwargs["log_level"] = r.choice(log.get("level", "info"), "log.level",
                                    ("debug", "info", "warning", "error"))
@@ -471,7 +464,7 @@ def parse_config(raw: Any, path: str | None) -> Config:
     if not isinstance(raw_relays, list):
         raise r.fail("relays", "expected a list of relays")
     kwargs["relays"] = tuple(_relay(r, item, f"relays[{i}]") for i, item in enumerate(raw_relays))
-    retry = r.mapping(data.get("retry"), "retry", ("initial", "maximum", "lifetime", "jitter"))
+    retry = r.mapping(data.get("retry"), "retry", RETRY_KEYS)
     retry_defaults = RetryPolicy()
     jitter = retry.get("jitter", retry_defaults.jitter)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
@@ -512,7 +505,7 @@ def parse_config(raw: Any, path: str | None) -> Config:
         item = r.mapping(body, f"accounts.{key}", ("quota",))
         uid = _uid(r, int(key) if str(key).isdigit() else key, f"accounts.{key}")
         kwargs["accounts"][uid] = _quota(r, item.get("quota"), f"accounts.{key}.quota")
-    admin = r.mapping(data.get("admin"), "admin", ("notify", "sender", "relay_login", "group"))
+    admin = r.mapping(data.get("admin"), "admin", ADMIN_KEYS)
     group = admin.get("group")
     if group is not None:
         group = r.string(group, "admin.group")
@@ -557,7 +550,7 @@ def _local_transport(r: _Reader, raw: Any) -> LocalTransport:
 
 
 def _firewall(r: _Reader, raw: Any) -> Firewall:
-    data = r.mapping(raw, "firewall", ("daemon_user", "exempt_users", "capture", "log_rate"))
+    data = r.mapping(raw, "firewall", FIREWALL_KEYS)
     users = r.strings(data.get("exempt_users"), "firewall.exempt_users")
     daemon_user = data.get("daemon_user")
     for i, user in enumerate((*users, *([daemon_user] if daemon_user else []))):
@@ -596,7 +589,7 @@ def _routing(r: _Reader, data: dict[str, Any], kwargs: dict[str, Any]) -> None:
     if "local" in routing.values() and "local_transport" not in kwargs:
         raise r.fail("routing", "a domain is pinned to local but local_transport is not set")
     kwargs["routing"] = routing
-    resolver = r.mapping(data.get("resolver"), "resolver", ("nameservers", "port", "timeout"))
+    resolver = r.mapping(data.get("resolver"), "resolver", RESOLVER_KEYS)
     kwargs["resolver_nameservers"] = r.strings(resolver.get("nameservers"),
                                                "resolver.nameservers")
     kwargs["resolver_port"] = r.integer(resolver.get("port", 53), "resolver.port", 1)

@@ -3,6 +3,9 @@
 Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
 the peer writes.  Requests are bounded (header size, message_size_limit,
 read timeouts) and parsed by handoff.py; the verdict comes from intake.py.
+Socket activation: when systemd passes the hand-off socket (LISTEN_FDS), the
+daemon serves it instead of binding the path, and leaves it in place on exit.
+
 Guarantees: one daemon per spool (a lock file); the reply "250" is written only
 after the message is durable; interrupted writes in ``tmp/`` are removed at
 start; drop files are ingested at start, on every scan and on a flush
@@ -46,6 +49,23 @@ class AlreadyRunning(Exception):
     pass
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_socket() -> socket.socket | None:
+    """The hand-off socket passed by systemd socket activation (sendmail-shim.socket)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX:
+        raise OSError("socket activation passed a socket that is not a Unix socket")
+    return sock
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer, from the kernel."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -84,11 +104,16 @@ class Daemon:
         self.runner = QueueRunner(self.config, self.state)
         for name in spool.clean_tmp(layout):
             log.info("removed interrupted write tmp/%s", name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(layout.socket)
-        server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
-                                                 limit=handoff.MAX_HEADER_BYTES + 2)
-        os.chmod(layout.socket, paths.MODE_SOCKET)
+        inherited = systemd_socket()
+        if inherited is not None:
+            server = await asyncio.start_unix_server(self._on_connection, sock=inherited,
+                                                     limit=handoff.MAX_HEADER_BYTES + 2)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layout.socket)
+            server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
+                                                     limit=handoff.MAX_HEADER_BYTES + 2)
+            os.chmod(layout.socket, paths.MODE_SOCKET)
         control = await self._start_control()
         captures = []
         if self.config.firewall.capture_port:
@@ -117,7 +142,9 @@ class Daemon:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            for path in (layout.socket, layout.control_socket):
+            # An inherited socket is systemd's: it stays, and queues callers while we restart.
+            for path in (layout.control_socket,) if inherited else (layout.socket,
+                                                                     layout.control_socket):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             self.state.close()
