@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import struct
+from collections.abc import Awaitable
 
 import filelock
 
@@ -171,18 +172,15 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self._inflight.add(task)
-        try:
+
+        async def handle() -> bytes:
             async with self._slots:
-                reply = await self._handle(reader, writer)
-            writer.write(reply)
-            await writer.drain()
-        except (ConnectionError, TimeoutError) as exc:
-            log.info("client went away: %s", exc)
+                return await self._handle(reader, writer)
+
+        try:
+            await _respond(writer, handle(), "client")
         finally:
             self._inflight.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         sock = writer.get_extra_info("socket")
@@ -280,21 +278,15 @@ class Daemon:
     async def _on_control(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
-        try:
-            if not self._is_operator(pid, uid, gid):
-                log.warning("control refused uid=%d pid=%d: not root, the daemon's user or "
-                            "the admin group", uid, pid)
-                reply = handoff.format_reply(550, sysexits.EX_NOPERM, "not permitted")
-            else:
-                reply = await self._control_request(reader, uid)
-            writer.write(reply)
-            await writer.drain()
-        except (ConnectionError, TimeoutError) as exc:
-            log.info("control client went away: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+
+        async def handle() -> bytes:
+            if self._is_operator(pid, uid, gid):
+                return await self._control_request(reader, uid)
+            log.warning("control refused uid=%d pid=%d: not root, the daemon's user or "
+                        "the admin group", uid, pid)
+            return handoff.format_reply(550, sysexits.EX_NOPERM, "not permitted")
+
+        await _respond(writer, handle(), "control client")
 
     async def _control_request(self, reader: asyncio.StreamReader, uid: int) -> bytes:
         try:
@@ -321,6 +313,19 @@ class Daemon:
         entries = [e for e in spool.entries(self.config.layout)
                    if everything or e.envelope.uid == uid]
         return listing.format_queue(entries)
+
+
+async def _respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes], who: str) -> None:
+    """Write the reply (one line, maybe a body) and close, whatever the peer did."""
+    try:
+        writer.write(await reply)
+        await writer.drain()
+    except (ConnectionError, TimeoutError) as exc:
+        log.info("%s went away: %s", who, exc)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 def run_daemon(config: Config) -> int:

@@ -133,17 +133,23 @@ class Router:
                     return min(int(rrset.ttl), int(rrset[0].minimum), NEGATIVE_TTL_MAX)
         return 60
 
-    async def _decide(self, name: str) -> Route:
-        if name.startswith("["):
-            return Route(REMOTE, name, "address literal: to the relay")
+    async def _lookup(self, name: str, rdtype: str) -> tuple[list[str], int] | Route | None:
+        """Records, None (no such records), or the Route that a failed lookup decides."""
         try:
-            mx = await self._query(name, "MX")
+            return await self._query(name, rdtype)
         except dns.resolver.NXDOMAIN as exc:
             return Route(FAIL, name, f"domain {name} does not exist (NXDOMAIN)",
                          ttl=self._negative_ttl(exc))
         except dns.exception.DNSException as exc:
-            return Route(DEFER, name, f"MX lookup for {name} failed ({exc.__class__.__name__}: "
-                                      f"{exc}); will retry")
+            return Route(DEFER, name, f"{rdtype} lookup for {name} failed "
+                                      f"({exc.__class__.__name__}: {exc}); will retry")
+
+    async def _decide(self, name: str) -> Route:
+        if name.startswith("["):
+            return Route(REMOTE, name, "address literal: to the relay")
+        mx = await self._lookup(name, "MX")
+        if isinstance(mx, Route):
+            return mx
         if mx is None:
             return await self._implicit_mx(name)
         records, ttl = mx
@@ -164,14 +170,9 @@ class Router:
         addresses: list[str] = []
         ttls: list[int] = []
         for rdtype in ("A", "AAAA"):
-            try:
-                found = await self._query(name, rdtype)
-            except dns.resolver.NXDOMAIN as exc:
-                return Route(FAIL, name, f"domain {name} does not exist (NXDOMAIN)",
-                             ttl=self._negative_ttl(exc))
-            except dns.exception.DNSException as exc:
-                return Route(DEFER, name, f"{rdtype} lookup for {name} failed "
-                                          f"({exc.__class__.__name__}); will retry")
+            found = await self._lookup(name, rdtype)
+            if isinstance(found, Route):
+                return found
             if found:
                 addresses += found[0]
                 ttls.append(found[1])
