@@ -120,20 +120,8 @@ class QueueRunner:
         async with self._lock:
             self.wake.clear()
             force, self._force = self._force, False
-            layout = self.config.layout
-            now = time.time()
-            due: dict[str, list[tuple[str, str]]] = defaultdict(list)
-            for state in (spool.INCOMING, spool.DEFERRED):
-                for queue_id in spool.queue_ids(layout, state):
-                    status = spool.read_status(layout, queue_id)
-                    if state == spool.DEFERRED and not force and status.next_attempt > now:
-                        continue
-                    try:
-                        env = spool.read_envelope(layout, state, queue_id)
-                    except (OSError, ValueError) as exc:
-                        self._corrupt(queue_id, state, str(exc))
-                        continue
-                    due[env.site].append((state, queue_id))
+            # Disk work (reads, fsyncs) runs in a thread: the loop keeps taking submissions.
+            due = await asyncio.to_thread(self._due, force)
             limiter = asyncio.Semaphore(MAX_PARALLEL_SITES)
 
             async def one_site(site_name: str, items: list[tuple[str, str]]) -> None:
@@ -142,6 +130,30 @@ class QueueRunner:
 
             await asyncio.gather(*(one_site(s, items) for s, items in due.items()))
             return sum(len(items) for items in due.values())
+
+    async def _record(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
+                      results: dict[str, Outcome], trouble: Outcome | None) -> None:
+        if await asyncio.to_thread(self._after_attempt, state, queue_id, entry, results,
+                                   trouble):
+            self.poke()  # a bounce was queued: deliver it in the next run
+
+    def _due(self, force: bool) -> dict[str, list[tuple[str, str]]]:
+        """Due messages by site: all incoming, and deferred ones whose time came."""
+        layout = self.config.layout
+        now = time.time()
+        due: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for state in (spool.INCOMING, spool.DEFERRED):
+            for queue_id in spool.queue_ids(layout, state):
+                status = spool.read_status(layout, queue_id)
+                if state == spool.DEFERRED and not force and status.next_attempt > now:
+                    continue
+                try:
+                    env = spool.read_envelope(layout, state, queue_id)
+                except (OSError, ValueError) as exc:
+                    self._corrupt(queue_id, state, str(exc))
+                    continue
+                due[env.site].append((state, queue_id))
+        return due
 
     def _corrupt(self, queue_id: str, state: str, why: str) -> None:
         log.error("corrupt queue_id=%s state=%s reason=%r action='moved to corrupt/; "
@@ -162,7 +174,7 @@ class QueueRunner:
             return
         if site is None:
             for state, queue_id in items:
-                self._after_attempt(state, queue_id, None, {}, Outcome.network(
+                await self._record(state, queue_id, None, {}, Outcome.network(
                     f"site {site_name} is no longer in the configuration; add it back "
                     "or delete the message"))
             return
@@ -186,7 +198,7 @@ class QueueRunner:
                 results.update(await relay.send(env, message, to_relay))
                 if local is not None:
                     results.update(await local.send(env, message, to_local))
-                self._after_attempt(state, queue_id, (env, message), results, None)
+                await self._record(state, queue_id, (env, message), results, None)
                 self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
                 if self.state.suspension(site_name) is not None:
                     return  # an outbreak rule tripped: the rest is on hold now
@@ -231,15 +243,18 @@ class QueueRunner:
             suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
 
     def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
-                       results: dict[str, Outcome], trouble: Outcome | None) -> None:
-        """Record one attempt: status, bounces, removal or deferral."""
+                       results: dict[str, Outcome], trouble: Outcome | None) -> bool:
+        """Record one attempt: status, bounces, removal or deferral (runs in a thread).
+
+        True when it queued a bounce, which the caller's loop should deliver soon.
+        """
         layout = self.config.layout
         if entry is None:
             try:
                 entry = spool.read_entry(layout, state, queue_id)
             except (OSError, ValueError) as exc:
                 self._corrupt(queue_id, state, str(exc))
-                return
+                return False
         env, message = entry
         status = spool.read_status(layout, queue_id)
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
@@ -274,22 +289,22 @@ class QueueRunner:
         status.delayed = {r: o.describe() for r, o in temp.items()}
         # Record delivered/failed recipients before anything else can go wrong.
         spool.write_status(layout, queue_id, status)
+        notice = None
         if new_failures:
             notice = bounce.queue_bounce(self.config, env, message, new_failures)
             if notice:
                 log.info("bounce_queued queue_id=%s bounce_of=%s to=<%s>", notice, queue_id,
                          env.sender)
-                self.poke()
         if not temp:
             try:
                 spool.remove(layout, queue_id, state)
             except FileNotFoundError:
                 # Held by the operator meanwhile; its status says it is done.
                 log.info("moved_meanwhile queue_id=%s site=%s", queue_id, env.site)
-                return
+                return notice is not None
             log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id, env.site,
                      len(status.done), len(status.failed))
-            return
+            return notice is not None
         status.attempts += 1
         delay = backoff(self.config, status.attempts)
         status.next_attempt = now + delay
@@ -302,3 +317,4 @@ class QueueRunner:
         log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d retry_in=%ds "
                     "relay=%s reason=%r", queue_id, env.site, env.uid, len(temp),
                     status.attempts, int(delay), first.relay, first.describe())
+        return notice is not None
