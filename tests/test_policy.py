@@ -21,19 +21,27 @@ def with_site_keys(shim: Shim, site: str, *lines: str) -> None:
                      f"    domains: [{site}]\n" + "".join(f"    {line}\n" for line in lines))
 
 
-@pytest.fixture
-def limited(shim_factory: Any) -> tuple[Shim, Relay]:
-    """site1 may send 3 messages an hour, 2 recipients a message; three quota
-    refusals in ten minutes suspend it.  site2 is unlimited."""
+def started(shim_factory: Any, site: str | None = None, *lines: str,
+            extra: str = "") -> tuple[Shim, Relay]:
+    """A daemon with ``lines`` added to ``site``'s entry, and a relay, both running."""
     make_relay, make_shim = shim_factory
     port = free_port()
-    shim = make_shim([port])
-    with_site_keys(shim, "site1.test", "quota: {per_hour: 3, recipients_per_message: 2}",
-                   "outbreak: {quota_refusals: {count: 3, window: 10m}}")
+    shim = make_shim([port], extra=extra)
+    if site is not None:
+        with_site_keys(shim, site, *lines)
     relay = make_relay(shim.logins, port)
     relay.start()
     shim.start()
     return shim, relay
+
+
+@pytest.fixture
+def limited(shim_factory: Any) -> tuple[Shim, Relay]:
+    """site1 may send 3 messages an hour, 2 recipients a message; three quota
+    refusals in ten minutes suspend it.  site2 is unlimited."""
+    return started(shim_factory, "site1.test",
+                   "quota: {per_hour: 3, recipients_per_message: 2}",
+                   "outbreak: {quota_refusals: {count: 3, window: 10m}}")
 
 
 def send(shim: Shim, user: str, rcpt: str = "someone@example.net",
@@ -63,12 +71,8 @@ class TestQuota:
         assert done.returncode == 77 and b"recipients_per_message 2" in done.stderr
 
     def test_account_quota_spans_the_uids_sites(self, shim_factory: Any) -> None:
-        make_relay, make_shim = shim_factory
-        port = free_port()
-        shim = make_shim([port], extra="accounts:\n  shimsite2: {quota: {per_day: 1}}\n")
-        relay = make_relay(shim.logins, port)
-        relay.start()
-        shim.start()
+        shim, _relay = started(shim_factory,
+                               extra="accounts:\n  shimsite2: {quota: {per_day: 1}}\n")
         assert send(shim, "shimsite2").returncode == 0
         second = send(shim, "shimsite2")
         assert second.returncode == 77 and b"account uid" in second.stderr
@@ -131,13 +135,8 @@ class TestOutbreak:
         assert sum(1 for m, _ in msgs if m["login"] == "site1.test") == 4
 
     def test_recipient_domains_rule(self, shim_factory: Any) -> None:
-        make_relay, make_shim = shim_factory
-        port = free_port()
-        shim = make_shim([port])
-        with_site_keys(shim, "site2.test", "outbreak: {recipient_domains_per_hour: 3}")
-        relay = make_relay(shim.logins, port)
-        relay.start()
-        shim.start()
+        shim, _relay = started(shim_factory, "site2.test",
+                               "outbreak: {recipient_domains_per_hour: 3}")
         for n in range(4):
             send(shim, "shimsite2", f"user@domain{n}.example")
         wait_until(lambda: "rule recipient_domains_per_hour: 4 distinct" in shim.daemon_log(),
@@ -145,13 +144,8 @@ class TestOutbreak:
         assert send(shim, "shimsite2").returncode == 77
 
     def test_new_script_rule(self, shim_factory: Any) -> None:
-        make_relay, make_shim = shim_factory
-        port = free_port()
-        shim = make_shim([port])
-        with_site_keys(shim, "site1.test", "outbreak: {new_script: {count: 3, window: 1h}}")
-        relay = make_relay(shim.logins, port)
-        relay.start()
-        shim.start()
+        shim, _relay = started(shim_factory, "site1.test",
+                               "outbreak: {new_script: {count: 3, window: 1h}}")
         for _ in range(3):
             shim.sendmail(["-i", "v@example.net"],
                           b"X-PHP-Originating-Script: 1:wp-xyz.php\n\nspam\n")
@@ -209,13 +203,7 @@ class TestSenderPolicy:
         assert done.returncode == 77 and b"From: address <x@gmail.example>" in done.stderr
 
     def test_from_rewrite_is_dmarc_safe(self, shim_factory: Any) -> None:
-        make_relay, make_shim = shim_factory
-        port = free_port()
-        shim = make_shim([port])
-        with_site_keys(shim, "site2.test", "sender_policy: {from_header: rewrite}")
-        relay = make_relay(shim.logins, port)
-        relay.start()
-        shim.start()
+        shim, relay = started(shim_factory, "site2.test", "sender_policy: {from_header: rewrite}")
         shim.sendmail(["-t", "-i"], b"From: Visitor <visitor@gmail.example>\n"
                       b"To: owner@example.net\nSubject: contact\n\nhello\n", user="shimsite2")
         [(_meta, data)] = relay.wait(1)
@@ -309,13 +297,7 @@ class TestTwoUsers:
 
 
 def test_concurrent_burst_never_exceeds_quota(shim_factory: Any) -> None:
-    make_relay, make_shim = shim_factory
-    port = free_port()
-    shim = make_shim([port])
-    with_site_keys(shim, "site1.test", "quota: {per_hour: 10}", "outbreak: false")
-    relay = make_relay(shim.logins, port)
-    relay.start()
-    shim.start()
+    shim, relay = started(shim_factory, "site1.test", "quota: {per_hour: 10}", "outbreak: false")
     procs = [subprocess.Popen(["runuser", "-u", "shimsite1", "--", "env",
                                f"SENDMAIL_SHIM_CONFIG={shim.config}",
                                os.path.join(os.path.dirname(ADMIN), "sendmail-shim"), "-i",
