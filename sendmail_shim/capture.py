@@ -107,8 +107,11 @@ class CaptureHandler:
         return f"{verdict.code} {verdict.enhanced} {verdict.text}"
 
 
-async def start_capture(config: Config, state: State, port: int) -> list[asyncio.AbstractServer]:
+async def start_capture(config: Config, state: State, port: int,
+                        handlers: list[CaptureHandler]) -> list[asyncio.AbstractServer]:
+    """Listen on loopback; ``handlers`` receives the handler so a reload can update it."""
     handler = CaptureHandler(config, state)
+    handlers.append(handler)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
     def factory() -> SMTP:

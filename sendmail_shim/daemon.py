@@ -3,6 +3,9 @@
 Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
 the peer writes.  Requests are bounded (header size, message_size_limit,
 read timeouts) and parsed by handoff.py; the verdict comes from intake.py.
+SIGHUP reloads the configuration (``systemctl reload``); a bad file is
+refused and the running configuration kept.
+
 Socket activation: when systemd passes the hand-off socket (LISTEN_FDS), the
 daemon serves it instead of binding the path, and leaves it in place on exit.
 
@@ -33,12 +36,13 @@ from collections.abc import Awaitable
 import filelock
 
 from sendmail_shim import handoff, listing, operations, paths, pickup, spool, sysexits
-from sendmail_shim.capture import start_capture
-from sendmail_shim.config import Config
+from sendmail_shim.capture import CaptureHandler, start_capture
+from sendmail_shim.config import Config, load_config
 from sendmail_shim.delivery import QueueRunner
 from sendmail_shim.identity import Caller
 from sendmail_shim.intake import accept_submission
 from sendmail_shim.outcome import Verdict
+from sendmail_shim.paths import ConfigError
 from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.daemon")
@@ -80,6 +84,7 @@ class Daemon:
         self.state: State | None = None
         self.runner: QueueRunner | None = None
         self._admin_gid: int | None = None
+        self._capture_handlers: list[CaptureHandler] = []
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -119,10 +124,12 @@ class Daemon:
         captures = []
         if self.config.firewall.capture_port:
             captures = await start_capture(self.config, self.state,
-                                           self.config.firewall.capture_port)
+                                           self.config.firewall.capture_port,
+                                           self._capture_handlers)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("started spool=%s socket=%s relays=%s sites=%d", layout.root, layout.socket,
                  ",".join(r.label for r in self.config.relays) or "none",
                  len(self.config.sites))
@@ -230,6 +237,28 @@ class Daemon:
             self._runner().poke()
         return handoff.format_reply(verdict.code, verdict.status,
                                     f"{verdict.enhanced} {verdict.text}")
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again; keep the old one if the new one is bad.
+
+        Sites, quotas, policies, relays, routing and logins change at once; the
+        spool, the capture port and the admin group need a restart.
+        """
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if (new.spool, new.firewall.capture_port, new.admin.group) != (
+                self.config.spool, self.config.firewall.capture_port, self.config.admin.group):
+            log.warning("reload: spool, firewall.capture or admin.group changed; "
+                        "restart the daemon for those")
+        self.config = new
+        self._runner().reconfigure(new)
+        for handler in self._capture_handlers:
+            handler.config = new
+        log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
+                 ",".join(r.label for r in new.relays) or "none")
 
     def _state(self) -> State:
         assert self.state is not None, "serve() creates the state"

@@ -99,6 +99,11 @@ class QueueRunner:
         self._force = False
         self._lock = asyncio.Lock()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: new sites, relays and routing from the next run on."""
+        self.config = config
+        self.router = Router(config) if config.local_transport is not None else None
+
     def poke(self, force: bool = False) -> None:
         """Run soon; ``force`` also retries deferred mail before its time (flush)."""
         self._force = self._force or force

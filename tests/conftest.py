@@ -235,13 +235,17 @@ class Shim:
             self.proc.wait(15)
             self.proc = None
 
+    def signal_daemon(self, sig: int) -> None:
+        """Signal the daemon process itself (runuser does not forward SIGKILL or SIGHUP)."""
+        pids = subprocess.run(["pgrep", "-f", f"python.* serve --config {self.config}"],
+                              capture_output=True, text=True).stdout.split()
+        assert pids, "no daemon process"
+        for pid in pids:
+            os.kill(int(pid), sig)
+
     def kill9(self) -> None:
         assert self.proc is not None
-        # runuser forwards nothing for SIGKILL: kill the daemon itself.
-        pids = subprocess.run(["pgrep", "-f", f"serve --config {self.config}"],
-                              capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            os.kill(int(pid), signal.SIGKILL)
+        self.signal_daemon(signal.SIGKILL)
         self.proc.wait(10)
         self.proc = None
 

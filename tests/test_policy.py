@@ -328,3 +328,21 @@ def test_admin_group_member_may_use_the_control_socket(shim_factory: Any) -> Non
     assert b"site1.test" in done.stdout
     refused = shim.run(["site", "list"], user="shimsite1", prog=ADMIN)
     assert refused.returncode == 77
+
+
+def test_sighup_reloads_limits_and_keeps_running_on_a_bad_file(shim_factory: Any) -> None:
+    import signal
+
+    shim, relay = started(shim_factory, "site1.test", "quota: {per_hour: 1}", "outbreak: false")
+    assert send(shim, "shimsite1").returncode == 0
+    assert send(shim, "shimsite1").returncode == 77
+    shim.edit_config("quota: {per_hour: 1}", "quota: {per_hour: 5}")
+    shim.signal_daemon(signal.SIGHUP)
+    wait_until(lambda: "reloaded " in shim.daemon_log(), 10, "reload")
+    assert send(shim, "shimsite1").returncode == 0
+    shim.edit_config("quota: {per_hour: 5}", "quota: {per_hour: lots}")
+    shim.signal_daemon(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in shim.daemon_log(), 10, "refused reload")
+    assert "sites.site1.test.quota.per_hour" in shim.daemon_log()
+    assert send(shim, "shimsite1").returncode == 0  # still the good configuration
+    relay.wait(3)
