@@ -8,7 +8,6 @@ run our commands.  Nothing here talks to any address outside 127.0.0.0/8.
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import os
 import pwd
@@ -297,17 +296,26 @@ def shim_factory(workdir: str, accounts: dict[str, pwd.struct_passwd]) -> Iterat
             thing.stop()
 
 
-@pytest.fixture
-def system(shim_factory: Any) -> tuple[Shim, Relay]:
-    """A running daemon (as its own user) and a running relay that knows both sites."""
+def with_site_keys(shim: Shim, site: str, *lines: str) -> None:
+    shim.edit_config(f"    domains: [{site}]\n",
+                     f"    domains: [{site}]\n" + "".join(f"    {line}\n" for line in lines))
+
+
+def started(shim_factory: Any, site: str | None = None, *lines: str,
+            extra: str = "") -> tuple[Shim, Relay]:
+    """A daemon with ``lines`` added to ``site``'s entry, and a relay, both running."""
     make_relay, make_shim = shim_factory
     port = free_port()
-    shim = make_shim([port])
+    shim = make_shim([port], extra=extra)
+    if site is not None:
+        with_site_keys(shim, site, *lines)
     relay = make_relay(shim.logins, port)
     relay.start()
     shim.start()
     return shim, relay
 
 
-def group_name(gid: int) -> str:
-    return grp.getgrgid(gid).gr_name
+@pytest.fixture
+def system(shim_factory: Any) -> tuple[Shim, Relay]:
+    """A running daemon (as its own user) and a running relay that knows both sites."""
+    return started(shim_factory)

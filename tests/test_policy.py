@@ -13,26 +13,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from conftest import ADMIN, Relay, Shim, free_port, wait_until
-
-
-def with_site_keys(shim: Shim, site: str, *lines: str) -> None:
-    shim.edit_config(f"    domains: [{site}]\n",
-                     f"    domains: [{site}]\n" + "".join(f"    {line}\n" for line in lines))
-
-
-def started(shim_factory: Any, site: str | None = None, *lines: str,
-            extra: str = "") -> tuple[Shim, Relay]:
-    """A daemon with ``lines`` added to ``site``'s entry, and a relay, both running."""
-    make_relay, make_shim = shim_factory
-    port = free_port()
-    shim = make_shim([port], extra=extra)
-    if site is not None:
-        with_site_keys(shim, site, *lines)
-    relay = make_relay(shim.logins, port)
-    relay.start()
-    shim.start()
-    return shim, relay
+from conftest import ADMIN, Relay, Shim, free_port, started, wait_until, with_site_keys
 
 
 @pytest.fixture
