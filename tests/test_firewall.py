@@ -144,6 +144,88 @@ class TestCheck:
         assert done.returncode == 1 and "missing: drop" in done.stdout
 
 
+def captured_system(netns: tuple[str, str], shim_factory: Any) -> tuple[Shim, Any, int]:
+    """A daemon with a capture listener and a relay in ``near``, the rules applied."""
+    near, _far = netns
+    make_relay, make_shim = shim_factory
+    relay_port, capture_port = free_port(), free_port()
+    shim = make_shim([relay_port])
+    fw_config(shim, capture_port)
+    relay = make_relay(shim.logins, relay_port, netns=near)
+    relay.start()
+    shim.netns = near
+    shim.start()
+    apply(near, shim)
+    return shim, relay, capture_port
+
+
+# As a site: an SMTP transaction from a dual-stack socket, optionally bound first to a
+# chosen local address and port (SO_REUSEADDR, as the TIME_WAIT trick needs).  Prints the
+# greeting's code and, if greeted, the code of the end of DATA.
+SITE_SMTP = r"""
+import smtplib, socket, sys
+bind, port, host, dport, n = sys.argv[1:]
+port, dport = int(port), int(dport)
+def make(host, dport, timeout):
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(timeout)
+    if bind:
+        s.bind((bind, port))
+    s.connect((host, dport))
+    return s
+smtp = smtplib.SMTP(timeout=10)
+smtp._get_socket = make
+code, _ = smtp.connect(host, dport)
+print(code)
+if code == 220:
+    smtp.ehlo("wp.site1.test")
+    smtp.mail("wordpress@site1.test")
+    smtp.rcpt(f"buyer{n}@example.net")
+    print(smtp.data(f"Subject: trick {n}\r\n\r\nbody\r\n".encode())[0])
+    smtp.quit()
+"""
+
+# As root: leave a TIME_WAIT row (uid 0, inode 0) on ADDR:<a free port>; print the port.
+ROOT_TIME_WAIT = r"""
+import socket, sys, time
+addr = sys.argv[1]
+srv = socket.socket(); srv.bind((addr, 0)); srv.listen(1)
+c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); c.bind((addr, 0))
+port = c.getsockname()[1]
+c.connect(srv.getsockname()); s, _ = srv.accept()
+c.close()  # root closes first: its end lingers in TIME_WAIT
+assert s.recv(1) == b""
+s.close(); srv.close()
+hexaddr = socket.inet_aton(addr)[::-1].hex().upper()
+for _ in range(100):
+    rows = [line.split() for line in open("/proc/net/tcp")][1:]
+    if any(r[1] == f"{hexaddr}:{port:04X}" and r[3] == "06" and r[7] == "0" for r in rows):
+        print(port)
+        break
+    time.sleep(0.05)
+"""
+
+
+def site_smtp(near: str, bind: str, port: int, host: str, dport: int, n: int) -> list[str]:
+    done = subprocess.run(["ip", "netns", "exec", near, "runuser", "-u", "shimsite1", "--",
+                           "/usr/bin/python3", "-c", SITE_SMTP, bind, str(port), host,
+                           str(dport), str(n)], capture_output=True, text=True, timeout=60)
+    return done.stdout.split()
+
+
+def root_time_wait(near: str, addr: str) -> int:
+    done = subprocess.run(["ip", "netns", "exec", near, "/usr/bin/python3", "-c",
+                           ROOT_TIME_WAIT, addr], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip(), done.stderr
+    return int(done.stdout)
+
+
+def site_uid() -> int:
+    return int(subprocess.run(["id", "-u", "shimsite1"], capture_output=True,
+                              text=True).stdout)
+
+
 class TestCapture:
     def test_captured_smtp_is_delivered_with_attribution(
             self, netns: tuple[str, str], shim_factory: Any) -> None:
@@ -176,6 +258,51 @@ class TestCapture:
         assert f"captured uid={uid}" in log
         assert f"original_dst={FAR4}:25" in log and f"original_dst=[{FAR6}]:25" in log
         assert "origin=capture" in log
+        assert "capture_refused" not in log
+
+    def test_direct_connection_to_the_listener_is_refused(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        """Straight to 127.0.0.1 or ::1 on the listener's port, as a real site: not served."""
+        near, _far = netns
+        shim, relay, capture_port = captured_system(netns, shim_factory)
+        for n, host in enumerate(("::ffff:127.0.0.1", "::1")):
+            assert site_smtp(near, "", 0, host, capture_port, n) == ["554"], host
+        # the one redirected message arrives alone, under the site's login
+        assert site_smtp(near, "", 0, "::ffff:" + FAR4, 25, 9) == ["220", "250"]
+        relay.wait(1)
+        wait_until(lambda: not shim.queue_files("incoming") and not shim.queue_files("deferred"),
+                   20, "an empty queue")
+        assert [(meta["login"], meta["rcpt_tos"]) for meta, _ in relay.messages()] == [
+            ("site1.test", ["buyer9@example.net"])]
+        log = shim.daemon_log()
+        assert log.count("capture_refused") == 2
+        assert "not redirected: connected to the listener directly" in log
+        assert log.count("captured uid=") == 1 and f"captured uid={site_uid()}" in log
+
+    def test_time_wait_port_of_root_is_never_attributed_to_root(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        """A site binds ports root left in TIME_WAIT (rows owned by uid 0, inode 0) and
+        connects from them: straight to the listener (refused) and through the redirect
+        (its own uid); nothing is ever attributed to uid 0 or relayed as `system`."""
+        near, _far = netns
+        shim, relay, capture_port = captured_system(netns, shim_factory)
+        direct_port = root_time_wait(near, "127.0.0.1")
+        redirected_port = root_time_wait(near, "10.201.0.1")
+        assert site_smtp(near, "::ffff:10.201.0.1", redirected_port, "::ffff:" + FAR4, 25,
+                         1) == ["220", "250"]  # served: it is the site's own, redirected
+        log = shim.daemon_log()
+        assert "captured uid=0 " not in log
+        assert f"captured uid={site_uid()} peer=10.201.0.1:{redirected_port} " \
+            f"original_dst={FAR4}:25" in log
+        assert site_smtp(near, "::ffff:127.0.0.1", direct_port, "::ffff:127.0.0.1",
+                         capture_port, 0) == ["554"]
+        relay.wait(1)
+        wait_until(lambda: not shim.queue_files("incoming") and not shim.queue_files("deferred"),
+                   20, "an empty queue")
+        assert [(meta["login"], meta["rcpt_tos"]) for meta, _ in relay.messages()] == [
+            ("site1.test", ["buyer1@example.net"])]
+        log = shim.daemon_log()
+        assert log.count("capture_refused") == 1
 
     def test_unknown_uid_through_capture_is_refused(
             self, netns: tuple[str, str], shim_factory: Any) -> None:
