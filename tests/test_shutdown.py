@@ -63,7 +63,7 @@ def test_sigterm_during_pickup_backlog_loses_and_doubles_nothing(
     for round_ in range(ROUNDS):
         write_backlog(shim, "shimsite1", range(round_ * BATCH, (round_ + 1) * BATCH))
         shim.start()  # returns once the socket exists; pickup has just begun
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.4))
         left = sum(name.startswith("m.") for name in os.listdir(drop))
         status = stop_with_sigterm(shim)
         log = shim.daemon_log()
