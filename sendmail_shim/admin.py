@@ -444,11 +444,34 @@ def config_check(config_path: str | None) -> None:
                             f"{exc.strerror}")
     if not config.relays:
         problems.append("no relays configured: every message will wait in the queue")
+    warnings = [w for w in (protected_hardlinks_problem(),) if w]
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
                f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")
     for problem in problems:
         click.echo(f"problem: {problem}")
+    for warning in warnings:
+        click.echo(f"warning: {warning}")
     sys.exit(sysexits.EX_CONFIG if problems else 0)
+
+
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
+
+
+def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
+    """A warning when the kernel lets users hard-link files they cannot write.
+
+    Pickup refuses lent drop files by themselves (handoff.py); this is defence in depth.
+    """
+    try:
+        with open(path) as fh:
+            value = fh.read().strip()
+    except OSError as exc:
+        return f"cannot read {path} ({exc.strerror}): make sure fs.protected_hardlinks is 1"
+    if value != "1":
+        return (f"fs.protected_hardlinks is {value}, not 1: site users may hard-link files "
+                "they cannot write (into the drop area, among others); set it with "
+                "'sysctl fs.protected_hardlinks=1' and in /etc/sysctl.d/")
+    return None
 
 
 @cli.command("capture-relay")

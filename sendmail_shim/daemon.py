@@ -12,8 +12,19 @@ daemon serves it instead of binding the path, and leaves it in place on exit.
 Guarantees: one daemon per spool (a lock file); the reply "250" is written only
 after the message is durable; interrupted writes in ``tmp/`` are removed at
 start; drop files are ingested at start, on every scan and on a flush
-request (``sendmail -q``); on SIGTERM the
-daemon stops accepting, lets in-flight submissions finish and exits.
+request (``sendmail -q``).
+
+Shutdown (SIGTERM, SIGINT), in this order: stop accepting; let in-flight
+submissions finish (30 s, then they are cancelled); tell the pickup scan
+(between two drop files) and the queue runner (between two messages) to
+stop, and wait for them (STOP_TIMEOUT, then they are cancelled); join every
+worker thread of the loop's executor, since cancelling a task that awaits
+``asyncio.to_thread`` does not stop the thread; only then close the state
+(SQLite) and release the lock.  So no thread ever uses a closed database, a
+drop file is never left both queued and in ``maildrop/``, and a message
+accepted by the relay is recorded before the daemon exits.  The signal
+handlers are installed before the socket exists, so a SIGTERM that comes as
+soon as a caller could connect is a clean stop too.
 
 Control requests on the same socket: ``flush`` (any user, like Postfix's
 ``sendmail -q``) and ``mailq``, which shows root and the daemon's own user the
@@ -31,6 +42,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Awaitable
 
 import filelock
@@ -48,6 +60,8 @@ from sendmail_shim.state import State
 log = logging.getLogger("sendmail_shim.daemon")
 READ_TIMEOUT = 60.0
 MAX_CONNECTIONS = 256
+INFLIGHT_TIMEOUT = 30.0  # in-flight submissions get this long to finish at shutdown
+STOP_TIMEOUT = 60.0  # pickup and the queue runner get this long to finish the item in hand
 
 
 class AlreadyRunning(Exception):
@@ -89,6 +103,8 @@ class Daemon:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._pickup_wake = asyncio.Event()
+        self._halt = threading.Event()  # seen by worker threads: stop between two items
+        self._pickup = pickup.Pickup(self._halt)
         self._lock: filelock.BaseFileLock | None = None
 
     # -- start and stop -------------------------------------------------------
@@ -104,6 +120,9 @@ class Daemon:
 
     async def serve(self) -> None:
         layout = self.config.layout
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
         spool.prepare_spool(layout)
         self._take_lock()
         self.state = State(layout)
@@ -126,15 +145,12 @@ class Daemon:
             captures = await start_capture(self.config, self.state,
                                            self.config.firewall.capture_port,
                                            self._capture_handlers)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("started spool=%s socket=%s relays=%s sites=%d", layout.root, layout.socket,
                  ",".join(r.label for r in self.config.relays) or "none",
                  len(self.config.sites))
-        background = [asyncio.create_task(self.runner.run_forever()),
-                      asyncio.create_task(self._pickup_forever())]
+        background = [asyncio.create_task(self.runner.run_forever(), name="queue runner"),
+                      asyncio.create_task(self._pickup_forever(), name="pickup")]
         try:
             await self._stop.wait()
         finally:
@@ -146,27 +162,49 @@ class Daemon:
             await server.wait_closed()
             await control.wait_closed()
             if self._inflight:
-                await asyncio.wait(self._inflight, timeout=30)
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+                _done, late = await asyncio.wait(self._inflight, timeout=INFLIGHT_TIMEOUT)
+                for task in late:
+                    task.cancel()
+                if late:
+                    log.warning("stopping: cancelled %d submission(s) still unfinished after "
+                                "%gs; their callers saw no verdict and use the drop area",
+                                len(late), INFLIGHT_TIMEOUT)
+                    await asyncio.gather(*late, return_exceptions=True)
+            await self._stop_background(background)
             # An inherited socket is systemd's: it stays, and queues callers while we restart.
             for path in (layout.control_socket,) if inherited else (layout.socket,
                                                                      layout.control_socket):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            self.state.close()
+            self.state.close()  # every thread that used it has ended
             if self._lock is not None:
                 self._lock.release()
             log.info("stopped")
 
+    async def _stop_background(self, background: list[asyncio.Task[None]]) -> None:
+        """Stop pickup and the queue runner, then join every worker thread."""
+        self._halt.set()
+        self._pickup_wake.set()
+        self._runner().stop()
+        _done, late = await asyncio.wait(background, timeout=STOP_TIMEOUT)
+        for task in late:
+            log.warning("stopping: %s did not finish within %gs; cancelled", task.get_name(),
+                        STOP_TIMEOUT)
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        # A cancelled task leaves its asyncio.to_thread() call running: wait for every
+        # worker thread (and refuse new ones) before anything they use is closed.
+        await asyncio.get_running_loop().shutdown_default_executor()
+
     async def _pickup_forever(self) -> None:
-        while True:
+        while not self._halt.is_set():
             try:
-                if await asyncio.to_thread(pickup.scan, self.config, self._state()):
+                if await asyncio.to_thread(self._pickup.scan, self.config, self._state()):
                     self._runner().poke()
             except Exception:
                 log.exception("pickup scan failed; retrying after the scan interval")
+            if self._halt.is_set():
+                break
             try:
                 await asyncio.wait_for(self._pickup_wake.wait(), self.config.queue_scan_interval)
             except TimeoutError:

@@ -14,6 +14,9 @@ Guarantees:
 * permanent refusals (5xx) are bounced at once (bounce.py), never for the
   null sender;
 * messages of one site share one relay connection per run (batch);
+* :meth:`QueueRunner.stop` (daemon shutdown) lets each site finish the
+  message in hand, including recording its outcome, and starts no other, so
+  a SIGTERM never leaves a message the relay accepted unrecorded;
 * with a ``local_transport`` configured, each recipient is routed by its
   domain's real MX (route.py): local ones go to the local MTA without any site
   login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
@@ -98,6 +101,12 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self._force = False
         self._lock = asyncio.Lock()
+        self._stopping = False  # read by the _due thread too: a plain flag is enough
+
+    def stop(self) -> None:
+        """Finish the message in hand, start no other; run_forever then returns."""
+        self._stopping = True
+        self.wake.set()
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: new sites, relays and routing from the next run on."""
@@ -110,11 +119,13 @@ class QueueRunner:
         self.wake.set()
 
     async def run_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_once()
             except Exception:
                 log.exception("queue run failed; retrying after the scan interval")
+            if self._stopping:
+                break
             try:
                 await asyncio.wait_for(self.wake.wait(), self.config.queue_scan_interval)
             except TimeoutError:
@@ -149,6 +160,8 @@ class QueueRunner:
         due: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for state in (spool.INCOMING, spool.DEFERRED):
             for queue_id in spool.queue_ids(layout, state):
+                if self._stopping:
+                    return due
                 status = spool.read_status(layout, queue_id)
                 if state == spool.DEFERRED and not force and status.next_attempt > now:
                     continue
@@ -191,6 +204,8 @@ class QueueRunner:
             if transport is not None else None
         try:
             for state, queue_id in items:
+                if self._stopping:
+                    return  # shutdown: the message in hand was recorded, the rest waits
                 try:
                     env, message = spool.read_entry(self.config.layout, state, queue_id)
                 except (OSError, ValueError) as exc:

@@ -26,15 +26,44 @@ Reply: one line ``<smtp-code> <exit-status> <text>\\n``.
 
 Why the drop area is safe between site users (see paths.MODE_MAILDROP_DIR):
 the directory is setgid to the daemon's group, sticky, and writable but not
-readable by others.  A site user creates a file with O_EXCL|O_NOFOLLOW, so the
-kernel makes that user its owner: a user cannot create a file owned by another
-user, cannot open another user's file (mode 0640, group = daemon's group), cannot
-rename or unlink it (sticky), and cannot list names (no read bit).  A hard link
-to someone else's file is refused by the kernel (protected_hardlinks) and, in any
-case, rejected by pickup because its link count is not 1.  The file is written
-under a ``t.`` name, fsynced, then renamed to ``m.``: pickup reads only ``m.``
-files and also requires the ``END`` trailer, so a killed writer leaves nothing
-deliverable.
+readable by others.  A site user creates a file with O_EXCL|O_NOFOLLOW under a
+random name, so the kernel makes that user its owner and (setgid) the daemon's
+group its group, and :func:`write_drop_file` sets its mode to exactly 0640.  A
+user cannot create a file owned by another user, cannot open another user's
+drop file (0640, group = daemon's group), cannot rename or unlink it (sticky),
+and cannot list names (no read bit).  The file is written under a ``t.``
+name, fsynced, then renamed to ``m.``: pickup reads only ``m.`` files and also
+requires the ``END`` trailer, so a killed writer leaves nothing deliverable.
+
+Why a drop file's owner is its sender, although everyone may write into the
+directory: a site can put there a hard link to any file of another site that
+it may read and write (fs.protected_hardlinks allows exactly those; shared
+hosting is full of 0666 cache files), write a request into it, and remove the
+original name from a world-writable directory so that the link count is 1
+again.  The owner of such a file is the victim.  So pickup (``pickup.unproven``)
+takes the owner as identity only for a file that could not have been lent: a
+regular file with one link, whose group is the drop directory's group and
+whose mode is exactly 0640.  Only the owner (or root) can chmod or chgrp a
+file, a site user can chgrp only to groups it belongs to (site users must not
+be members of the daemon's group), and with no write bit for group and others
+nobody but the owner could have written the content (with POSIX ACLs the group
+bits are the mask, so 0640 also caps every named ACL entry at read).  A file
+that carries the daemon's group was created in ``maildrop/`` by its owner, and
+the front end never lets such a file be writable by others (created 0640 minus
+the umask, then fchmod 0640), so no one can hold a write descriptor to it
+from an earlier, laxer mode.  The lent 0666 cache file has the victim's group
+and write bits for others: it is moved to ``corrupt/``, logged with its owner.
+A site that links in a file of its own only speaks as itself.
+
+Per-uid drop directories would prove the same, but the daemon runs as its own
+user and cannot create directories owned by site users; root would have to
+keep one per uid in step with the configuration.  One directory and the
+group/mode test give the same guarantee.  fs.protected_hardlinks=1 (Debian's
+default) is defence in depth only: it stops links to files a site cannot read
+and write, which the test above refuses anyway; ``sendmail-shim-admin config
+check`` warns when it is off.  A link to another site's drop file would have
+two links and be refused too (and its name is 64 random bits in a directory
+nobody but the daemon may list).
 
 Stdlib-free apart from ``os`` and ``_socket`` (``socket`` imports enum):
 this runs on every PHP mail() call.

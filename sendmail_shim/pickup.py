@@ -1,12 +1,41 @@
 """Pickup: ingesting drop files that the front end wrote while the daemon was down.
 
-Trusts: only what the kernel says about each file (owner uid and gid); the
-content is as hostile as a socket request and goes through the same intake.
-Guarantees: a file is ingested only if it is a regular file, not a symlink
-(O_NOFOLLOW), has exactly one link, carries an ``m.`` name (renamed after its
-fsync) and a complete request (size and END trailer agree); it is unlinked only
-after the intake committed it or refused it for good.  Damaged files move to
-``corrupt/`` for the operator; ``t.`` files older than a day are removed.
+Trusts: only what the kernel says about each file, read with ``fstat`` from the
+descriptor it then reads (type, owner, group, mode, link count); the content
+is as hostile as a socket request and goes through the same intake.  Every
+site can create entries of any kind and name in ``maildrop/`` and can hard
+link into it any file it may read and write.
+
+Which drop file proves its owner (the argument is in handoff.py): a regular
+file with exactly one link, whose group is the drop directory's group (the
+daemon's, given by the setgid directory at creation) and whose permission
+bits are exactly 0640 (nobody but its owner may write it).  The identity is
+then its owner uid.  Anything else (a hard link to another site's 0666 file,
+a directory, FIFO, socket, device, symlink, a file with other modes) is
+refused before a byte is read.
+
+Guarantees:
+
+* a file is ingested only if it passes the test above, carries an ``m.``
+  name (renamed after its fsync) and a complete request (size and END
+  trailer agree);
+* one bad entry never stops the scan: it is moved to ``corrupt/``
+  (``drop.<name>``) and logged with its owner uid and the reason; a directory
+  is never moved there (its owner could keep writing into it through a
+  descriptor): an empty one is removed, another is logged once and skipped;
+  any unexpected error for one entry is handled the same way, so no entry
+  is retried forever and no other site's mail waits behind it;
+* no descriptor leaks (each is closed in ``finally``) and no FIFO blocks the
+  scan (non-regular entries are refused from ``lstat`` and never opened; the
+  open is O_NONBLOCK|O_NOFOLLOW in case the entry was swapped meanwhile);
+* a file is unlinked as soon as the intake gave a final verdict (accepted
+  or refused for good); a temporary refusal (4xx) keeps it for the next scan;
+  ``maildrop/`` is fsynced after a scan that removed files;
+* the scan checks its stop event between files, so a stopping daemon waits
+  for at most the file in hand (see daemon.py: the worker is joined before
+  the state is closed); an intake error while stopping keeps the file.
+
+``t.`` files older than a day are removed.
 """
 
 from __future__ import annotations
@@ -14,79 +43,235 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 import time
 
 from sendmail_shim import handoff
 from sendmail_shim.config import Config
+from sendmail_shim.durable import fsync_dir
 from sendmail_shim.identity import Caller
 from sendmail_shim.intake import accept_submission
+from sendmail_shim.paths import MODE_DROP_FILE
 from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.pickup")
 STALE_TMP = 86400.0
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
 
 
-def _quarantine(config: Config, name: str, why: str) -> None:
-    layout = config.layout
-    src = os.path.join(layout.maildrop, name)
-    dst = os.path.join(layout.state_dir("corrupt"), "drop." + name)
-    log.error("corrupt drop_file=%s reason=%r moved_to=%s", name, why, dst)
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), f"of type {stat.S_IFMT(mode):o}")
+
+
+def unproven(st: os.stat_result, drop_gid: int) -> str | None:
+    """Why a drop file with these attributes does not prove its owner; None if it does."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file but {_kind(st.st_mode)}"
+    if st.st_nlink != 1:
+        return f"not a plain file with one link (nlink={st.st_nlink})"
+    if st.st_gid != drop_gid:
+        return (f"group {st.st_gid} is not the drop directory's group {drop_gid}: the file was "
+                "not created in maildrop/ (a hard link to a file made elsewhere?)")
+    if stat.S_IMODE(st.st_mode) != MODE_DROP_FILE:
+        return (f"mode {stat.S_IMODE(st.st_mode):04o} is not {MODE_DROP_FILE:04o}: someone "
+                "other than its owner may have written it")
+    return None
+
+
+def _read(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < limit:
+        chunk = os.read(fd, min(1 << 20, limit - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class Pickup:
+    """Scans ``maildrop/``; keeps, between scans, the entries it could not move aside."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop if stop is not None else threading.Event()
+        self._stuck: set[str] = set()
+
+    def scan(self, config: Config, state: State) -> int:
+        """Ingest every finished drop file; the number of entries dealt with."""
+        maildrop = config.layout.maildrop
+        drop_gid = os.stat(maildrop).st_gid
+        names = sorted(os.listdir(maildrop))
+        self._stuck.intersection_update(names)  # forget entries that are gone
+        count = removed = 0
+        now = time.time()
+        for n, name in enumerate(names):
+            if self.stop.is_set():
+                log.info("pickup stopping: %d drop file(s) left for the next start",
+                         sum(1 for rest in names[n:] if rest.startswith("m.")))
+                break
+            if name in self._stuck or not name.startswith(("m.", "t.")):
+                continue
+            try:
+                if name.startswith("m."):
+                    outcome = self._ingest(config, state, name, drop_gid)
+                    count += outcome != "kept"
+                    removed += outcome == "removed"
+                else:
+                    self._tidy_tmp(config, name, now)
+            except Exception as exc:  # one entry must never stop the scan for every site
+                log.exception("pickup failed drop_file=%s uid=%s", name,
+                              _owner(os.path.join(maildrop, name)))
+                self._quarantine(config, name, f"unexpected error: {exc!r}")
+        if removed:
+            try:
+                fsync_dir(maildrop)
+            except OSError as exc:
+                log.warning("cannot fsync %s: %s", maildrop, exc)
+        return count
+
+    # -- one entry ------------------------------------------------------------------
+    def _ingest(self, config: Config, state: State, name: str, drop_gid: int) -> str:
+        """'removed' (ingested or refused for good), 'moved' (to corrupt/) or 'kept'."""
+        path = os.path.join(config.layout.maildrop, name)
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return "removed"
+        if not stat.S_ISREG(before.st_mode):  # never open a FIFO, device or directory
+            return self._quarantine(config, name, unproven(before, drop_gid) or "", before.st_uid)
+        try:
+            fd = os.open(path, OPEN_FLAGS)
+        except FileNotFoundError:
+            return "removed"
+        except OSError as exc:
+            return self._quarantine(config, name, f"cannot open: {exc.strerror}", before.st_uid)
+        try:
+            st = os.fstat(fd)  # the descriptor we read is what counts, not the name
+            problem = unproven(st, drop_gid)
+            if problem is not None:
+                return self._quarantine(config, name, problem, st.st_uid)
+            cap = handoff.MAX_HEADER_BYTES + config.message_size_limit + 64
+            data = _read(fd, cap + 1)
+        finally:
+            os.close(fd)
+        if len(data) > cap:
+            return self._quarantine(
+                config, name, f"larger than message_size_limit ({config.message_size_limit})",
+                st.st_uid)
+        try:
+            fields, message = handoff.decode_request(data)
+        except (handoff.ProtocolError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            return self._quarantine(config, name, f"bad request: {exc}", st.st_uid)
+        caller = Caller(uid=st.st_uid, gid=st.st_gid, pid=None)
+        try:
+            verdict = accept_submission(config, state, fields, message, caller,
+                                        origin="maildrop")
+        except Exception as exc:
+            if self.stop.is_set():
+                log.warning("pickup interrupted by shutdown drop_file=%s uid=%d: kept for the "
+                            "next start (%r)", name, st.st_uid, exc)
+                return "kept"
+            log.exception("intake failed drop_file=%s uid=%d", name, st.st_uid)
+            return self._quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
+        if verdict.code // 100 == 4:
+            return "kept"  # temporary trouble (spool full): keep the file, try again later
+        if not verdict.accepted:
+            # The writer was told "accepted" (exit 0) long ago; a refusal now is final.
+            log.warning("dropped drop_file=%s uid=%d reason=%r", name, st.st_uid, verdict.text)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove drop_file=%s uid=%d after its verdict: %s; remove it by "
+                      "hand or it is ingested again", name, st.st_uid, exc)
+        return "removed"
+
+    def _tidy_tmp(self, config: Config, name: str, now: float) -> None:
+        path = os.path.join(config.layout.maildrop, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._quarantine(config, name, f"not a regular file but {_kind(st.st_mode)}",
+                             st.st_uid)
+        elif now - st.st_mtime > STALE_TMP:
+            try:
+                os.unlink(path)
+                log.info("removed stale drop_file=%s uid=%d", name, st.st_uid)
+            except FileNotFoundError:
+                pass
+
+    def _quarantine(self, config: Config, name: str, why: str,
+                    uid: int | None = None) -> str:
+        """Move a refused entry to ``corrupt/``; never raises.  Returns 'moved' or 'kept'."""
+        layout = config.layout
+        src = os.path.join(layout.maildrop, name)
+        if uid is None:
+            uid = _owner(src)
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+        except FileNotFoundError:
+            return "moved"
+        except OSError:
+            is_dir = False
+        if is_dir:
+            # Never into corrupt/: a site holding a descriptor of its directory could
+            # go on creating files in it there.  An empty one goes; others stay.
+            try:
+                os.rmdir(src)
+            except OSError as exc:
+                self._stuck.add(name)
+                log.error("corrupt drop_file=%s uid=%s reason=%r action='cannot remove it "
+                          "(%s); skipped from now on: remove %s by hand'", name, uid, why,
+                          exc.strerror, src)
+                return "kept"
+            log.error("corrupt drop_file=%s uid=%s reason=%r action='removed the empty "
+                      "directory'", name, uid, why)
+            return "moved"
+        dst = os.path.join(layout.state_dir("corrupt"), "drop." + name)
+        if os.path.lexists(dst):
+            dst += "." + os.urandom(4).hex()
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return "moved"
+        except OSError as exc:
+            try:
+                os.unlink(src)
+            except OSError:
+                self._stuck.add(name)
+                log.error("corrupt drop_file=%s uid=%s reason=%r action='cannot move it to "
+                          "corrupt/ (%s) nor remove it; skipped from now on: remove "
+                          "%s by hand'", name, uid, why, exc.strerror, src)
+                return "kept"
+            log.error("corrupt drop_file=%s uid=%s reason=%r action='removed: could not move "
+                      "it to corrupt/ (%s)'", name, uid, why, exc.strerror)
+            return "moved"
+        log.error("corrupt drop_file=%s uid=%s reason=%r moved_to=%s action='inspect it; "
+                  "nothing was delivered'", name, uid, why, dst)
+        return "moved"
+
+
+def _owner(path: str) -> int | None:
     try:
-        os.rename(src, dst)
+        return os.lstat(path).st_uid
     except OSError:
-        os.unlink(src)
+        return None
 
 
 def ingest_file(config: Config, state: State, name: str) -> bool:
     """Ingest one ``m.`` file; True when it is gone from the drop directory."""
-    path = os.path.join(config.layout.maildrop, name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        _quarantine(config, name, f"cannot open: {exc.strerror}")
-        return True
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            _quarantine(config, name, f"not a plain file with one link (nlink={st.st_nlink})")
-            return True
-        cap = handoff.MAX_HEADER_BYTES + config.message_size_limit + 64
-        data = fh.read(cap + 1)
-    if len(data) > cap:
-        _quarantine(config, name, f"larger than message_size_limit ({config.message_size_limit})")
-        return True
-    try:
-        fields, message = handoff.decode_request(data)
-    except handoff.ProtocolError as exc:
-        _quarantine(config, name, str(exc))
-        return True
-    caller = Caller(uid=st.st_uid, gid=st.st_gid, pid=None)
-    verdict = accept_submission(config, state, fields, message, caller, origin="maildrop")
-    if verdict.code // 100 == 4:
-        return False  # temporary trouble (spool full): keep the file, try again later
-    if not verdict.accepted:
-        # The writer was told "accepted" (exit 0) long ago; a refusal now is final.
-        log.warning("dropped drop_file=%s uid=%d reason=%r", name, st.st_uid, verdict.text)
-    os.unlink(path)
-    return True
+    drop_gid = os.stat(config.layout.maildrop).st_gid
+    return Pickup()._ingest(config, state, name, drop_gid) != "kept"
 
 
 def scan(config: Config, state: State) -> int:
-    """Ingest every finished drop file; the number ingested."""
-    maildrop = config.layout.maildrop
-    count = 0
-    now = time.time()
-    for name in sorted(os.listdir(maildrop)):
-        if name.startswith("m."):
-            count += ingest_file(config, state, name)
-        elif name.startswith("t."):
-            path = os.path.join(maildrop, name)
-            try:
-                if now - os.lstat(path).st_mtime > STALE_TMP:
-                    os.unlink(path)
-                    log.info("removed stale drop_file=%s", name)
-            except FileNotFoundError:
-                pass
-    return count
+    """Ingest every finished drop file once (a fresh :class:`Pickup`); the number dealt with."""
+    return Pickup().scan(config, state)

@@ -61,7 +61,13 @@ class State:
         self._inserts = 0
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database; the daemon calls it only after joining its worker threads.
+
+        Taking the lock as well means a straggler's statement finishes first and the
+        next one fails with sqlite3.ProgrammingError instead of touching freed memory.
+        """
+        with self._lock:
+            self._db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[State]:

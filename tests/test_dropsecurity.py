@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 import subprocess
+import time
+from typing import Any
 
-from conftest import Relay, Shim, wait_until
+from conftest import Relay, Shim, free_port, wait_until
+
+from sendmail_shim import handoff, pickup, spool
+from sendmail_shim.admin import protected_hardlinks_problem
+from sendmail_shim.config import load_config
+from sendmail_shim.state import State
 
 
 def as_user(user: str, code: str) -> subprocess.CompletedProcess[bytes]:
@@ -79,9 +87,11 @@ class TestBetweenSites:
             path = os.path.join(shim.spool, "maildrop", name)
             with open(path, "wb") as fh:
                 fh.write(data)
-            os.chown(path, site.pw_uid, site.pw_gid)
+            os.chown(path, site.pw_uid, -1)  # the setgid directory gave it the daemon's group
+            os.chmod(path, 0o640)
         shim.start()
         wait_until(lambda: "drop_file=m.truncated" in shim.daemon_log(), 10, "quarantine")
+        assert "size and END trailer do not agree" in shim.daemon_log()
         assert relay.messages() == []
         assert os.path.exists(os.path.join(shim.spool, "maildrop", "t.inprogress"))
 
@@ -92,3 +102,155 @@ class TestBetweenSites:
             probe = as_user("shimsite1", f"import os; os.listdir({target!r}) if "
                             f"os.path.isdir({target!r}) else open({target!r}).read()")
             assert b"PermissionError" in probe.stderr, target
+
+
+def planted_request(rcpt: str, subject: str) -> bytes:
+    return handoff.encode_request([("mode", "submit"), ("rcpt", rcpt)],
+                                  f"Subject: {subject}\n\nbody\n".encode())
+
+
+def plant_lent_file(shim: Shim) -> None:
+    """Site 1 fills site 2's world-writable cache file with a request and links it in.
+
+    Site 2 keeps the file in a world-writable directory, as shared hosting does;
+    site 1 removes the original name, so the link in maildrop/ has a count of 1.
+    """
+    cache = os.path.join(shim.workdir, "cache")
+    os.mkdir(cache)
+    os.chmod(cache, 0o777)
+    victim_file = os.path.join(cache, "page.cache")
+    made = as_user("shimsite2", f"import os; os.umask(0); os.close(os.open("
+                                f"{victim_file!r}, os.O_CREAT | os.O_WRONLY, 0o666))")
+    assert made.returncode == 0, made.stderr
+    lent = planted_request("victim-pays@example.net", "lent")
+    link = os.path.join(shim.spool, "maildrop", "m.lent")
+    attack = as_user("shimsite1", f"""
+import os
+with open({victim_file!r}, "wb") as fh:
+    fh.write({lent!r})
+os.link({victim_file!r}, {link!r})
+os.unlink({victim_file!r})
+""")
+    assert attack.returncode == 0, attack.stderr
+
+
+class TestHostileEntries:
+    """Issue 10, defects 2 and 3: one bad entry must not stop pickup; no lent identity."""
+
+    def test_lent_cache_file_is_not_delivered_as_its_owner(
+            self, system: tuple[Shim, Relay]) -> None:
+        """Defect 3: site 1 hard-links site 2's 0666 cache file in, with a request of its own."""
+        shim, relay = system
+        shim.stop()
+        plant_lent_file(shim)
+        site2 = pwd.getpwnam("shimsite2").pw_uid
+        st = os.lstat(os.path.join(shim.spool, "maildrop", "m.lent"))
+        assert (st.st_uid, st.st_nlink) == (site2, 1)  # it looks like site 2's own file
+        shim.start()
+        wait_until(lambda: "drop_file=m.lent" in shim.daemon_log(), 10, "pickup refusing it")
+        log = shim.daemon_log()
+        assert f"corrupt drop_file=m.lent uid={site2} " in log
+        assert "is not the drop directory's group" in log
+        assert shim.queue_files("corrupt") == ["drop.m.lent"]
+        time.sleep(1.5)
+        assert relay.messages() == []
+        # A genuine drop file of site 2 still goes out under its login.
+        shim.stop()
+        done = shim.sendmail(["-i", "legit@example.net"], b"Subject: legit\n\nx\n",
+                             user="shimsite2")
+        assert done.returncode == 0, done.stderr
+        shim.start()
+        [(meta, _)] = relay.wait(1)
+        assert meta["login"] == "site2.test" and meta["rcpt_tos"] == ["legit@example.net"]
+
+    def test_bad_entries_are_set_aside_and_other_sites_are_delivered(
+            self, system: tuple[Shim, Relay]) -> None:
+        """Defect 2: no entry stops pickup for everyone."""
+        shim, relay = system
+        shim.stop()
+        drop = os.path.join(shim.spool, "maildrop")
+        plant_lent_file(shim)
+        # Site 1 plants: a directory it keeps (not movable by the daemon), a FIFO, a
+        # symlink and a header that does not decode ("size ²": a digit, but not for int()).
+        attack = as_user("shimsite1", f"""
+import os
+d = {drop!r}
+os.mkdir(d + "/m.0")
+open(d + "/m.0/keep", "w").close()
+os.mkfifo(d + "/m.fifo")
+os.symlink("/etc/hostname", d + "/m.symlink")
+fd = os.open(d + "/m.garbage", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+os.fchmod(fd, 0o640)
+os.write(fd, b"SMSHIM1\\nmode submit\\nsize \\xc2\\xb2\\n\\nx\\nEND\\n")
+os.close(fd)
+""")
+        assert attack.returncode == 0, attack.stderr
+        done = shim.sendmail(["-i", "legit@example.net"], b"Subject: legit\n\nx\n",
+                             user="shimsite2")
+        assert done.returncode == 0, done.stderr
+        shim.start()
+        [(meta, data)] = relay.wait(1)
+        assert meta["login"] == "site2.test" and meta["rcpt_tos"] == ["legit@example.net"]
+        assert b"Subject: legit" in data
+        bad = ("m.0", "m.fifo", "m.symlink", "m.garbage", "m.lent")
+        wait_until(lambda: all(f"drop_file={n}" in shim.daemon_log() for n in bad), 10,
+                   "every bad entry logged")
+        time.sleep(1.5)  # three more scans
+        log = shim.daemon_log()
+        assert relay.messages() == [(meta, data)]
+        corrupt = sorted(shim.queue_files("corrupt"))
+        assert corrupt == ["drop.m.fifo", "drop.m.garbage", "drop.m.lent", "drop.m.symlink"]
+        assert os.listdir(drop) == ["m.0"]  # site 1's own directory: logged once, skipped
+        assert log.count("drop_file=m.0 ") == 1
+        site1 = pwd.getpwnam("shimsite1").pw_uid
+        assert f"corrupt drop_file=m.fifo uid={site1} " in log
+        assert "Traceback" not in log
+
+    def test_scan_survives_every_kind_of_entry_without_leaking(self, shim_factory: Any) -> None:
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        config = load_config(shim.config)
+        spool.prepare_spool(config.layout)
+        drop = config.layout.maildrop
+        os.mkdir(os.path.join(drop, "m.0"))
+        os.mkfifo(os.path.join(drop, "m.fifo"))
+        os.symlink("/etc/hostname", os.path.join(drop, "m.symlink"))
+        os.mkdir(os.path.join(drop, "t.dir"))
+        with open(os.path.join(drop, "m.garbage"), "wb") as fh:
+            fh.write(b"SMSHIM1\nmode submit\nsize \xc2\xb2\n\nx\nEND\n")
+        os.chmod(os.path.join(drop, "m.garbage"), 0o640)
+        state = State(config.layout)
+        try:
+            fds = len(os.listdir("/proc/self/fd"))
+            for _ in range(3):
+                pickup.scan(config, state)
+            assert len(os.listdir("/proc/self/fd")) == fds
+        finally:
+            state.close()
+        assert os.listdir(drop) == []  # the empty directories are removed, not moved
+        assert sorted(os.listdir(config.layout.state_dir("corrupt"))) == [
+            "drop.m.fifo", "drop.m.garbage", "drop.m.symlink"]
+
+
+def test_proof_of_identity_rules() -> None:
+    def st(mode: int = stat.S_IFREG | 0o640, nlink: int = 1, gid: int = 120) -> os.stat_result:
+        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime)
+        return os.stat_result((mode, 1, 1, nlink, 1000, gid, 10, 0, 0, 0))
+
+    assert pickup.unproven(st(), 120) is None
+    assert "one link" in (pickup.unproven(st(nlink=2), 120) or "")
+    assert "group" in (pickup.unproven(st(gid=1000), 120) or "")
+    for mode in (0o666, 0o660, 0o642, 0o4640, 0o2640, 0o600):
+        assert "mode" in (pickup.unproven(st(mode=stat.S_IFREG | mode), 120) or "")
+    assert "directory" in (pickup.unproven(st(mode=stat.S_IFDIR | 0o750), 120) or "")
+    assert "FIFO" in (pickup.unproven(st(mode=stat.S_IFIFO | 0o640), 120) or "")
+
+
+def test_config_check_warns_without_protected_hardlinks(tmp_path: os.PathLike[str]) -> None:
+    sysctl = os.path.join(tmp_path, "protected_hardlinks")
+    with open(sysctl, "w") as fh:
+        fh.write("0\n")
+    assert "protected_hardlinks is 0" in (protected_hardlinks_problem(sysctl) or "")
+    with open(sysctl, "w") as fh:
+        fh.write("1\n")
+    assert protected_hardlinks_problem(sysctl) is None
