@@ -13,6 +13,15 @@ Guarantees, following Postfix's sendmail/cleanup:
   (``from userid N`` as Postfix writes it), prepended;
 * duplicate recipients are removed; unqualified addresses get ``@hostname``
   (recipients) or the site's domain (sender);
+* every envelope address is checked by address.py, the grammar the SMTP client
+  sends with (RFC 5321/6531, length limits, valid UTF-8 only) and kept in its
+  canonical form: what the door accepts, delivery can send.  Anything else is a
+  :class:`CompositionError` naming the address (EX_DATAERR 65, ``553 5.1.3``);
+* header-derived text (the script hint, ``-F``) is never fatal: invalid UTF-8
+  and controls are escaped (``\\xff``) before they reach the Received line, the
+  envelope, the state database or a log line;
+* ``-V`` (envelope id) must be printable ASCII, at most 100 characters
+  (RFC 3461 ENVID), else a CompositionError;
 * the default envelope sender is the site's ``sender``, else ``noreply@`` its
   first domain, never ``root@`` or the web user's login name.
 
@@ -26,17 +35,25 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate, getaddresses
 
+from sendmail_shim.address import AddressError, canonical, printable
 from sendmail_shim.config import Config, Site
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.identity import Caller
 
 _HEADER_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
-_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-MAX_ADDRESS_LENGTH = 320  # 64 local + @ + 255 domain (RFC 5321 4.5.3.1)
+MAX_ENVID = 100  # RFC 3461 4.4
 
 
 class CompositionError(Exception):
-    """The submission cannot become a message; the text says why."""
+    """The submission cannot become a message; the text says why.
+
+    ``code`` and ``enhanced`` are the SMTP reply (``-bs``); the exit status is 65.
+    """
+
+    def __init__(self, text: str, code: int = 554, enhanced: str = "5.1.3") -> None:
+        super().__init__(text)
+        self.code = code
+        self.enhanced = enhanced
 
 
 @dataclass
@@ -109,9 +126,22 @@ def _addresses(text: str) -> list[str]:
 
 
 def check_address(addr: str, what: str) -> str:
-    if len(addr) > MAX_ADDRESS_LENGTH or _BAD_ADDRESS_CHARS.search(addr) or " " in addr.strip():
-        raise CompositionError(f"bad {what} address {addr[:80]!r}")
-    return addr.strip()
+    """The canonical form of ``addr`` (address.py), or a CompositionError naming it."""
+    try:
+        return canonical(addr)
+    except AddressError as exc:
+        raise CompositionError(f"bad {what} address: {exc}", 553, "5.1.3") from None
+
+
+def check_envid(envid: str | None) -> str | None:
+    """``-V``: printable ASCII without spaces, at most MAX_ENVID characters."""
+    if envid is None:
+        return None
+    if len(envid) > MAX_ENVID or not all(0x21 <= ord(c) <= 0x7E for c in envid):
+        raise CompositionError(f"bad envelope id (-V) {printable(envid, 40)!r}: use at most "
+                               f"{MAX_ENVID} printable ASCII characters without spaces",
+                               554, "5.5.4")
+    return envid
 
 
 def _qualify(addr: str, domain: str) -> str:
@@ -134,13 +164,13 @@ def envelope_sender(raw: str | None, site: Site, config: Config) -> str:
         return ""
     found = _addresses(stripped)
     if not found:
-        raise CompositionError(f"cannot read the sender address {raw[:80]!r}")
+        raise CompositionError(f"cannot read the sender address <{printable(raw, 80)}>")
     domain = site.domains[0] if site.domains else config.hostname
     return check_address(_qualify(found[0], domain), "sender")
 
 
 def _comment_safe(text: str) -> str:
-    return re.sub(r"[()\\\x00-\x1f\x7f]", "_", text)[:200]
+    return re.sub(r"[()\\\x00-\x1f\x7f]", "_", printable(text, 200))
 
 
 def script_hint(headers: list[bytes]) -> str | None:
@@ -148,7 +178,7 @@ def script_hint(headers: list[bytes]) -> str | None:
     for field in headers:
         if header_name(field) == "x-php-originating-script":
             value = header_value(field)
-            return value.split(":", 1)[1] if ":" in value else value
+            return printable(value.split(":", 1)[1] if ":" in value else value, 200)
     return None
 
 
@@ -232,7 +262,7 @@ def compose(
         cwd=caller.cwd,
         notify=sub.notify,
         ret=sub.ret,
-        envid=sub.envid,
+        envid=check_envid(sub.envid),
         body_type=sub.body_type,
         size=len(final),
     )

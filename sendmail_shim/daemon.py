@@ -26,6 +26,12 @@ accepted by the relay is recorded before the daemon exits.  The signal
 handlers are installed before the socket exists, so a SIGTERM that comes as
 soon as a caller could connect is a clean stop too.
 
+Every request gets a reply line: an unexpected exception in a handler is
+logged with its traceback and answered ``451`` (submissions: nothing was
+queued, try again) or ``500`` (mailq, control), never a closed socket that the
+front end would take for a dead daemon.  Texts are encoded with escapes, so an
+odd queue entry cannot break ``mailq`` or ``queue list``.
+
 Control requests on the same socket: ``flush`` (any user, like Postfix's
 ``sendmail -q``) and ``mailq``, which shows root and the daemon's own user the
 whole queue and every other uid only its own messages: on a shared host one
@@ -223,7 +229,9 @@ class Daemon:
                 return await self._handle(reader, writer)
 
         try:
-            await _respond(writer, handle(), "client")
+            await _respond(writer, handle(), "client", handoff.format_reply(
+                451, sysexits.EX_TEMPFAIL, "4.3.0 internal error in the daemon; nothing was "
+                "queued, try again later (the operator finds the cause in the daemon's log)"))
         finally:
             self._inflight.discard(task)
 
@@ -248,7 +256,7 @@ class Daemon:
             return handoff.format_reply(250, 0, "queue run started")
         if mode == "mailq":
             text = await asyncio.to_thread(self._mailq_text, uid)
-            return handoff.format_reply(250, 0, "queue follows") + text.encode()
+            return handoff.format_reply(250, 0, "queue follows") + _encode(text)
         if mode != "submit":
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"unknown mode {mode!r}")
         try:
@@ -353,7 +361,8 @@ class Daemon:
                         "the admin group", uid, pid)
             return handoff.format_reply(550, sysexits.EX_NOPERM, "not permitted")
 
-        await _respond(writer, handle(), "control client")
+        await _respond(writer, handle(), "control client", handoff.format_reply(
+            500, sysexits.EX_SOFTWARE, "internal error in the daemon; see its log"))
 
     async def _control_request(self, reader: asyncio.StreamReader, uid: int) -> bytes:
         try:
@@ -373,7 +382,7 @@ class Daemon:
             return handoff.format_reply(550, sysexits.EX_DATAERR, str(exc))
         if action in ("queue-release", "site-resume"):
             self._runner().poke(force=True)
-        return handoff.format_reply(250, 0, "ok") + text.encode()
+        return handoff.format_reply(250, 0, "ok") + _encode(text)
 
     def _mailq_text(self, uid: int) -> str:
         everything = uid in (0, os.getuid())
@@ -382,10 +391,24 @@ class Daemon:
         return listing.format_queue(entries)
 
 
-async def _respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes], who: str) -> None:
-    """Write the reply (one line, maybe a body) and close, whatever the peer did."""
+def _encode(text: str) -> bytes:
+    """Reply text as UTF-8; what UTF-8 cannot carry (lone surrogates) is escaped."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+async def _respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes], who: str,
+                   on_error: bytes) -> None:
+    """Write the reply (one line, maybe a body) and close, whatever the peer did.
+
+    A handler that raises is logged with its traceback and answered ``on_error``.
+    """
     try:
-        writer.write(await reply)
+        try:
+            data = await reply
+        except Exception:
+            log.exception("internal error answering a %s; replied with an error", who)
+            data = on_error
+        writer.write(data)
         await writer.drain()
     except (ConnectionError, TimeoutError) as exc:
         log.info("%s went away: %s", who, exc)

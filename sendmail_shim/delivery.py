@@ -21,7 +21,16 @@ Guarantees:
   domain's real MX (route.py): local ones go to the local MTA without any site
   login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
   DNS trouble defers.  Without a local transport there is nowhere local to
-  deliver, so everything goes to the relay and no DNS is asked.
+  deliver, so everything goes to the relay and no DNS is asked;
+* one message's failure is that message's alone: any exception while reading,
+  routing, sending or recording one message is caught, the message is deferred
+  with ``last_error`` naming the exception (and logged with its queue id, site
+  and what to do next), and the run goes on with the next message.  After
+  :data:`MAX_INTERNAL_FAILURES` such failures in a row the message moves to
+  hold for the operator (``queue show``, then ``queue release`` or
+  ``queue delete``) instead of being retried forever.  A queue file that does
+  not parse moves to ``corrupt/``; one site's failing run does not stop the
+  others.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 from sendmail_shim import bounce, outbreak, spool
+from sendmail_shim.address import printable
 from sendmail_shim.config import Config, Site
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.local_delivery import Session, open_local_session
@@ -46,12 +56,14 @@ from sendmail_shim.state import RELAY_5XX, RELAY_OK, State
 
 log = logging.getLogger("sendmail_shim.delivery")
 MAX_PARALLEL_SITES = 8
+MAX_INTERNAL_FAILURES = 3  # in a row; then the message waits in hold for the operator
 
 
 def backoff(config: Config, attempts: int) -> float:
     """Seconds to wait after ``attempts`` failed attempts."""
     policy = config.retry
-    delay: float = min(policy.maximum, policy.initial * (2.0 ** max(0, attempts - 1)))
+    exponent = min(max(0, attempts - 1), 60)  # 2**60 * initial is past any maximum
+    delay: float = min(policy.maximum, policy.initial * (2.0 ** exponent))
     return delay * (1 + random.uniform(-policy.jitter, policy.jitter))
 
 
@@ -82,10 +94,19 @@ class _Channel:
         try:
             return await self.session.send(env, message, recipients)
         except (SessionBroken, OSError, TimeoutError) as exc:
-            broken, self.session = self.session, None
+            await self._drop()
+            return dict.fromkeys(recipients, Outcome.network(f"connection lost: {exc}"))
+        except Exception:
+            # This message broke the client mid-transaction: its state is unknown, so the
+            # next message gets a new session; the runner records this one's failure.
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        broken, self.session = self.session, None
+        if broken is not None:
             with contextlib.suppress(Exception):
                 await broken.close()
-            return dict.fromkeys(recipients, Outcome.network(f"connection lost: {exc}"))
 
     async def close(self) -> None:
         if self.session is not None:
@@ -142,7 +163,12 @@ class QueueRunner:
 
             async def one_site(site_name: str, items: list[tuple[str, str]]) -> None:
                 async with limiter:
-                    await self._deliver_site(site_name, items)
+                    try:
+                        await self._deliver_site(site_name, items)
+                    except Exception:
+                        log.exception("site run failed site=%s; the other sites go on, this "
+                                      "one is retried after the scan interval",
+                                      printable(site_name))
 
             await asyncio.gather(*(one_site(s, items) for s, items in due.items()))
             return sum(len(items) for items in due.values())
@@ -162,11 +188,13 @@ class QueueRunner:
             for queue_id in spool.queue_ids(layout, state):
                 if self._stopping:
                     return due
-                status = spool.read_status(layout, queue_id)
-                if state == spool.DEFERRED and not force and status.next_attempt > now:
-                    continue
                 try:
+                    status = spool.read_status(layout, queue_id)
+                    if state == spool.DEFERRED and not force and status.next_attempt > now:
+                        continue
                     env = spool.read_envelope(layout, state, queue_id)
+                except FileNotFoundError:
+                    continue  # delivered, held or deleted meanwhile
                 except (OSError, ValueError) as exc:
                     self._corrupt(queue_id, state, str(exc))
                     continue
@@ -193,7 +221,7 @@ class QueueRunner:
         if site is None:
             for state, queue_id in items:
                 await self._record(state, queue_id, None, {}, Outcome.network(
-                    f"site {site_name} is no longer in the configuration; add it back "
+                    f"site {printable(site_name)} is no longer in the configuration; add it back "
                     "or delete the message"))
             return
         config = self.config
@@ -207,25 +235,71 @@ class QueueRunner:
                 if self._stopping:
                     return  # shutdown: the message in hand was recorded, the rest waits
                 try:
-                    env, message = spool.read_entry(self.config.layout, state, queue_id)
-                except (OSError, ValueError) as exc:
-                    self._corrupt(queue_id, state, str(exc))
-                    continue
-                status = spool.read_status(self.config.layout, queue_id)
-                pending = [r for r in env.recipients
-                           if r not in status.done and r not in status.failed]
-                results, to_relay, to_local = await self._route(pending)
-                results.update(await relay.send(env, message, to_relay))
-                if local is not None:
-                    results.update(await local.send(env, message, to_local))
-                await self._record(state, queue_id, (env, message), results, None)
-                self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
+                    await self._deliver_one(site, state, queue_id, relay, local)
+                except Exception as exc:  # this message's trouble, not the run's
+                    await asyncio.to_thread(self._internal_failure, state, queue_id,
+                                            site_name, exc)
                 if self.state.suspension(site_name) is not None:
                     return  # an outbreak rule tripped: the rest is on hold now
         finally:
             await relay.close()
             if local is not None:
                 await local.close()
+
+    async def _deliver_one(self, site: Site, state: str, queue_id: str, relay: _Channel,
+                           local: _Channel | None) -> None:
+        """One attempt for one message: read, route, send, record."""
+        try:
+            env, message = spool.read_entry(self.config.layout, state, queue_id)
+        except FileNotFoundError:
+            return  # held or deleted by the operator meanwhile
+        except (OSError, ValueError) as exc:
+            self._corrupt(queue_id, state, str(exc))
+            return
+        status = spool.read_status(self.config.layout, queue_id)
+        pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
+        results, to_relay, to_local = await self._route(pending)
+        results.update(await relay.send(env, message, to_relay))
+        if local is not None:
+            results.update(await local.send(env, message, to_local))
+        await self._record(state, queue_id, (env, message), results, None)
+        self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
+
+    def _internal_failure(self, state: str, queue_id: str, site_name: str,
+                          exc: Exception) -> None:
+        """Defer (or, after repeated failures, hold) one message that broke (in a thread)."""
+        layout = self.config.layout
+        reason = f"internal error: {exc.__class__.__name__}: {printable(str(exc))}"
+        try:
+            status = spool.read_status(layout, queue_id)
+            status.internal_failures += 1
+            status.attempts += 1
+            status.last_error = reason
+            delay = backoff(self.config, status.attempts)
+            status.next_attempt = time.time() + delay
+            hold = status.internal_failures >= MAX_INTERNAL_FAILURES
+            target = spool.HOLD if hold else spool.DEFERRED
+            spool.write_status(layout, queue_id, status)
+            if state != target:
+                spool.move(layout, queue_id, state, target)
+        except FileNotFoundError:
+            log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(site_name))
+            return
+        except Exception:
+            log.exception("internal_error queue_id=%s site=%s reason=%r action='could not "
+                          "record the failure either; it is retried in the next run: see "
+                          "the traceback'", queue_id, printable(site_name), reason)
+            return
+        if hold:
+            action = (f"held after {status.internal_failures} internal failures: inspect it "
+                      f"with 'sendmail-shim-admin queue show {queue_id}', then 'queue release "
+                      f"{queue_id}' once fixed or 'queue delete {queue_id}'")
+        else:
+            action = (f"deferred, retried in {int(delay)}s; held after "
+                      f"{MAX_INTERNAL_FAILURES} such failures in a row")
+        log.error("internal_error queue_id=%s site=%s attempts=%d reason=%r action=%r",
+                  queue_id, printable(site_name), status.attempts, reason, action,
+                  exc_info=exc)
 
     async def _route(self, recipients: list[str]
                      ) -> tuple[dict[str, Outcome], list[str], list[str]]:
@@ -276,6 +350,7 @@ class QueueRunner:
                 self._corrupt(queue_id, state, str(exc))
                 return False
         env, message = entry
+        site, sender = printable(env.site), printable(env.sender)  # one log line each
         status = spool.read_status(layout, queue_id)
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
         if trouble is not None:
@@ -288,8 +363,8 @@ class QueueRunner:
             if out.kind == OK:
                 status.done.append(rcpt)
                 log.info("delivered queue_id=%s site=%s uid=%d rcpt=<%s> relay=%s status=%d "
-                         "reply=%r", queue_id, env.site, env.uid, rcpt, out.relay, out.code,
-                         out.text)
+                         "reply=%r", queue_id, site, env.uid, printable(rcpt), out.relay,
+                         out.code, out.text)
             elif out.kind == PERM:
                 new_failures[rcpt] = out
             else:
@@ -304,9 +379,10 @@ class QueueRunner:
         for rcpt, out in new_failures.items():
             status.failed[rcpt] = out.describe()
             log.warning("bounced queue_id=%s site=%s uid=%d sender=<%s> rcpt=<%s> relay=%s "
-                        "status=%d reply=%r", queue_id, env.site, env.uid, env.sender, rcpt,
+                        "status=%d reply=%r", queue_id, site, env.uid, sender, printable(rcpt),
                         out.relay, out.code, out.text)
         status.delayed = {r: o.describe() for r, o in temp.items()}
+        status.internal_failures = 0  # this attempt ran to its end
         # Record delivered/failed recipients before anything else can go wrong.
         spool.write_status(layout, queue_id, status)
         notice = None
@@ -314,15 +390,15 @@ class QueueRunner:
             notice = bounce.queue_bounce(self.config, env, message, new_failures)
             if notice:
                 log.info("bounce_queued queue_id=%s bounce_of=%s to=<%s>", notice, queue_id,
-                         env.sender)
+                         sender)
         if not temp:
             try:
                 spool.remove(layout, queue_id, state)
             except FileNotFoundError:
                 # Held by the operator meanwhile; its status says it is done.
-                log.info("moved_meanwhile queue_id=%s site=%s", queue_id, env.site)
+                log.info("moved_meanwhile queue_id=%s site=%s", queue_id, site)
                 return notice is not None
-            log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id, env.site,
+            log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id, site,
                      len(status.done), len(status.failed))
             return notice is not None
         status.attempts += 1
@@ -335,6 +411,6 @@ class QueueRunner:
             with contextlib.suppress(FileNotFoundError):  # held meanwhile
                 spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
         log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d retry_in=%ds "
-                    "relay=%s reason=%r", queue_id, env.site, env.uid, len(temp),
+                    "relay=%s reason=%r", queue_id, site, env.uid, len(temp),
                     status.attempts, int(delay), first.relay, first.describe())
         return notice is not None

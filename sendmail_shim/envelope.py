@@ -1,8 +1,10 @@
 """The envelope of a queued message: plain data, no protocol and no policy.
 
-Guarantees: :meth:`Envelope.to_json` / :meth:`Envelope.from_json` round-trip;
-``from_json`` checks types, so a damaged queue file is reported as corrupt
-rather than delivered to the wrong place.
+Guarantees: :meth:`Envelope.to_json` / :meth:`Envelope.from_json` round-trip
+(strings with lone surrogates too: ``ensure_ascii`` writes them as ``\\udcxx``);
+``from_json`` checks every field's type and raises only ``ValueError``, so a
+damaged queue file is reported as corrupt rather than delivered to the wrong
+place or crashing whoever reads it.
 """
 
 from __future__ import annotations
@@ -40,13 +42,26 @@ class Envelope:
         data: Any = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("envelope is not a JSON object")
-        env = cls(**data)
+        try:
+            env = cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"envelope fields: {exc}") from None
         if not isinstance(env.sender, str) or not isinstance(env.recipients, list):
             raise ValueError("envelope sender/recipients have the wrong type")
         if not all(isinstance(r, str) for r in env.recipients):
             raise ValueError("envelope recipients must be strings")
         if not isinstance(env.uid, int) or not isinstance(env.site, str):
             raise ValueError("envelope uid/site have the wrong type")
+        if not isinstance(env.queue_id, str) or not isinstance(env.origin, str):
+            raise ValueError("envelope queue_id/origin have the wrong type")
+        if not all(isinstance(v, (int, float)) for v in (env.arrival, env.size, env.gid)):
+            raise ValueError("envelope arrival/size/gid have the wrong type")
+        optional = (env.script, env.cwd, env.notify, env.ret, env.envid, env.body_type)
+        if not all(v is None or isinstance(v, str) for v in optional) \
+                or not (env.pid is None or isinstance(env.pid, int)):
+            raise ValueError("envelope optional fields have the wrong type")
+        if not isinstance(env.extra, dict):
+            raise ValueError("envelope extra has the wrong type")
         return env
 
     @property

@@ -53,7 +53,7 @@ def accept_submission(
     except CompositionError as exc:
         log.warning("refused site=%s uid=%d origin=%s reason=%r", site.name, caller.uid,
                     origin, str(exc))
-        return outcome.Verdict(554, "5.1.3", sysexits.EX_DATAERR,
+        return outcome.Verdict(exc.code, exc.enhanced, sysexits.EX_DATAERR,
                                f"site {site.name}: {exc}; nothing was queued")
     envelope.origin = origin
     facts = (f"queue_id={queue_id} site={site.name} uid={caller.uid} pid={caller.pid} "

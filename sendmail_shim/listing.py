@@ -4,6 +4,9 @@ Trusts: the entries it is given (the caller decides what a user may see).
 Guarantees: Postfix's mailq layout, widened with the site, the age and the
 last error; a marker after the id tells the state (``!`` hold, ``#`` corrupt,
 ``~`` deferred, blank incoming); "Mail queue is empty" when there is nothing.
+Every string from a queue file (site, sender, recipients, last error) is shown
+through ``address.printable``: invalid UTF-8 and controls appear escaped
+(``\\xff``), so one odd entry can never break the listing.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from sendmail_shim.address import printable
 from sendmail_shim.spool import CORRUPT, DEFERRED, HOLD, QueueEntry
 
 MARKERS = {HOLD: "!", CORRUPT: "#", DEFERRED: "~"}
@@ -41,13 +45,13 @@ def format_queue(entries: Iterable[QueueEntry], now: float | None = None) -> str
         marker = MARKERS.get(entry.state, " ")
         lines.append(
             f"{env.queue_id}{marker} {env.size:>8} {format_age(now - env.arrival):>9} "
-            f"{env.site[:21]:<21} {env.sender or 'MAILER-DAEMON'}"
+            f"{printable(env.site, 21):<21} {printable(env.sender) or 'MAILER-DAEMON'}"
         )
         if entry.status.last_error:
-            lines.append(f"{RCPT_INDENT}({entry.status.last_error[:200]})")
+            lines.append(f"{RCPT_INDENT}({printable(entry.status.last_error)})")
         pending = [r for r in env.recipients
                    if r not in entry.status.done and r not in entry.status.failed]
-        lines.extend(f"{RCPT_INDENT}{rcpt}" for rcpt in pending)
+        lines.extend(f"{RCPT_INDENT}{printable(rcpt)}" for rcpt in pending)
         lines.append("")
     if count == 0:
         return "Mail queue is empty\n"

@@ -5,7 +5,9 @@ TCP or a Unix socket, checked by config.py).
 Guarantees: no site's relay login is ever sent here; SMTP goes through the same
 client as the relay (relay.py); LMTP (RFC 2033) is spoken here, reading one
 reply per accepted recipient after the data, so each recipient gets its own
-outcome.  Sessions are reused for a batch, like relay sessions.
+outcome.  Sessions are reused for a batch, like relay sessions.  LMTP uses the
+same address paths (address.py) and the same data preparation
+(relay.smtp_data: CRLF, long lines broken like Postfix) as the relay client.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from sendmail_shim.address import needs_smtputf8, paths_for
 from sendmail_shim.config import LocalTransport, Relay
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.outcome import Outcome
-from sendmail_shim.relay import RelaySession, RelaysUnavailable, connect_plain
+from sendmail_shim.relay import RelaySession, RelaysUnavailable, connect_plain, smtp_data
 
 TIMEOUT = 60.0
 
@@ -78,16 +81,25 @@ class LmtpSession:
 
     async def send(self, envelope: Envelope, message: bytes,
                    recipients: list[str]) -> dict[str, Outcome]:
+        sender_path, paths, unsendable = paths_for(envelope.sender, recipients)
+        results: dict[str, Outcome] = {  # queued before the door checked addresses
+            r: Outcome.from_reply(553, f"5.1.3 not sent: {why}", self.label)
+            for r, why in unsendable.items()}
+        recipients = [r for r in recipients if r in paths]
+        if not recipients:
+            return results
         body = " BODY=8BITMIME" if any(b > 127 for b in message) and \
             "8BITMIME" in self.extensions else ""
-        code, text = await self._command(f"MAIL FROM:<{envelope.sender}>{body}")
+        if needs_smtputf8(envelope.sender, *recipients) and "SMTPUTF8" in self.extensions:
+            body += " SMTPUTF8"
+        code, text = await self._command(f"MAIL FROM:{sender_path}{body}")
         if code != 250:
             await self._command("RSET")
-            return dict.fromkeys(recipients, Outcome.from_reply(code, text, self.label))
-        results: dict[str, Outcome] = {}
+            return {**results, **dict.fromkeys(recipients,
+                                               Outcome.from_reply(code, text, self.label))}
         accepted = []
         for rcpt in recipients:
-            code, text = await self._command(f"RCPT TO:<{rcpt}>")
+            code, text = await self._command(f"RCPT TO:{paths[rcpt]}")
             if code in (250, 251):
                 accepted.append(rcpt)
             else:
@@ -99,9 +111,8 @@ class LmtpSession:
         if code != 354:
             return {**results, **dict.fromkeys(accepted, Outcome.from_reply(code, text,
                                                                             self.label))}
-        lines = message.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
+        lines = smtp_data(message).split(b"\r\n")
+        lines.pop()  # smtp_data ends every line with CRLF
         data = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
                         for line in lines)
         self.writer.write(data + b".\r\n")

@@ -3,8 +3,10 @@
 Trusts: its caller to be the operator (the daemon's control socket admits root,
 the daemon's user and the admin group; the admin command runs these directly
 only while it holds the daemon's lock, i.e. when no daemon runs).
-Guarantees: one implementation of each action, whoever asks; queue ids are
-validated before use; every action is logged with the site and the actor; the
+Guarantees: one implementation of each action, whoever asks; queue ids and
+every other argument are validated before use (a missing site, a limit that is
+not a number from 0 to :data:`MAX_LIMIT`: an :class:`OperationError` naming
+the argument, never a crash); every action is logged with the site and the actor; the
 text returned is what the operator sees, naming what to do next.
 
 Actions (``perform``): site-list, site-show, site-suspend, site-resume,
@@ -20,6 +22,7 @@ import time
 from typing import Any
 
 from sendmail_shim import listing, quota, spool
+from sendmail_shim.address import printable
 from sendmail_shim.compose import mail_date
 from sendmail_shim.config import ADMIN_SITE, QUOTA_KEYS, Config, Site
 from sendmail_shim.envelope import Envelope
@@ -27,6 +30,7 @@ from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.operations")
 Args = dict[str, list[str]]
+MAX_LIMIT = 10**9  # a quota limit larger than this is a typo, not a limit
 
 
 class OperationError(Exception):
@@ -44,6 +48,24 @@ def _site(config: Config, name: str) -> Site:
 def _first(args: Args, key: str) -> str | None:
     values = args.get(key)
     return values[0] if values else None
+
+
+def _required(args: Args, key: str) -> str:
+    value = _first(args, key)
+    if value is None:
+        raise OperationError(f"missing argument {key}")
+    return value
+
+
+def _limit(key: str, value: str) -> int | None:
+    """A quota limit argument: a number from 0 to MAX_LIMIT, or none/empty (unlimited)."""
+    if value in ("", "none"):
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 10 or int(value) > MAX_LIMIT:
+        raise OperationError(f"--{key.replace('_', '-')}: {value[:20]!r}"
+                             f"{'...' if len(value) > 20 else ''} is not a number from 0 to "
+                             f"{MAX_LIMIT} or 'none'")
+    return int(value)
 
 
 def select(config: Config, queue_ids: list[str], site: str | None,
@@ -199,12 +221,12 @@ def quota_show(config: Config, state: State, args: Args) -> str:
 
 
 def quota_set(config: Config, state: State, args: Args, actor: str) -> str:
-    site = _site(config, args["site"][0])
+    site = _site(config, _required(args, "site"))
+    wanted = [(key, _limit(key, value)) for key in QUOTA_KEYS for value in args.get(key, [])]
     if args.get("clear"):
         state.clear_overrides(site.name)
-    for key in QUOTA_KEYS:
-        for value in args.get(key, []):
-            state.set_override(site.name, key, None if value in ("", "none") else int(value))
+    for key, limit in wanted:
+        state.set_override(site.name, key, limit)
     limits = quota.describe(quota.effective_quota(config, state, site))
     log.warning("quota_set site=%s actor=%s limits=%s", site.name, actor, limits)
     return f"site {site.name}: " + ", ".join(f"{k}={_fmt_limit(v)}" for k, v in limits.items()) \
@@ -212,7 +234,7 @@ def quota_set(config: Config, state: State, args: Args, actor: str) -> str:
 
 
 def quota_reset(config: Config, state: State, args: Args, actor: str) -> str:
-    site = _site(config, args["site"][0])
+    site = _site(config, _required(args, "site"))
     removed = state.reset_usage(site.name)
     log.warning("quota_reset site=%s actor=%s events=%d", site.name, actor, removed)
     return f"site {site.name}: usage reset ({removed} events forgotten)\n"
@@ -236,7 +258,7 @@ def site_list(config: Config, state: State, args: Args) -> str:
 
 
 def site_show(config: Config, state: State, args: Args) -> str:
-    site = _site(config, args["site"][0])
+    site = _site(config, _required(args, "site"))
     suspended = state.suspension(site.name)
     queued = {s: len(select(config, [], site.name, (s,))) for s in spool.STATES}
     lines = [
@@ -281,15 +303,20 @@ def queue_list(config: Config, state: State, args: Args) -> str:
 
 
 def queue_show(config: Config, state: State, args: Args) -> str:
-    [(where, queue_id)] = select(config, args.get("id", [])[:1], None, spool.STATES)
-    envelope, message = spool.read_entry(config.layout, where, queue_id)
+    [(where, queue_id)] = select(config, [_required(args, "id")], None, spool.STATES)
+    try:
+        envelope, message = spool.read_entry(config.layout, where, queue_id)
+    except (OSError, ValueError) as exc:
+        raise OperationError(f"message {queue_id} ({where}) cannot be read: {exc}") from None
     status = spool.read_status(config.layout, queue_id)
     head = message.split(b"\n\n", 1)[0].decode("utf-8", "replace")
-    return (f"queue id:   {queue_id} ({where})\nsite:       {envelope.site} (uid "
-            f"{envelope.uid}, script {envelope.script or '-'})\n"
-            f"sender:     <{envelope.sender}>\nrecipients: {', '.join(envelope.recipients)}\n"
-            f"delivered:  {', '.join(status.done) or '-'}\nattempts:   {status.attempts}\n"
-            f"last error: {status.last_error or '-'}\n\n{head}\n")
+    return (f"queue id:   {queue_id} ({where})\nsite:       {printable(envelope.site)} (uid "
+            f"{envelope.uid}, script {printable(envelope.script or '-')})\n"
+            f"sender:     <{printable(envelope.sender)}>\n"
+            f"recipients: {printable(', '.join(envelope.recipients), 2000)}\n"
+            f"delivered:  {printable(', '.join(status.done), 2000) or '-'}\n"
+            f"attempts:   {status.attempts}\n"
+            f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
 
 
 def encode_args(action: str, args: Args) -> list[tuple[str, str]]:
@@ -314,6 +341,11 @@ def decode_args(fields: list[tuple[str, str]]) -> tuple[str, Args]:
 
 def perform(config: Config, state: State, action: str, args: Args, actor: str) -> str:
     """Run one action; the operator's text.  Raises OperationError."""
+    for key, values in args.items():
+        for value in values:
+            if not value.isprintable() or len(value) > 4096:
+                raise OperationError(f"argument {key}: {value[:40]!r} is not printable text "
+                                     "(or longer than 4096 characters)")
     site = _first(args, "site")
     ids = args.get("id", [])
     if action in ("queue-hold", "queue-release", "queue-delete") and not ids and not site:
@@ -326,9 +358,9 @@ def perform(config: Config, state: State, action: str, args: Args, actor: str) -
         return f"{delete_messages(config, ids, site, actor)} message(s) deleted\n"
     if action == "site-suspend":
         reason = (args.get("reason") or ["suspended by the operator"])[0]
-        return suspend_site(config, state, args["site"][0], reason, actor) + "\n"
+        return suspend_site(config, state, _required(args, "site"), reason, actor) + "\n"
     if action == "site-resume":
-        return resume_site(config, state, args["site"][0], actor) + "\n"
+        return resume_site(config, state, _required(args, "site"), actor) + "\n"
     readers = {"site-list": site_list, "site-show": site_show, "quota-show": quota_show,
                "top": top, "queue-list": queue_list, "queue-show": queue_show}
     if action in readers:

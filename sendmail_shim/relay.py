@@ -7,6 +7,15 @@ connecting, TLS, the greeting, EHLO or AUTH fails; each message yields one
 :class:`~sendmail_shim.outcome.Outcome` per recipient; network trouble is always
 temporary.  A password is read from its file when a session opens and is never
 logged.  One :class:`RelaySession` carries a batch of messages of one site.
+
+Addresses go on the wire as address.py's canonical paths (``MAIL FROM:<...>``,
+written here, not by aiosmtplib's parser), so a quoted local part is sent
+quoted, exactly as the door accepted it.  Message data goes through
+:func:`smtp_data` (also used by local_delivery.py): lines longer than
+:data:`LINE_LENGTH_LIMIT` octets are broken as Postfix's
+``smtp_line_length_limit`` does.  An address the client still cannot send (a
+queue file from before these checks) fails that message alone: the transaction
+is reset (RSET) and the session serves the next message.
 """
 
 from __future__ import annotations
@@ -17,11 +26,40 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from sendmail_shim.address import needs_smtputf8, paths_for
 from sendmail_shim.config import Relay, RelayLogin
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.outcome import OK, Outcome
 
 log = logging.getLogger("sendmail_shim.relay")
+LINE_LENGTH_LIMIT = 998  # octets without CRLF: Postfix's smtp_line_length_limit (RFC 5321)
+
+
+def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
+    """The message with CRLF line ends and no line longer than ``limit`` octets.
+
+    Line ends are LF, CRLF or a lone CR (as aiosmtplib normalizes them).  A
+    longer line is broken like Postfix's smtp_line_length_limit: after
+    ``limit`` octets comes CRLF and a space, which continues a header field and
+    minimizes the damage to MIME formatted mail; each continuation line,
+    space included, is again at most ``limit`` octets.  No line starts with a
+    dot because of this (dot-stuffing is the SMTP client's).
+    """
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines = text.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out: list[bytes] = []
+    for line in lines:
+        if len(line) <= limit:
+            out.append(line)
+            continue
+        out.append(line[:limit])
+        rest = line[limit:]
+        while rest:
+            out.append(b" " + rest[: limit - 1])
+            rest = rest[limit - 1 :]
+    return b"".join(line + b"\r\n" for line in out)
 
 
 class RelaysUnavailable(Exception):
@@ -60,7 +98,19 @@ class RelaySession:
         """One transaction for ``recipients``; an outcome for each of them."""
         label = self.relay.label
         client = self.client
-        needs_utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in recipients))
+        sender_path, paths, unsendable = paths_for(envelope.sender, recipients)
+        results: dict[str, Outcome] = {  # queued before the door checked addresses
+            r: Outcome.from_reply(553, f"5.1.3 not sent: {why}", label)
+            for r, why in unsendable.items()}
+        recipients = [r for r in recipients if r in paths]
+        if not recipients:
+            return results
+        needs_utf8 = needs_smtputf8(envelope.sender, *recipients)
+        try:
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SessionBroken(f"{label}: EHLO failed: {exc}") from exc
         options = []
         if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -68,28 +118,28 @@ class RelaySession:
             if not client.supports_extension("smtputf8"):
                 failed = Outcome.from_reply(
                     553, "5.6.7 SMTPUTF8 is required but was not offered by the relay", label)
-                return dict.fromkeys(recipients, failed)
+                return {**results, **dict.fromkeys(recipients, failed)}
             options.append("SMTPUTF8")
         encoding = "utf-8" if needs_utf8 else "ascii"
-        results: dict[str, Outcome] = {}
         try:
-            try:
-                await client.mail(envelope.sender, options=options, encoding=encoding)
-            except aiosmtplib.SMTPResponseException as exc:
+            reply = await self._command(b"MAIL", b"FROM:" + sender_path.encode(encoding),
+                                        *(option.encode("ascii") for option in options))
+            if reply.code != 250:
                 await self._rset()
-                return dict.fromkeys(recipients, Outcome.from_reply(exc.code, exc.message, label))
+                return {**results, **dict.fromkeys(
+                    recipients, Outcome.from_reply(reply.code, reply.message, label))}
             accepted = []
             for rcpt in recipients:
-                try:
-                    await client.rcpt(rcpt, encoding=encoding)
+                reply = await self._command(b"RCPT", b"TO:" + paths[rcpt].encode(encoding))
+                if reply.code in (250, 251):
                     accepted.append(rcpt)
-                except aiosmtplib.SMTPResponseException as exc:
-                    results[rcpt] = Outcome.from_reply(exc.code, exc.message, label)
+                else:
+                    results[rcpt] = Outcome.from_reply(reply.code, reply.message, label)
             if not accepted:
                 await self._rset()
                 return results
             try:
-                reply = await client.data(message)
+                reply = await client.data(smtp_data(message))
                 done = Outcome.from_reply(reply.code, reply.message, label)
             except aiosmtplib.SMTPResponseException as exc:
                 done = Outcome.from_reply(exc.code, exc.message, label)
@@ -99,6 +149,15 @@ class RelaySession:
             return results
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             raise SessionBroken(f"{label}: {exc}") from exc
+
+    async def _command(self, *args: bytes) -> aiosmtplib.SMTPResponse:
+        """One command; a malformed reply is a reply too (code -1: temporary)."""
+        try:
+            return await self.client.execute_command(*args)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            return aiosmtplib.SMTPResponse(exc.code, exc.message)
 
     async def _rset(self) -> None:
         try:

@@ -13,6 +13,11 @@ Guarantees (RFC 5321 5.1, RFC 7505):
 * NXDOMAIN, a null MX (``0 .``), or neither MX nor address: permanent failure,
   with a text for the bounce;
 * SERVFAIL, a timeout or any other resolver trouble: defer, never misroute;
+* an MX host's (or the implicit MX's) addresses are looked up per family, A
+  and AAAA independently: like Postfix, what answered is used when the other
+  family fails (real nameservers answer A and refuse or time out on AAAA); a
+  host defers only when no family answered.  Such partial decisions are not
+  cached, so the failing family is asked again next time;
 * names are compared lower-case, without a trailing dot, IDN domains as
   punycode; CNAMEs are followed by the resolver;
 * decisions are cached for the smallest TTL seen; negative answers for the
@@ -166,24 +171,40 @@ class Router:
         return await self._classify(name, preferred, tuple(parsed), ttl, tuple(records),
                                     f"MX {', '.join(preferred)}")
 
-    async def _implicit_mx(self, name: str) -> Route:
+    async def _addresses(self, host: str) -> tuple[list[str], int, list[Route]]:
+        """A and AAAA of ``host``, asked independently: addresses, ttl, failed lookups.
+
+        A family with no records (or NXDOMAIN) answered; a failed one is in the list.
+        """
         addresses: list[str] = []
         ttls: list[int] = []
+        failed: list[Route] = []
         for rdtype in ("A", "AAAA"):
-            found = await self._lookup(name, rdtype)
+            found = await self._lookup(host, rdtype)
             if isinstance(found, Route):
-                return found
-            if found:
+                failed.append(found)
+            elif found:
                 addresses += found[0]
                 ttls.append(found[1])
+        return addresses, min(ttls, default=0), failed
+
+    async def _implicit_mx(self, name: str) -> Route:
+        addresses, ttl, failed = await self._addresses(name)
         if not addresses:
+            for route in failed:  # NXDOMAIN is final; otherwise the first trouble defers
+                if route.kind == FAIL:
+                    return route
+            if failed:
+                return failed[0]
             return Route(FAIL, name, f"domain {name} has neither MX nor address records",
                          ttl=60)
+        partial = [r.reason for r in failed if r.kind == DEFER]
         local = any(a in self.local_addrs for a in addresses) or name in self.local_names
         kind = LOCAL if local else REMOTE
+        note = f" (used what answered; {'; '.join(partial)})" if partial else ""
         return Route(kind, name, f"no MX; implicit MX {name} ({', '.join(addresses)}) is "
-                                 f"{'this machine' if local else 'elsewhere'}",
-                     ((0, name),), min(ttls), records=tuple(addresses))
+                                 f"{'this machine' if local else 'elsewhere'}{note}",
+                     ((0, name),), 0 if partial else ttl, records=tuple(addresses))
 
     async def _classify(self, name: str, preferred: list[str],
                         exchanges: tuple[tuple[int, str], ...], ttl: int,
@@ -192,17 +213,19 @@ class Router:
             if host in self.local_names:
                 return Route(LOCAL, name, f"{what}: {host} is one of local_mx", exchanges, ttl,
                              records=records)
+        partial: list[str] = []
         for host in preferred:
-            for rdtype in ("A", "AAAA"):
-                try:
-                    found = await self._query(host, rdtype)
-                except dns.resolver.NXDOMAIN:
-                    continue
-                except dns.exception.DNSException as exc:
-                    return Route(DEFER, name, f"address lookup for MX {host} failed "
-                                              f"({exc.__class__.__name__}); will retry")
-                if found and any(a in self.local_addrs for a in found[0]):
-                    return Route(LOCAL, name, f"{what}: {host} has this machine's address",
-                                 exchanges, min(ttl, found[1]), records=records)
-        return Route(REMOTE, name, f"{what}: not this machine, so through the relay",
-                     exchanges, ttl, records=records)
+            addresses, host_ttl, failed = await self._addresses(host)
+            trouble = [r for r in failed if r.kind == DEFER]
+            if trouble and not addresses and not any(r.kind == FAIL for r in failed):
+                # No address came back and a family failed: it may be us; never misroute.
+                return Route(DEFER, name, f"address lookup for MX {host} failed "
+                                          f"({trouble[0].reason}); will retry")
+            partial += [r.reason for r in trouble]
+            if any(a in self.local_addrs for a in addresses):
+                return Route(LOCAL, name, f"{what}: {host} has this machine's address",
+                             exchanges, 0 if partial else min(ttl, host_ttl),
+                             records=records)
+        note = f" (used what answered; {'; '.join(partial)})" if partial else ""
+        return Route(REMOTE, name, f"{what}: not this machine, so through the relay{note}",
+                     exchanges, 0 if partial else ttl, records=records)

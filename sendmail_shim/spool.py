@@ -28,7 +28,7 @@ from sendmail_shim.durable import fsync_dir, write_synced
 from sendmail_shim.envelope import Envelope
 
 QUEUE_MAGIC = b"SMSHIMQ1\n"
-QUEUE_ID = re.compile(r"^[0-9A-F]{16}$")
+QUEUE_ID = re.compile(r"[0-9A-F]{16}")  # always fullmatch: "$" would allow a newline
 INCOMING, DEFERRED, HOLD, CORRUPT = "incoming", "deferred", "hold", "corrupt"
 STATES = (INCOMING, DEFERRED, HOLD, CORRUPT)
 TMP_MAX_AGE = 3600.0  # a tmp file older than this belongs to no live writer
@@ -46,7 +46,7 @@ def new_queue_id() -> str:
 
 
 def check_queue_id(queue_id: str) -> str:
-    if not QUEUE_ID.match(queue_id):
+    if not isinstance(queue_id, str) or not QUEUE_ID.fullmatch(queue_id):
         raise QueueIdError(f"not a queue id: {queue_id[:40]!r}")
     return queue_id
 
@@ -61,6 +61,14 @@ class Status:
     done: list[str] = field(default_factory=list)  # delivered recipients
     failed: dict[str, str] = field(default_factory=dict)  # recipient -> permanent reason
     delayed: dict[str, str] = field(default_factory=dict)  # recipient -> temporary reason
+    internal_failures: int = 0  # attempts in a row that ended in an exception (delivery.py)
+
+    def valid(self) -> bool:
+        return (isinstance(self.attempts, int) and isinstance(self.next_attempt, (int, float))
+                and isinstance(self.last_error, str) and isinstance(self.done, list)
+                and all(isinstance(r, str) for r in self.done)
+                and isinstance(self.failed, dict) and isinstance(self.delayed, dict)
+                and isinstance(self.internal_failures, int))
 
 
 @dataclass
@@ -138,7 +146,10 @@ def read_status(layout: paths.SpoolLayout, queue_id: str) -> Status:
     try:
         with open(status_path(layout, queue_id), "rb") as fh:
             data = json.load(fh)
-        return Status(**data)
+        status = Status(**data)
+        if not status.valid():
+            raise ValueError("wrong types")
+        return status
     except FileNotFoundError:
         return Status()
     except (ValueError, TypeError):
@@ -176,7 +187,7 @@ def queue_ids(layout: paths.SpoolLayout, state: str) -> list[str]:
         names = os.listdir(layout.state_dir(state))
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if QUEUE_ID.match(n))
+    return sorted(n for n in names if QUEUE_ID.fullmatch(n))
 
 
 def find_state(layout: paths.SpoolLayout, queue_id: str) -> str | None:

@@ -3,6 +3,9 @@
 Serves a zone dict over UDP and TCP.  Names under ``servfail.test`` answer
 SERVFAIL; names under ``blackhole.test`` are never answered (a dead server);
 names not in the zone answer NXDOMAIN with an SOA in the authority section.
+``Zone.failures`` makes one query type of one name fail: ``{("mx.test", "AAAA"):
+"servfail" | "refused" | "timeout"}`` (real nameservers that answer A and
+fail AAAA).
 Counts queries per name so tests can see the cache at work.
 """
 
@@ -28,6 +31,7 @@ class Zone:
         self.records = {(n.lower().rstrip(".") + ".", t): v for (n, t), v in records.items()}
         self.ttl = ttl
         self.queries: Counter[str] = Counter()
+        self.failures: dict[tuple[str, str], str] = {}
 
     def answer(self, wire: bytes) -> bytes | None:
         query = dns.message.from_wire(wire)
@@ -38,6 +42,12 @@ class Zone:
         if name.endswith("blackhole.test."):
             return None
         response = dns.message.make_response(query)
+        failure = self.failures.get((name.rstrip("."), rdtype))
+        if failure == "timeout":
+            return None
+        if failure in ("servfail", "refused"):
+            response.set_rcode(dns.rcode.SERVFAIL if failure == "servfail" else dns.rcode.REFUSED)
+            return response.to_wire()
         response.flags |= dns.flags.AA
         if name.endswith("servfail.test."):
             response.set_rcode(dns.rcode.SERVFAIL)
