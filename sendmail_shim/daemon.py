@@ -28,9 +28,12 @@ import contextlib
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
+import sqlite3
 import struct
+import time
 from collections.abc import Awaitable
 
 import filelock
@@ -40,14 +43,28 @@ from sendmail_shim.capture import CaptureHandler, start_capture
 from sendmail_shim.config import Config, load_config
 from sendmail_shim.delivery import QueueRunner
 from sendmail_shim.identity import Caller
-from sendmail_shim.intake import accept_submission
+from sendmail_shim.intake import accept_submission, settle_submissions, storage_trouble
 from sendmail_shim.outcome import Verdict
 from sendmail_shim.paths import ConfigError
 from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.daemon")
-READ_TIMEOUT = 60.0
-MAX_CONNECTIONS = 256
+FIRST_BYTES_TIMEOUT = 10.0  # greeting and header; the front end sends them at once
+READ_TIMEOUT = 60.0  # the message, plus one second per megabyte
+MAX_CONNECTIONS = 4096  # every uid together; one uid gets config.connections_per_uid
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+STATE_RETRY = 5.0  # seconds between attempts to open the state database
+BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each connection is a descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
 
 
 class AlreadyRunning(Exception):
@@ -85,7 +102,11 @@ class Daemon:
         self.runner: QueueRunner | None = None
         self._admin_gid: int | None = None
         self._capture_handlers: list[CaptureHandler] = []
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._captures: list[asyncio.AbstractServer] = []
+        self._unavailable: str | None = None  # why submissions are refused (state not open)
+        self._per_uid: dict[int, int] = {}  # open hand-off connections by peer uid
+        self._connections = 0
+        self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._pickup_wake = asyncio.Event()
@@ -106,8 +127,8 @@ class Daemon:
         layout = self.config.layout
         spool.prepare_spool(layout)
         self._take_lock()
-        self.state = State(layout)
-        self.runner = QueueRunner(self.config, self.state)
+        log.info("file descriptor limit %d", raise_fd_limit())
+        self._open_state()
         for name in spool.clean_tmp(layout):
             log.info("removed interrupted write tmp/%s", name)
         inherited = systemd_socket()
@@ -118,47 +139,75 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(layout.socket)
             server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
-                                                     limit=handoff.MAX_HEADER_BYTES + 2)
+                                                     limit=handoff.MAX_HEADER_BYTES + 2,
+                                                     backlog=LISTEN_BACKLOG)
             os.chmod(layout.socket, paths.MODE_SOCKET)
         control = await self._start_control()
-        captures = []
-        if self.config.firewall.capture_port:
-            captures = await start_capture(self.config, self.state,
-                                           self.config.firewall.capture_port,
-                                           self._capture_handlers)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("started spool=%s socket=%s relays=%s sites=%d", layout.root, layout.socket,
+        log.info("started spool=%s socket=%s relays=%s sites=%d connections_per_uid=%d",
+                 layout.root, layout.socket,
                  ",".join(r.label for r in self.config.relays) or "none",
-                 len(self.config.sites))
-        background = [asyncio.create_task(self.runner.run_forever()),
-                      asyncio.create_task(self._pickup_forever())]
+                 len(self.config.sites), self.config.connections_per_uid)
+        background = asyncio.create_task(self._background())
         try:
             await self._stop.wait()
         finally:
             log.info("stopping: no new submissions; finishing %d in flight", len(self._inflight))
             server.close()
             control.close()
-            for capture in captures:
+            for capture in self._captures:
                 capture.close()
             await server.wait_closed()
             await control.wait_closed()
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=30)
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            background.cancel()
+            await asyncio.gather(background, return_exceptions=True)
             # An inherited socket is systemd's: it stays, and queues callers while we restart.
             for path in (layout.control_socket,) if inherited else (layout.socket,
                                                                      layout.control_socket):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            self.state.close()
+            if self.state is not None:
+                self.state.close()
             if self._lock is not None:
                 self._lock.release()
             log.info("stopped")
+
+    def _open_state(self) -> bool:
+        """Open the state database; on failure (a full disk) say why and keep refusing."""
+        try:
+            state = State(self.config.layout)
+            settle_submissions(self.config, state)
+        except (sqlite3.Error, OSError) as exc:
+            why = storage_trouble(self.config.layout.root, exc) or (
+                f"the state database in {self.config.layout.root}/state cannot be opened "
+                f"({exc})")
+            if why != self._unavailable:
+                log.error("cannot accept mail: %s; submissions are answered 451 (exit 75) and "
+                          "the queue waits; retrying every %gs", why, STATE_RETRY)
+            self._unavailable = why
+            return False
+        self.state = state
+        self.runner = QueueRunner(self.config, state)
+        if self._unavailable is not None:
+            log.info("state database open again: accepting mail")
+        self._unavailable = None
+        return True
+
+    async def _background(self) -> None:
+        """Wait for the state (a full disk at start), then run pickup and the queue."""
+        while self.state is None:
+            await asyncio.sleep(STATE_RETRY)
+            await asyncio.to_thread(self._open_state)
+        if self.config.firewall.capture_port:
+            self._captures = await start_capture(self.config, self._state(),
+                                                 self.config.firewall.capture_port,
+                                                 self._capture_handlers)
+        await asyncio.gather(self._runner().run_forever(), self._pickup_forever())
 
     async def _pickup_forever(self) -> None:
         while True:
@@ -179,25 +228,79 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self._inflight.add(task)
-
-        async def handle() -> bytes:
-            async with self._slots:
-                return await self._handle(reader, writer)
-
         try:
-            await _respond(writer, handle(), "client")
+            try:
+                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+            except OSError:
+                writer.close()
+                return
+            # Slots per uid, never one queue for all: one site's idle connections cannot
+            # delay another site, and beyond its share a uid is answered at once.
+            if (self._per_uid.get(uid, 0) >= self.config.connections_per_uid
+                    or self._connections >= MAX_CONNECTIONS):
+                await _respond(writer, self._busy(uid, pid), "client")
+                return
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            self._connections += 1
+            try:
+                await _respond(writer, self._handle_safely(reader, pid, uid, gid), "client")
+            finally:
+                self._connections -= 1
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:
+                    del self._per_uid[uid]
         finally:
             self._inflight.discard(task)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-        sock = writer.get_extra_info("socket")
-        pid, uid, gid = peer_credentials(sock)
+    async def _busy(self, uid: int, pid: int) -> bytes:
+        limit = self.config.connections_per_uid
+        now = time.monotonic()
+        last, refused = self._busy_logged.get(uid, (0.0, 0))
+        if now - last >= BUSY_LOG_INTERVAL:
+            log.warning("busy uid=%d pid=%d open=%d limit=%d refused_since_last_line=%d "
+                        "action='connections beyond the limit get 421 (the front end writes a "
+                        "drop file); raise connections_per_uid if this uid is a real site'",
+                        uid, pid, self._per_uid.get(uid, 0), limit, refused + 1)
+            self._busy_logged[uid] = (now, 0)
+        else:
+            self._busy_logged[uid] = (last, refused + 1)
+        if self._connections >= MAX_CONNECTIONS:
+            text = f"too many connections to the daemon ({MAX_CONNECTIONS}); try again later"
+        else:
+            text = (f"too many connections from uid {uid} (limit {limit}); "
+                    "nothing was read, try again later")
+        return handoff.format_reply(handoff.BUSY, sysexits.EX_TEMPFAIL, f"4.7.0 {text}")
+
+    async def _handle_safely(self, reader: asyncio.StreamReader, pid: int, uid: int,
+                             gid: int) -> bytes:
+        """The verdict, or a 451 that says why: a handler never dies without an answer."""
         try:
-            magic = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-            if magic != handoff.MAGIC:
-                raise handoff.ProtocolError("bad greeting")
-            header = await asyncio.wait_for(reader.readuntil(b"\n\n"), READ_TIMEOUT)
+            return await self._handle(reader, pid, uid, gid)
+        except Exception as exc:
+            why = storage_trouble(self.config.layout.root, exc)
+            if why is not None:
+                log.error("tempfail uid=%d pid=%d reason=%r", uid, pid, why)
+            else:
+                log.exception("internal error uid=%d pid=%d: nothing was queued; the caller "
+                              "was told to try again", uid, pid)
+                why = "internal error in the daemon (see its log)"
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        f"4.3.0 {why}; nothing was queued, try again later")
+
+    async def _handle(self, reader: asyncio.StreamReader, pid: int, uid: int,
+                      gid: int) -> bytes:
+        try:
+            async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+                magic = await reader.readline()
+                if magic != handoff.MAGIC:
+                    raise handoff.ProtocolError("bad greeting")
+                header = await reader.readuntil(b"\n\n")
             fields = handoff.decode_header(header)
+        except TimeoutError:
+            log.info("idle client uid=%d pid=%d: no request within %gs, closed", uid, pid,
+                     FIRST_BYTES_TIMEOUT)
+            return handoff.format_reply(handoff.BUSY, sysexits.EX_TEMPFAIL,
+                                        f"4.4.2 no request within {FIRST_BYTES_TIMEOUT:g}s")
         except (handoff.ProtocolError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
                 ValueError) as exc:
             log.warning("bad request uid=%d pid=%d reason=%r", uid, pid, str(exc))
@@ -205,7 +308,8 @@ class Daemon:
         mode = next((v for k, v in fields if k == "mode"), "submit")
         if mode == "flush":
             self._pickup_wake.set()
-            self._runner().poke(force=True)
+            if self.runner is not None:
+                self.runner.poke(force=True)
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return handoff.format_reply(250, 0, "queue run started")
         if mode == "mailq":
@@ -224,15 +328,24 @@ class Daemon:
                 f"{self.config.message_size_limit}; nothing was queued")
         try:
             body = await asyncio.wait_for(reader.readexactly(size + len(handoff.TRAILER)),
-                                          READ_TIMEOUT)
+                                          READ_TIMEOUT + size / 1e6)
         except asyncio.IncompleteReadError:
             log.warning("incomplete request uid=%d pid=%d: nothing queued", uid, pid)
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, "incomplete request")
+        except TimeoutError:
+            log.warning("slow request uid=%d pid=%d: message not received in time; nothing "
+                        "queued", uid, pid)
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        "4.4.2 message not received in time; nothing was queued")
         if not body.endswith(handoff.TRAILER):
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, "missing END trailer")
+        if self.state is None:
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        f"4.3.0 {self._unavailable}; nothing was queued, "
+                                        "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
         verdict: Verdict = await asyncio.to_thread(
-            accept_submission, self.config, self._state(), fields, body[:size], caller)
+            accept_submission, self.config, self.state, fields, body[:size], caller)
         if verdict.accepted:
             self._runner().poke()
         return handoff.format_reply(verdict.code, verdict.status,
@@ -254,7 +367,8 @@ class Daemon:
             log.warning("reload: spool, firewall.capture or admin.group changed; "
                         "restart the daemon for those")
         self.config = new
-        self._runner().reconfigure(new)
+        if self.runner is not None:
+            self.runner.reconfigure(new)
         for handler in self._capture_handlers:
             handler.config = new
         log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
@@ -328,13 +442,18 @@ class Daemon:
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         action, args = operations.decode_args(fields)
         actor = f"operator uid {uid}"
+        if self.state is None:
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL, f"{self._unavailable}")
         try:
-            text = await asyncio.to_thread(operations.perform, self.config, self._state(),
+            text = await asyncio.to_thread(operations.perform, self.config, self.state,
                                            action, args, actor)
         except operations.OperationError as exc:
             return handoff.format_reply(550, sysexits.EX_DATAERR, str(exc))
-        if action in ("queue-release", "site-resume"):
-            self._runner().poke(force=True)
+        except (sqlite3.Error, OSError) as exc:
+            why = storage_trouble(self.config.layout.root, exc) or str(exc)
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL, why)
+        if action in ("queue-release", "site-resume") and self.runner is not None:
+            self.runner.poke(force=True)
         return handoff.format_reply(250, 0, "ok") + text.encode()
 
     def _mailq_text(self, uid: int) -> str:
