@@ -3,6 +3,22 @@
 Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
 the peer writes.  Requests are bounded (header size, message_size_limit,
 read timeouts) and parsed by handoff.py; the verdict comes from intake.py.
+
+Connections: each peer uid has its own slots (``connections_per_uid``, default
+16, handled at once); more connections of that uid wait for its slots, up to
+WAITING_FACTOR times as many open; beyond that, or beyond MAX_CONNECTIONS for
+all uids, a connection is answered ``421`` at once without being read, and the
+front end writes a drop file instead.  There is no shared queue one uid could
+fill: another site's hand-off never waits behind it.  A client must send its greeting and header
+within FIRST_BYTES_TIMEOUT seconds.  The soft RLIMIT_NOFILE is raised to the
+hard limit at start.
+
+A full disk: every handler answers (storage trouble is ``451``, exit 75,
+naming the spool's disk; any other failure is a ``451`` "internal error" and a
+traceback in the log, never a silent close).  When the state database cannot
+be opened at start, the daemon still serves its sockets, answers submissions
+``451`` with the reason, and retries every STATE_RETRY seconds; pickup and the
+queue runner start once it opens.
 SIGHUP reloads the configuration (``systemctl reload``); a bad file is
 refused and the running configuration kept.
 
@@ -52,6 +68,7 @@ log = logging.getLogger("sendmail_shim.daemon")
 FIRST_BYTES_TIMEOUT = 10.0  # greeting and header; the front end sends them at once
 READ_TIMEOUT = 60.0  # the message, plus one second per megabyte
 MAX_CONNECTIONS = 4096  # every uid together; one uid gets config.connections_per_uid
+WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest wait); then 421
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 STATE_RETRY = 5.0  # seconds between attempts to open the state database
 BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
@@ -105,6 +122,7 @@ class Daemon:
         self._captures: list[asyncio.AbstractServer] = []
         self._unavailable: str | None = None  # why submissions are refused (state not open)
         self._per_uid: dict[int, int] = {}  # open hand-off connections by peer uid
+        self._uid_slots: dict[int, asyncio.Semaphore] = {}  # connections_per_uid each
         self._connections = 0
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -234,21 +252,26 @@ class Daemon:
             except OSError:
                 writer.close()
                 return
-            # Slots per uid, never one queue for all: one site's idle connections cannot
-            # delay another site, and beyond its share a uid is answered at once.
-            if (self._per_uid.get(uid, 0) >= self.config.connections_per_uid
+            # Slots per uid, never one queue for all: a connection waits only behind its
+            # own uid's, and beyond WAITING_FACTOR times its slots it is answered at once.
+            limit = self.config.connections_per_uid
+            if (self._per_uid.get(uid, 0) >= limit * WAITING_FACTOR
                     or self._connections >= MAX_CONNECTIONS):
                 await _respond(writer, self._busy(uid, pid), "client")
                 return
             self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
             self._connections += 1
+            slots = self._uid_slots.setdefault(uid, asyncio.Semaphore(limit))
             try:
-                await _respond(writer, self._handle_safely(reader, pid, uid, gid), "client")
+                async with slots:
+                    await _respond(writer, self._handle_safely(reader, pid, uid, gid),
+                                   "client")
             finally:
                 self._connections -= 1
                 self._per_uid[uid] -= 1
-                if not self._per_uid[uid]:
+                if not self._per_uid[uid]:  # nobody holds or waits for its slots now
                     del self._per_uid[uid]
+                    del self._uid_slots[uid]
         finally:
             self._inflight.discard(task)
 
@@ -257,18 +280,19 @@ class Daemon:
         now = time.monotonic()
         last, refused = self._busy_logged.get(uid, (0.0, 0))
         if now - last >= BUSY_LOG_INTERVAL:
-            log.warning("busy uid=%d pid=%d open=%d limit=%d refused_since_last_line=%d "
-                        "action='connections beyond the limit get 421 (the front end writes a "
-                        "drop file); raise connections_per_uid if this uid is a real site'",
-                        uid, pid, self._per_uid.get(uid, 0), limit, refused + 1)
+            log.warning("busy uid=%d pid=%d open=%d limit=%d waiting_limit=%d "
+                        "refused_since_last_line=%d action='connections beyond the limit get "
+                        "421 (the front end writes a drop file); raise connections_per_uid if "
+                        "this uid is a real site'", uid, pid, self._per_uid.get(uid, 0), limit,
+                        limit * WAITING_FACTOR, refused + 1)
             self._busy_logged[uid] = (now, 0)
         else:
             self._busy_logged[uid] = (last, refused + 1)
         if self._connections >= MAX_CONNECTIONS:
             text = f"too many connections to the daemon ({MAX_CONNECTIONS}); try again later"
         else:
-            text = (f"too many connections from uid {uid} (limit {limit}); "
-                    "nothing was read, try again later")
+            text = (f"too many connections from uid {uid} ({limit} at once, "
+                    f"{limit * WAITING_FACTOR} open); nothing was read, try again later")
         return handoff.format_reply(handoff.BUSY, sysexits.EX_TEMPFAIL, f"4.7.0 {text}")
 
     async def _handle_safely(self, reader: asyncio.StreamReader, pid: int, uid: int,

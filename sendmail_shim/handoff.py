@@ -25,7 +25,8 @@ a hint from the caller except what the kernel says; the daemon validates all.
 
 Reply: one line ``<smtp-code> <exit-status> <text>\\n``.  ``421`` (:data:`BUSY`)
 means the daemon refused the connection before reading it (too many open
-connections from this uid): the front end writes a drop file instead.
+connections from this uid, or no request within seconds): the front end
+writes a drop file instead.
 
 Why the drop area is safe between site users (see paths.MODE_MAILDROP_DIR):
 the directory is setgid to the daemon's group, sticky, and writable but not
