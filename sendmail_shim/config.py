@@ -180,6 +180,7 @@ class Config:
     relays: tuple[Relay, ...] = ()
     retry: RetryPolicy = RetryPolicy()
     queue_scan_interval: float = 5.0
+    connections_per_uid: int = 16  # open hand-off connections one uid may hold at once
     sites: dict[str, Site] = field(default_factory=dict)
     default_site: Site | None = None
     accounts: dict[int, Quota] = field(default_factory=dict)  # uid -> account-wide quota
@@ -436,8 +437,9 @@ def _site(r: _Reader, name: str, raw: Any, where: str, with_uids: bool = True,
 
 
 TOP_KEYS = ("spool", "message_size_limit", "hostname", "log", "relays", "retry",
-            "queue_scan_interval", "sites", "default_site", "default_quota", "outbreak",
-            "accounts", "admin", "local_mx", "local_addresses", "local_transport", "routing",
+            "queue_scan_interval", "connections_per_uid", "sites", "default_site",
+            "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
+            "local_transport", "routing",
             "resolver", "firewall")
 
 
@@ -479,6 +481,9 @@ def parse_config(raw: Any, path: str | None) -> Config:
         kwargs["queue_scan_interval"] = max(
             0.2, r.duration(data["queue_scan_interval"], "queue_scan_interval")
         )
+    if "connections_per_uid" in data:
+        kwargs["connections_per_uid"] = r.integer(data["connections_per_uid"],
+                                                  "connections_per_uid", 1)
     defaults = _SiteDefaults(
         quota=_quota(r, data.get("default_quota"), "default_quota"),
         outbreak=_outbreak(r, data.get("outbreak"), "outbreak", OutbreakRules())

@@ -3,6 +3,22 @@
 Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
 the peer writes.  Requests are bounded (header size, message_size_limit,
 read timeouts) and parsed by handoff.py; the verdict comes from intake.py.
+
+Connections: each peer uid has its own slots (``connections_per_uid``, default
+16, handled at once); more connections of that uid wait for its slots, up to
+WAITING_FACTOR times as many open; beyond that, or beyond MAX_CONNECTIONS for
+all uids, a connection is answered ``421`` at once without being read, and the
+front end writes a drop file instead.  There is no shared queue one uid could
+fill: another site's hand-off never waits behind it.  A client must send its greeting and header
+within FIRST_BYTES_TIMEOUT seconds.  The soft RLIMIT_NOFILE is raised to the
+hard limit at start.
+
+A full disk: every handler answers (storage trouble is ``451``, exit 75,
+naming the spool's disk; any other failure is a ``451`` "internal error" and a
+traceback in the log, never a silent close).  When the state database cannot
+be opened at start, the daemon still serves its sockets, answers submissions
+``451`` with the reason, and retries every STATE_RETRY seconds; pickup and the
+queue runner start once it opens.
 SIGHUP reloads the configuration (``systemctl reload``); a bad file is
 refused and the running configuration kept.
 
@@ -45,10 +61,13 @@ import contextlib
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
+import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Awaitable
 
 import filelock
@@ -58,16 +77,31 @@ from sendmail_shim.capture import CaptureHandler, start_capture
 from sendmail_shim.config import Config, load_config
 from sendmail_shim.delivery import QueueRunner
 from sendmail_shim.identity import Caller
-from sendmail_shim.intake import accept_submission
+from sendmail_shim.intake import accept_submission, settle_submissions, storage_trouble
 from sendmail_shim.outcome import Verdict
 from sendmail_shim.paths import ConfigError
 from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.daemon")
-READ_TIMEOUT = 60.0
-MAX_CONNECTIONS = 256
+FIRST_BYTES_TIMEOUT = 10.0  # greeting and header; the front end sends them at once
+READ_TIMEOUT = 60.0  # the message, plus one second per megabyte
+MAX_CONNECTIONS = 4096  # every uid together; one uid gets config.connections_per_uid
+WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest wait); then 421
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 INFLIGHT_TIMEOUT = 30.0  # in-flight submissions get this long to finish at shutdown
 STOP_TIMEOUT = 60.0  # pickup and the queue runner get this long to finish the item in hand
+STATE_RETRY = 5.0  # seconds between attempts to open the state database
+BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each connection is a descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
 
 
 class AlreadyRunning(Exception):
@@ -105,7 +139,12 @@ class Daemon:
         self.runner: QueueRunner | None = None
         self._admin_gid: int | None = None
         self._capture_handlers: list[CaptureHandler] = []
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._captures: list[asyncio.AbstractServer] = []
+        self._unavailable: str | None = None  # why submissions are refused (state not open)
+        self._per_uid: dict[int, int] = {}  # open hand-off connections by peer uid
+        self._uid_slots: dict[int, asyncio.Semaphore] = {}  # connections_per_uid each
+        self._connections = 0
+        self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._pickup_wake = asyncio.Event()
@@ -131,8 +170,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         spool.prepare_spool(layout)
         self._take_lock()
-        self.state = State(layout)
-        self.runner = QueueRunner(self.config, self.state)
+        log.info("file descriptor limit %d", raise_fd_limit())
+        self._open_state()
         for name in spool.clean_tmp(layout):
             log.info("removed interrupted write tmp/%s", name)
         inherited = systemd_socket()
@@ -143,27 +182,23 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(layout.socket)
             server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
-                                                     limit=handoff.MAX_HEADER_BYTES + 2)
+                                                     limit=handoff.MAX_HEADER_BYTES + 2,
+                                                     backlog=LISTEN_BACKLOG)
             os.chmod(layout.socket, paths.MODE_SOCKET)
         control = await self._start_control()
-        captures = []
-        if self.config.firewall.capture_port:
-            captures = await start_capture(self.config, self.state,
-                                           self.config.firewall.capture_port,
-                                           self._capture_handlers)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("started spool=%s socket=%s relays=%s sites=%d", layout.root, layout.socket,
+        log.info("started spool=%s socket=%s relays=%s sites=%d connections_per_uid=%d",
+                 layout.root, layout.socket,
                  ",".join(r.label for r in self.config.relays) or "none",
-                 len(self.config.sites))
-        background = [asyncio.create_task(self.runner.run_forever(), name="queue runner"),
-                      asyncio.create_task(self._pickup_forever(), name="pickup")]
+                 len(self.config.sites), self.config.connections_per_uid)
+        background = [asyncio.create_task(self._background(), name="pickup and queue runner")]
         try:
             await self._stop.wait()
         finally:
             log.info("stopping: no new submissions; finishing %d in flight", len(self._inflight))
             server.close()
             control.close()
-            for capture in captures:
+            for capture in self._captures:
                 capture.close()
             await server.wait_closed()
             await control.wait_closed()
@@ -182,7 +217,8 @@ class Daemon:
                                                                      layout.control_socket):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            self.state.close()  # every thread that used it has ended
+            if self.state is not None:
+                self.state.close()
             if self._lock is not None:
                 self._lock.release()
             log.info("stopped")
@@ -191,7 +227,8 @@ class Daemon:
         """Stop pickup and the queue runner, then join every worker thread."""
         self._halt.set()
         self._pickup_wake.set()
-        self._runner().stop()
+        if self.runner is not None:
+            self.runner.stop()
         _done, late = await asyncio.wait(background, timeout=STOP_TIMEOUT)
         for task in late:
             log.warning("stopping: %s did not finish within %gs; cancelled", task.get_name(),
@@ -201,6 +238,42 @@ class Daemon:
         # A cancelled task leaves its asyncio.to_thread() call running: wait for every
         # worker thread (and refuse new ones) before anything they use is closed.
         await asyncio.get_running_loop().shutdown_default_executor()
+
+    def _open_state(self) -> bool:
+        """Open the state database; on failure (a full disk) say why and keep refusing."""
+        try:
+            state = State(self.config.layout)
+            settle_submissions(self.config, state)
+        except (sqlite3.Error, OSError) as exc:
+            why = storage_trouble(self.config.layout.root, exc) or (
+                f"the state database in {self.config.layout.root}/state cannot be opened "
+                f"({exc})")
+            if why != self._unavailable:
+                log.error("cannot accept mail: %s; submissions are answered 451 (exit 75) and "
+                          "the queue waits; retrying every %gs", why, STATE_RETRY)
+            self._unavailable = why
+            return False
+        self.state = state
+        self.runner = QueueRunner(self.config, state)
+        if self._unavailable is not None:
+            log.info("state database open again: accepting mail")
+        self._unavailable = None
+        return True
+
+    async def _background(self) -> None:
+        """Wait for the state (a full disk at start), then run pickup and the queue."""
+        while self.state is None:
+            try:  # a stop ends the wait at once
+                await asyncio.wait_for(self._stop.wait(), STATE_RETRY)
+                return
+            except TimeoutError:
+                pass
+            await asyncio.to_thread(self._open_state)
+        if self.config.firewall.capture_port:
+            self._captures = await start_capture(self.config, self._state(),
+                                                 self.config.firewall.capture_port,
+                                                 self._capture_handlers)
+        await asyncio.gather(self._runner().run_forever(), self._pickup_forever())
 
     async def _pickup_forever(self) -> None:
         while not self._halt.is_set():
@@ -223,27 +296,85 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self._inflight.add(task)
-
-        async def handle() -> bytes:
-            async with self._slots:
-                return await self._handle(reader, writer)
-
         try:
-            await _respond(writer, handle(), "client", handoff.format_reply(
-                451, sysexits.EX_TEMPFAIL, "4.3.0 internal error in the daemon; nothing was "
-                "queued, try again later (the operator finds the cause in the daemon's log)"))
+            try:
+                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+            except OSError:
+                writer.close()
+                return
+            # Slots per uid, never one queue for all: a connection waits only behind its
+            # own uid's, and beyond WAITING_FACTOR times its slots it is answered at once.
+            limit = self.config.connections_per_uid
+            if (self._per_uid.get(uid, 0) >= limit * WAITING_FACTOR
+                    or self._connections >= MAX_CONNECTIONS):
+                await _respond(writer, self._busy(uid, pid), "client")
+                return
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            self._connections += 1
+            slots = self._uid_slots.setdefault(uid, asyncio.Semaphore(limit))
+            try:
+                async with slots:
+                    await _respond(writer, self._handle_safely(reader, pid, uid, gid),
+                                   "client")
+            finally:
+                self._connections -= 1
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:  # nobody holds or waits for its slots now
+                    del self._per_uid[uid]
+                    del self._uid_slots[uid]
         finally:
             self._inflight.discard(task)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-        sock = writer.get_extra_info("socket")
-        pid, uid, gid = peer_credentials(sock)
+    async def _busy(self, uid: int, pid: int) -> bytes:
+        limit = self.config.connections_per_uid
+        now = time.monotonic()
+        last, refused = self._busy_logged.get(uid, (0.0, 0))
+        if now - last >= BUSY_LOG_INTERVAL:
+            log.warning("busy uid=%d pid=%d open=%d limit=%d waiting_limit=%d "
+                        "refused_since_last_line=%d action='connections beyond the limit get "
+                        "421 (the front end writes a drop file); raise connections_per_uid if "
+                        "this uid is a real site'", uid, pid, self._per_uid.get(uid, 0), limit,
+                        limit * WAITING_FACTOR, refused + 1)
+            self._busy_logged[uid] = (now, 0)
+        else:
+            self._busy_logged[uid] = (last, refused + 1)
+        if self._connections >= MAX_CONNECTIONS:
+            text = f"too many connections to the daemon ({MAX_CONNECTIONS}); try again later"
+        else:
+            text = (f"too many connections from uid {uid} ({limit} at once, "
+                    f"{limit * WAITING_FACTOR} open); nothing was read, try again later")
+        return handoff.format_reply(handoff.BUSY, sysexits.EX_TEMPFAIL, f"4.7.0 {text}")
+
+    async def _handle_safely(self, reader: asyncio.StreamReader, pid: int, uid: int,
+                             gid: int) -> bytes:
+        """The verdict, or a 451 that says why: a handler never dies without an answer."""
         try:
-            magic = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-            if magic != handoff.MAGIC:
-                raise handoff.ProtocolError("bad greeting")
-            header = await asyncio.wait_for(reader.readuntil(b"\n\n"), READ_TIMEOUT)
+            return await self._handle(reader, pid, uid, gid)
+        except Exception as exc:
+            why = storage_trouble(self.config.layout.root, exc)
+            if why is not None:
+                log.error("tempfail uid=%d pid=%d reason=%r", uid, pid, why)
+            else:
+                log.exception("internal error uid=%d pid=%d: nothing was queued; the caller "
+                              "was told to try again", uid, pid)
+                why = "internal error in the daemon (see its log)"
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        f"4.3.0 {why}; nothing was queued, try again later")
+
+    async def _handle(self, reader: asyncio.StreamReader, pid: int, uid: int,
+                      gid: int) -> bytes:
+        try:
+            async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+                magic = await reader.readline()
+                if magic != handoff.MAGIC:
+                    raise handoff.ProtocolError("bad greeting")
+                header = await reader.readuntil(b"\n\n")
             fields = handoff.decode_header(header)
+        except TimeoutError:
+            log.info("idle client uid=%d pid=%d: no request within %gs, closed", uid, pid,
+                     FIRST_BYTES_TIMEOUT)
+            return handoff.format_reply(handoff.BUSY, sysexits.EX_TEMPFAIL,
+                                        f"4.4.2 no request within {FIRST_BYTES_TIMEOUT:g}s")
         except (handoff.ProtocolError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
                 ValueError) as exc:
             log.warning("bad request uid=%d pid=%d reason=%r", uid, pid, str(exc))
@@ -251,7 +382,8 @@ class Daemon:
         mode = next((v for k, v in fields if k == "mode"), "submit")
         if mode == "flush":
             self._pickup_wake.set()
-            self._runner().poke(force=True)
+            if self.runner is not None:
+                self.runner.poke(force=True)
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return handoff.format_reply(250, 0, "queue run started")
         if mode == "mailq":
@@ -270,15 +402,24 @@ class Daemon:
                 f"{self.config.message_size_limit}; nothing was queued")
         try:
             body = await asyncio.wait_for(reader.readexactly(size + len(handoff.TRAILER)),
-                                          READ_TIMEOUT)
+                                          READ_TIMEOUT + size / 1e6)
         except asyncio.IncompleteReadError:
             log.warning("incomplete request uid=%d pid=%d: nothing queued", uid, pid)
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, "incomplete request")
+        except TimeoutError:
+            log.warning("slow request uid=%d pid=%d: message not received in time; nothing "
+                        "queued", uid, pid)
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        "4.4.2 message not received in time; nothing was queued")
         if not body.endswith(handoff.TRAILER):
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, "missing END trailer")
+        if self.state is None:
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        f"4.3.0 {self._unavailable}; nothing was queued, "
+                                        "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
         verdict: Verdict = await asyncio.to_thread(
-            accept_submission, self.config, self._state(), fields, body[:size], caller)
+            accept_submission, self.config, self.state, fields, body[:size], caller)
         if verdict.accepted:
             self._runner().poke()
         return handoff.format_reply(verdict.code, verdict.status,
@@ -300,7 +441,8 @@ class Daemon:
             log.warning("reload: spool, firewall.capture or admin.group changed; "
                         "restart the daemon for those")
         self.config = new
-        self._runner().reconfigure(new)
+        if self.runner is not None:
+            self.runner.reconfigure(new)
         for handler in self._capture_handlers:
             handler.config = new
         log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
@@ -375,13 +517,18 @@ class Daemon:
             return handoff.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         action, args = operations.decode_args(fields)
         actor = f"operator uid {uid}"
+        if self.state is None:
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL, f"{self._unavailable}")
         try:
-            text = await asyncio.to_thread(operations.perform, self.config, self._state(),
+            text = await asyncio.to_thread(operations.perform, self.config, self.state,
                                            action, args, actor)
         except operations.OperationError as exc:
             return handoff.format_reply(550, sysexits.EX_DATAERR, str(exc))
-        if action in ("queue-release", "site-resume"):
-            self._runner().poke(force=True)
+        except (sqlite3.Error, OSError) as exc:
+            why = storage_trouble(self.config.layout.root, exc) or str(exc)
+            return handoff.format_reply(451, sysexits.EX_TEMPFAIL, why)
+        if action in ("queue-release", "site-resume") and self.runner is not None:
+            self.runner.poke(force=True)
         return handoff.format_reply(250, 0, "ok") + _encode(text)
 
     def _mailq_text(self, uid: int) -> str:
@@ -396,8 +543,13 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
+INTERNAL_ERROR = handoff.format_reply(
+    451, sysexits.EX_TEMPFAIL, "4.3.0 internal error in the daemon; nothing was queued, try "
+    "again later (the operator finds the cause in the daemon's log)")
+
+
 async def _respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes], who: str,
-                   on_error: bytes) -> None:
+                   on_error: bytes = INTERNAL_ERROR) -> None:
     """Write the reply (one line, maybe a body) and close, whatever the peer did.
 
     A handler that raises is logged with its traceback and answered ``on_error``.

@@ -8,6 +8,11 @@ Guarantees:
   (delivered or bounced); delivered recipients are written to ``status/``
   before anything else happens, so a crash re-sends at most the message in
   flight (at-least-once, as every MTA), never skips one;
+* bookkeeping that fails (a full disk: the status, the bounce, the removal)
+  never makes the runner send again: the attempt's outcome is kept in memory,
+  delivery pauses (nothing is sent) and every run first retries that
+  bookkeeping; when it succeeds, delivery resumes.  Only a restart while
+  paused forgets it, and then the message in question is sent once more;
 * temporary trouble (4xx, network, TLS, AUTH) waits with exponential backoff
   and jitter (``retry.initial`` doubling up to ``retry.maximum``); after
   ``retry.lifetime`` in the queue the remaining recipients are bounced;
@@ -39,9 +44,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
 from sendmail_shim import bounce, outbreak, spool
 from sendmail_shim.address import printable
@@ -65,6 +72,23 @@ def backoff(config: Config, attempts: int) -> float:
     exponent = min(max(0, attempts - 1), 60)  # 2**60 * initial is past any maximum
     delay: float = min(policy.maximum, policy.initial * (2.0 ** exponent))
     return delay * (1 + random.uniform(-policy.jitter, policy.jitter))
+
+
+@dataclass
+class _Attempt:
+    """One attempt's outcome on its way to the disk, step by step (see _persist)."""
+
+    state: str
+    queue_id: str
+    env: Envelope
+    message: bytes
+    status: spool.Status  # done, failed and delayed recipients of this attempt
+    new_failures: dict[str, Outcome]
+    deferred: spool.Status | None  # the status to write when recipients wait; None: remove
+    delay: float = 0.0
+    first: Outcome | None = None
+    step: int = 0  # 0 write status, 1 queue the bounce, 2 remove or defer, 3 done
+    notice: str | None = field(default=None)
 
 
 class _Channel:
@@ -122,6 +146,7 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self._force = False
         self._lock = asyncio.Lock()
+        self._unsaved: list[_Attempt] = []  # outcomes the disk refused: delivery is paused
         self._stopping = False  # read by the _due thread too: a plain flag is enough
 
     def stop(self) -> None:
@@ -156,6 +181,8 @@ class QueueRunner:
         """Deliver every due message once; the number attempted."""
         async with self._lock:
             self.wake.clear()
+            if self._unsaved and not await asyncio.to_thread(self._retry_unsaved):
+                return 0  # still cannot record what was sent: send nothing more
             force, self._force = self._force, False
             # Disk work (reads, fsyncs) runs in a thread: the loop keeps taking submissions.
             due = await asyncio.to_thread(self._due, force)
@@ -178,6 +205,24 @@ class QueueRunner:
         if await asyncio.to_thread(self._after_attempt, state, queue_id, entry, results,
                                    trouble):
             self.poke()  # a bounce was queued: deliver it in the next run
+
+    @property
+    def paused(self) -> bool:
+        """True while an attempt's outcome could not be written (delivery stops)."""
+        return bool(self._unsaved)
+
+    def _retry_unsaved(self) -> bool:
+        """Write the outcomes that failed before; True when all of them are on disk now."""
+        while self._unsaved:
+            attempt = self._unsaved[0]
+            try:
+                self._persist(attempt)
+            except OSError:
+                return False
+            self._unsaved.pop(0)
+            log.info("resumed queue_id=%s site=%s: its delivery is recorded; delivery "
+                     "continues", attempt.queue_id, attempt.env.site)
+        return True
 
     def _due(self, force: bool) -> dict[str, list[tuple[str, str]]]:
         """Due messages by site: all incoming, and deferred ones whose time came."""
@@ -234,6 +279,8 @@ class QueueRunner:
             for state, queue_id in items:
                 if self._stopping:
                     return  # shutdown: the message in hand was recorded, the rest waits
+                if self._unsaved:
+                    return  # paused: what was sent is not recorded yet
                 try:
                     await self._deliver_one(site, state, queue_id, relay, local)
                 except Exception as exc:  # this message's trouble, not the run's
@@ -326,6 +373,15 @@ class QueueRunner:
         """Feed the relay's answers to the outbreak rules (relay_5xx_share)."""
         if env.origin in ("bounce", "notice"):
             return
+        try:
+            self._feed_outbreak_rules(site, env, results)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("outbreak_rules_skipped queue_id=%s site=%s reason=%r action='the state "
+                        "database cannot be written; free space on the spool disk'",
+                        env.queue_id, site.name, str(exc))
+
+    def _feed_outbreak_rules(self, site: Site, env: Envelope,
+                             results: dict[str, Outcome]) -> None:
         now = time.time()
         for out in results.values():
             if out.kind == OK:
@@ -383,34 +439,59 @@ class QueueRunner:
                         out.relay, out.code, out.text)
         status.delayed = {r: o.describe() for r, o in temp.items()}
         status.internal_failures = 0  # this attempt ran to its end
-        # Record delivered/failed recipients before anything else can go wrong.
-        spool.write_status(layout, queue_id, status)
-        notice = None
-        if new_failures:
-            notice = bounce.queue_bounce(self.config, env, message, new_failures)
-            if notice:
-                log.info("bounce_queued queue_id=%s bounce_of=%s to=<%s>", notice, queue_id,
-                         sender)
-        if not temp:
-            try:
-                spool.remove(layout, queue_id, state)
-            except FileNotFoundError:
-                # Held by the operator meanwhile; its status says it is done.
-                log.info("moved_meanwhile queue_id=%s site=%s", queue_id, site)
-                return notice is not None
-            log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id, site,
-                     len(status.done), len(status.failed))
-            return notice is not None
-        status.attempts += 1
-        delay = backoff(self.config, status.attempts)
-        status.next_attempt = now + delay
-        first = next(iter(temp.values()))
-        status.last_error = first.describe()
-        spool.write_status(layout, queue_id, status)
-        if state == spool.INCOMING:
-            with contextlib.suppress(FileNotFoundError):  # held meanwhile
-                spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
-        log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d retry_in=%ds "
-                    "relay=%s reason=%r", queue_id, site, env.uid, len(temp),
-                    status.attempts, int(delay), first.relay, first.describe())
-        return notice is not None
+        attempt = _Attempt(state, queue_id, env, message, status, new_failures, None)
+        if temp:
+            attempt.deferred = replace(status, attempts=status.attempts + 1)
+            attempt.delay = backoff(self.config, attempt.deferred.attempts)
+            attempt.first = next(iter(temp.values()))
+            attempt.deferred.next_attempt = now + attempt.delay
+            attempt.deferred.last_error = attempt.first.describe()
+        try:
+            self._persist(attempt)
+        except OSError as exc:
+            self._unsaved.append(attempt)
+            log.error("paused queue_id=%s site=%s reason=%r action='cannot record the outcome "
+                      "of this attempt (free space on the disk holding %s); delivery stops and "
+                      "nothing is sent again until it is written'", queue_id, printable(env.site),
+                      str(exc), layout.root)
+        return attempt.notice is not None
+
+    def _persist(self, attempt: _Attempt) -> None:
+        """Status first, then the bounce, then removal or deferral; resumable after OSError."""
+        layout = self.config.layout
+        queue_id, env, status = attempt.queue_id, attempt.env, attempt.status
+        if attempt.step == 0:
+            # Record delivered/failed recipients before anything else can go wrong.
+            spool.write_status(layout, queue_id, status)
+            attempt.step = 1
+        if attempt.step == 1:
+            if attempt.new_failures:
+                attempt.notice = bounce.queue_bounce(self.config, env, attempt.message,
+                                                     attempt.new_failures)
+                if attempt.notice:
+                    log.info("bounce_queued queue_id=%s bounce_of=%s to=<%s>", attempt.notice,
+                             queue_id, printable(env.sender))
+            attempt.step = 2
+        if attempt.step == 2:
+            if attempt.deferred is None:
+                try:
+                    spool.remove(layout, queue_id, attempt.state)
+                except FileNotFoundError:
+                    # Held by the operator meanwhile; its status says it is done.
+                    log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(env.site))
+                else:
+                    log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id,
+                             printable(env.site), len(status.done), len(status.failed))
+            else:
+                deferred, first = attempt.deferred, attempt.first
+                assert first is not None
+                spool.write_status(layout, queue_id, deferred)
+                if attempt.state == spool.INCOMING:
+                    with contextlib.suppress(FileNotFoundError):  # held meanwhile
+                        spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
+                log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d "
+                            "retry_in=%ds relay=%s reason=%r", queue_id, printable(env.site),
+                            env.uid, len(status.delayed), deferred.attempts,
+                            int(attempt.delay),
+                            first.relay, first.describe())
+            attempt.step = 3

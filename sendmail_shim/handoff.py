@@ -16,13 +16,17 @@ Wire format (request, and the whole content of a drop file)::
     <exactly `size` bytes of message>
     END\\n
 
-Keys: ``mode`` (submit, flush, mailq), ``size``, ``sender`` (absent: not given;
+Keys: ``mode`` (submit, flush, mailq), ``subid`` (32 random hex digits, the
+same on both roads: the daemon queues one submission once), ``size``, ``sender`` (absent: not given;
 empty: the null sender), ``rcpt`` (repeated, one argv word each; a word may be
 an address list), ``extract``, ``fullname``, ``notify``, ``ret``, ``envid``,
 ``body``, ``cwd``, ``ignored`` (flags dropped, for the log).  Everything here is
 a hint from the caller except what the kernel says; the daemon validates all.
 
-Reply: one line ``<smtp-code> <exit-status> <text>\\n``.
+Reply: one line ``<smtp-code> <exit-status> <text>\\n``.  ``421`` (:data:`BUSY`)
+means the daemon refused the connection before reading it (too many open
+connections from this uid, or no request within seconds): the front end
+writes a drop file instead.
 
 Why the drop area is safe between site users (see paths.MODE_MAILDROP_DIR):
 the directory is setgid to the daemon's group, sticky, and writable but not
@@ -79,7 +83,11 @@ from sendmail_shim.paths import MODE_DROP_FILE
 MAGIC = b"SMSHIM1\n"
 TRAILER = b"END\n"
 MAX_HEADER_BYTES = 1 << 20  # a million bytes of envelope is plenty: 10,000 recipients
-REPLY_TIMEOUT = 300.0  # the daemon answers after an fsync; a stuck daemon is a failure
+# The daemon answers after an fsync; only a stuck daemon or disk takes this long.  Falling
+# back to a drop file after it is safe: the subid makes the daemon queue one copy.
+REPLY_TIMEOUT = 300.0
+CONNECT_TRIES = 300  # 10 ms apart: three seconds of a full listen queue, then the drop file
+BUSY = 421  # reply code: too many connections from this uid; nothing was read
 
 
 class DaemonUnreachable(Exception):
@@ -187,11 +195,21 @@ def send_request(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOU
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        try:
-            sock.connect(socket_path)
-        except OSError as exc:
-            raise DaemonUnreachable(f"cannot connect to {socket_path}: {exc.strerror}",
-                                    exc.errno or 0) from exc
+        for attempt in range(CONNECT_TRIES):
+            try:
+                sock.connect(socket_path)
+                break
+            except BlockingIOError as exc:
+                # The listen queue is full for a moment (EAGAIN): wait a little, not forever.
+                if attempt + 1 == CONNECT_TRIES:
+                    raise DaemonUnreachable(f"cannot connect to {socket_path}: its listen "
+                                            "queue stayed full", exc.errno or 0) from exc
+                import time
+
+                time.sleep(0.01)
+            except OSError as exc:
+                raise DaemonUnreachable(f"cannot connect to {socket_path}: {exc.strerror}",
+                                        exc.errno or 0) from exc
         try:
             sock.sendall(request)
             sock.shutdown(_socket.SHUT_WR)

@@ -17,12 +17,14 @@ out of a plain ``-t -i`` submission.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
 from sendmail_shim import sysexits
 from sendmail_shim.argv import UsageError, parse_argv
 from sendmail_shim.handoff import (
+    BUSY,
     DaemonUnreachable,
     encode_request,
     parse_reply,
@@ -46,7 +48,9 @@ def _fail(status: int, text: str) -> int:
 
 
 def _submission_fields(inv: Invocation) -> list[tuple[str, str]]:
-    fields: list[tuple[str, str]] = [("mode", "submit")]
+    # One id for both roads: the daemon queues a submission once even when the
+    # socket copy was committed and the drop-file copy follows (reply lost, timeout).
+    fields: list[tuple[str, str]] = [("mode", "submit"), ("subid", os.urandom(16).hex())]
     if inv.sender is not None:
         fields.append(("sender", inv.sender))
     if inv.extract:
@@ -97,6 +101,8 @@ def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
         code, status, text = parse_reply(reply.split(b"\n", 1)[0])
     except DaemonUnreachable as why:
         return _drop(layout, request, str(why))
+    if code == BUSY:
+        return _drop(layout, request, text)  # this uid has too many connections open
     if code >= 400 or status != 0:
         return _fail(status or sysexits.EX_SOFTWARE, text)
     return sysexits.EX_OK
@@ -106,6 +112,14 @@ def _drop(layout: SpoolLayout, request: bytes, why: str) -> int:
     try:
         write_drop_file(layout.maildrop, request)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fail(
+                sysexits.EX_TEMPFAIL,
+                f"fatal: message not queued: no space left on the disk holding "
+                f"{layout.maildrop} ({exc.strerror}); the daemon did not take it either "
+                f"({why}). Nothing was accepted; try again later, and ask the operator "
+                "to free space on the spool's disk.",
+            )
         return _fail(
             sysexits.EX_TEMPFAIL,
             f"fatal: message not queued: the daemon is unreachable ({why}) and the "

@@ -11,6 +11,15 @@ with the daemon's verdict (250 only once durable; a refusal keeps its 4xx/5xx
 code and enhanced status); when the daemon is down the message goes to the
 drop area like any other submission; many messages per session; nothing on
 stderr, ever (Symfony takes stderr output as a failed start).
+
+End of input: a client may write the whole dialogue at once and close stdin.
+Every command already written is still answered, in order, and every complete
+transaction is queued (aiosmtpd's own EOF handling would cancel the session
+mid-DATA; ours lets it read to the end of what was sent).  The exit status is
+0 when the input ended between transactions, with or without QUIT, and 75
+(EX_TEMPFAIL) when it ended inside one (after MAIL, or in the middle of DATA
+or of a line): that transaction was not queued, like Postfix's smtpd, which
+aborts it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,25 @@ if TYPE_CHECKING:
     from sendmail_shim.paths import SpoolLayout
 
 
+class _StdioSMTP(SMTP):
+    """aiosmtpd's server, except that end of input does not cancel the session.
+
+    Its ``eof_received`` cancels the session at once, dropping a DATA reply
+    being computed and every pipelined command after it.  Here the reader just
+    learns the end; the session answers what is buffered and the handler's
+    ``handle_exception`` closes at the end.
+    """
+
+    ending = False  # the input ended: nothing more to say
+
+    def eof_received(self) -> bool | None:
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def push(self, status: Any) -> None:
+        if not self.ending:
+            await super().push(status)
+
+
 class HandOffHandler:
     """aiosmtpd hooks: each transaction becomes one hand-off to the daemon."""
 
@@ -38,6 +66,22 @@ class HandOffHandler:
         self.layout = layout
         self.cwd = cwd
         self.site = site
+        self.server: _StdioSMTP | None = None
+        self.unfinished = False  # the input ended inside a transaction
+
+    async def handle_exception(self, error: Exception) -> str:
+        """End of input (stdin closed): close after the replies; anything else is a 500."""
+        server = self.server
+        if isinstance(error, asyncio.IncompleteReadError) and server is not None:
+            in_transaction = server.envelope is not None and server.envelope.mail_from is not None
+            self.unfinished = in_transaction or bool(error.partial.strip())
+            server.ending = True
+            if server.transport is not None:
+                # Closing flushes every reply already written; connection_lost then
+                # cancels this session, which waits here until it does.
+                server.transport.close()
+            await asyncio.Event().wait()
+        return f"500 5.3.0 Error: ({error.__class__.__name__}) {error}"
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -48,7 +92,8 @@ class HandOffHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw: bytes = envelope.original_content or b""
         message = raw.replace(b"\r\n", b"\n")
-        fields: list[tuple[str, str]] = [("mode", "submit"), ("sender", envelope.mail_from)]
+        fields: list[tuple[str, str]] = [("mode", "submit"), ("subid", os.urandom(16).hex()),
+                                         ("sender", envelope.mail_from)]
         if self.cwd:
             fields.append(("cwd", self.cwd))
         if self.site:
@@ -58,13 +103,15 @@ class HandOffHandler:
         try:
             reply = await asyncio.to_thread(handoff.send_request, self.layout.socket, request)
             code, _status, text = handoff.parse_reply(reply.split(b"\n", 1)[0])
+            if code == handoff.BUSY:
+                raise handoff.DaemonUnreachable(text)  # too many connections: drop area
         except handoff.DaemonUnreachable:
             try:
                 name = await asyncio.to_thread(handoff.write_drop_file, self.layout.maildrop,
                                                request)
             except OSError as exc:
                 return f"451 4.3.0 message not queued: the daemon is down and the drop area " \
-                       f"refused it ({exc.strerror}); try again later"
+                       f"{self.layout.maildrop} refused it ({exc.strerror}); try again later"
             return f"250 2.0.0 Ok: queued in the drop area as {name}"
         return f"{code} {text}"
 
@@ -99,14 +146,16 @@ def _pump_stdout(sock: socket.socket) -> None:
 
 
 async def _serve(layout: SpoolLayout, limit: int, hostname: str, cwd: str | None,
-                 site: str | None) -> None:
+                 site: str | None) -> HandOffHandler:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     handler = HandOffHandler(layout, cwd, site)
 
     def factory() -> SMTP:
-        return SMTP(handler, hostname=hostname, ident="sendmail-shim", data_size_limit=limit,
-                    enable_SMTPUTF8=True, decode_data=False, timeout=3600)
+        handler.server = _StdioSMTP(handler, hostname=hostname, ident="sendmail-shim",
+                                    data_size_limit=limit, enable_SMTPUTF8=True,
+                                    decode_data=False, timeout=3600)
+        return handler.server
 
     await loop.connect_accepted_socket(factory, theirs)
     threading.Thread(target=_pump_stdin, args=(ours,), daemon=True).start()
@@ -114,10 +163,11 @@ async def _serve(layout: SpoolLayout, limit: int, hostname: str, cwd: str | None
     writer.start()
     await asyncio.to_thread(writer.join)
     ours.close()
+    return handler
 
 
 def serve_stdio(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
-    """Run one SMTP session on stdin/stdout; exit 0 when the client is done."""
+    """Run one SMTP session on stdin/stdout; 0 unless the input ended inside a transaction."""
     quiet = logging.getLogger("mail.log")  # aiosmtpd's logger: never to stderr here
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
@@ -126,7 +176,7 @@ def serve_stdio(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
     except OSError:
         cwd = None
     try:
-        asyncio.run(_serve(layout, limit, socket.gethostname(), cwd, inv.site))
+        handler = asyncio.run(_serve(layout, limit, socket.gethostname(), cwd, inv.site))
     except KeyboardInterrupt:
         return sysexits.EX_TEMPFAIL
-    return sysexits.EX_OK
+    return sysexits.EX_TEMPFAIL if handler.unfinished else sysexits.EX_OK

@@ -6,6 +6,15 @@ Guarantees: SQLite in WAL mode, so the admin command reads (and, with the
 daemon stopped, writes) it safely beside the daemon; every operation holds one
 lock, so a check and the event it reserves are atomic across the daemon's
 threads; the state survives restarts.  Events older than two days are pruned.
+
+Submission ids (``subid``, chosen at random by the front end and sent on
+both roads) are remembered per uid for :data:`SUBMISSION_RETENTION`, with the
+queue id they were given: a row is written (``committed`` 0) in the quota
+transaction before the spool commit, set to 1 after it, and deleted when the
+commit failed.  Which submissions this process is committing right now is
+kept in memory (:meth:`State.in_flight`), so a row with ``committed`` 0 that
+is not in flight belongs to a writer that died or could not finish its
+bookkeeping (:meth:`State.unresolved_submissions`).
 """
 
 from __future__ import annotations
@@ -15,11 +24,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from sendmail_shim import paths
 
 RETENTION = 2 * 86400.0
+SUBMISSION_RETENTION = 7 * 86400.0
 ACCEPTED, REFUSED_QUOTA, RCPT_DOMAIN, RELAY_OK, RELAY_5XX = (
     "accepted", "refused_quota", "rcpt_domain", "relay_ok", "relay_5xx")
 
@@ -36,6 +46,10 @@ CREATE TABLE IF NOT EXISTS quota_overrides (
 CREATE TABLE IF NOT EXISTS scripts (
     site TEXT NOT NULL, script TEXT NOT NULL, first_seen REAL NOT NULL,
     PRIMARY KEY (site, script));
+CREATE TABLE IF NOT EXISTS submissions (
+    uid INTEGER NOT NULL, subid TEXT NOT NULL, queue_id TEXT NOT NULL, ts REAL NOT NULL,
+    committed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (uid, subid));
+CREATE INDEX IF NOT EXISTS submissions_ts ON submissions(ts);
 """
 
 
@@ -54,10 +68,15 @@ class State:
         self._db = sqlite3.connect(path, timeout=30, check_same_thread=False,
                                    isolation_level=None)
         self._lock = threading.RLock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        self._in_flight: set[tuple[int, str]] = set()
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+        except BaseException:
+            self._db.close()  # a full disk at start: the caller says why and retries
+            raise
         self._inserts = 0
 
     def close(self) -> None:
@@ -76,10 +95,13 @@ class State:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (disk full) can leave the transaction open.
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # -- events -------------------------------------------------------------
     def record(self, site: str, uid: int, kind: str, n: int = 1, script: str | None = None,
@@ -99,9 +121,11 @@ class State:
             self._db.execute("DELETE FROM events WHERE rowid = ?", (rowid,))
 
     def prune(self, now: float | None = None) -> None:
+        now = now or time.time()
         with self._lock:
-            self._db.execute("DELETE FROM events WHERE ts < ?",
-                             ((now or time.time()) - RETENTION,))
+            self._db.execute("DELETE FROM events WHERE ts < ?", (now - RETENTION,))
+            self._db.execute("DELETE FROM submissions WHERE ts < ?",
+                             (now - SUBMISSION_RETENTION,))
 
     def count(self, kind: str, since: float, site: str | None = None,
               uid: int | None = None) -> tuple[int, int]:
@@ -187,3 +211,51 @@ class State:
     def clear_overrides(self, site: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM quota_overrides WHERE site = ?", (site,))
+
+    # -- submission ids (de-duplication of the socket and drop-file roads) ------
+    def submission(self, uid: int, subid: str) -> tuple[str, bool] | None:
+        """(queue id, committed) of a submission id this uid used before."""
+        with self._lock:
+            row = self._db.execute("SELECT queue_id, committed FROM submissions WHERE uid = ? "
+                                   "AND subid = ?", (uid, subid)).fetchone()
+        return (str(row[0]), bool(row[1])) if row else None
+
+    def in_flight(self, uid: int, subid: str) -> bool:
+        """True while this process is committing that submission (between claim and end)."""
+        with self._lock:
+            return (uid, subid) in self._in_flight
+
+    def claim_submission(self, uid: int, subid: str, queue_id: str, now: float) -> None:
+        """Record a submission id before its commit (call inside the quota transaction)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO submissions VALUES (?, ?, ?, ?, 0)",
+                             (uid, subid, queue_id, now))
+            self._in_flight.add((uid, subid))
+
+    def drop_in_flight(self, uid: int, subid: str) -> None:
+        """Forget the in-flight mark only (its claim was rolled back)."""
+        with self._lock:
+            self._in_flight.discard((uid, subid))
+
+    def end_submission(self, uid: int, subid: str, committed: bool) -> None:
+        """After the commit: mark the row committed, or delete it when the commit failed.
+
+        The in-flight mark goes first, so a failing write leaves a row that
+        :meth:`unresolved_submissions` or the next claim can settle.
+        """
+        with self._lock:
+            self._in_flight.discard((uid, subid))
+            if committed:
+                self._db.execute("UPDATE submissions SET committed = 1 WHERE uid = ? AND "
+                                 "subid = ?", (uid, subid))
+            else:
+                self._db.execute("DELETE FROM submissions WHERE uid = ? AND subid = ? AND "
+                                 "committed = 0", (uid, subid))
+
+    def unresolved_submissions(self) -> list[tuple[int, str, str]]:
+        """(uid, subid, queue id) of rows whose commit was never confirmed."""
+        with self._lock:
+            rows = self._db.execute("SELECT uid, subid, queue_id FROM submissions WHERE "
+                                    "committed = 0").fetchall()
+        return [(int(u), str(s), str(q)) for u, s, q in rows
+                if (int(u), str(s)) not in self._in_flight]
