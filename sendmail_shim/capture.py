@@ -29,7 +29,10 @@ rows, not ESTABLISHED, inode 0, /proc unreadable) gets ``421 4.7.0``; either
 is closed and logged as ``capture_refused`` with the peer, the original
 destination and the reason — never a guess.
 At DATA the rows are read again and the same uid and socket inode must still
-hold the connection.
+hold the connection.  A connection that is not redirected is refused before
+any /proc read; at most MAX_SESSIONS capture sessions are open at once (421
+beyond), and /proc is read in a small executor of its own, so a flood of
+capture connections cannot starve the submissions and the queue runner.
 Guarantees: each transaction goes through the same intake as the sendmail
 front end (identity -> policy -> quota -> spool -> relay with the site's
 login), so a site's built-in SMTP engine keeps working under its quotas; the
@@ -46,6 +49,7 @@ import os
 import pwd
 import socket
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +72,8 @@ Endpoint = tuple[Address, int]
 NOT_REDIRECTED = ("554 5.7.1 this port serves only SMTP redirected by the firewall; "
                   "submit with /usr/sbin/sendmail")
 NOT_PROVEN = "421 4.7.0 cannot prove which site this connection belongs to; try again later"
+BUSY = "421 4.7.0 too many connections to the capture listener; try again later"
+MAX_SESSIONS = 256  # capture sessions at once, every site together
 
 
 def _plain(address: Address) -> Address:
@@ -175,12 +181,17 @@ class Owner:
     inode: int  # of the client's socket
 
 
-def prove_owner(conn: Connection, rows: list[TcpRow], never: frozenset[int]) -> Owner:
-    """The uid owning the client end of ``conn``, or :class:`Refused`; never a guess."""
+def check_redirected(conn: Connection) -> None:
+    """:class:`Refused` unless the firewall redirected ``conn`` (cheap: no /proc read)."""
     if conn.original is None:
         raise Refused(NOT_REDIRECTED, "not redirected: no original destination (SO_ORIGINAL_DST)")
     if conn.original == conn.local:
         raise Refused(NOT_REDIRECTED, "not redirected: connected to the listener directly")
+
+
+def prove_owner(conn: Connection, rows: list[TcpRow], never: frozenset[int]) -> Owner:
+    """The uid owning the client end of ``conn``, or :class:`Refused`; never a guess."""
+    check_redirected(conn)
     ours = [r for r in rows if r.local == conn.local and r.remote == conn.peer]
     if len(ours) != 1 or ours[0].state != ESTABLISHED or ours[0].inode != conn.inode:
         raise Refused(NOT_PROVEN, f"our own socket's row not found ({len(ours)} candidates)")
@@ -213,6 +224,10 @@ class CaptureHandler:
     def __init__(self, config: Config, state: State) -> None:
         self.config = config
         self.state = state
+        self.sessions = 0  # open capture sessions, proven or being proven
+        # /proc/net/tcp is read here, never in the executor that intake and the queue
+        # runner share: a flood of capture connections must not delay submissions.
+        self.prover = ThreadPoolExecutor(max_workers=2, thread_name_prefix="capture-proof")
 
     def owner(self, conn: Connection) -> Owner:
         """Read /proc now and prove who owns ``conn`` (blocking: run in a thread)."""
@@ -228,7 +243,7 @@ class CaptureHandler:
         if conn is None or first is None:  # CaptureSMTP sets both before the greeting
             return NOT_PROVEN
         try:  # the second check: the same socket still holds the connection
-            again = await asyncio.to_thread(self.owner, conn)
+            again = await asyncio.get_running_loop().run_in_executor(self.prover, self.owner, conn)
             if again != first:
                 raise Refused(NOT_PROVEN, f"owner changed from uid {first.uid} to {again.uid}")
         except Refused as exc:
@@ -269,6 +284,13 @@ class CaptureSMTP(SMTP):
         self.owner: Owner | None = None
 
     async def _handle_client(self) -> None:
+        self.capture.sessions += 1
+        try:
+            await self._prove_then_serve()
+        finally:
+            self.capture.sessions -= 1
+
+    async def _prove_then_serve(self) -> None:
         conn = None
         try:
             try:  # socket calls here, in the loop: the descriptor cannot be reused meanwhile
@@ -276,7 +298,11 @@ class CaptureSMTP(SMTP):
                 conn = describe(self.transport.get_extra_info("socket"))
             except (OSError, ValueError, AttributeError) as exc:
                 raise Refused(NOT_PROVEN, f"socket gone before the greeting: {exc}") from exc
-            owner = await asyncio.to_thread(self.capture.owner, conn)
+            check_redirected(conn)  # before any /proc read: direct connections cost nothing
+            if self.capture.sessions > MAX_SESSIONS:
+                raise Refused(BUSY, f"more than {MAX_SESSIONS} capture sessions open")
+            owner = await asyncio.get_running_loop().run_in_executor(
+                self.capture.prover, self.capture.owner, conn)
         except Refused as exc:
             refused(conn, exc)
             if self.transport is not None:

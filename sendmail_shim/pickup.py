@@ -19,12 +19,17 @@ Guarantees:
 * a file is ingested only if it passes the test above, carries an ``m.``
   name (renamed after its fsync) and a complete request (size and END
   trailer agree);
-* one bad entry never stops the scan: it is moved to ``corrupt/``
-  (``drop.<name>``) and logged with its owner uid and the reason; a directory
-  is never moved there (its owner could keep writing into it through a
-  descriptor): an empty one is removed, another is logged once and skipped;
-  any unexpected error for one entry is handled the same way, so no entry
-  is retried forever and no other site's mail waits behind it;
+* one bad entry never stops the scan: a file proven bad (its type, owner
+  proof, size or request format) is moved to ``corrupt/`` (``drop.<name>``)
+  and logged with its owner uid and the reason; a directory is never moved
+  there (its owner could keep writing into it through a descriptor): an empty
+  one is removed, another is logged once and skipped.  An error that does not
+  prove the file bad (EMFILE, ENOMEM, EIO, an exception in the intake) keeps
+  the file for the next scan, and only after MAX_FAILURES such scans is it
+  set aside: acknowledged mail is never stranded by the daemon's own trouble;
+* fairness: each scan takes the owners in turn, one file each, so a site
+  that floods the drop area delays nobody else's file by more than one file
+  per flooding uid;
 * no descriptor leaks (each is closed in ``finally``) and no FIFO blocks the
   scan (non-regular entries are refused from ``lstat`` and never opened; the
   open is O_NONBLOCK|O_NOFOLLOW in case the entry was swapped meanwhile);
@@ -40,6 +45,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -56,6 +62,10 @@ from sendmail_shim.state import State
 
 log = logging.getLogger("sendmail_shim.pickup")
 STALE_TMP = 86400.0
+MAX_FAILURES = 5  # unexplained failures of one drop file before it is set aside
+# Errors that say the daemon is short of something, not that the file is bad.
+TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN,
+                       errno.EINTR, errno.ENOSPC, errno.EDQUOT})
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
@@ -94,19 +104,50 @@ def _read(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _fair_order(maildrop: str, names: list[str]) -> list[str]:
+    """Drop-area names, one owner uid at a time in turn, each owner's oldest name first.
+
+    A site that floods ``maildrop/`` with names sorting before everyone else's
+    must not push another site's acknowledged file to the end of every scan.
+    """
+    by_owner: dict[int | None, list[str]] = {}
+    for name in sorted(names):
+        if name.startswith(("m.", "t.")):
+            by_owner.setdefault(_owner(os.path.join(maildrop, name)), []).append(name)
+    queues = list(by_owner.values())
+    ordered: list[str] = []
+    for turn in range(max((len(q) for q in queues), default=0)):
+        ordered.extend(q[turn] for q in queues if turn < len(q))
+    return ordered
+
+
 class Pickup:
     """Scans ``maildrop/``; keeps, between scans, the entries it could not move aside."""
 
     def __init__(self, stop: threading.Event | None = None) -> None:
         self.stop = stop if stop is not None else threading.Event()
         self._stuck: set[str] = set()
+        self._failures: dict[str, int] = {}  # name -> unexplained failures so far
+
+    def _retry_or_quarantine(self, config: Config, name: str, why: str, uid: int | None) -> str:
+        """An error that is not the file's proven fault: keep it for a few more scans."""
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        if count < MAX_FAILURES:
+            log.warning("pickup retry drop_file=%s uid=%s failures=%d reason=%r action='kept "
+                        "for the next scan; moved to corrupt/ after %d'", name, uid, count, why,
+                        MAX_FAILURES)
+            return "kept"
+        return self._quarantine(config, name, f"{why} ({count} times)", uid)
 
     def scan(self, config: Config, state: State) -> int:
         """Ingest every finished drop file; the number of entries dealt with."""
         maildrop = config.layout.maildrop
         drop_gid = os.stat(maildrop).st_gid
-        names = sorted(os.listdir(maildrop))
+        names = _fair_order(maildrop, os.listdir(maildrop))
         self._stuck.intersection_update(names)  # forget entries that are gone
+        for gone in set(self._failures) - set(names):
+            del self._failures[gone]
         count = removed = 0
         now = time.time()
         for n, name in enumerate(names):
@@ -124,9 +165,9 @@ class Pickup:
                 else:
                     self._tidy_tmp(config, name, now)
             except Exception as exc:  # one entry must never stop the scan for every site
-                log.exception("pickup failed drop_file=%s uid=%s", name,
-                              _owner(os.path.join(maildrop, name)))
-                self._quarantine(config, name, f"unexpected error: {exc!r}")
+                uid = _owner(os.path.join(maildrop, name))
+                log.exception("pickup failed drop_file=%s uid=%s", name, uid)
+                self._retry_or_quarantine(config, name, f"unexpected error: {exc!r}", uid)
         if removed:
             try:
                 fsync_dir(maildrop)
@@ -149,6 +190,9 @@ class Pickup:
         except FileNotFoundError:
             return "removed"
         except OSError as exc:
+            if exc.errno in TRANSIENT:  # our trouble (descriptors, memory), not the file's
+                return self._retry_or_quarantine(config, name, f"cannot open: {exc.strerror}",
+                                                 before.st_uid)
             return self._quarantine(config, name, f"cannot open: {exc.strerror}", before.st_uid)
         try:
             st = os.fstat(fd)  # the descriptor we read is what counts, not the name
@@ -156,7 +200,11 @@ class Pickup:
             if problem is not None:
                 return self._quarantine(config, name, problem, st.st_uid)
             cap = handoff.MAX_HEADER_BYTES + config.message_size_limit + 64
-            data = _read(fd, cap + 1)
+            try:
+                data = _read(fd, cap + 1)
+            except OSError as exc:
+                return self._retry_or_quarantine(config, name, f"cannot read: {exc.strerror}",
+                                                 st.st_uid)
         finally:
             os.close(fd)
         if len(data) > cap:
@@ -177,7 +225,7 @@ class Pickup:
                             "next start (%r)", name, st.st_uid, exc)
                 return "kept"
             log.exception("intake failed drop_file=%s uid=%d", name, st.st_uid)
-            return self._quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
+            return self._retry_or_quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
         if verdict.code // 100 == 4:
             return "kept"  # temporary trouble (spool full): keep the file, try again later
         if not verdict.accepted:

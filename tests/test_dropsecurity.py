@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import sqlite3
 import stat
 import subprocess
 import time
 from typing import Any
 
+import pytest
 from conftest import Relay, Shim, free_port, wait_until
 
 from sendmail_shim import handoff, pickup, spool
@@ -254,3 +256,60 @@ def test_config_check_warns_without_protected_hardlinks(tmp_path: os.PathLike[st
     with open(sysctl, "w") as fh:
         fh.write("1\n")
     assert protected_hardlinks_problem(sysctl) is None
+
+
+def _drop_as(config: Any, user: str, name: str) -> str:
+    """A well-formed drop file owned by ``user``, as its front end would leave it."""
+    request = handoff.encode_request(
+        [("mode", "submit"), ("rcpt", "someone@example.net"), ("subid", os.urandom(16).hex())],
+        b"Subject: kept\n\nbody\n")
+    path = os.path.join(config.layout.maildrop, name)
+    with open(path, "wb") as fh:
+        fh.write(request)
+    account = pwd.getpwnam(user)
+    os.chown(path, account.pw_uid, os.stat(config.layout.maildrop).st_gid)
+    os.chmod(path, 0o640)
+    return path
+
+
+class TestPickupUnderPressure:
+    """A flooding site and the daemon's own trouble never strand another site's file."""
+
+    def test_a_flood_of_early_names_does_not_push_another_site_back(
+            self, shim_factory: Any, accounts: Any) -> None:
+        _make_relay, make_shim = shim_factory
+        config = load_config(make_shim([free_port()]).config)
+        spool.prepare_spool(config.layout)
+        for n in range(40):
+            _drop_as(config, "shimsite1", f"m.{n:04d}")
+        _drop_as(config, "shimsite2", "m.zzzz")
+        order = pickup._fair_order(config.layout.maildrop, os.listdir(config.layout.maildrop))
+        assert order.index("m.zzzz") <= 1, order[:5]
+
+    def test_an_intake_error_keeps_the_file_for_the_next_scan(
+            self, shim_factory: Any, accounts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        _make_relay, make_shim = shim_factory
+        config = load_config(make_shim([free_port()]).config)
+        spool.prepare_spool(config.layout)
+        path = _drop_as(config, "shimsite1", "m.1.aa")
+        real = pickup.accept_submission
+        calls = []
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database is locked")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pickup, "accept_submission", flaky)
+        state = State(config.layout)
+        try:
+            scanner = pickup.Pickup()
+            scanner.scan(config, state)
+            assert os.path.exists(path), "a failure that is not the file's set it aside"
+            assert not os.listdir(config.layout.state_dir("corrupt"))
+            scanner.scan(config, state)
+        finally:
+            state.close()
+        assert not os.path.exists(path)
+        assert len(os.listdir(config.layout.state_dir("incoming"))) == 1
