@@ -230,15 +230,7 @@ class TestCapture:
     def test_captured_smtp_is_delivered_with_attribution(
             self, netns: tuple[str, str], shim_factory: Any) -> None:
         near, _far = netns
-        make_relay, make_shim = shim_factory
-        relay_port, capture_port = free_port(), free_port()
-        shim = make_shim([relay_port])
-        fw_config(shim, capture_port)
-        relay = make_relay(shim.logins, relay_port, netns=near)
-        relay.start()
-        shim.netns = near
-        shim.start()
-        apply(near, shim)
+        shim, relay, _capture_port = captured_system(netns, shim_factory)
         for n, host in enumerate((FAR4, FAR6)):
             code = ("import smtplib; s = smtplib.SMTP(timeout=10); "
                     f"s.connect({host!r}, 25); s.ehlo('wp.site1.test'); "
