@@ -3,7 +3,7 @@
 The fuzz tests (test_fuzz.py) start this file's :data:`SERVER` with the test
 virtualenv's Python under ``runuser -u <site user>``.  It imports the front end
 once, then for each request line (JSON: ``argv``, ``stdin`` in base64) forks a
-child that runs ``sendmail_shim.sendmail.run(argv)`` with that stdin and with
+child that runs ``sendmail_shim.frontend.sendmail.run(argv)`` with that stdin and with
 stdout and stderr captured, exactly as the installed ``sendmail-shim`` would
 (same code, same uid, same configuration), and answers one JSON line: the exit
 status, stdout, stderr, and ``crashed`` when ``run`` raised instead of
@@ -22,8 +22,8 @@ from typing import Any
 
 SERVER = r'''
 import base64, json, os, sys, time, traceback
-from sendmail_shim import sendmail
-import sendmail_shim.smtp_stdio  # -bs cases fork from a warm import too
+from sendmail_shim.frontend import sendmail
+import sendmail_shim.frontend.bs  # -bs cases fork from a warm import too
 
 def one(case):
     data = base64.b64decode(case["stdin"])

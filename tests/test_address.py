@@ -14,16 +14,16 @@ from collections.abc import Iterator
 import pytest
 from dnsserver import DnsServer, Zone, free_udp_tcp_port
 
-from sendmail_shim import spool
-from sendmail_shim.address import AddressError, canonical, smtp_path
-from sendmail_shim.bounce import build_bounce, xtext
-from sendmail_shim.compose import CompositionError, Submission, compose
 from sendmail_shim.config import parse_config
-from sendmail_shim.envelope import Envelope
-from sendmail_shim.identity import Caller
-from sendmail_shim.outcome import Outcome
-from sendmail_shim.relay import smtp_data
-from sendmail_shim.route import DEFER, LOCAL, REMOTE, Router
+from sendmail_shim.delivery.bounce import build_bounce, xtext
+from sendmail_shim.delivery.relay import smtp_data
+from sendmail_shim.delivery.route import DEFER, LOCAL, REMOTE, Router
+from sendmail_shim.intake.compose import CompositionError, Submission, compose
+from sendmail_shim.policy.identity import Caller
+from sendmail_shim.store import spool
+from sendmail_shim.store.address import AddressError, canonical, smtp_path
+from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.store.outcome import Outcome
 
 CONFIG = parse_config({"hostname": "host.test", "sites": {
     "site.test": {"uids": [1001], "domains": ["site.test"]}}}, None)

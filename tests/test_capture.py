@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sendmail_shim.capture import (
+from sendmail_shim.daemon.capture import (
     ESTABLISHED,
     NOT_PROVEN,
     NOT_REDIRECTED,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sendmail_shim.compose import CompositionError, Submission, compose
 from sendmail_shim.config import parse_config
-from sendmail_shim.identity import Caller
+from sendmail_shim.intake.compose import CompositionError, Submission, compose
+from sendmail_shim.policy.identity import Caller
 
 CONFIG = parse_config({"hostname": "host.test", "sites": {
     "site.test": {"uids": [1001], "domains": ["site.test"]}}}, None)

@@ -9,8 +9,8 @@ import pytest
 from conftest import ADMIN, SENDMAIL
 
 from sendmail_shim.config import Config, load_config, parse_config
-from sendmail_shim.identity import Caller, identify
-from sendmail_shim.paths import ConfigError
+from sendmail_shim.policy.identity import Caller, identify
+from sendmail_shim.wire.paths import ConfigError
 
 
 def write(tmp_path: os.PathLike[str], text: str) -> str:

@@ -14,23 +14,23 @@ import time
 
 from conftest import Relay, Shim, wait_until
 
-from sendmail_shim import handoff
+from sendmail_shim.wire import protocol
 
 CLIENT = r"""
 import sys
-from sendmail_shim import handoff
+from sendmail_shim.wire import protocol
 road, where = sys.argv[1], sys.argv[2]
 data = sys.stdin.buffer.read()
 if road == "socket":
-    sys.stdout.write(handoff.send_request(where, data).decode())
+    sys.stdout.write(protocol.send_request(where, data).decode())
 else:
-    sys.stdout.write(handoff.write_drop_file(where, data))
+    sys.stdout.write(protocol.write_drop_file(where, data))
 """
 
 
 def request(subid: str, subject: str) -> bytes:
     fields = [("mode", "submit"), ("subid", subid), ("rcpt", "to@example.net")]
-    return handoff.encode_request(fields, f"Subject: {subject}\n\nbody\n".encode())
+    return protocol.encode_request(fields, f"Subject: {subject}\n\nbody\n".encode())
 
 
 def hand(shim: Shim, road: str, data: bytes, user: str = "shimsite1") -> str:

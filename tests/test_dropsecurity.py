@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 from conftest import Relay, Shim, free_port, wait_until
 
-from sendmail_shim import handoff, pickup, spool
-from sendmail_shim.admin import protected_hardlinks_problem
+from sendmail_shim.admin.cli import protected_hardlinks_problem
 from sendmail_shim.config import load_config
-from sendmail_shim.state import State
+from sendmail_shim.daemon import pickup
+from sendmail_shim.store import spool
+from sendmail_shim.store.state import State
+from sendmail_shim.wire import protocol
 
 
 def as_user(user: str, code: str) -> subprocess.CompletedProcess[bytes]:
@@ -107,7 +109,7 @@ class TestBetweenSites:
 
 
 def planted_request(rcpt: str, subject: str) -> bytes:
-    return handoff.encode_request([("mode", "submit"), ("rcpt", rcpt)],
+    return protocol.encode_request([("mode", "submit"), ("rcpt", rcpt)],
                                   f"Subject: {subject}\n\nbody\n".encode())
 
 
@@ -260,7 +262,7 @@ def test_config_check_warns_without_protected_hardlinks(tmp_path: os.PathLike[st
 
 def _drop_as(config: Any, user: str, name: str) -> str:
     """A well-formed drop file owned by ``user``, as its front end would leave it."""
-    request = handoff.encode_request(
+    request = protocol.encode_request(
         [("mode", "submit"), ("rcpt", "someone@example.net"), ("subid", os.urandom(16).hex())],
         b"Subject: kept\n\nbody\n")
     path = os.path.join(config.layout.maildrop, name)

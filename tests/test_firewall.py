@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from conftest import ADMIN, IS_ROOT, Shim, free_port, wait_until
 
+from sendmail_shim.admin.firewall import render_iptables, render_nft
 from sendmail_shim.config import parse_config
-from sendmail_shim.firewall import render_iptables, render_nft
 
 FAR4, FAR6 = "10.201.0.2", "fd00:201::2"
 LISTENER = r"""

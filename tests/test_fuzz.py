@@ -32,8 +32,8 @@ from forkserver import ForkServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sendmail_shim import handoff
-from sendmail_shim.argv import UsageError, parse_argv
+from sendmail_shim.frontend.argv import UsageError, parse_argv
+from sendmail_shim.wire import protocol
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -332,12 +332,12 @@ def test_control_socket_requests(fuzz_shim: Any) -> None:
         else:
             fields = [("mode", "control"), ("action", action)]
             fields += [("arg", f"{k}={v}") for k, v in args]
-            request = handoff.encode_request(fields, b"")
+            request = protocol.encode_request(fields, b"")
         reply = _control(control, request)
         cases["n"] += 1
         what = f"request={request[:300]!r} -> {reply[:300]!r}"
         assert reply.endswith(b"\n"), what
-        code, _status, _text = handoff.parse_reply(reply.split(b"\n", 1)[0])
+        code, _status, _text = protocol.parse_reply(reply.split(b"\n", 1)[0])
         assert code == 250 or 400 <= code < 600, what
 
     case()

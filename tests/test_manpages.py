@@ -9,9 +9,10 @@ import subprocess
 import click
 import pytest
 
-from sendmail_shim import config, paths
-from sendmail_shim.admin import cli
-from sendmail_shim.argv import FLAGS, MODES
+from sendmail_shim import config
+from sendmail_shim.admin.cli import cli
+from sendmail_shim.frontend.argv import FLAGS, MODES
+from sendmail_shim.wire import paths
 
 MAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man")
 PAGES = ("sendmail-shim.8", "sendmail-shim-admin.8", "sendmail-shim.yaml.5")

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from sendmail_shim.message import MessageTooBig, read_message
+from sendmail_shim.frontend.message import MessageTooBig, read_message
 
 
 def read(data: bytes, ignore_dots: bool = False, limit: int = 1 << 20) -> bytes:

@@ -18,7 +18,7 @@ from conftest import free_port, wait_until
 from dnsserver import DnsServer, Zone, free_udp_tcp_port
 
 from sendmail_shim.config import parse_config
-from sendmail_shim.route import DEFER, FAIL, LOCAL, REMOTE, Router
+from sendmail_shim.delivery.route import DEFER, FAIL, LOCAL, REMOTE, Router
 
 RECORDS = {
     ("site1.test", "MX"): ["10 mx1.outlook.example."],          # the field case

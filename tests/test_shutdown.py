@@ -20,7 +20,7 @@ import time
 
 from conftest import Relay, Shim, wait_until
 
-from sendmail_shim import handoff
+from sendmail_shim.wire import protocol
 
 BATCH = 200  # drop files written while the daemon is down, before each round
 ROUNDS = 6
@@ -32,7 +32,7 @@ def write_backlog(shim: Shim, user: str, numbers: range) -> None:
     drop = os.path.join(shim.spool, "maildrop")
     uid = pwd.getpwnam(user).pw_uid
     for n in numbers:
-        request = handoff.encode_request(
+        request = protocol.encode_request(
             [("mode", "submit"), ("rcpt", f"backlog{n % 7}@example.net")],
             f"Subject: backlog {n}\nX-Backlog: {n}\n\nmessage {n}\n".encode())
         tmp = os.path.join(drop, f"t.{n:05d}")

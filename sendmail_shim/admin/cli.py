@@ -1,0 +1,650 @@
+"""``sendmail-shim-admin``: the operator's command (click).
+
+Trusts: the operator who runs it; it reads the spool directly, so listing and
+changing the queue needs root or the daemon's user (file modes say so), and
+asks the daemon over its socket where the daemon must act (flush).
+Guarantees: every failure is one line naming the file, the site or the queue id
+and what to do next, with a sysexits status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+import filelock
+
+from sendmail_shim.config import Config, load_config
+from sendmail_shim.daemon import control
+from sendmail_shim.policy import sanctions
+from sendmail_shim.store.state import State, state_dir
+from sendmail_shim.wire import paths, protocol, sysexits
+from sendmail_shim.wire.paths import ConfigError
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
+        sys.exit(sysexits.EX_CONFIG)
+
+
+config_option = click.option(
+    "--config", "config_path", metavar="FILE", default=None,
+    help="Configuration file (default: $SENDMAIL_SHIM_CONFIG, then "
+         f"{paths.SYSTEM_CONFIG}, then the per-user file).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Operate sendmail-shim: the daemon, the queue, the configuration, a demo."""
+
+
+@cli.command()
+@config_option
+def serve(config_path: str | None) -> None:
+    """Run the daemon in the foreground (hand-off socket, pickup, queue runner)."""
+    from sendmail_shim.daemon.logsetup import setup_logging
+    from sendmail_shim.daemon.main import run_daemon
+
+    config = _load(config_path)
+    setup_logging(config)
+    sys.exit(run_daemon(config))
+
+
+def _fix_ownership(config: Config) -> None:
+    """Files root created beside the daemon must stay the daemon's (its user owns the spool)."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(config.spool)
+    for directory in (config.layout.status, state_dir(config.layout)):
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if os.lstat(path).st_uid != owner.st_uid:
+                os.lchown(path, owner.st_uid, owner.st_gid)
+
+
+def _direct(config: Config, action: str, args: control.Args) -> str:
+    """Run an action on the spool ourselves: only while no daemon holds the lock."""
+    if not os.path.isdir(config.layout.status):
+        raise click.ClickException(f"no spool at {config.spool}: start the daemon once "
+                                   "('sendmail-shim-admin serve') to create it")
+    lock = filelock.FileLock(config.layout.lock)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise click.ClickException(
+            f"the daemon holds {config.layout.lock} but its control socket "
+            f"{config.layout.control_socket} does not answer; check the daemon's log") from None
+    try:
+        state = State(config.layout)
+        try:
+            return control.perform(config, state, action, args,
+                                      f"operator uid {os.getuid()} (daemon stopped)")
+        finally:
+            state.close()
+    except sanctions.OperationError as exc:
+        click.echo(f"sendmail-shim-admin: {exc}", err=True)
+        sys.exit(sysexits.EX_DATAERR)
+    except PermissionError as exc:
+        click.echo(f"sendmail-shim-admin: {exc}; run as root or as the daemon's user", err=True)
+        sys.exit(sysexits.EX_NOPERM)
+    finally:
+        lock.release()
+        _fix_ownership(config)
+
+
+def operate(config_path: str | None, action: str, **raw: Any) -> None:
+    """Ask the daemon (control socket) to act; when no daemon runs, act directly."""
+    config = _load(config_path)
+    args: control.Args = {}
+    for key, value in raw.items():
+        if value is None or value is False or value == ():
+            continue
+        if isinstance(value, (list, tuple)):
+            args[key] = [str(v) for v in value]
+        else:
+            args[key] = ["1" if value is True else str(value)]
+    request = protocol.encode_request(control.encode_args(action, args), b"")
+    try:
+        reply = protocol.send_request(config.layout.control_socket, request, 120)
+    except protocol.DaemonUnreachable as exc:
+        if exc.errno == errno.EACCES:
+            click.echo(f"sendmail-shim-admin: {exc}: the control socket is for root, the "
+                       "daemon's user and the admin group (admin.group)", err=True)
+            sys.exit(sysexits.EX_NOPERM)
+        click.echo(_direct(config, action, args), nl=False)
+        return
+    first, _, rest = reply.partition(b"\n")
+    code, status, text = protocol.parse_reply(first)
+    if code >= 400:
+        click.echo(f"sendmail-shim-admin: {text}", err=True)
+        sys.exit(status or sysexits.EX_SOFTWARE)
+    click.echo(rest.decode("utf-8", "replace"), nl=False)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+site_option = click.option("--site", default=None, help="Only this site's messages.")
+
+
+@cli.group()
+def queue() -> None:
+    """Inspect and act on the queue."""
+
+
+@queue.command("list")
+@config_option
+@json_option
+@site_option
+def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None:
+    """List queued messages: id, size, age, site, sender, recipients, last error."""
+    operate(config_path, "queue-list", json=as_json, site=site)
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id")
+def queue_show(config_path: str | None, queue_id: str) -> None:
+    """One message: envelope, delivery state and headers."""
+    operate(config_path, "queue-show", id=[queue_id])
+
+
+@queue.command("hold")
+@config_option
+@site_option
+@click.argument("queue_ids", nargs=-1)
+def queue_hold(config_path: str | None, site: str | None, queue_ids: tuple[str, ...]) -> None:
+    """Stop delivering messages (by id, or all of --site) until released."""
+    operate(config_path, "queue-hold", id=queue_ids, site=site)
+
+
+@queue.command("release")
+@config_option
+@site_option
+@click.argument("queue_ids", nargs=-1)
+def queue_release(config_path: str | None, site: str | None,
+                  queue_ids: tuple[str, ...]) -> None:
+    """Deliver held messages (by id, or all of --site) now."""
+    operate(config_path, "queue-release", id=queue_ids, site=site)
+
+
+@queue.command("delete")
+@config_option
+@site_option
+@click.argument("queue_ids", nargs=-1)
+def queue_delete(config_path: str | None, site: str | None,
+                 queue_ids: tuple[str, ...]) -> None:
+    """Delete messages (by id, or all of --site) without delivering or bouncing them."""
+    operate(config_path, "queue-delete", id=queue_ids, site=site)
+
+
+@queue.command("flush")
+@config_option
+def queue_flush(config_path: str | None) -> None:
+    """Ask the daemon to deliver every queued message now, deferred ones included."""
+    config = _load(config_path)
+    try:
+        reply = protocol.send_request(config.layout.socket,
+                                     protocol.encode_request([("mode", "flush")], b""), 30)
+    except protocol.DaemonUnreachable as exc:
+        click.echo(f"sendmail-shim-admin: the daemon is not answering ({exc}); start it with "
+                   "'sendmail-shim-admin serve'", err=True)
+        sys.exit(sysexits.EX_TEMPFAIL)
+    _code, _status, text = protocol.parse_reply(reply.split(b"\n", 1)[0])
+    click.echo(text)
+
+
+@cli.group()
+def site() -> None:
+    """Sites: list, show, suspend, resume."""
+
+
+@site.command("list")
+@config_option
+@json_option
+def site_list(config_path: str | None, as_json: bool) -> None:
+    """Every configured site with its uids, relay login and state."""
+    operate(config_path, "site-list", json=as_json)
+
+
+@site.command("show")
+@config_option
+@click.argument("name")
+def site_show(config_path: str | None, name: str) -> None:
+    """One site: identity, policy, state, queue and quota usage."""
+    operate(config_path, "site-show", site=name)
+
+
+@site.command("suspend")
+@config_option
+@click.option("--reason", default=None, help="Why; shown to the site's scripts and logged.")
+@click.argument("name")
+def site_suspend(config_path: str | None, reason: str | None, name: str) -> None:
+    """Refuse the site's new mail and hold its queued mail; notifies admin.notify."""
+    operate(config_path, "site-suspend", site=name, reason=reason)
+
+
+@site.command("resume")
+@config_option
+@click.argument("name")
+def site_resume(config_path: str | None, name: str) -> None:
+    """Accept the site's mail again (held mail stays held: release or delete it)."""
+    operate(config_path, "site-resume", site=name)
+
+
+@cli.group("quota")
+def quota_group() -> None:
+    """Per-site quotas: usage against limits, overrides, reset."""
+
+
+@quota_group.command("show")
+@config_option
+@json_option
+@click.argument("name", required=False)
+def quota_show(config_path: str | None, as_json: bool, name: str | None) -> None:
+    """Usage in the last hour and day against each limit (all sites, or NAME)."""
+    operate(config_path, "quota-show", site=name, json=as_json)
+
+
+@quota_group.command("set")
+@config_option
+@click.option("--per-hour", "per_hour", type=str, default=None,
+              help="Messages per hour (a number, or 'none' for unlimited).")
+@click.option("--per-day", "per_day", type=str, default=None, help="Messages per day.")
+@click.option("--recipients-per-message", "recipients_per_message", type=str, default=None,
+              help="Recipients in one message.")
+@click.option("--recipients-per-hour", "recipients_per_hour", type=str, default=None,
+              help="Recipients per hour.")
+@click.option("--clear", is_flag=True, help="Forget earlier overrides first: back to the file.")
+@click.argument("name")
+def quota_set(config_path: str | None, name: str, clear: bool, **limits: str | None) -> None:
+    """Override the configured limits of site NAME (kept in the daemon's state)."""
+    for key, value in limits.items():
+        if value is not None and value != "none" and not value.isdigit():
+            raise click.BadParameter(f"{value!r}: a whole number or 'none'", param_hint=key)
+    operate(config_path, "quota-set", site=name, clear=clear, **limits)
+
+
+@quota_group.command("reset")
+@config_option
+@click.argument("name")
+def quota_reset(config_path: str | None, name: str) -> None:
+    """Forget the usage of site NAME: its counters start from zero."""
+    operate(config_path, "quota-reset", site=name)
+
+
+@cli.command()
+@config_option
+def top(config_path: str | None) -> None:
+    """Sites and scripts by volume in the last hour and the last day."""
+    operate(config_path, "top")
+
+
+@cli.group()
+def route() -> None:
+    """Where mail for an address goes, and why."""
+
+
+@route.command("explain")
+@config_option
+@click.argument("address")
+def route_explain(config_path: str | None, address: str) -> None:
+    """The routing decision for ADDRESS: local MTA, relay, bounce or retry, and why."""
+    from sendmail_shim.delivery.route import Router
+
+    config = _load(config_path)
+    domain = address.rsplit("@", 1)[-1]
+    decision = asyncio.run(Router(config).route(domain))
+    if config.local_transport is None and not decision.pinned:
+        click.echo("note: no local_transport is configured, so the daemon sends everything "
+                   "to the relay; the DNS view follows")
+    click.echo(f"{address}: {decision.kind}")
+    click.echo(f"  domain  {decision.domain}")
+    click.echo(f"  why     {decision.reason}")
+    if decision.exchanges:
+        click.echo("  MX      " + ", ".join(f"{p} {h or '.'}" for p, h in decision.exchanges))
+    if decision.records and not decision.exchanges[1:] and decision.kind != "fail":
+        click.echo("  records " + ", ".join(decision.records))
+    click.echo(f"  ttl {decision.ttl}s{'  (pinned in routing:)' if decision.pinned else ''}")
+    target = {"local": config.local_transport.label if config.local_transport else "-",
+              "remote": ", ".join(r.label for r in config.relays) or "no relay configured",
+              "fail": "a bounce to the sender", "defer": "the queue, to retry"}[decision.kind]
+    click.echo(f"  goes to {target}")
+
+
+@cli.group("dns")
+def dns_group() -> None:
+    """Check a site's DNS for mail: MX, SPF, DKIM, DMARC."""
+
+
+@dns_group.command("check")
+@config_option
+@click.argument("name")
+def dns_check(config_path: str | None, name: str) -> None:
+    """Report MX, SPF, DKIM and DMARC of site NAME's domains, with what to publish."""
+    from sendmail_shim.admin.dnscheck import DnsChecker
+    from sendmail_shim.delivery.route import Router
+
+    config = _load(config_path)
+    site = config.sites.get(name)
+    if site is None:
+        raise click.ClickException(f"no site {name!r} in {config.path}")
+    checker = DnsChecker(config, Router(config))
+    report = asyncio.run(checker.check_site(site))
+    problems = 0
+    for domain, findings in report:
+        click.echo(f"{domain}:")
+        for finding in findings:
+            problems += finding.problem
+            click.echo(f"  {finding.check:<6} {finding.status:<11} {finding.text}")
+    sys.exit(1 if problems else 0)
+
+
+@cli.group()
+def firewall() -> None:
+    """Render and check the rules that make sendmail-shim the only way out."""
+
+
+@firewall.command("render")
+@config_option
+@click.option("--nft", "fmt", flag_value="nft", default=True, help="nftables (default).")
+@click.option("--iptables", "fmt", flag_value="iptables",
+              help="iptables-restore --noflush file for IPv4, then IPv6 (ip6tables).")
+def firewall_render(config_path: str | None, fmt: str) -> None:
+    """Print the ruleset for this configuration (apply with nft -f)."""
+    from sendmail_shim.admin import firewall as fw
+
+    config = _load(config_path)
+    if fmt == "nft":
+        click.echo(fw.render_nft(config), nl=False)
+    else:
+        click.echo(fw.render_iptables(config, 4), nl=False)
+        click.echo(fw.render_iptables(config, 6), nl=False)
+
+
+@firewall.command("check")
+@config_option
+def firewall_check(config_path: str | None) -> None:
+    """Is the live ruleset ours, in force and complete?  Exit 1 when not."""
+    from sendmail_shim.admin import firewall as fw
+
+    config = _load(config_path)
+    try:
+        ok, problems = fw.check(config)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        raise click.ClickException(f"cannot read the ruleset ({exc}); run as root") from exc
+    if ok:
+        click.echo(f"firewall: table inet {fw.TABLE} is in force and complete")
+        return
+    click.echo(f"firewall: table inet {fw.TABLE} is NOT as configured:")
+    for line in problems:
+        click.echo(f"  {line}")
+    sys.exit(1)
+
+
+@cli.group()
+def spool() -> None:
+    """The spool directories."""
+
+
+@spool.command("init")
+@config_option
+@click.option("--user", "user", default=None,
+              help="The daemon's user: it owns the spool (default: the current user).")
+def spool_init(config_path: str | None, user: str | None) -> None:
+    """Create the spool with its modes and give it to the daemon's user."""
+    import pwd
+
+    from sendmail_shim.store.spool import prepare_spool
+
+    config = _load(config_path)
+    prepare_spool(config.layout)
+    os.makedirs(state_dir(config.layout), mode=paths.MODE_PRIVATE_DIR, exist_ok=True)
+    os.makedirs(config.layout.control, mode=paths.MODE_CONTROL_DIR, exist_ok=True)
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for root, dirs, files in os.walk(config.spool):
+            for name in [".", *dirs, *files]:
+                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+    click.echo(f"spool {config.spool} ready" + (f", owned by {user}" if user else ""))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check the configuration."""
+
+
+@config_group.command("check")
+@config_option
+def config_check(config_path: str | None) -> None:
+    """Load the configuration and report problems an operator must fix."""
+    config = _load(config_path)
+    problems = []
+    for site in config.sites.values():
+        login = site.relay_login
+        if login is None:
+            continue
+        try:
+            mode = os.stat(login.password_file).st_mode
+            if mode & 0o007:
+                problems.append(f"site {site.name}: {login.password_file} is readable by "
+                                "every user; chmod 0640 and chown root:<daemon group>")
+        except OSError as exc:
+            problems.append(f"site {site.name}: password file {login.password_file}: "
+                            f"{exc.strerror}")
+    if not config.relays:
+        problems.append("no relays configured: every message will wait in the queue")
+    warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    click.echo(f"configuration {config.path or '(built-in defaults)'}: "
+               f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")
+    for problem in problems:
+        click.echo(f"problem: {problem}")
+    for warning in warnings:
+        click.echo(f"warning: {warning}")
+    sys.exit(sysexits.EX_CONFIG if problems else 0)
+
+
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
+
+
+def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
+    """A warning when the kernel lets users hard-link files they cannot write.
+
+    Pickup refuses lent drop files by themselves (protocol.py); this is defence in depth.
+    """
+    try:
+        with open(path) as fh:
+            value = fh.read().strip()
+    except OSError as exc:
+        return f"cannot read {path} ({exc.strerror}): make sure fs.protected_hardlinks is 1"
+    if value != "1":
+        return (f"fs.protected_hardlinks is {value}, not 1: site users may hard-link files "
+                "they cannot write (into the drop area, among others); set it with "
+                "'sysctl fs.protected_hardlinks=1' and in /etc/sysctl.d/")
+    return None
+
+
+@cli.command("capture-relay")
+@click.option("--listen", default="127.0.0.1:2525", show_default=True, metavar="HOST:PORT")
+@click.option("--maildir", required=True, type=click.Path(file_okay=False))
+@click.option("--logins", "logins_file", required=True, type=click.Path(dir_okay=False),
+              help="File of user:password lines; only these may send.")
+@click.option("--tls-cert", default=None, help="Certificate for STARTTLS (PEM).")
+@click.option("--tls-key", default=None, help="Key for STARTTLS (PEM).")
+@click.option("--implicit-tls", is_flag=True,
+              help="Speak TLS from the first byte (port 465 style) instead of STARTTLS.")
+def capture_relay(listen: str, maildir: str, logins_file: str,
+                  tls_cert: str | None, tls_key: str | None, implicit_tls: bool) -> None:
+    """A loopback SMTP relay with AUTH that stores what it receives in a Maildir."""
+    from sendmail_shim.admin.capture_relay import serve_capture_relay
+
+    host, _, port = listen.rpartition(":")
+    try:
+        asyncio.run(serve_capture_relay(host.strip("[]"), int(port), maildir, logins_file,
+                                        tls_cert, tls_key, implicit_tls))
+    except (ValueError, OSError) as exc:
+        click.echo(f"sendmail-shim-admin capture-relay: {exc}", err=True)
+        sys.exit(sysexits.EX_CONFIG)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- demo ---------------------------------------------------------------------
+
+DEMO_MARKER = "# written by sendmail-shim-admin demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_private(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def write_demo_config(config_file: str) -> dict[str, Any]:
+    """A per-user configuration: this uid is site demo.example, relay on loopback."""
+    from platformdirs import user_data_dir
+
+    base = user_data_dir("sendmail-shim")
+    secrets_dir = os.path.join(os.path.dirname(config_file), "secrets")
+    os.makedirs(secrets_dir, mode=0o700, exist_ok=True)
+    password = secrets.token_urlsafe(18)
+    password_file = os.path.join(secrets_dir, "demo.example")
+    _write_private(password_file, password + "\n")
+    _write_private(os.path.join(secrets_dir, "capture-relay.logins"),
+                   f"demo.example:{password}\n")
+    port = _free_port()
+    text = f"""{DEMO_MARKER}: a daemon in your user directories and a loopback relay
+spool: {os.path.join(base, "spool")}
+relays:
+  - host: 127.0.0.1
+    port: {port}
+    tls: none
+retry: {{initial: 10s, maximum: 5m, lifetime: 1d}}
+queue_scan_interval: 2s
+sites:
+  demo.example:
+    uids: [{os.getuid()}]
+    domains: [demo.example]
+    sender: noreply@demo.example
+    relay_login: {{user: demo.example, password_file: {password_file}}}
+"""
+    os.makedirs(os.path.dirname(config_file), exist_ok=True)
+    with open(config_file, "w") as fh:
+        fh.write(text)
+    return {"port": port}
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"timed out after {timeout:g}s waiting for {what}")
+
+
+@cli.command()
+@click.option("--keep-running", is_flag=True,
+              help="Leave the daemon and the relay running after the demo message arrives.")
+def demo(keep_running: bool) -> None:
+    """Set up and run the whole path without root: daemon, relay, one message."""
+    from platformdirs import user_data_dir
+
+    config_file = paths.user_config_file()
+    if not os.path.exists(config_file):
+        write_demo_config(config_file)
+        click.echo(f"wrote {config_file}")
+    with open(config_file) as fh:
+        if DEMO_MARKER not in fh.read():
+            raise click.ClickException(
+                f"{config_file} exists and was not written by the demo; move it away or set "
+                "SENDMAIL_SHIM_CONFIG to another file")
+    config = _load(config_file)
+    relay = config.relays[0]
+    maildir = os.path.join(user_data_dir("sendmail-shim"), "demo-maildir")
+    logins = os.path.join(os.path.dirname(config_file), "secrets", "capture-relay.logins")
+    bindir = os.path.dirname(sys.argv[0]) if os.sep in sys.argv[0] else ""
+    admin_cmd = shutil.which("sendmail-shim-admin", path=bindir or None) or sys.argv[0]
+    sendmail_cmd = shutil.which("sendmail-shim", path=bindir or None) or "sendmail-shim"
+    env = dict(os.environ, SENDMAIL_SHIM_CONFIG=config_file)
+    before = set(os.listdir(os.path.join(maildir, "new"))) if os.path.isdir(
+        os.path.join(maildir, "new")) else set()
+    procs = [
+        subprocess.Popen([admin_cmd, "capture-relay", "--listen", f"127.0.0.1:{relay.port}",
+                          "--maildir", maildir, "--logins", logins], env=env),
+        subprocess.Popen([admin_cmd, "serve", "--config", config_file], env=env),
+    ]
+    try:
+        def relay_listening() -> bool:
+            try:
+                with socket.create_connection((relay.host, relay.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        _wait_for(relay_listening, 20, f"the capture relay on {relay.label}")
+        _wait_for(lambda: os.path.exists(config.layout.socket), 20, "the daemon's socket")
+        click.echo(f"daemon up: socket {config.layout.socket}; relay on 127.0.0.1:{relay.port}")
+        message = (
+            "To: Demo Recipient <someone@example.net>\n"
+            "Subject: sendmail-shim demo\n"
+            "\n"
+            "This message went through sendmail-shim -t -i, the daemon's spool,\n"
+            "and the relay, logged in as site demo.example.\n"
+            ".\n"
+            "(the line above is a lone dot, kept because of -i)\n"
+        )
+        click.echo(f"$ {sendmail_cmd} -t -i < message")
+        done = subprocess.run([sendmail_cmd, "-t", "-i"], input=message.encode(), env=env,
+                              check=False)
+        if done.returncode != 0:
+            raise click.ClickException(f"sendmail-shim exited {done.returncode}")
+        new_dir = os.path.join(maildir, "new")
+        _wait_for(lambda: set(os.listdir(new_dir)) - before, 30, "the relay to receive it")
+        name = sorted(set(os.listdir(new_dir)) - before)[0]
+        with open(os.path.join(maildir, "envelopes", name + ".json")) as fh:
+            meta = json.load(fh)
+        click.echo(f"\nthe relay received {os.path.join(new_dir, name)}")
+        click.echo(f"  AUTH login : {meta['login']}")
+        click.echo(f"  MAIL FROM  : <{meta['mail_from']}>")
+        click.echo(f"  RCPT TO    : {', '.join('<' + r + '>' for r in meta['rcpt_tos'])}\n")
+        with open(os.path.join(new_dir, name), "rb") as raw:
+            click.echo(raw.read().decode("utf-8", "replace").replace("\r\n", "\n"))
+        if keep_running:
+            click.echo(f"daemon and relay keep running; try: SENDMAIL_SHIM_CONFIG={config_file} "
+                       f"{sendmail_cmd} -bp   (Ctrl-C to stop)")
+            procs[1].wait()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> None:
+    cli(prog_name="sendmail-shim-admin")
+
+
+if __name__ == "__main__":
+    main()

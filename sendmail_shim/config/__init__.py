@@ -1,0 +1,45 @@
+"""The daemon's and the admin command's configuration: one YAML file, checked whole.
+
+The front end never imports this package (it reads its two keys with
+``wire.paths``); everything else imports the names below from here, not from
+the modules inside.
+"""
+
+from sendmail_shim.config.model import (
+    ADMIN_KEYS,
+    ADMIN_SITE,
+    FIREWALL_KEYS,
+    FROM_ACTIONS,
+    LOG_KEYS,
+    LOG_TARGETS,
+    OUTBREAK_KEYS,
+    QUOTA_KEYS,
+    RELAY_KEYS,
+    RESOLVER_KEYS,
+    RETRY_KEYS,
+    SENDER_ACTIONS,
+    SITE_KEYS,
+    TLS_MODES,
+    TOP_KEYS,
+    Admin,
+    Config,
+    Firewall,
+    LocalTransport,
+    OutbreakRules,
+    Quota,
+    Relay,
+    RelayLogin,
+    RetryPolicy,
+    Site,
+    load_config,
+    parse_config,
+)
+from sendmail_shim.wire.paths import ConfigError
+
+__all__ = [
+    "ADMIN_KEYS", "ADMIN_SITE", "FIREWALL_KEYS", "FROM_ACTIONS", "LOG_KEYS", "LOG_TARGETS",
+    "OUTBREAK_KEYS", "QUOTA_KEYS", "RELAY_KEYS", "RESOLVER_KEYS", "RETRY_KEYS",
+    "SENDER_ACTIONS", "SITE_KEYS", "TLS_MODES", "TOP_KEYS", "Admin", "Config", "ConfigError",
+    "Firewall", "LocalTransport", "OutbreakRules", "Quota", "Relay", "RelayLogin",
+    "RetryPolicy", "Site", "load_config", "parse_config",
+]

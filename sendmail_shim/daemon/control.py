@@ -1,0 +1,254 @@
+"""The control requests: what the operator asks of sites, quotas and the queue.
+
+Trusts: its caller to be the operator (the daemon's control socket admits root,
+the daemon's user and the admin group; the admin command runs these directly
+only while it holds the daemon's lock, i.e. when no daemon runs).
+Guarantees: one implementation of each action, whoever asks (the sanctions
+themselves are ``policy.sanctions``, shared with the outbreak rules); queue ids and
+every other argument are validated before use (a missing site, a limit that is
+not a number from 0 to :data:`MAX_LIMIT`: an :class:`OperationError` naming
+the argument, never a crash); every action is logged with the site and the actor; the
+text returned is what the operator sees, naming what to do next.
+
+Actions (``perform``): site-list, site-show, site-suspend, site-resume,
+quota-show, quota-set, quota-reset, top, queue-list, queue-show, queue-hold,
+queue-release, queue-delete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from sendmail_shim.config import QUOTA_KEYS, Config
+from sendmail_shim.daemon import listing
+from sendmail_shim.policy import quota
+from sendmail_shim.policy.sanctions import (
+    OperationError,
+    delete_messages,
+    hold_messages,
+    release_messages,
+    resume_site,
+    select,
+    site_named,
+    suspend_site,
+)
+from sendmail_shim.store import spool
+from sendmail_shim.store.address import printable
+from sendmail_shim.store.headers import mail_date
+from sendmail_shim.store.state import State
+
+log = logging.getLogger(__name__)
+Args = dict[str, list[str]]
+MAX_LIMIT = 10**9  # a quota limit larger than this is a typo, not a limit
+
+
+def _first(args: Args, key: str) -> str | None:
+    values = args.get(key)
+    return values[0] if values else None
+
+
+def _required(args: Args, key: str) -> str:
+    value = _first(args, key)
+    if value is None:
+        raise OperationError(f"missing argument {key}")
+    return value
+
+
+def _limit(key: str, value: str) -> int | None:
+    """A quota limit argument: a number from 0 to MAX_LIMIT, or none/empty (unlimited)."""
+    if value in ("", "none"):
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 10 or int(value) > MAX_LIMIT:
+        raise OperationError(f"--{key.replace('_', '-')}: {value[:20]!r}"
+                             f"{'...' if len(value) > 20 else ''} is not a number from 0 to "
+                             f"{MAX_LIMIT} or 'none'")
+    return int(value)
+
+
+def _quota_rows(config: Config, state: State, names: list[str],
+                now: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        site = site_named(config, name)
+        limits = quota.describe(quota.effective_quota(config, state, site))
+        used = quota.usage(state, now, site=name).as_dict()
+        suspended = state.suspension(name)
+        rows.append({"site": name, "limits": limits, "usage": used,
+                     "suspended": suspended[1] if suspended else None})
+    return rows
+
+
+def _fmt_limit(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def quota_show(config: Config, state: State, args: Args) -> str:
+    names = args.get("site") or sorted(config.sites)
+    rows = _quota_rows(config, state, names, time.time())
+    if args.get("json"):
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    out = [f"{'SITE':<24} {'HOUR':>11} {'DAY':>11} {'RCPT/HOUR':>13} {'RCPT/MSG':>8}  STATE"]
+    for row in rows:
+        lim, use = row["limits"], row["usage"]
+        out.append(
+            f"{row['site']!s:<24} {use['per_hour']:>5}/{_fmt_limit(lim['per_hour']):<5} "
+            f"{use['per_day']:>5}/{_fmt_limit(lim['per_day']):<5} "
+            f"{use['recipients_per_hour']:>6}/{_fmt_limit(lim['recipients_per_hour']):<6} "
+            f"{_fmt_limit(lim['recipients_per_message']):>8}  "
+            f"{'suspended: ' + str(row['suspended']) if row['suspended'] else 'active'}")
+    return "\n".join(out) + "\n"
+
+
+def quota_set(config: Config, state: State, args: Args, actor: str) -> str:
+    site = site_named(config, _required(args, "site"))
+    wanted = [(key, _limit(key, value)) for key in QUOTA_KEYS for value in args.get(key, [])]
+    if args.get("clear"):
+        state.clear_overrides(site.name)
+    for key, limit in wanted:
+        state.set_override(site.name, key, limit)
+    limits = quota.describe(quota.effective_quota(config, state, site))
+    log.warning("quota_set site=%s actor=%s limits=%s", site.name, actor, limits)
+    return f"site {site.name}: " + ", ".join(f"{k}={_fmt_limit(v)}" for k, v in limits.items()) \
+        + "\n"
+
+
+def quota_reset(config: Config, state: State, args: Args, actor: str) -> str:
+    site = site_named(config, _required(args, "site"))
+    removed = state.reset_usage(site.name)
+    log.warning("quota_reset site=%s actor=%s events=%d", site.name, actor, removed)
+    return f"site {site.name}: usage reset ({removed} events forgotten)\n"
+
+
+def site_list(config: Config, state: State, args: Args) -> str:
+    rows: list[dict[str, Any]] = []
+    for site in config.sites.values():
+        suspended = state.suspension(site.name)
+        rows.append({"site": site.name, "uids": list(site.uids), "domains": list(site.domains),
+                     "login": site.relay_login.user if site.relay_login else None,
+                     "suspended": suspended[1] if suspended else None})
+    if args.get("json"):
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    out = [f"{'SITE':<24} {'UIDS':<12} {'LOGIN':<20} STATE"]
+    for r in rows:
+        uids = ",".join(map(str, r["uids"]))
+        state_text = f"suspended: {r['suspended']}" if r["suspended"] else "active"
+        out.append(f"{r['site']!s:<24} {uids:<12} {r['login'] or '-'!s:<20} {state_text}")
+    return "\n".join(out) + "\n"
+
+
+def site_show(config: Config, state: State, args: Args) -> str:
+    site = site_named(config, _required(args, "site"))
+    suspended = state.suspension(site.name)
+    queued = {s: len(select(config, [], site.name, (s,))) for s in spool.STATES}
+    lines = [
+        f"site:       {site.name}",
+        f"uids:       {', '.join(map(str, site.uids)) or '-'}",
+        f"domains:    {', '.join(site.domains) or '-'}",
+        f"docroots:   {', '.join(site.docroots) or '-'}",
+        f"sender:     {site.sender or '-'}",
+        f"relay login: {site.relay_login.user if site.relay_login else '-'}",
+        f"policy:     envelope {site.envelope_policy}, From: {site.from_policy}",
+        "state:      " + (f"suspended since {mail_date(suspended[0])} by {suspended[2]}: "
+                          f"{suspended[1]}" if suspended else "active"),
+        "queue:      " + ", ".join(f"{k} {v}" for k, v in queued.items()),
+    ]
+    return "\n".join(lines) + "\n" + quota_show(config, state, {"site": [site.name]})
+
+
+def top(config: Config, state: State, args: Args) -> str:
+    now = time.time()
+    out = []
+    for label, since in (("last hour", now - 3600), ("last day", now - 86400)):
+        out.append(f"-- {label}: messages, recipients, site, script")
+        for site, script, count, rcpts in state.top(since, by_script=True)[:20]:
+            out.append(f"{count:8d} {rcpts:8d}  {site:<24} {script or '-'}")
+    return "\n".join(out) + "\n"
+
+
+def queue_list(config: Config, state: State, args: Args) -> str:
+    site = _first(args, "site")
+    entries = [e for e in spool.entries(config.layout) if site is None or e.envelope.site == site]
+    if args.get("json"):
+        now = time.time()
+        return "".join(json.dumps({
+            "queue_id": e.envelope.queue_id, "state": e.state, "site": e.envelope.site,
+            "uid": e.envelope.uid, "size": e.envelope.size,
+            "age": round(now - e.envelope.arrival, 1), "sender": e.envelope.sender,
+            "recipients": e.envelope.recipients, "done": e.status.done,
+            "failed": e.status.failed, "attempts": e.status.attempts,
+            "last_error": e.status.last_error, "script": e.envelope.script,
+        }) + "\n" for e in entries)
+    return listing.format_queue(entries)
+
+
+def queue_show(config: Config, state: State, args: Args) -> str:
+    [(where, queue_id)] = select(config, [_required(args, "id")], None, spool.STATES)
+    try:
+        envelope, message = spool.read_entry(config.layout, where, queue_id)
+    except (OSError, ValueError) as exc:
+        raise OperationError(f"message {queue_id} ({where}) cannot be read: {exc}") from None
+    status = spool.read_status(config.layout, queue_id)
+    head = message.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    return (f"queue id:   {queue_id} ({where})\nsite:       {printable(envelope.site)} (uid "
+            f"{envelope.uid}, script {printable(envelope.script or '-')})\n"
+            f"sender:     <{printable(envelope.sender)}>\n"
+            f"recipients: {printable(', '.join(envelope.recipients), 2000)}\n"
+            f"delivered:  {printable(', '.join(status.done), 2000) or '-'}\n"
+            f"attempts:   {status.attempts}\n"
+            f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
+
+
+def encode_args(action: str, args: Args) -> list[tuple[str, str]]:
+    """Request fields of an action, for the control socket."""
+    fields = [("mode", "control"), ("action", action)]
+    for key, values in args.items():
+        fields.extend(("arg", f"{key}={value}") for value in values)
+    return fields
+
+
+def decode_args(fields: list[tuple[str, str]]) -> tuple[str, Args]:
+    action = ""
+    args: Args = {}
+    for key, value in fields:
+        if key == "action":
+            action = value
+        elif key == "arg" and "=" in value:
+            name, _, item = value.partition("=")
+            args.setdefault(name, []).append(item)
+    return action, args
+
+
+def perform(config: Config, state: State, action: str, args: Args, actor: str) -> str:
+    """Run one action; the operator's text.  Raises OperationError."""
+    for key, values in args.items():
+        for value in values:
+            if not value.isprintable() or len(value) > 4096:
+                raise OperationError(f"argument {key}: {value[:40]!r} is not printable text "
+                                     "(or longer than 4096 characters)")
+    site = _first(args, "site")
+    ids = args.get("id", [])
+    if action in ("queue-hold", "queue-release", "queue-delete") and not ids and not site:
+        raise OperationError("name queue ids or --site SITE")
+    if action == "queue-hold":
+        return f"{hold_messages(config, ids, site, actor)} message(s) held\n"
+    if action == "queue-release":
+        return f"{release_messages(config, ids, site, actor)} message(s) released\n"
+    if action == "queue-delete":
+        return f"{delete_messages(config, ids, site, actor)} message(s) deleted\n"
+    if action == "site-suspend":
+        reason = (args.get("reason") or ["suspended by the operator"])[0]
+        return suspend_site(config, state, _required(args, "site"), reason, actor) + "\n"
+    if action == "site-resume":
+        return resume_site(config, state, _required(args, "site"), actor) + "\n"
+    readers = {"site-list": site_list, "site-show": site_show, "quota-show": quota_show,
+               "top": top, "queue-list": queue_list, "queue-show": queue_show}
+    if action in readers:
+        return readers[action](config, state, args)
+    if action == "quota-set":
+        return quota_set(config, state, args, actor)
+    if action == "quota-reset":
+        return quota_reset(config, state, args, actor)
+    raise OperationError(f"unknown action {action!r}")

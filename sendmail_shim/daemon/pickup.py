@@ -1,0 +1,325 @@
+"""Pickup: ingesting drop files that the front end wrote while the daemon was down.
+
+Trusts: only what the kernel says about each file, read with ``fstat`` from the
+descriptor it then reads (type, owner, group, mode, link count); the content
+is as hostile as a socket request and goes through the same intake.  Every
+site can create entries of any kind and name in ``maildrop/`` and can hard
+link into it any file it may read and write.
+
+Which drop file proves its owner (the argument is in protocol.py): a regular
+file with exactly one link, whose group is the drop directory's group (the
+daemon's, given by the setgid directory at creation) and whose permission
+bits are exactly 0640 (nobody but its owner may write it).  The identity is
+then its owner uid.  Anything else (a hard link to another site's 0666 file,
+a directory, FIFO, socket, device, symlink, a file with other modes) is
+refused before a byte is read.
+
+Guarantees:
+
+* a file is ingested only if it passes the test above, carries an ``m.``
+  name (renamed after its fsync) and a complete request (size and END
+  trailer agree);
+* one bad entry never stops the scan: a file proven bad (its type, owner
+  proof, size or request format) is moved to ``corrupt/`` (``drop.<name>``)
+  and logged with its owner uid and the reason; a directory is never moved
+  there (its owner could keep writing into it through a descriptor): an empty
+  one is removed, another is logged once and skipped.  An error that does not
+  prove the file bad (EMFILE, ENOMEM, EIO, an exception in the intake) keeps
+  the file for the next scan, and only after MAX_FAILURES such scans is it
+  set aside: acknowledged mail is never stranded by the daemon's own trouble;
+* fairness: each scan takes the owners in turn, one file each, so a site
+  that floods the drop area delays nobody else's file by more than one file
+  per flooding uid;
+* no descriptor leaks (each is closed in ``finally``) and no FIFO blocks the
+  scan (non-regular entries are refused from ``lstat`` and never opened; the
+  open is O_NONBLOCK|O_NOFOLLOW in case the entry was swapped meanwhile);
+* a file is unlinked as soon as the intake gave a final verdict (accepted
+  or refused for good); a temporary refusal (4xx) keeps it for the next scan;
+  ``maildrop/`` is fsynced after a scan that removed files;
+* the scan checks its stop event between files, so a stopping daemon waits
+  for at most the file in hand (see daemon.py: the worker is joined before
+  the state is closed); an intake error while stopping keeps the file.
+
+``t.`` files older than a day are removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+
+from sendmail_shim.config import Config
+from sendmail_shim.intake.accept import accept_submission
+from sendmail_shim.policy.identity import Caller
+from sendmail_shim.store.state import State
+from sendmail_shim.wire import protocol
+from sendmail_shim.wire.durable import fsync_dir
+from sendmail_shim.wire.paths import MODE_DROP_FILE
+
+log = logging.getLogger(__name__)
+STALE_TMP = 86400.0
+MAX_FAILURES = 5  # unexplained failures of one drop file before it is set aside
+# Errors that say the daemon is short of something, not that the file is bad.
+TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN,
+                       errno.EINTR, errno.ENOSPC, errno.EDQUOT})
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), f"of type {stat.S_IFMT(mode):o}")
+
+
+def unproven(st: os.stat_result, drop_gid: int) -> str | None:
+    """Why a drop file with these attributes does not prove its owner; None if it does."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file but {_kind(st.st_mode)}"
+    if st.st_nlink != 1:
+        return f"not a plain file with one link (nlink={st.st_nlink})"
+    if st.st_gid != drop_gid:
+        return (f"group {st.st_gid} is not the drop directory's group {drop_gid}: the file was "
+                "not created in maildrop/ (a hard link to a file made elsewhere?)")
+    if stat.S_IMODE(st.st_mode) != MODE_DROP_FILE:
+        return (f"mode {stat.S_IMODE(st.st_mode):04o} is not {MODE_DROP_FILE:04o}: someone "
+                "other than its owner may have written it")
+    return None
+
+
+def _read(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < limit:
+        chunk = os.read(fd, min(1 << 20, limit - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _fair_order(maildrop: str, names: list[str]) -> list[str]:
+    """Drop-area names, one owner uid at a time in turn, each owner's oldest name first.
+
+    A site that floods ``maildrop/`` with names sorting before everyone else's
+    must not push another site's acknowledged file to the end of every scan.
+    """
+    by_owner: dict[int | None, list[str]] = {}
+    for name in sorted(names):
+        if name.startswith(("m.", "t.")):
+            by_owner.setdefault(_owner(os.path.join(maildrop, name)), []).append(name)
+    queues = list(by_owner.values())
+    ordered: list[str] = []
+    for turn in range(max((len(q) for q in queues), default=0)):
+        ordered.extend(q[turn] for q in queues if turn < len(q))
+    return ordered
+
+
+class Pickup:
+    """Scans ``maildrop/``; keeps, between scans, the entries it could not move aside."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop if stop is not None else threading.Event()
+        self._stuck: set[str] = set()
+        self._failures: dict[str, int] = {}  # name -> unexplained failures so far
+
+    def _retry_or_quarantine(self, config: Config, name: str, why: str, uid: int | None) -> str:
+        """An error that is not the file's proven fault: keep it for a few more scans."""
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        if count < MAX_FAILURES:
+            log.warning("pickup retry drop_file=%s uid=%s failures=%d reason=%r action='kept "
+                        "for the next scan; moved to corrupt/ after %d'", name, uid, count, why,
+                        MAX_FAILURES)
+            return "kept"
+        return self._quarantine(config, name, f"{why} ({count} times)", uid)
+
+    def scan(self, config: Config, state: State) -> int:
+        """Ingest every finished drop file; the number of entries dealt with."""
+        maildrop = config.layout.maildrop
+        drop_gid = os.stat(maildrop).st_gid
+        names = _fair_order(maildrop, os.listdir(maildrop))
+        self._stuck.intersection_update(names)  # forget entries that are gone
+        for gone in set(self._failures) - set(names):
+            del self._failures[gone]
+        count = removed = 0
+        now = time.time()
+        for n, name in enumerate(names):
+            if self.stop.is_set():
+                log.info("pickup stopping: %d drop file(s) left for the next start",
+                         sum(1 for rest in names[n:] if rest.startswith("m.")))
+                break
+            if name in self._stuck or not name.startswith(("m.", "t.")):
+                continue
+            try:
+                if name.startswith("m."):
+                    outcome = self._ingest(config, state, name, drop_gid)
+                    count += outcome != "kept"
+                    removed += outcome == "removed"
+                else:
+                    self._tidy_tmp(config, name, now)
+            except Exception as exc:  # one entry must never stop the scan for every site
+                uid = _owner(os.path.join(maildrop, name))
+                log.exception("pickup failed drop_file=%s uid=%s", name, uid)
+                self._retry_or_quarantine(config, name, f"unexpected error: {exc!r}", uid)
+        if removed:
+            try:
+                fsync_dir(maildrop)
+            except OSError as exc:
+                log.warning("cannot fsync %s: %s", maildrop, exc)
+        return count
+
+    # -- one entry ------------------------------------------------------------------
+    def _ingest(self, config: Config, state: State, name: str, drop_gid: int) -> str:
+        """'removed' (ingested or refused for good), 'moved' (to corrupt/) or 'kept'."""
+        path = os.path.join(config.layout.maildrop, name)
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return "removed"
+        if not stat.S_ISREG(before.st_mode):  # never open a FIFO, device or directory
+            return self._quarantine(config, name, unproven(before, drop_gid) or "", before.st_uid)
+        try:
+            fd = os.open(path, OPEN_FLAGS)
+        except FileNotFoundError:
+            return "removed"
+        except OSError as exc:
+            if exc.errno in TRANSIENT:  # our trouble (descriptors, memory), not the file's
+                return self._retry_or_quarantine(config, name, f"cannot open: {exc.strerror}",
+                                                 before.st_uid)
+            return self._quarantine(config, name, f"cannot open: {exc.strerror}", before.st_uid)
+        try:
+            st = os.fstat(fd)  # the descriptor we read is what counts, not the name
+            problem = unproven(st, drop_gid)
+            if problem is not None:
+                return self._quarantine(config, name, problem, st.st_uid)
+            cap = protocol.MAX_HEADER_BYTES + config.message_size_limit + 64
+            try:
+                data = _read(fd, cap + 1)
+            except OSError as exc:
+                return self._retry_or_quarantine(config, name, f"cannot read: {exc.strerror}",
+                                                 st.st_uid)
+        finally:
+            os.close(fd)
+        if len(data) > cap:
+            return self._quarantine(
+                config, name, f"larger than message_size_limit ({config.message_size_limit})",
+                st.st_uid)
+        try:
+            fields, message = protocol.decode_request(data)
+        except (protocol.ProtocolError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            return self._quarantine(config, name, f"bad request: {exc}", st.st_uid)
+        caller = Caller(uid=st.st_uid, gid=st.st_gid, pid=None)
+        try:
+            verdict = accept_submission(config, state, fields, message, caller,
+                                        origin="maildrop")
+        except Exception as exc:
+            if self.stop.is_set():
+                log.warning("pickup interrupted by shutdown drop_file=%s uid=%d: kept for the "
+                            "next start (%r)", name, st.st_uid, exc)
+                return "kept"
+            log.exception("intake failed drop_file=%s uid=%d", name, st.st_uid)
+            return self._retry_or_quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
+        if verdict.code // 100 == 4:
+            return "kept"  # temporary trouble (spool full): keep the file, try again later
+        if not verdict.accepted:
+            # The writer was told "accepted" (exit 0) long ago; a refusal now is final.
+            log.warning("dropped drop_file=%s uid=%d reason=%r", name, st.st_uid, verdict.text)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove drop_file=%s uid=%d after its verdict: %s; remove it by "
+                      "hand or it is ingested again", name, st.st_uid, exc)
+        return "removed"
+
+    def _tidy_tmp(self, config: Config, name: str, now: float) -> None:
+        path = os.path.join(config.layout.maildrop, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._quarantine(config, name, f"not a regular file but {_kind(st.st_mode)}",
+                             st.st_uid)
+        elif now - st.st_mtime > STALE_TMP:
+            try:
+                os.unlink(path)
+                log.info("removed stale drop_file=%s uid=%d", name, st.st_uid)
+            except FileNotFoundError:
+                pass
+
+    def _quarantine(self, config: Config, name: str, why: str,
+                    uid: int | None = None) -> str:
+        """Move a refused entry to ``corrupt/``; never raises.  Returns 'moved' or 'kept'."""
+        layout = config.layout
+        src = os.path.join(layout.maildrop, name)
+        if uid is None:
+            uid = _owner(src)
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+        except FileNotFoundError:
+            return "moved"
+        except OSError:
+            is_dir = False
+        if is_dir:
+            # Never into corrupt/: a site holding a descriptor of its directory could
+            # go on creating files in it there.  An empty one goes; others stay.
+            try:
+                os.rmdir(src)
+            except OSError as exc:
+                self._stuck.add(name)
+                log.error("corrupt drop_file=%s uid=%s reason=%r action='cannot remove it "
+                          "(%s); skipped from now on: remove %s by hand'", name, uid, why,
+                          exc.strerror, src)
+                return "kept"
+            log.error("corrupt drop_file=%s uid=%s reason=%r action='removed the empty "
+                      "directory'", name, uid, why)
+            return "moved"
+        dst = os.path.join(layout.state_dir("corrupt"), "drop." + name)
+        if os.path.lexists(dst):
+            dst += "." + os.urandom(4).hex()
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return "moved"
+        except OSError as exc:
+            try:
+                os.unlink(src)
+            except OSError:
+                self._stuck.add(name)
+                log.error("corrupt drop_file=%s uid=%s reason=%r action='cannot move it to "
+                          "corrupt/ (%s) nor remove it; skipped from now on: remove "
+                          "%s by hand'", name, uid, why, exc.strerror, src)
+                return "kept"
+            log.error("corrupt drop_file=%s uid=%s reason=%r action='removed: could not move "
+                      "it to corrupt/ (%s)'", name, uid, why, exc.strerror)
+            return "moved"
+        log.error("corrupt drop_file=%s uid=%s reason=%r moved_to=%s action='inspect it; "
+                  "nothing was delivered'", name, uid, why, dst)
+        return "moved"
+
+
+def _owner(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
+
+
+def ingest_file(config: Config, state: State, name: str) -> bool:
+    """Ingest one ``m.`` file; True when it is gone from the drop directory."""
+    drop_gid = os.stat(config.layout.maildrop).st_gid
+    return Pickup()._ingest(config, state, name, drop_gid) != "kept"
+
+
+def scan(config: Config, state: State) -> int:
+    """Ingest every finished drop file once (a fresh :class:`Pickup`); the number dealt with."""
+    return Pickup().scan(config, state)

@@ -1,0 +1,219 @@
+"""Submission to the smarthost relay: TLS, AUTH as the site, per-recipient results.
+
+Trusts: the relay's replies as to what it accepted (a 250 after DATA means the
+relay owns the message); the configuration for hosts, TLS and logins.
+Guarantees: relays are tried in configured order and the next one is tried when
+connecting, TLS, the greeting, EHLO or AUTH fails; each message yields one
+:class:`~sendmail_shim.store.outcome.Outcome` per recipient; network trouble is always
+temporary.  A password is read from its file when a session opens and is never
+logged.  One :class:`RelaySession` carries a batch of messages of one site.
+
+Addresses go on the wire as address.py's canonical paths (``MAIL FROM:<...>``,
+written here, not by aiosmtplib's parser), so a quoted local part is sent
+quoted, exactly as the door accepted it.  Message data goes through
+:func:`smtp_data` (also used by local_delivery.py): lines longer than
+:data:`LINE_LENGTH_LIMIT` octets are broken as Postfix's
+``smtp_line_length_limit`` does.  An address the client still cannot send (a
+queue file from before these checks) fails that message alone: the transaction
+is reset (RSET) and the session serves the next message.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from sendmail_shim.config import Relay, RelayLogin
+from sendmail_shim.store.address import needs_smtputf8, paths_for
+from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.store.outcome import OK, Outcome
+
+log = logging.getLogger(__name__)
+LINE_LENGTH_LIMIT = 998  # octets without CRLF: Postfix's smtp_line_length_limit (RFC 5321)
+
+
+def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
+    """The message with CRLF line ends and no line longer than ``limit`` octets.
+
+    Line ends are LF, CRLF or a lone CR (as aiosmtplib normalizes them).  A
+    longer line is broken like Postfix's smtp_line_length_limit: after
+    ``limit`` octets comes CRLF and a space, which continues a header field and
+    minimizes the damage to MIME formatted mail; each continuation line,
+    space included, is again at most ``limit`` octets.  No line starts with a
+    dot because of this (dot-stuffing is the SMTP client's).
+    """
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines = text.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out: list[bytes] = []
+    for line in lines:
+        if len(line) <= limit:
+            out.append(line)
+            continue
+        out.append(line[:limit])
+        rest = line[limit:]
+        while rest:
+            out.append(b" " + rest[: limit - 1])
+            rest = rest[limit - 1 :]
+    return b"".join(line + b"\r\n" for line in out)
+
+
+class RelaysUnavailable(Exception):
+    """No relay took a session; ``outcome`` is the last (temporary) trouble."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.describe())
+        self.outcome = outcome
+
+
+class SessionBroken(Exception):
+    """The connection died mid-transaction; the rest of the batch waits."""
+
+
+def _tls_context(relay: Relay) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=relay.ca_file)
+    if not relay.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class RelaySession:
+    client: aiosmtplib.SMTP
+    relay: Relay
+
+    async def close(self) -> None:
+        try:
+            await self.client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            self.client.close()
+
+    async def send(self, envelope: Envelope, message: bytes,
+                   recipients: list[str]) -> dict[str, Outcome]:
+        """One transaction for ``recipients``; an outcome for each of them."""
+        label = self.relay.label
+        client = self.client
+        sender_path, paths, unsendable = paths_for(envelope.sender, recipients)
+        results: dict[str, Outcome] = {  # queued before the door checked addresses
+            r: Outcome.from_reply(553, f"5.1.3 not sent: {why}", label)
+            for r, why in unsendable.items()}
+        recipients = [r for r in recipients if r in paths]
+        if not recipients:
+            return results
+        needs_utf8 = needs_smtputf8(envelope.sender, *recipients)
+        try:
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SessionBroken(f"{label}: EHLO failed: {exc}") from exc
+        options = []
+        if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if needs_utf8:
+            if not client.supports_extension("smtputf8"):
+                failed = Outcome.from_reply(
+                    553, "5.6.7 SMTPUTF8 is required but was not offered by the relay", label)
+                return {**results, **dict.fromkeys(recipients, failed)}
+            options.append("SMTPUTF8")
+        encoding = "utf-8" if needs_utf8 else "ascii"
+        try:
+            reply = await self._command(b"MAIL", b"FROM:" + sender_path.encode(encoding),
+                                        *(option.encode("ascii") for option in options))
+            if reply.code != 250:
+                await self._rset()
+                return {**results, **dict.fromkeys(
+                    recipients, Outcome.from_reply(reply.code, reply.message, label))}
+            accepted = []
+            for rcpt in recipients:
+                reply = await self._command(b"RCPT", b"TO:" + paths[rcpt].encode(encoding))
+                if reply.code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    results[rcpt] = Outcome.from_reply(reply.code, reply.message, label)
+            if not accepted:
+                await self._rset()
+                return results
+            try:
+                reply = await client.data(smtp_data(message))
+                done = Outcome.from_reply(reply.code, reply.message, label)
+            except aiosmtplib.SMTPResponseException as exc:
+                done = Outcome.from_reply(exc.code, exc.message, label)
+                if done.kind == OK:  # defensive: an exception is never success
+                    done = Outcome.from_reply(451, exc.message, label)
+            results.update(dict.fromkeys(accepted, done))
+            return results
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            raise SessionBroken(f"{label}: {exc}") from exc
+
+    async def _command(self, *args: bytes) -> aiosmtplib.SMTPResponse:
+        """One command; a malformed reply is a reply too (code -1: temporary)."""
+        try:
+            return await self.client.execute_command(*args)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            return aiosmtplib.SMTPResponse(exc.code, exc.message)
+
+    async def _rset(self) -> None:
+        try:
+            await self.client.rset()
+        except aiosmtplib.SMTPResponseException:
+            pass
+
+
+async def _connect(relay: Relay, login: RelayLogin | None, hostname: str,
+                   socket_path: str | None = None) -> RelaySession:
+    client = aiosmtplib.SMTP(
+        hostname=None if socket_path else relay.host,
+        port=None if socket_path else relay.port,
+        socket_path=socket_path,
+        local_hostname=hostname,
+        timeout=relay.timeout,
+        use_tls=relay.tls == "implicit",
+        start_tls=relay.tls == "starttls",
+        tls_context=_tls_context(relay) if relay.tls != "none" else None,
+    )
+    await client.connect()
+    try:
+        if login is not None:
+            await client.login(login.user, login.read_password())
+    except BaseException:
+        client.close()
+        raise
+    return RelaySession(client, relay)
+
+
+async def connect_plain(relay: Relay, hostname: str,
+                        socket_path: str | None = None) -> RelaySession:
+    """An SMTP session without TLS or AUTH: the local MTA (local_delivery.py)."""
+    try:
+        return await _connect(relay, None, hostname, socket_path)
+    except aiosmtplib.SMTPException as exc:
+        raise ConnectionError(str(exc)) from exc
+
+
+async def open_session(relays: tuple[Relay, ...], login: RelayLogin | None,
+                       hostname: str, site: str) -> RelaySession:
+    """A logged-in session on the first relay that works, in configured order."""
+    last = Outcome.network("no relays are configured (relays: in the configuration)")
+    for relay in relays:
+        try:
+            return await _connect(relay, login, hostname)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Postfix's smtp_sasl_auth_soft_bounce: a login problem is the
+            # operator's to fix, so the mail waits instead of bouncing.
+            last = Outcome.network(
+                f"authentication as {login.user if login else '?'} failed: "
+                f"{exc.code} {exc.message}", relay.label)
+        except aiosmtplib.SMTPResponseException as exc:
+            last = Outcome.network(f"{exc.code} {exc.message}", relay.label)
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            last = Outcome.network(f"connect to {relay.label} failed: {exc}", relay.label)
+        log.warning("relay_unavailable site=%s relay=%s reason=%r", site, relay.label,
+                    last.describe())
+    raise RelaysUnavailable(last)

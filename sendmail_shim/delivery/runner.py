@@ -1,0 +1,499 @@
+"""The queue runner: picks due messages, delivers them per site, retries, bounces.
+
+Trusts: queue files (the daemon wrote them) but re-validates them on read; a
+file that does not parse moves to ``corrupt/`` and is never delivered.
+Guarantees:
+
+* a message leaves the spool only when every recipient has a final outcome
+  (delivered or bounced); delivered recipients are written to ``status/``
+  before anything else happens, so a crash re-sends at most the message in
+  flight (at-least-once, as every MTA), never skips one;
+* bookkeeping that fails (a full disk: the status, the bounce, the removal)
+  never makes the runner send again: the attempt's outcome is kept in memory,
+  delivery pauses (nothing is sent) and every run first retries that
+  bookkeeping; when it succeeds, delivery resumes.  Only a restart while
+  paused forgets it, and then the message in question is sent once more;
+* temporary trouble (4xx, network, TLS, AUTH) waits with exponential backoff
+  and jitter (``retry.initial`` doubling up to ``retry.maximum``); after
+  ``retry.lifetime`` in the queue the remaining recipients are bounced;
+* permanent refusals (5xx) are bounced at once (bounce.py), never for the
+  null sender;
+* messages of one site share one relay connection per run (batch);
+* :meth:`QueueRunner.stop` (daemon shutdown) lets each site finish the
+  message in hand, including recording its outcome, and starts no other, so
+  a SIGTERM never leaves a message the relay accepted unrecorded;
+* with a ``local_transport`` configured, each recipient is routed by its
+  domain's real MX (route.py): local ones go to the local MTA without any site
+  login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
+  DNS trouble defers.  Without a local transport there is nowhere local to
+  deliver, so everything goes to the relay and no DNS is asked;
+* one message's failure is that message's alone: any exception while reading,
+  routing, sending or recording one message is caught, the message is deferred
+  with ``last_error`` naming the exception (and logged with its queue id, site
+  and what to do next), and the run goes on with the next message.  After
+  :data:`MAX_INTERNAL_FAILURES` such failures in a row the message moves to
+  hold for the operator (``queue show``, then ``queue release`` or
+  ``queue delete``) instead of being retried forever.  A queue file that does
+  not parse moves to ``corrupt/``; one site's failing run does not stop the
+  others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+from sendmail_shim.config import Config, Site
+from sendmail_shim.delivery import bounce
+from sendmail_shim.delivery.local import Session, open_local_session
+from sendmail_shim.delivery.relay import RelaysUnavailable, SessionBroken, open_session
+from sendmail_shim.delivery.route import FAIL, LOCAL, REMOTE, Router
+from sendmail_shim.policy import outbreak
+from sendmail_shim.policy.sanctions import suspend_site
+from sendmail_shim.store import spool
+from sendmail_shim.store.address import printable
+from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.store.outcome import OK, PERM, Outcome
+from sendmail_shim.store.state import RELAY_5XX, RELAY_OK, State
+
+log = logging.getLogger(__name__)
+MAX_PARALLEL_SITES = 8
+MAX_INTERNAL_FAILURES = 3  # in a row; then the message waits in hold for the operator
+
+
+def backoff(config: Config, attempts: int) -> float:
+    """Seconds to wait after ``attempts`` failed attempts."""
+    policy = config.retry
+    exponent = min(max(0, attempts - 1), 60)  # 2**60 * initial is past any maximum
+    delay: float = min(policy.maximum, policy.initial * (2.0 ** exponent))
+    return delay * (1 + random.uniform(-policy.jitter, policy.jitter))
+
+
+@dataclass
+class _Attempt:
+    """One attempt's outcome on its way to the disk, step by step (see _persist)."""
+
+    state: str
+    queue_id: str
+    env: Envelope
+    message: bytes
+    status: spool.Status  # done, failed and delayed recipients of this attempt
+    new_failures: dict[str, Outcome]
+    deferred: spool.Status | None  # the status to write when recipients wait; None: remove
+    delay: float = 0.0
+    first: Outcome | None = None
+    step: int = 0  # 0 write status, 1 queue the bounce, 2 remove or defer, 3 done
+    notice: str | None = field(default=None)
+
+
+class _Channel:
+    """One lazily opened session (the relay as a site, or the local MTA) for a batch.
+
+    A session that cannot be opened makes every later message of the batch wait
+    with the same reason, instead of knocking again for each one.
+    """
+
+    def __init__(self, opener: Callable[[], Awaitable[Session]]) -> None:
+        self.opener = opener
+        self.session: Session | None = None
+        self.down: Outcome | None = None
+
+    async def send(self, env: Envelope, message: bytes,
+                   recipients: list[str]) -> dict[str, Outcome]:
+        if not recipients:
+            return {}
+        if self.down is not None:
+            return dict.fromkeys(recipients, self.down)
+        if self.session is None:
+            try:
+                self.session = await self.opener()
+            except RelaysUnavailable as exc:
+                self.down = exc.outcome
+                return dict.fromkeys(recipients, exc.outcome)
+        try:
+            return await self.session.send(env, message, recipients)
+        except (SessionBroken, OSError, TimeoutError) as exc:
+            await self._drop()
+            return dict.fromkeys(recipients, Outcome.network(f"connection lost: {exc}"))
+        except Exception:
+            # This message broke the client mid-transaction: its state is unknown, so the
+            # next message gets a new session; the runner records this one's failure.
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        broken, self.session = self.session, None
+        if broken is not None:
+            with contextlib.suppress(Exception):
+                await broken.close()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class QueueRunner:
+    def __init__(self, config: Config, state: State) -> None:
+        self.config = config
+        self.state = state
+        # DNS routing matters only where there is somewhere local to deliver to.
+        self.router = Router(config) if config.local_transport is not None else None
+        self.wake = asyncio.Event()
+        self._force = False
+        self._lock = asyncio.Lock()
+        self._unsaved: list[_Attempt] = []  # outcomes the disk refused: delivery is paused
+        self._stopping = False  # read by the _due thread too: a plain flag is enough
+
+    def stop(self) -> None:
+        """Finish the message in hand, start no other; run_forever then returns."""
+        self._stopping = True
+        self.wake.set()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: new sites, relays and routing from the next run on."""
+        self.config = config
+        self.router = Router(config) if config.local_transport is not None else None
+
+    def poke(self, force: bool = False) -> None:
+        """Run soon; ``force`` also retries deferred mail before its time (flush)."""
+        self._force = self._force or force
+        self.wake.set()
+
+    async def run_forever(self) -> None:
+        while not self._stopping:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("queue run failed; retrying after the scan interval")
+            if self._stopping:
+                break
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.config.queue_scan_interval)
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        """Deliver every due message once; the number attempted."""
+        async with self._lock:
+            self.wake.clear()
+            if self._unsaved and not await asyncio.to_thread(self._retry_unsaved):
+                return 0  # still cannot record what was sent: send nothing more
+            force, self._force = self._force, False
+            # Disk work (reads, fsyncs) runs in a thread: the loop keeps taking submissions.
+            due = await asyncio.to_thread(self._due, force)
+            limiter = asyncio.Semaphore(MAX_PARALLEL_SITES)
+
+            async def one_site(site_name: str, items: list[tuple[str, str]]) -> None:
+                async with limiter:
+                    try:
+                        await self._deliver_site(site_name, items)
+                    except Exception:
+                        log.exception("site run failed site=%s; the other sites go on, this "
+                                      "one is retried after the scan interval",
+                                      printable(site_name))
+
+            await asyncio.gather(*(one_site(s, items) for s, items in due.items()))
+            return sum(len(items) for items in due.values())
+
+    async def _record(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
+                      results: dict[str, Outcome], trouble: Outcome | None) -> None:
+        if await asyncio.to_thread(self._after_attempt, state, queue_id, entry, results,
+                                   trouble):
+            self.poke()  # a bounce was queued: deliver it in the next run
+
+    @property
+    def paused(self) -> bool:
+        """True while an attempt's outcome could not be written (delivery stops)."""
+        return bool(self._unsaved)
+
+    def _retry_unsaved(self) -> bool:
+        """Write the outcomes that failed before; True when all of them are on disk now."""
+        while self._unsaved:
+            attempt = self._unsaved[0]
+            try:
+                self._persist(attempt)
+            except OSError:
+                return False
+            self._unsaved.pop(0)
+            log.info("resumed queue_id=%s site=%s: its delivery is recorded; delivery "
+                     "continues", attempt.queue_id, attempt.env.site)
+        return True
+
+    def _due(self, force: bool) -> dict[str, list[tuple[str, str]]]:
+        """Due messages by site: all incoming, and deferred ones whose time came."""
+        layout = self.config.layout
+        now = time.time()
+        due: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for state in (spool.INCOMING, spool.DEFERRED):
+            for queue_id in spool.queue_ids(layout, state):
+                if self._stopping:
+                    return due
+                try:
+                    status = spool.read_status(layout, queue_id)
+                    if state == spool.DEFERRED and not force and status.next_attempt > now:
+                        continue
+                    env = spool.read_envelope(layout, state, queue_id)
+                except FileNotFoundError:
+                    continue  # delivered, held or deleted meanwhile
+                except (OSError, ValueError) as exc:
+                    self._corrupt(queue_id, state, str(exc))
+                    continue
+                due[env.site].append((state, queue_id))
+        return due
+
+    def _corrupt(self, queue_id: str, state: str, why: str) -> None:
+        log.error("corrupt queue_id=%s state=%s reason=%r action='moved to corrupt/; "
+                  "inspect it with sendmail-shim-admin queue show'", queue_id, state, why)
+        try:
+            spool.move(self.config.layout, queue_id, state, spool.CORRUPT)
+        except OSError:
+            pass
+
+    async def _deliver_site(self, site_name: str, items: list[tuple[str, str]]) -> None:
+        site = self.config.site_named(site_name)
+        if site is not None and self.state.suspension(site_name) is not None:
+            # Suspended while queued (or by a rule just now): nothing leaves; hold it all.
+            for _state, queue_id in items:
+                with contextlib.suppress(FileNotFoundError):
+                    spool.move(self.config.layout, queue_id, _state, spool.HOLD)
+                    log.warning("held queue_id=%s site=%s reason=suspended", queue_id, site_name)
+            return
+        if site is None:
+            for state, queue_id in items:
+                await self._record(state, queue_id, None, {}, Outcome.network(
+                    f"site {printable(site_name)} is no longer in the configuration; add it back "
+                    "or delete the message"))
+            return
+        config = self.config
+        login = site.relay_login
+        relay = _Channel(lambda: open_session(config.relays, login, config.hostname, site_name))
+        transport = config.local_transport
+        local = _Channel(lambda: open_local_session(transport, config.hostname)) \
+            if transport is not None else None
+        try:
+            for state, queue_id in items:
+                if self._stopping:
+                    return  # shutdown: the message in hand was recorded, the rest waits
+                if self._unsaved:
+                    return  # paused: what was sent is not recorded yet
+                try:
+                    await self._deliver_one(site, state, queue_id, relay, local)
+                except Exception as exc:  # this message's trouble, not the run's
+                    await asyncio.to_thread(self._internal_failure, state, queue_id,
+                                            site_name, exc)
+                if self.state.suspension(site_name) is not None:
+                    return  # an outbreak rule tripped: the rest is on hold now
+        finally:
+            await relay.close()
+            if local is not None:
+                await local.close()
+
+    async def _deliver_one(self, site: Site, state: str, queue_id: str, relay: _Channel,
+                           local: _Channel | None) -> None:
+        """One attempt for one message: read, route, send, record."""
+        try:
+            env, message = spool.read_entry(self.config.layout, state, queue_id)
+        except FileNotFoundError:
+            return  # held or deleted by the operator meanwhile
+        except (OSError, ValueError) as exc:
+            self._corrupt(queue_id, state, str(exc))
+            return
+        status = spool.read_status(self.config.layout, queue_id)
+        pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
+        results, to_relay, to_local = await self._route(pending)
+        results.update(await relay.send(env, message, to_relay))
+        if local is not None:
+            results.update(await local.send(env, message, to_local))
+        await self._record(state, queue_id, (env, message), results, None)
+        self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
+
+    def _internal_failure(self, state: str, queue_id: str, site_name: str,
+                          exc: Exception) -> None:
+        """Defer (or, after repeated failures, hold) one message that broke (in a thread)."""
+        layout = self.config.layout
+        reason = f"internal error: {exc.__class__.__name__}: {printable(str(exc))}"
+        try:
+            status = spool.read_status(layout, queue_id)
+            status.internal_failures += 1
+            status.attempts += 1
+            status.last_error = reason
+            delay = backoff(self.config, status.attempts)
+            status.next_attempt = time.time() + delay
+            hold = status.internal_failures >= MAX_INTERNAL_FAILURES
+            target = spool.HOLD if hold else spool.DEFERRED
+            spool.write_status(layout, queue_id, status)
+            if state != target:
+                spool.move(layout, queue_id, state, target)
+        except FileNotFoundError:
+            log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(site_name))
+            return
+        except Exception:
+            log.exception("internal_error queue_id=%s site=%s reason=%r action='could not "
+                          "record the failure either; it is retried in the next run: see "
+                          "the traceback'", queue_id, printable(site_name), reason)
+            return
+        if hold:
+            action = (f"held after {status.internal_failures} internal failures: inspect it "
+                      f"with 'sendmail-shim-admin queue show {queue_id}', then 'queue release "
+                      f"{queue_id}' once fixed or 'queue delete {queue_id}'")
+        else:
+            action = (f"deferred, retried in {int(delay)}s; held after "
+                      f"{MAX_INTERNAL_FAILURES} such failures in a row")
+        log.error("internal_error queue_id=%s site=%s attempts=%d reason=%r action=%r",
+                  queue_id, printable(site_name), status.attempts, reason, action,
+                  exc_info=exc)
+
+    async def _route(self, recipients: list[str]
+                     ) -> tuple[dict[str, Outcome], list[str], list[str]]:
+        """Outcomes decided by routing (DNS failures), recipients for the relay, for local."""
+        if self.router is None:
+            return {}, list(recipients), []
+        decided: dict[str, Outcome] = {}
+        to_relay: list[str] = []
+        to_local: list[str] = []
+        for rcpt in recipients:
+            route = await self.router.route(rcpt.rsplit("@", 1)[-1])
+            if route.kind == LOCAL:
+                to_local.append(rcpt)
+            elif route.kind == REMOTE:
+                to_relay.append(rcpt)
+            elif route.kind == FAIL:
+                decided[rcpt] = Outcome(PERM, 0, route.reason)
+            else:
+                decided[rcpt] = Outcome.network(route.reason)
+        return decided, to_relay, to_local
+
+    def _watch_relay_answers(self, site: Site, env: Envelope,
+                             results: dict[str, Outcome]) -> None:
+        """Feed the relay's answers to the outbreak rules (relay_5xx_share)."""
+        if env.origin in ("bounce", "notice"):
+            return
+        try:
+            self._feed_outbreak_rules(site, env, results)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("outbreak_rules_skipped queue_id=%s site=%s reason=%r action='the state "
+                        "database cannot be written; free space on the spool disk'",
+                        env.queue_id, site.name, str(exc))
+
+    def _feed_outbreak_rules(self, site: Site, env: Envelope,
+                             results: dict[str, Outcome]) -> None:
+        now = time.time()
+        for out in results.values():
+            if out.kind == OK:
+                self.state.record(site.name, env.uid, RELAY_OK, ts=now)
+            elif out.kind == PERM and out.code >= 500:
+                self.state.record(site.name, env.uid, RELAY_5XX, ts=now)
+        reason = outbreak.after_relay_results(self.state, site, now)
+        if reason is not None:
+            suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
+
+    def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
+                       results: dict[str, Outcome], trouble: Outcome | None) -> bool:
+        """Record one attempt: status, bounces, removal or deferral (runs in a thread).
+
+        True when it queued a bounce, which the caller's loop should deliver soon.
+        """
+        layout = self.config.layout
+        if entry is None:
+            try:
+                entry = spool.read_entry(layout, state, queue_id)
+            except (OSError, ValueError) as exc:
+                self._corrupt(queue_id, state, str(exc))
+                return False
+        env, message = entry
+        site, sender = printable(env.site), printable(env.sender)  # one log line each
+        status = spool.read_status(layout, queue_id)
+        pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
+        if trouble is not None:
+            results = dict.fromkeys(pending, trouble)
+        now = time.time()
+        new_failures: dict[str, Outcome] = {}
+        temp: dict[str, Outcome] = {}
+        for rcpt in pending:
+            out = results.get(rcpt) or Outcome.network("no result for this recipient")
+            if out.kind == OK:
+                status.done.append(rcpt)
+                log.info("delivered queue_id=%s site=%s uid=%d rcpt=<%s> relay=%s status=%d "
+                         "reply=%r", queue_id, site, env.uid, printable(rcpt), out.relay,
+                         out.code, out.text)
+            elif out.kind == PERM:
+                new_failures[rcpt] = out
+            else:
+                temp[rcpt] = out
+        if temp and now - env.arrival > self.config.retry.lifetime:
+            days = self.config.retry.lifetime / 86400
+            for rcpt, out in temp.items():
+                new_failures[rcpt] = Outcome(PERM, 0, f"message expired after {days:g} days "
+                                             f"in the queue; last error: {out.describe()}",
+                                             out.relay)
+            temp = {}
+        for rcpt, out in new_failures.items():
+            status.failed[rcpt] = out.describe()
+            log.warning("bounced queue_id=%s site=%s uid=%d sender=<%s> rcpt=<%s> relay=%s "
+                        "status=%d reply=%r", queue_id, site, env.uid, sender, printable(rcpt),
+                        out.relay, out.code, out.text)
+        status.delayed = {r: o.describe() for r, o in temp.items()}
+        status.internal_failures = 0  # this attempt ran to its end
+        attempt = _Attempt(state, queue_id, env, message, status, new_failures, None)
+        if temp:
+            attempt.deferred = replace(status, attempts=status.attempts + 1)
+            attempt.delay = backoff(self.config, attempt.deferred.attempts)
+            attempt.first = next(iter(temp.values()))
+            attempt.deferred.next_attempt = now + attempt.delay
+            attempt.deferred.last_error = attempt.first.describe()
+        try:
+            self._persist(attempt)
+        except OSError as exc:
+            self._unsaved.append(attempt)
+            log.error("paused queue_id=%s site=%s reason=%r action='cannot record the outcome "
+                      "of this attempt (free space on the disk holding %s); delivery stops and "
+                      "nothing is sent again until it is written'", queue_id, printable(env.site),
+                      str(exc), layout.root)
+        return attempt.notice is not None
+
+    def _persist(self, attempt: _Attempt) -> None:
+        """Status first, then the bounce, then removal or deferral; resumable after OSError."""
+        layout = self.config.layout
+        queue_id, env, status = attempt.queue_id, attempt.env, attempt.status
+        if attempt.step == 0:
+            # Record delivered/failed recipients before anything else can go wrong.
+            spool.write_status(layout, queue_id, status)
+            attempt.step = 1
+        if attempt.step == 1:
+            if attempt.new_failures:
+                attempt.notice = bounce.queue_bounce(self.config, env, attempt.message,
+                                                     attempt.new_failures)
+                if attempt.notice:
+                    log.info("bounce_queued queue_id=%s bounce_of=%s to=<%s>", attempt.notice,
+                             queue_id, printable(env.sender))
+            attempt.step = 2
+        if attempt.step == 2:
+            if attempt.deferred is None:
+                try:
+                    spool.remove(layout, queue_id, attempt.state)
+                except FileNotFoundError:
+                    # Held by the operator meanwhile; its status says it is done.
+                    log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(env.site))
+                else:
+                    log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id,
+                             printable(env.site), len(status.done), len(status.failed))
+            else:
+                deferred, first = attempt.deferred, attempt.first
+                assert first is not None
+                spool.write_status(layout, queue_id, deferred)
+                if attempt.state == spool.INCOMING:
+                    with contextlib.suppress(FileNotFoundError):  # held meanwhile
+                        spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
+                log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d "
+                            "retry_in=%ds relay=%s reason=%r", queue_id, printable(env.site),
+                            env.uid, len(status.delayed), deferred.attempts,
+                            int(attempt.delay),
+                            first.relay, first.describe())
+            attempt.step = 3

@@ -1,0 +1,190 @@
+"""The ``sendmail`` front end: /usr/sbin/sendmail, PHP's sendmail_path, mailq, newaliases.
+
+Trusts: nothing it is given.  It runs as the calling site's uid, so it is only
+a friendly interface: identity, policy and limits are enforced by the daemon,
+which learns the uid from the kernel.  (Postfix says the same of its sendmail:
+access control is enforced in postdrop; this merely produces a friendlier
+interface.)
+Guarantees: exit 0 only once the message is durable, either in the daemon's
+spool (the daemon said so) or in a drop file the daemon will ingest; nothing on
+stdout in mail mode and nothing on stderr on success; a sysexits code and one
+line on stderr naming what to do otherwise.
+
+Hot path: this module imports only argv, message, handoff, paths and sysexits;
+a test proves that asyncio, dnspython, yaml, click, aiosmtplib and aiosmtpd stay
+out of a plain ``-t -i`` submission.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from sendmail_shim.frontend.argv import UsageError, parse_argv
+from sendmail_shim.frontend.message import MessageTooBig, read_message
+from sendmail_shim.wire import sysexits
+from sendmail_shim.wire.paths import ConfigError, SpoolLayout, find_config, frontend_spool_and_limit
+from sendmail_shim.wire.protocol import (
+    BUSY,
+    DaemonUnreachable,
+    encode_request,
+    parse_reply,
+    send_request,
+    write_drop_file,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sendmail_shim.frontend.argv import Invocation
+
+PROG = "sendmail-shim"
+
+
+def _fail(status: int, text: str) -> int:
+    sys.stderr.write(f"{PROG}: {text}\n")
+    sys.stderr.flush()
+    return status
+
+
+def _submission_fields(inv: Invocation) -> list[tuple[str, str]]:
+    # One id for both roads: the daemon queues a submission once even when the
+    # socket copy was committed and the drop-file copy follows (reply lost, timeout).
+    fields: list[tuple[str, str]] = [("mode", "submit"), ("subid", os.urandom(16).hex())]
+    if inv.sender is not None:
+        fields.append(("sender", inv.sender))
+    if inv.extract:
+        fields.append(("extract", "1"))
+    if inv.site is not None:
+        fields.append(("site", inv.site))
+    for name, value in (
+        ("fullname", inv.fullname),
+        ("notify", inv.notify),
+        ("ret", inv.ret),
+        ("envid", inv.envid),
+        ("body", inv.body_type),
+    ):
+        if value is not None:
+            fields.append((name, value))
+    try:
+        fields.append(("cwd", os.getcwd()))
+    except OSError:
+        pass
+    if inv.ignored:
+        fields.append(("ignored", " ".join(inv.ignored)))
+    fields.extend(("rcpt", word) for word in inv.recipients)
+    return fields
+
+
+def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
+    """Read the message and hand it off; the exit status of the mail mode."""
+    if not inv.recipients and not inv.extract:
+        return _fail(
+            sysexits.EX_USAGE,
+            "fatal: Recipient addresses must be specified on the command line "
+            "or via the -t option",
+        )
+    try:
+        message = read_message(sys.stdin.buffer, inv.ignore_dots, limit)
+    except MessageTooBig as exc:
+        return _fail(
+            sysexits.EX_DATAERR,
+            f"fatal: message rejected: {exc}; nothing was queued. Send a smaller "
+            "message or ask the operator to raise message_size_limit.",
+        )
+    request = encode_request(_submission_fields(inv), message)
+    try:
+        reply = send_request(layout.socket, request)
+    except DaemonUnreachable as why:
+        return _drop(layout, request, str(why))
+    try:
+        code, status, text = parse_reply(reply.split(b"\n", 1)[0])
+    except DaemonUnreachable as why:
+        return _drop(layout, request, str(why))
+    if code == BUSY:
+        return _drop(layout, request, text)  # this uid has too many connections open
+    if code >= 400 or status != 0:
+        return _fail(status or sysexits.EX_SOFTWARE, text)
+    return sysexits.EX_OK
+
+
+def _drop(layout: SpoolLayout, request: bytes, why: str) -> int:
+    try:
+        write_drop_file(layout.maildrop, request)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fail(
+                sysexits.EX_TEMPFAIL,
+                f"fatal: message not queued: no space left on the disk holding "
+                f"{layout.maildrop} ({exc.strerror}); the daemon did not take it either "
+                f"({why}). Nothing was accepted; try again later, and ask the operator "
+                "to free space on the spool's disk.",
+            )
+        return _fail(
+            sysexits.EX_TEMPFAIL,
+            f"fatal: message not queued: the daemon is unreachable ({why}) and the "
+            f"drop directory {layout.maildrop} refused the message ({exc}). "
+            "Nothing was accepted; try again, and ask the operator to start "
+            "sendmail-shim (sendmail-shim-admin serve).",
+        )
+    return sysexits.EX_OK
+
+
+def _control(layout: SpoolLayout, mode: str) -> int:
+    """mailq and flush: ask the daemon, print what it says."""
+    request = encode_request([("mode", mode)], b"")
+    try:
+        reply = send_request(layout.socket, request)
+    except DaemonUnreachable as why:
+        return _fail(
+            sysexits.EX_TEMPFAIL,
+            f"the daemon is not answering ({why}); start it with "
+            "'sendmail-shim-admin serve', or as root run 'sendmail-shim-admin queue list'",
+        )
+    first, _, rest = reply.partition(b"\n")
+    code, status, text = parse_reply(first)
+    if code >= 400:
+        return _fail(status or sysexits.EX_SOFTWARE, text)
+    sys.stdout.write(rest.decode("utf-8", "replace"))
+    sys.stdout.flush()
+    return sysexits.EX_OK
+
+
+def run(argv: list[str]) -> int:
+    if argv[1:] in (["--help"], ["--version"]):
+        from sendmail_shim import __version__
+        from sendmail_shim.frontend.argv import usage_text
+
+        sys.stdout.write(usage_text() if argv[1] == "--help" else f"{PROG} {__version__}\n")
+        return sysexits.EX_OK
+    try:
+        inv = parse_argv(argv)
+    except UsageError as exc:
+        return _fail(sysexits.EX_USAGE, f"fatal: usage: {exc}")
+    if inv.mode == "newaliases":
+        return sysexits.EX_OK  # we keep no alias database: nothing to rebuild
+    try:
+        spool, limit = frontend_spool_and_limit(find_config())
+    except ConfigError as exc:
+        return _fail(sysexits.EX_CONFIG, f"fatal: {exc}")
+    layout = SpoolLayout(spool)
+    if inv.mode == "mail":
+        return submit_message(inv, layout, limit)
+    if inv.mode == "mailq":
+        return _control(layout, "mailq")
+    if inv.mode == "flush":
+        return _control(layout, "flush")
+    if inv.mode == "smtp":
+        from sendmail_shim.frontend.bs import serve_stdio  # only -bs pays for aiosmtpd
+
+        status: int = serve_stdio(inv, layout, limit)
+        return status
+    return _fail(sysexits.EX_SOFTWARE, f"internal error: unknown mode {inv.mode}")
+
+
+def main() -> None:
+    sys.exit(run(sys.argv))
+
+
+if __name__ == "__main__":
+    main()

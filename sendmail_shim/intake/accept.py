@@ -1,0 +1,230 @@
+"""Intake: one submission, from either road, to a verdict and a durable queue file.
+
+Trusts: the :class:`~sendmail_shim.policy.identity.Caller` it is given, whose uid the
+kernel vouched for (peer credentials or drop-file owner); nothing else.
+Guarantees, in this order: identify (uid + hints -> site) -> compose ->
+suspended? -> sender policy -> policy checks -> quota (checked and reserved in
+one transaction) -> spool commit -> "accepted".  The verdict is "accepted"
+only after ``spool.commit`` returned, so the message is on disk; a failed
+commit gives its quota reservation back.  Outbreak rules run after a quota
+refusal and after an acceptance, and suspend the site when they trip.  Every
+outcome is logged in one line with the queue id, site, uid and script.
+
+Submission ids: a request may carry ``subid`` (the front end sends the same
+one on the socket and, when that fails, in the drop file).  The id is looked
+up and claimed for the caller's uid in the quota transaction, before the
+commit; a second submission of a committed id is answered "250 already
+queued as <id>" and not queued again (a drop file is then unlinked, logged
+``duplicate``); one whose first copy is being committed right now gets 451
+(the drop file waits for the next scan).  A failed commit releases the id.
+A crash between the commit and its confirmation leaves a claimed row that
+the daemon settles at start from the spool (``settle_submissions``), so a
+crash never loses mail.  The one documented duplicate: the confirmation
+write fails (disk full) and the message is delivered and removed before its
+drop-file copy arrives.
+
+Storage trouble (ENOSPC, quota, SQLite "database or disk is full" or
+"disk I/O error") never escapes as an exception: it is a 451 / exit 75 that
+names the spool's disk.  Bookkeeping after the commit (recipient domains,
+outbreak rules) cannot turn an accepted message into a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+
+from sendmail_shim.config import Config, Site
+from sendmail_shim.intake.compose import CompositionError, Submission, compose
+from sendmail_shim.policy import limits as policy
+from sendmail_shim.policy import outbreak
+from sendmail_shim.policy.identity import Caller, identify
+from sendmail_shim.policy.quota import check_quota
+from sendmail_shim.policy.sanctions import suspend_site
+from sendmail_shim.policy.sender import apply_sender_policy
+from sendmail_shim.store import outcome, spool
+from sendmail_shim.store.headers import mail_date
+from sendmail_shim.store.state import ACCEPTED, RCPT_DOMAIN, REFUSED_QUOTA, State
+from sendmail_shim.wire import sysexits
+
+log = logging.getLogger(__name__)
+SUBID_CHARS = frozenset("0123456789abcdef")
+
+
+def submission_id(fields: list[tuple[str, str]]) -> str | None:
+    """The request's ``subid`` when it is 16 to 64 lower-case hex digits, else None."""
+    value = next((v for k, v in fields if k == "subid"), None)
+    if value is None or not 16 <= len(value) <= 64 or not set(value) <= SUBID_CHARS:
+        return None
+    return value
+
+
+def storage_trouble(layout_root: str, exc: BaseException) -> str | None:
+    """Words for a full or failing disk under the spool; None for other errors."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the disk holding the spool {layout_root} "
+                f"({exc.strerror}); the operator must free space there")
+    if isinstance(exc, OSError) and exc.errno == errno.EIO:
+        return f"the disk holding the spool {layout_root} failed to write ({exc.strerror})"
+    if isinstance(exc, sqlite3.Error):
+        return (f"the state database in {layout_root}/state could not be written ({exc}): "
+                f"no space left on the disk holding the spool {layout_root}, or it is failing; "
+                "the operator must free space there")
+    return None
+
+
+def settle_submissions(config: Config, state: State) -> None:
+    """At start: confirm claimed submission ids whose message is in the spool, drop the rest.
+
+    No writer is alive then, so a claimed row without a queue file belongs to
+    a commit that never happened and must not stop a later copy.
+    """
+    for uid, subid, queue_id in state.unresolved_submissions():
+        committed = spool.find_state(config.layout, queue_id) is not None
+        state.end_submission(uid, subid, committed)
+        log.info("settled subid=%s uid=%d queue_id=%s committed=%s", subid, uid, queue_id,
+                 "yes" if committed else "no")
+
+
+def _known_submission(config: Config, state: State, uid: int, subid: str
+                      ) -> tuple[str, bool] | None:
+    """(queue id, in flight) when this submission was queued or is being queued now."""
+    row = state.submission(uid, subid)
+    if row is None:
+        return None
+    queue_id, committed = row
+    if state.in_flight(uid, subid):
+        return queue_id, True
+    if committed or spool.find_state(config.layout, queue_id) is not None:
+        return queue_id, False
+    return None  # a claim whose commit never happened (or could not be confirmed)
+
+
+def _trip(config: Config, state: State, site: Site, reason: str | None) -> None:
+    if reason is not None:
+        suspend_site(config, state, site.name, reason, "outbreak rule")
+
+
+def accept_submission(
+    config: Config, state: State, fields: list[tuple[str, str]], message: bytes,
+    caller: Caller, origin: str = "socket",
+) -> outcome.Verdict:
+    """Identify, compose, check and queue one message; the verdict for the caller."""
+    sub = Submission.from_fields(fields)
+    caller = Caller(caller.uid, caller.gid, caller.pid, sub.cwd, caller.script, sub.site)
+    ident = identify(config, caller)
+    if ident.site is None:
+        log.warning("refused uid=%d pid=%s origin=%s reason=%r",
+                    caller.uid, caller.pid, origin, ident.reason)
+        return outcome.refused(f"not permitted: {ident.reason}")
+    site = ident.site
+    queue_id = spool.new_queue_id()
+    now = time.time()
+    try:
+        envelope, final = compose(sub, message, site, caller, config, queue_id, now)
+    except CompositionError as exc:
+        log.warning("refused site=%s uid=%d origin=%s reason=%r", site.name, caller.uid,
+                    origin, str(exc))
+        return outcome.Verdict(exc.code, exc.enhanced, sysexits.EX_DATAERR,
+                               f"site {site.name}: {exc}; nothing was queued")
+    envelope.origin = origin
+    facts = (f"queue_id={queue_id} site={site.name} uid={caller.uid} pid={caller.pid} "
+             f"script={envelope.script} origin={origin}")
+    suspended = state.suspension(site.name)
+    if suspended is not None:
+        log.warning("refused %s reason=suspended", facts)
+        return outcome.refused(
+            f"site {site.name} is suspended since {mail_date(suspended[0])} ({suspended[1]}); "
+            f"nothing was queued. The operator lifts it with 'sendmail-shim-admin site resume "
+            f"{site.name}'")
+    rewritten = apply_sender_policy(site, config, envelope, final)
+    if isinstance(rewritten, outcome.Verdict):
+        log.warning("refused %s sender=<%s> reason=%r", facts, envelope.sender, rewritten.text)
+        return rewritten
+    final, notes = rewritten
+    envelope.size = len(final)
+    verdict = policy.evaluate(policy.Request(config, site, envelope))
+    if verdict is not None:
+        log.warning("refused %s sender=<%s> nrcpt=%d status=%d reason=%r", facts,
+                    envelope.sender, len(envelope.recipients), verdict.code, verdict.text)
+        return verdict
+    nrcpt = len(envelope.recipients)
+    subid = submission_id(fields)
+    known: tuple[str, bool] | None = None
+    claimed = False
+    root = config.layout.root
+    try:
+        with state.transaction():
+            if subid is not None:
+                known = _known_submission(config, state, caller.uid, subid)
+            if known is None:
+                verdict = check_quota(config, state, site, caller.uid, nrcpt, now)
+                if verdict is not None:
+                    state.record(site.name, caller.uid, REFUSED_QUOTA, nrcpt, envelope.script,
+                                 ts=now)
+                else:
+                    reservation = state.record(site.name, caller.uid, ACCEPTED, nrcpt,
+                                               envelope.script, ts=now)
+                    if subid is not None:
+                        state.claim_submission(caller.uid, subid, queue_id, now)
+                        claimed = True
+    except BaseException as exc:
+        if claimed and subid is not None:
+            state.drop_in_flight(caller.uid, subid)  # the transaction was rolled back
+        if not isinstance(exc, sqlite3.Error):
+            raise
+        why = storage_trouble(root, exc)
+        log.error("tempfail %s reason=%r", facts, why)
+        return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later")
+    if known is not None:
+        first, in_flight = known
+        facts = facts.replace(f"queue_id={queue_id} ", f"queue_id={first} ")
+        if in_flight:
+            log.info("in_flight %s subid=%s action='retry later'", facts, subid)
+            return outcome.tempfail(f"site {site.name}: this submission is being queued right "
+                                    f"now as {first}; try again shortly")
+        log.info("duplicate %s subid=%s action='already queued; not queued again'", facts, subid)
+        return outcome.accepted(f"Ok: already queued as {first}")
+    if verdict is not None:
+        log.warning("refused %s sender=<%s> nrcpt=%d status=%d reason=quota text=%r", facts,
+                    envelope.sender, nrcpt, verdict.code, verdict.text)
+        _after(facts, lambda: _trip(config, state, site,
+                                    outbreak.after_quota_refusal(state, site, now)))
+        return verdict
+    try:
+        spool.commit(config.layout, envelope, final)
+    except OSError as exc:
+        _after(facts, lambda: state.forget(reservation))
+        if subid is not None:
+            _after(facts, lambda: state.end_submission(caller.uid, subid, committed=False))
+        why = storage_trouble(root, exc) or f"the spool {root} could not store the message " \
+                                              f"({exc.strerror or exc})"
+        log.error("tempfail %s reason=%r", facts, f"spool write failed: {why}")
+        return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later")
+    # The message is on disk: from here on nothing may turn it into a failure.
+    if subid is not None:
+        _after(facts, lambda: state.end_submission(caller.uid, subid, committed=True))
+
+    def bookkeeping() -> None:
+        for domain in sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients}):
+            state.record(site.name, caller.uid, RCPT_DOMAIN, 1, envelope.script, domain, ts=now)
+
+    _after(facts, bookkeeping)
+    log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r%s%s", facts, envelope.sender,
+             nrcpt, envelope.size, ident.reason, f" subid={subid}" if subid else "",
+             "".join(" " + n for n in notes))
+    _after(facts, lambda: _trip(config, state, site,
+                                outbreak.after_accept(state, site, envelope.script, now)))
+    return outcome.accepted(f"Ok: queued as {queue_id}")
+
+
+def _after(facts: str, step: Callable[[], object]) -> None:
+    """Run bookkeeping whose failure (a full disk) must not change the verdict."""
+    try:
+        step()
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("bookkeeping_failed %s reason=%r action='the verdict stands; free space "
+                    "on the spool disk'", facts, str(exc))

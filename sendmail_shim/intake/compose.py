@@ -1,0 +1,230 @@
+"""Composing the queued message: envelope from argv and headers, and the headers we add.
+
+Trusts: nothing in the message or the request fields; the site and uid come
+from ``identity``.
+Guarantees, following Postfix's sendmail/cleanup:
+
+* ``-t``: recipients from To, Cc and Bcc, or from Resent-To/-Cc/-Bcc when any
+  Resent- header is present; added to the command-line recipients (Postfix >= 2.1);
+* Bcc and Resent-Bcc are removed from the data; Return-Path is removed;
+* missing Message-Id, Date and From are appended at the end of the header
+  block (Resent- forms when the message is resent), as Postfix does;
+* a Received line names the host, the uid, the site and the script hint
+  (``from userid N`` as Postfix writes it), prepended;
+* duplicate recipients are removed; unqualified addresses get ``@hostname``
+  (recipients) or the site's domain (sender);
+* every envelope address is checked by address.py, the grammar the SMTP client
+  sends with (RFC 5321/6531, length limits, valid UTF-8 only) and kept in its
+  canonical form: what the door accepts, delivery can send.  Anything else is a
+  :class:`CompositionError` naming the address (EX_DATAERR 65, ``553 5.1.3``);
+* header-derived text (the script hint, ``-F``) is never fatal: invalid UTF-8
+  and controls are escaped (``\\xff``) before they reach the Received line, the
+  envelope, the state database or a log line;
+* ``-V`` (envelope id) must be printable ASCII, at most 100 characters
+  (RFC 3461 ENVID), else a CompositionError;
+* the default envelope sender is the site's ``sender``, else ``noreply@`` its
+  first domain, never ``root@`` or the web user's login name.
+
+The message body bytes are never changed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+from sendmail_shim.config import Config, Site
+from sendmail_shim.policy.identity import Caller
+from sendmail_shim.policy.sender import default_sender
+from sendmail_shim.store.address import AddressError, canonical, printable
+from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.store.headers import header_name, header_value, mail_date, split_header_block
+
+MAX_ENVID = 100  # RFC 3461 4.4
+
+
+class CompositionError(Exception):
+    """The submission cannot become a message; the text says why.
+
+    ``code`` and ``enhanced`` are the SMTP reply (``-bs``); the exit status is 65.
+    """
+
+    def __init__(self, text: str, code: int = 554, enhanced: str = "5.1.3") -> None:
+        super().__init__(text)
+        self.code = code
+        self.enhanced = enhanced
+
+
+@dataclass
+class Submission:
+    """Parsed request fields."""
+
+    sender: str | None
+    rcpt_words: list[str]
+    extract: bool
+    fullname: str | None
+    notify: str | None
+    ret: str | None
+    envid: str | None
+    body_type: str | None
+    cwd: str | None
+    site: str | None = None
+
+    @classmethod
+    def from_fields(cls, fields: list[tuple[str, str]]) -> Submission:
+        single: dict[str, str] = {}
+        rcpts: list[str] = []
+        for key, value in fields:
+            if key == "rcpt":
+                rcpts.append(value)
+            else:
+                single[key] = value
+        return cls(
+            sender=single.get("sender"),
+            rcpt_words=rcpts,
+            extract=single.get("extract") == "1",
+            fullname=single.get("fullname"),
+            notify=single.get("notify"),
+            ret=single.get("ret"),
+            envid=single.get("envid"),
+            body_type=single.get("body"),
+            cwd=single.get("cwd"),
+            site=single.get("site"),
+        )
+
+
+def _addresses(text: str) -> list[str]:
+    return [addr for _name, addr in getaddresses([text]) if addr]
+
+
+def check_address(addr: str, what: str) -> str:
+    """The canonical form of ``addr`` (address.py), or a CompositionError naming it."""
+    try:
+        return canonical(addr)
+    except AddressError as exc:
+        raise CompositionError(f"bad {what} address: {exc}", 553, "5.1.3") from None
+
+
+def check_envid(envid: str | None) -> str | None:
+    """``-V``: printable ASCII without spaces, at most MAX_ENVID characters."""
+    if envid is None:
+        return None
+    if len(envid) > MAX_ENVID or not all(0x21 <= ord(c) <= 0x7E for c in envid):
+        raise CompositionError(f"bad envelope id (-V) {printable(envid, 40)!r}: use at most "
+                               f"{MAX_ENVID} printable ASCII characters without spaces",
+                               554, "5.5.4")
+    return envid
+
+
+def _qualify(addr: str, domain: str) -> str:
+    return addr if "@" in addr else f"{addr}@{domain}"
+
+
+def envelope_sender(raw: str | None, site: Site, config: Config) -> str:
+    if raw is None:
+        return default_sender(site, config)
+    stripped = raw.strip()
+    if stripped in ("", "<>"):
+        return ""
+    found = _addresses(stripped)
+    if not found:
+        raise CompositionError(f"cannot read the sender address <{printable(raw, 80)}>")
+    domain = site.domains[0] if site.domains else config.hostname
+    return check_address(_qualify(found[0], domain), "sender")
+
+
+def _comment_safe(text: str) -> str:
+    return re.sub(r"[()\\\x00-\x1f\x7f]", "_", printable(text, 200))
+
+
+def script_hint(headers: list[bytes]) -> str | None:
+    """The script name from PHP's X-PHP-Originating-Script ("<uid>:<script>")."""
+    for field in headers:
+        if header_name(field) == "x-php-originating-script":
+            value = header_value(field)
+            return printable(value.split(":", 1)[1] if ":" in value else value, 200)
+    return None
+
+
+def compose(
+    sub: Submission,
+    message: bytes,
+    site: Site,
+    caller: Caller,
+    config: Config,
+    queue_id: str,
+    now: float,
+) -> tuple[Envelope, bytes]:
+    """The envelope and the final message bytes (see the module docstring)."""
+    headers, rest = split_header_block(message)
+    names = [header_name(h) for h in headers]
+    resent = any(n.startswith("resent-") for n in names)
+    sender = envelope_sender(sub.sender, site, config)
+
+    recipients: list[str] = []
+    for word in sub.rcpt_words:
+        recipients.extend(_addresses(word))
+    if sub.extract:
+        wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+        for field, name in zip(headers, names, strict=True):
+            if name in wanted:
+                recipients.extend(_addresses(header_value(field)))
+    seen: set[str] = set()
+    unique: list[str] = []
+    for addr in recipients:
+        addr = check_address(_qualify(addr, config.hostname), "recipient")
+        if addr.lower() not in seen:
+            seen.add(addr.lower())
+            unique.append(addr)
+    if not unique:
+        raise CompositionError(
+            "No recipient addresses found in message header"
+            if sub.extract
+            else "no recipient addresses given"
+        )
+
+    script = script_hint(headers)
+    kept = [h for h, n in zip(headers, names, strict=True)
+            if n not in ("bcc", "resent-bcc", "return-path")]
+    prefix = "Resent-" if resent else ""
+    present = set(names)
+    if f"{prefix}message-id".lower() not in present:
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        kept.append(f"{prefix}Message-Id: <{stamp}.{queue_id}@{config.hostname}>\n".encode())
+    if f"{prefix}date".lower() not in present:
+        kept.append(f"{prefix}Date: {mail_date(now)}\n".encode())
+    if f"{prefix}from".lower() not in present:
+        from_addr = sender or default_sender(site, config)
+        fullname = f" ({_comment_safe(sub.fullname)})" if sub.fullname and sender else ""
+        kept.append(f"{prefix}From: {from_addr}{fullname}\n".encode("utf-8", "surrogateescape"))
+    origin = f"from userid {caller.uid}, site {_comment_safe(site.name)}"
+    if script:
+        origin += f", script {_comment_safe(script)}"
+    received = (
+        f"Received: by {config.hostname} (sendmail-shim, {origin})\n"
+        f"\tid {queue_id}; {mail_date(now)}\n"
+    ).encode("utf-8", "surrogateescape")
+    if rest and not rest.startswith(b"\n"):
+        rest = b"\n" + rest  # the body started without a blank line: keep them apart
+    final = received + b"".join(kept) + rest
+
+    envelope = Envelope(
+        queue_id=queue_id,
+        site=site.name,
+        uid=caller.uid,
+        gid=caller.gid,
+        pid=caller.pid,
+        sender=sender,
+        recipients=unique,
+        arrival=now,
+        script=script,
+        cwd=caller.cwd,
+        notify=sub.notify,
+        ret=sub.ret,
+        envid=check_envid(sub.envid),
+        body_type=sub.body_type,
+        size=len(final),
+    )
+    return envelope, final

@@ -1,0 +1,82 @@
+"""Per-site and per-account quotas over sliding windows.
+
+Trusts: the state (daemon-owned) and the configuration; the operator's
+``quota set`` overrides live in the state and win over the file.
+Guarantees: a submission is checked against messages per hour and per day and
+recipients per message and per hour, for its site and for its Unix account
+(uid), and the accepted event is reserved inside the same transaction as the
+check, so concurrent submissions cannot slip past a limit together.
+
+Exit status: a quota refusal exits 77 (EX_NOPERM), not 75: PHP 8.5's mail()
+returns true for 75, and a site over its quota must see false.  In ``-bs``
+mode a rate limit is ``452 4.7.1`` (try later) and a message with too many
+recipients ``550 5.5.3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sendmail_shim.config import QUOTA_KEYS, Config, Quota, Site
+from sendmail_shim.store.outcome import Verdict
+from sendmail_shim.store.state import ACCEPTED, State
+from sendmail_shim.wire import sysexits
+
+HOUR, DAY = 3600.0, 86400.0
+
+
+def effective_quota(config: Config, state: State, site: Site) -> Quota:
+    return site.quota.merged(state.overrides(site.name))
+
+
+@dataclass(frozen=True)
+class Usage:
+    messages_hour: int
+    messages_day: int
+    recipients_hour: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"per_hour": self.messages_hour, "per_day": self.messages_day,
+                "recipients_per_hour": self.recipients_hour}
+
+
+def usage(state: State, now: float, site: str | None = None, uid: int | None = None) -> Usage:
+    hour_count, hour_rcpts = state.count(ACCEPTED, now - HOUR, site=site, uid=uid)
+    day_count, _ = state.count(ACCEPTED, now - DAY, site=site, uid=uid)
+    return Usage(hour_count, day_count, hour_rcpts)
+
+
+def _over(limits: Quota, used: Usage, nrcpt: int) -> str | None:
+    if limits.recipients_per_message is not None and nrcpt > limits.recipients_per_message:
+        return f"{nrcpt} recipients exceed recipients_per_message {limits.recipients_per_message}"
+    if limits.per_hour is not None and used.messages_hour + 1 > limits.per_hour:
+        return f"{used.messages_hour} messages in the last hour reach per_hour {limits.per_hour}"
+    if limits.per_day is not None and used.messages_day + 1 > limits.per_day:
+        return f"{used.messages_day} messages in the last day reach per_day {limits.per_day}"
+    if (limits.recipients_per_hour is not None
+            and used.recipients_hour + nrcpt > limits.recipients_per_hour):
+        return (f"{used.recipients_hour} + {nrcpt} recipients in the last hour exceed "
+                f"recipients_per_hour {limits.recipients_per_hour}")
+    return None
+
+
+def check_quota(config: Config, state: State, site: Site, uid: int, nrcpt: int,
+                now: float) -> Verdict | None:
+    """A refusal when the message would exceed a limit (call inside a transaction)."""
+    problem = _over(effective_quota(config, state, site), usage(state, now, site=site.name),
+                    nrcpt)
+    who = f"site {site.name}"
+    if problem is None and uid in config.accounts:
+        problem = _over(config.accounts[uid], usage(state, now, uid=uid), nrcpt)
+        who = f"account uid {uid}"
+    if problem is None:
+        return None
+    text = (f"{who} is over its quota: {problem}; nothing was queued. The operator can "
+            f"see it with 'sendmail-shim-admin quota show {site.name}'")
+    if problem.startswith(f"{nrcpt} recipients exceed"):
+        return Verdict(550, "5.5.3", sysexits.EX_NOPERM, text)
+    return Verdict(452, "4.7.1", sysexits.EX_NOPERM, text)
+
+
+def describe(limits: Quota) -> dict[str, int | None]:
+    return {key: getattr(limits, key) for key in QUOTA_KEYS}

@@ -1,0 +1,225 @@
+"""The durable queue: commit protocol, states as directories, validated queue ids.
+
+Trusts: nothing under the spool that it did not write itself; every queue id
+is checked against :data:`QUEUE_ID` before it becomes part of a path.
+Guarantees (ARCHITECTURE.md, "Spool commit protocol"): :func:`commit` writes
+``tmp/<id>`` (0600, O_EXCL|O_NOFOLLOW), fsyncs it, renames it into
+``incoming/`` and fsyncs that directory before returning; only then does the
+daemon answer "accepted".  A crash leaves either nothing or a whole file; files
+left in ``tmp/`` are removed by :func:`clean_tmp` at start.  A queue file is
+immutable once committed; what changes (attempts, recipients done, last error,
+next attempt) lives in ``status/<id>.json``, replaced atomically.
+
+Queue file format: ``SMSHIMQ1\\n``, one JSON line (the :class:`Envelope`), then
+the message bytes (LF line endings).  A message moves between states by rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.wire import paths
+from sendmail_shim.wire.durable import fsync_dir, write_synced
+
+QUEUE_MAGIC = b"SMSHIMQ1\n"
+QUEUE_ID = re.compile(r"[0-9A-F]{16}")  # always fullmatch: "$" would allow a newline
+INCOMING, DEFERRED, HOLD, CORRUPT = "incoming", "deferred", "hold", "corrupt"
+STATES = (INCOMING, DEFERRED, HOLD, CORRUPT)
+TMP_MAX_AGE = 3600.0  # a tmp file older than this belongs to no live writer
+
+
+class QueueIdError(ValueError):
+    pass
+
+
+def new_queue_id() -> str:
+    """16 hex digits: milliseconds since the epoch (sortable) and 20 random bits."""
+    millis = int(time.time() * 1000) & ((1 << 44) - 1)
+    rand = int.from_bytes(os.urandom(3), "big") & 0xFFFFF
+    return f"{millis:011X}{rand:05X}"
+
+
+def check_queue_id(queue_id: str) -> str:
+    if not isinstance(queue_id, str) or not QUEUE_ID.fullmatch(queue_id):
+        raise QueueIdError(f"not a queue id: {queue_id[:40]!r}")
+    return queue_id
+
+
+@dataclass
+class Status:
+    """Mutable delivery state of one message."""
+
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    done: list[str] = field(default_factory=list)  # delivered recipients
+    failed: dict[str, str] = field(default_factory=dict)  # recipient -> permanent reason
+    delayed: dict[str, str] = field(default_factory=dict)  # recipient -> temporary reason
+    internal_failures: int = 0  # attempts in a row that ended in an exception (delivery.py)
+
+    def valid(self) -> bool:
+        return (isinstance(self.attempts, int) and isinstance(self.next_attempt, (int, float))
+                and isinstance(self.last_error, str) and isinstance(self.done, list)
+                and all(isinstance(r, str) for r in self.done)
+                and isinstance(self.failed, dict) and isinstance(self.delayed, dict)
+                and isinstance(self.internal_failures, int))
+
+
+@dataclass
+class QueueEntry:
+    state: str
+    envelope: Envelope
+    status: Status
+    mtime: float
+
+
+def prepare_spool(layout: paths.SpoolLayout) -> None:
+    """Create the spool directories with their modes (idempotent; the daemon's own)."""
+    os.makedirs(layout.root, mode=paths.MODE_SPOOL_ROOT, exist_ok=True)
+    for directory, mode in (
+        (layout.public, paths.MODE_PUBLIC_DIR),
+        (layout.maildrop, paths.MODE_MAILDROP_DIR),
+        (layout.tmp, paths.MODE_PRIVATE_DIR),
+        (layout.status, paths.MODE_PRIVATE_DIR),
+        *((layout.state_dir(s), paths.MODE_PRIVATE_DIR) for s in STATES),
+    ):
+        os.makedirs(directory, mode=mode, exist_ok=True)
+        os.chmod(directory, mode)  # makedirs obeys the umask; the modes are the contract
+
+
+def queue_path(layout: paths.SpoolLayout, state: str, queue_id: str) -> str:
+    if state not in STATES:
+        raise ValueError(f"unknown queue state {state!r}")
+    return os.path.join(layout.state_dir(state), check_queue_id(queue_id))
+
+
+def commit(layout: paths.SpoolLayout, envelope: Envelope, message: bytes) -> None:
+    """Write the message durably into ``incoming/`` (see the module docstring)."""
+    queue_id = check_queue_id(envelope.queue_id)
+    tmp = os.path.join(layout.tmp, queue_id)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, paths.MODE_QUEUE_FILE)
+    write_synced(fd, tmp, QUEUE_MAGIC + envelope.to_json() + b"\n" + message)
+    os.rename(tmp, queue_path(layout, INCOMING, queue_id))
+    fsync_dir(layout.state_dir(INCOMING))
+
+
+def read_entry(layout: paths.SpoolLayout, state: str, queue_id: str) -> tuple[Envelope, bytes]:
+    """Envelope and message; ``ValueError`` when the file is damaged."""
+    path = queue_path(layout, state, queue_id)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read()
+    if not data.startswith(QUEUE_MAGIC):
+        raise ValueError(f"{path}: not a queue file")
+    newline = data.find(b"\n", len(QUEUE_MAGIC))
+    if newline < 0:
+        raise ValueError(f"{path}: no envelope line")
+    envelope = Envelope.from_json(data[len(QUEUE_MAGIC) : newline])
+    message = data[newline + 1 :]
+    if envelope.queue_id != queue_id or len(message) != envelope.size:
+        raise ValueError(f"{path}: envelope does not match the file (id or size)")
+    return envelope, message
+
+
+def read_envelope(layout: paths.SpoolLayout, state: str, queue_id: str) -> Envelope:
+    """Only the envelope line; cheap for listings."""
+    path = queue_path(layout, state, queue_id)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if fh.readline() != QUEUE_MAGIC:
+            raise ValueError(f"{path}: not a queue file")
+        return Envelope.from_json(fh.readline())
+
+
+def status_path(layout: paths.SpoolLayout, queue_id: str) -> str:
+    return os.path.join(layout.status, check_queue_id(queue_id) + ".json")
+
+
+def read_status(layout: paths.SpoolLayout, queue_id: str) -> Status:
+    try:
+        with open(status_path(layout, queue_id), "rb") as fh:
+            data = json.load(fh)
+        status = Status(**data)
+        if not status.valid():
+            raise ValueError("wrong types")
+        return status
+    except FileNotFoundError:
+        return Status()
+    except (ValueError, TypeError):
+        return Status(last_error="status file was damaged and has been reset")
+
+
+def write_status(layout: paths.SpoolLayout, queue_id: str, status: Status) -> None:
+    """Replace the status atomically (tmp, fsync, rename)."""
+    final = status_path(layout, queue_id)
+    tmp = final + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                 paths.MODE_QUEUE_FILE)
+    write_synced(fd, tmp, json.dumps(asdict(status)).encode())
+    os.rename(tmp, final)
+
+
+def move(layout: paths.SpoolLayout, queue_id: str, src: str, dst: str) -> None:
+    os.rename(queue_path(layout, src, queue_id), queue_path(layout, dst, queue_id))
+    fsync_dir(layout.state_dir(dst))
+
+
+def remove(layout: paths.SpoolLayout, queue_id: str, state: str) -> None:
+    """Forget a message: the queue file first, then its status."""
+    os.unlink(queue_path(layout, state, queue_id))
+    fsync_dir(layout.state_dir(state))
+    try:
+        os.unlink(status_path(layout, queue_id))
+    except FileNotFoundError:
+        pass
+
+
+def queue_ids(layout: paths.SpoolLayout, state: str) -> list[str]:
+    """Valid queue ids in a state directory, oldest first; other names are ignored."""
+    try:
+        names = os.listdir(layout.state_dir(state))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if QUEUE_ID.fullmatch(n))
+
+
+def find_state(layout: paths.SpoolLayout, queue_id: str) -> str | None:
+    for state in STATES:
+        if os.path.exists(queue_path(layout, state, queue_id)):
+            return state
+    return None
+
+
+def clean_tmp(layout: paths.SpoolLayout, max_age: float = 0.0) -> list[str]:
+    """Remove interrupted writes from ``tmp/`` (all of them at start: no writer is alive)."""
+    removed = []
+    now = time.time()
+    for name in os.listdir(layout.tmp):
+        path = os.path.join(layout.tmp, name)
+        try:
+            if now - os.lstat(path).st_mtime >= max_age:
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
+    """Every readable message in ``states``, for listings; damaged ones are skipped."""
+    for state in states:
+        for queue_id in queue_ids(layout, state):
+            path = queue_path(layout, state, queue_id)
+            try:
+                envelope = read_envelope(layout, state, queue_id)
+                mtime = os.stat(path).st_mtime
+            except (OSError, ValueError):
+                continue
+            yield QueueEntry(state, envelope, read_status(layout, queue_id), mtime)
