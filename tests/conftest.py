@@ -35,6 +35,17 @@ needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: adds Unix users
 needs_php = pytest.mark.skipif(shutil.which("php") is None, reason="needs php-cli")
 
 
+UNIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two layers: tests/unit/ (no root, no subprocess: ``pytest -m "not root"``, seconds)
+    and everything else, the end-to-end layer with real users, daemons and relays (root)."""
+    for item in items:
+        if not str(item.path).startswith(UNIT_DIR + os.sep):
+            item.add_marker(pytest.mark.root)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
