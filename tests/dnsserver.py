@@ -96,7 +96,8 @@ class DnsServer:
 
     def start(self) -> None:
         for server in (self.udp, self.tcp):
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                             daemon=True).start()
 
     def stop(self) -> None:
         for server in (self.udp, self.tcp):
