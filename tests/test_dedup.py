@@ -18,13 +18,13 @@ from sendmail_shim.wire import protocol
 
 CLIENT = r"""
 import sys
-from sendmail_shim.wire import protocol
+from sendmail_shim.wire import client
 road, where = sys.argv[1], sys.argv[2]
 data = sys.stdin.buffer.read()
 if road == "socket":
-    sys.stdout.write(protocol.send_request(where, data).decode())
+    sys.stdout.write(client.send_request(where, data).decode())
 else:
-    sys.stdout.write(protocol.write_drop_file(where, data))
+    sys.stdout.write(client.write_drop_file(where, data))
 """
 
 

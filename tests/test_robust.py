@@ -22,10 +22,9 @@ from conftest import DAEMON_USER, Relay, Shim, free_port, wait_until
 from dnsserver import DnsServer, Zone, free_udp_tcp_port
 from test_delivery import PickyRelay
 
-from sendmail_shim.daemon import control
 from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
-from sendmail_shim.wire import protocol
+from sendmail_shim.wire import client, protocol
 
 
 def inject(shim: Shim, recipients: list[str], sender: str = "noreply@site1.test",
@@ -223,9 +222,9 @@ def test_exception_in_one_message_defers_then_holds_it(
 
 class TestControlArguments:
     def request(self, shim: Shim, action: str, args: dict[str, list[str]]) -> bytes:
-        fields = control.encode_args(action, args)
+        fields = protocol.control_fields(action, args)
         sock = os.path.join(shim.spool, "control", "control.sock")
-        return protocol.send_request(sock, protocol.encode_request(fields, b""))
+        return client.send_request(sock, protocol.encode_request(fields, b""))
 
     def test_odd_arguments_get_an_error_reply(self, system: tuple[Shim, Relay]) -> None:
         shim, _relay = system

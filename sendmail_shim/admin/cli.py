@@ -28,7 +28,7 @@ from sendmail_shim.config import Config, load_config
 from sendmail_shim.daemon import control
 from sendmail_shim.policy import sanctions
 from sendmail_shim.store.state import State, state_dir
-from sendmail_shim.wire import paths, protocol, sysexits
+from sendmail_shim.wire import client, paths, protocol, sysexits
 from sendmail_shim.wire.paths import ConfigError
 
 
@@ -117,22 +117,20 @@ def operate(config_path: str | None, action: str, **raw: Any) -> None:
             args[key] = [str(v) for v in value]
         else:
             args[key] = ["1" if value is True else str(value)]
-    request = protocol.encode_request(control.encode_args(action, args), b"")
+    request = protocol.encode_request(protocol.control_fields(action, args), b"")
     try:
-        reply = protocol.send_request(config.layout.control_socket, request, 120)
-    except protocol.DaemonUnreachable as exc:
+        reply = client.ask(config.layout.control_socket, request, 120)
+    except client.DaemonUnreachable as exc:
         if exc.errno == errno.EACCES:
             click.echo(f"sendmail-shim-admin: {exc}: the control socket is for root, the "
                        "daemon's user and the admin group (admin.group)", err=True)
             sys.exit(sysexits.EX_NOPERM)
         click.echo(_direct(config, action, args), nl=False)
         return
-    first, _, rest = reply.partition(b"\n")
-    code, status, text = protocol.parse_reply(first)
-    if code >= 400:
-        click.echo(f"sendmail-shim-admin: {text}", err=True)
-        sys.exit(status or sysexits.EX_SOFTWARE)
-    click.echo(rest.decode("utf-8", "replace"), nl=False)
+    if reply.code >= 400:
+        click.echo(f"sendmail-shim-admin: {reply.text}", err=True)
+        sys.exit(reply.status or sysexits.EX_SOFTWARE)
+    click.echo(reply.body, nl=False)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -196,14 +194,13 @@ def queue_flush(config_path: str | None) -> None:
     """Ask the daemon to deliver every queued message now, deferred ones included."""
     config = _load(config_path)
     try:
-        reply = protocol.send_request(config.layout.socket,
-                                     protocol.encode_request([("mode", "flush")], b""), 30)
-    except protocol.DaemonUnreachable as exc:
+        reply = client.ask(config.layout.socket,
+                           protocol.encode_request([(protocol.MODE, protocol.FLUSH)], b""), 30)
+    except client.DaemonUnreachable as exc:
         click.echo(f"sendmail-shim-admin: the daemon is not answering ({exc}); start it with "
                    "'sendmail-shim-admin serve'", err=True)
         sys.exit(sysexits.EX_TEMPFAIL)
-    _code, _status, text = protocol.parse_reply(reply.split(b"\n", 1)[0])
-    click.echo(text)
+    click.echo(reply.text)
 
 
 @cli.group()
@@ -462,7 +459,7 @@ PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
     """A warning when the kernel lets users hard-link files they cannot write.
 
-    Pickup refuses lent drop files by themselves (protocol.py); this is defence in depth.
+    Pickup refuses lent drop files by themselves (wire/client.py); this is defence in depth.
     """
     try:
         with open(path) as fh:

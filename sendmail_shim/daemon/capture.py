@@ -59,6 +59,7 @@ from sendmail_shim.config import Config
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller, exempt_uids
 from sendmail_shim.store.state import State
+from sendmail_shim.wire import protocol
 
 log = logging.getLogger(__name__)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
@@ -254,8 +255,8 @@ class CaptureHandler:
         except KeyError:
             gid = -1
         message = (envelope.original_content or b"").replace(b"\r\n", b"\n")
-        fields = [("mode", "submit"), ("sender", envelope.mail_from)]
-        fields += [("rcpt", rcpt) for rcpt in envelope.rcpt_tos]
+        fields = [(protocol.MODE, protocol.SUBMIT), (protocol.SENDER, envelope.mail_from)]
+        fields += [(protocol.RCPT, rcpt) for rcpt in envelope.rcpt_tos]
         verdict = await asyncio.to_thread(accept_submission, self.config, self.state, fields,
                                           message, Caller(uid=uid, gid=gid, pid=None),
                                           "capture")

@@ -39,9 +39,10 @@ from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
 from sendmail_shim.store.headers import mail_date
 from sendmail_shim.store.state import State
+from sendmail_shim.wire.protocol import ControlArgs
 
 log = logging.getLogger(__name__)
-Args = dict[str, list[str]]
+Args = ControlArgs  # decoded by wire.protocol.decode_control
 MAX_LIMIT = 10**9  # a quota limit larger than this is a typo, not a limit
 
 
@@ -199,26 +200,6 @@ def queue_show(config: Config, state: State, args: Args) -> str:
             f"delivered:  {printable(', '.join(status.done), 2000) or '-'}\n"
             f"attempts:   {status.attempts}\n"
             f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
-
-
-def encode_args(action: str, args: Args) -> list[tuple[str, str]]:
-    """Request fields of an action, for the control socket."""
-    fields = [("mode", "control"), ("action", action)]
-    for key, values in args.items():
-        fields.extend(("arg", f"{key}={value}") for value in values)
-    return fields
-
-
-def decode_args(fields: list[tuple[str, str]]) -> tuple[str, Args]:
-    action = ""
-    args: Args = {}
-    for key, value in fields:
-        if key == "action":
-            action = value
-        elif key == "arg" and "=" in value:
-            name, _, item = value.partition("=")
-            args.setdefault(name, []).append(item)
-    return action, args
 
 
 def perform(config: Config, state: State, action: str, args: Args, actor: str) -> str:

@@ -2,7 +2,7 @@
 
 Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
 the peer writes.  Requests are bounded (header size, message_size_limit,
-read timeouts) and parsed by protocol.py; the verdict comes from intake.py.
+read timeouts) and parsed by wire/protocol.py; the verdict comes from intake.
 
 Connections: each peer uid has its own slots (``connections_per_uid``, default
 16, handled at once); more connections of that uid wait for its slots, up to
@@ -368,10 +368,8 @@ class Daemon:
                       gid: int) -> bytes:
         try:
             async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
-                magic = await reader.readline()
-                if magic != protocol.MAGIC:
-                    raise protocol.ProtocolError("bad greeting")
-                header = await reader.readuntil(b"\n\n")
+                protocol.check_greeting(await reader.readline())
+                header = await reader.readuntil(protocol.HEADER_END)
             fields = protocol.decode_header(header)
         except TimeoutError:
             log.info("idle client uid=%d pid=%d: no request within %gs, closed", uid, pid,
@@ -382,20 +380,20 @@ class Daemon:
                 ValueError) as exc:
             log.warning("bad request uid=%d pid=%d reason=%r", uid, pid, str(exc))
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
-        mode = next((v for k, v in fields if k == "mode"), "submit")
-        if mode == "flush":
+        mode = protocol.request_mode(fields)
+        if mode == protocol.FLUSH:
             self._pickup_wake.set()
             if self.runner is not None:
                 self.runner.poke(force=True)
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return protocol.format_reply(250, 0, "queue run started")
-        if mode == "mailq":
+        if mode == protocol.MAILQ:
             text = await asyncio.to_thread(self._mailq_text, uid)
-            return protocol.format_reply(250, 0, "queue follows") + _encode(text)
-        if mode != "submit":
+            return protocol.format_reply(250, 0, "queue follows", text)
+        if mode != protocol.SUBMIT:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"unknown mode {mode!r}")
         try:
-            size = protocol.request_size(fields)
+            size = protocol.body_size(fields)
         except protocol.ProtocolError as exc:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         if size > self.config.message_size_limit:
@@ -404,7 +402,7 @@ class Daemon:
                 f"message of {size} bytes exceeds message_size_limit "
                 f"{self.config.message_size_limit}; nothing was queued")
         try:
-            body = await asyncio.wait_for(reader.readexactly(size + len(protocol.TRAILER)),
+            tail = await asyncio.wait_for(reader.readexactly(size + len(protocol.TRAILER)),
                                           READ_TIMEOUT + size / 1e6)
         except asyncio.IncompleteReadError:
             log.warning("incomplete request uid=%d pid=%d: nothing queued", uid, pid)
@@ -414,15 +412,17 @@ class Daemon:
                         "queued", uid, pid)
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL,
                                         "4.4.2 message not received in time; nothing was queued")
-        if not body.endswith(protocol.TRAILER):
-            return protocol.format_reply(500, sysexits.EX_PROTOCOL, "missing END trailer")
+        try:
+            message = protocol.check_trailer(tail, size)
+        except protocol.ProtocolError as exc:
+            return protocol.format_reply(500, sysexits.EX_PROTOCOL, str(exc))
         if self.state is None:
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL,
                                         f"4.3.0 {self._unavailable}; nothing was queued, "
                                         "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
         verdict: Verdict = await asyncio.to_thread(
-            accept_submission, self.config, self.state, fields, body[:size], caller)
+            accept_submission, self.config, self.state, fields, message, caller)
         if verdict.accepted:
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,
@@ -511,14 +511,13 @@ class Daemon:
 
     async def _control_request(self, reader: asyncio.StreamReader, uid: int) -> bytes:
         try:
-            if await asyncio.wait_for(reader.readline(), READ_TIMEOUT) != protocol.MAGIC:
-                raise protocol.ProtocolError("bad greeting")
+            protocol.check_greeting(await asyncio.wait_for(reader.readline(), READ_TIMEOUT))
             fields = protocol.decode_header(
-                await asyncio.wait_for(reader.readuntil(b"\n\n"), READ_TIMEOUT))
+                await asyncio.wait_for(reader.readuntil(protocol.HEADER_END), READ_TIMEOUT))
         except (protocol.ProtocolError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
                 ValueError) as exc:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
-        action, args = control.decode_args(fields)
+        action, args = protocol.decode_control(fields)
         actor = f"operator uid {uid}"
         if self.state is None:
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, f"{self._unavailable}")
@@ -532,18 +531,13 @@ class Daemon:
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, why)
         if action in ("queue-release", "site-resume") and self.runner is not None:
             self.runner.poke(force=True)
-        return protocol.format_reply(250, 0, "ok") + _encode(text)
+        return protocol.format_reply(250, 0, "ok", text)
 
     def _mailq_text(self, uid: int) -> str:
         everything = uid in (0, os.getuid())
         entries = [e for e in spool.entries(self.config.layout)
                    if everything or e.envelope.uid == uid]
         return listing.format_queue(entries)
-
-
-def _encode(text: str) -> bytes:
-    """Reply text as UTF-8; what UTF-8 cannot carry (lone surrogates) is escaped."""
-    return text.encode("utf-8", "backslashreplace")
 
 
 INTERNAL_ERROR = protocol.format_reply(

@@ -6,7 +6,7 @@ is as hostile as a socket request and goes through the same intake.  Every
 site can create entries of any kind and name in ``maildrop/`` and can hard
 link into it any file it may read and write.
 
-Which drop file proves its owner (the argument is in protocol.py): a regular
+Which drop file proves its owner (the argument is in wire/client.py): a regular
 file with exactly one link, whose group is the drop directory's group (the
 daemon's, given by the setgid directory at creation) and whose permission
 bits are exactly 0640 (nobody but its owner may write it).  The identity is

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP
 
-from sendmail_shim.wire import protocol, sysexits
+from sendmail_shim.wire import client, protocol, sysexits
 
 if TYPE_CHECKING:
     from sendmail_shim.frontend.argv import Invocation
@@ -92,28 +92,18 @@ class HandOffHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw: bytes = envelope.original_content or b""
         message = raw.replace(b"\r\n", b"\n")
-        fields: list[tuple[str, str]] = [("mode", "submit"), ("subid", os.urandom(16).hex()),
-                                         ("sender", envelope.mail_from)]
-        if self.cwd:
-            fields.append(("cwd", self.cwd))
-        if self.site:
-            fields.append(("site", self.site))
-        fields.extend(("rcpt", rcpt) for rcpt in envelope.rcpt_tos)
+        fields = protocol.submission_fields(envelope.rcpt_tos, sender=envelope.mail_from,
+                                            cwd=self.cwd or None, site=self.site or None)
         request = protocol.encode_request(fields, message)
         try:
-            reply = await asyncio.to_thread(protocol.send_request, self.layout.socket, request)
-            code, _status, text = protocol.parse_reply(reply.split(b"\n", 1)[0])
-            if code == protocol.BUSY:
-                raise protocol.DaemonUnreachable(text)  # too many connections: drop area
-        except protocol.DaemonUnreachable:
-            try:
-                name = await asyncio.to_thread(protocol.write_drop_file, self.layout.maildrop,
-                                               request)
-            except OSError as exc:
-                return f"451 4.3.0 message not queued: the daemon is down and the drop area " \
-                       f"{self.layout.maildrop} refused it ({exc.strerror}); try again later"
-            return f"250 2.0.0 Ok: queued in the drop area as {name}"
-        return f"{code} {text}"
+            result = await asyncio.to_thread(client.hand_off, self.layout.socket,
+                                             self.layout.maildrop, request)
+        except client.DropRefused as refused:
+            return f"451 4.3.0 message not queued: the daemon is down and the drop area " \
+                   f"{self.layout.maildrop} refused it ({refused.error.strerror}); try again later"
+        if isinstance(result, client.Dropped):
+            return f"250 2.0.0 Ok: queued in the drop area as {result.name}"
+        return f"{result.code} {result.text}"
 
 
 def _pump_stdin(sock: socket.socket) -> None:

@@ -10,8 +10,8 @@ spool (the daemon said so) or in a drop file the daemon will ingest; nothing on
 stdout in mail mode and nothing on stderr on success; a sysexits code and one
 line on stderr naming what to do otherwise.
 
-Hot path: this module imports only argv, message, handoff, paths and sysexits;
-a test proves that asyncio, dnspython, yaml, click, aiosmtplib and aiosmtpd stay
+Hot path: this module imports only argv, message and wire (client, protocol, paths,
+sysexits); a test proves that asyncio, dnspython, yaml, click, aiosmtplib and aiosmtpd stay
 out of a plain ``-t -i`` submission.
 """
 
@@ -24,15 +24,9 @@ import sys
 from sendmail_shim.frontend.argv import UsageError, parse_argv
 from sendmail_shim.frontend.message import MessageTooBig, read_message
 from sendmail_shim.wire import sysexits
+from sendmail_shim.wire.client import DaemonUnreachable, Dropped, DropRefused, ask, hand_off
 from sendmail_shim.wire.paths import ConfigError, SpoolLayout, find_config, frontend_spool_and_limit
-from sendmail_shim.wire.protocol import (
-    BUSY,
-    DaemonUnreachable,
-    encode_request,
-    parse_reply,
-    send_request,
-    write_drop_file,
-)
+from sendmail_shim.wire.protocol import FLUSH, MAILQ, MODE, encode_request, submission_fields
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,32 +42,14 @@ def _fail(status: int, text: str) -> int:
 
 
 def _submission_fields(inv: Invocation) -> list[tuple[str, str]]:
-    # One id for both roads: the daemon queues a submission once even when the
-    # socket copy was committed and the drop-file copy follows (reply lost, timeout).
-    fields: list[tuple[str, str]] = [("mode", "submit"), ("subid", os.urandom(16).hex())]
-    if inv.sender is not None:
-        fields.append(("sender", inv.sender))
-    if inv.extract:
-        fields.append(("extract", "1"))
-    if inv.site is not None:
-        fields.append(("site", inv.site))
-    for name, value in (
-        ("fullname", inv.fullname),
-        ("notify", inv.notify),
-        ("ret", inv.ret),
-        ("envid", inv.envid),
-        ("body", inv.body_type),
-    ):
-        if value is not None:
-            fields.append((name, value))
     try:
-        fields.append(("cwd", os.getcwd()))
+        cwd: str | None = os.getcwd()
     except OSError:
-        pass
-    if inv.ignored:
-        fields.append(("ignored", " ".join(inv.ignored)))
-    fields.extend(("rcpt", word) for word in inv.recipients)
-    return fields
+        cwd = None
+    return submission_fields(
+        inv.recipients, sender=inv.sender, extract=inv.extract, site=inv.site,
+        fullname=inv.fullname, notify=inv.notify, ret=inv.ret, envid=inv.envid,
+        body=inv.body_type, cwd=cwd, ignored=inv.ignored)
 
 
 def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
@@ -94,58 +70,49 @@ def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
         )
     request = encode_request(_submission_fields(inv), message)
     try:
-        reply = send_request(layout.socket, request)
-    except DaemonUnreachable as why:
-        return _drop(layout, request, str(why))
-    try:
-        code, status, text = parse_reply(reply.split(b"\n", 1)[0])
-    except DaemonUnreachable as why:
-        return _drop(layout, request, str(why))
-    if code == BUSY:
-        return _drop(layout, request, text)  # this uid has too many connections open
-    if code >= 400 or status != 0:
-        return _fail(status or sysexits.EX_SOFTWARE, text)
+        result = hand_off(layout.socket, layout.maildrop, request)
+    except DropRefused as exc:
+        return _drop_refused(layout, exc)
+    if isinstance(result, Dropped):
+        return sysexits.EX_OK
+    if result.code >= 400 or result.status != 0:
+        return _fail(result.status or sysexits.EX_SOFTWARE, result.text)
     return sysexits.EX_OK
 
 
-def _drop(layout: SpoolLayout, request: bytes, why: str) -> int:
-    try:
-        write_drop_file(layout.maildrop, request)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return _fail(
-                sysexits.EX_TEMPFAIL,
-                f"fatal: message not queued: no space left on the disk holding "
-                f"{layout.maildrop} ({exc.strerror}); the daemon did not take it either "
-                f"({why}). Nothing was accepted; try again later, and ask the operator "
-                "to free space on the spool's disk.",
-            )
+def _drop_refused(layout: SpoolLayout, refused: DropRefused) -> int:
+    """Neither the daemon nor the drop directory took the message: say why, exit 75."""
+    why, exc = refused.why, refused.error
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return _fail(
             sysexits.EX_TEMPFAIL,
-            f"fatal: message not queued: the daemon is unreachable ({why}) and the "
-            f"drop directory {layout.maildrop} refused the message ({exc}). "
-            "Nothing was accepted; try again, and ask the operator to start "
-            "sendmail-shim (sendmail-shim-admin serve).",
+            f"fatal: message not queued: no space left on the disk holding "
+            f"{layout.maildrop} ({exc.strerror}); the daemon did not take it either "
+            f"({why}). Nothing was accepted; try again later, and ask the operator "
+            "to free space on the spool's disk.",
         )
-    return sysexits.EX_OK
+    return _fail(
+        sysexits.EX_TEMPFAIL,
+        f"fatal: message not queued: the daemon is unreachable ({why}) and the "
+        f"drop directory {layout.maildrop} refused the message ({exc}). "
+        "Nothing was accepted; try again, and ask the operator to start "
+        "sendmail-shim (sendmail-shim-admin serve).",
+    )
 
 
 def _control(layout: SpoolLayout, mode: str) -> int:
     """mailq and flush: ask the daemon, print what it says."""
-    request = encode_request([("mode", mode)], b"")
     try:
-        reply = send_request(layout.socket, request)
+        reply = ask(layout.socket, encode_request([(MODE, mode)], b""))
     except DaemonUnreachable as why:
         return _fail(
             sysexits.EX_TEMPFAIL,
             f"the daemon is not answering ({why}); start it with "
             "'sendmail-shim-admin serve', or as root run 'sendmail-shim-admin queue list'",
         )
-    first, _, rest = reply.partition(b"\n")
-    code, status, text = parse_reply(first)
-    if code >= 400:
-        return _fail(status or sysexits.EX_SOFTWARE, text)
-    sys.stdout.write(rest.decode("utf-8", "replace"))
+    if reply.code >= 400:
+        return _fail(reply.status or sysexits.EX_SOFTWARE, reply.text)
+    sys.stdout.write(reply.body)
     sys.stdout.flush()
     return sysexits.EX_OK
 
@@ -171,9 +138,9 @@ def run(argv: list[str]) -> int:
     if inv.mode == "mail":
         return submit_message(inv, layout, limit)
     if inv.mode == "mailq":
-        return _control(layout, "mailq")
+        return _control(layout, MAILQ)
     if inv.mode == "flush":
-        return _control(layout, "flush")
+        return _control(layout, FLUSH)
     if inv.mode == "smtp":
         from sendmail_shim.frontend.bs import serve_stdio  # only -bs pays for aiosmtpd
 

@@ -48,18 +48,9 @@ from sendmail_shim.policy.sender import apply_sender_policy
 from sendmail_shim.store import outcome, spool
 from sendmail_shim.store.headers import mail_date
 from sendmail_shim.store.state import ACCEPTED, RCPT_DOMAIN, REFUSED_QUOTA, State
-from sendmail_shim.wire import sysexits
+from sendmail_shim.wire import protocol, sysexits
 
 log = logging.getLogger(__name__)
-SUBID_CHARS = frozenset("0123456789abcdef")
-
-
-def submission_id(fields: list[tuple[str, str]]) -> str | None:
-    """The request's ``subid`` when it is 16 to 64 lower-case hex digits, else None."""
-    value = next((v for k, v in fields if k == "subid"), None)
-    if value is None or not 16 <= len(value) <= 64 or not set(value) <= SUBID_CHARS:
-        return None
-    return value
 
 
 def storage_trouble(layout_root: str, exc: BaseException) -> str | None:
@@ -152,7 +143,7 @@ def accept_submission(
                     envelope.sender, len(envelope.recipients), verdict.code, verdict.text)
         return verdict
     nrcpt = len(envelope.recipients)
-    subid = submission_id(fields)
+    subid = protocol.submission_id(fields)
     known: tuple[str, bool] | None = None
     claimed = False
     root = config.layout.root

@@ -41,6 +41,7 @@ from sendmail_shim.policy.sender import default_sender
 from sendmail_shim.store.address import AddressError, canonical, printable
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.headers import header_name, header_value, mail_date, split_header_block
+from sendmail_shim.wire import protocol
 
 MAX_ENVID = 100  # RFC 3461 4.4
 
@@ -74,24 +75,19 @@ class Submission:
 
     @classmethod
     def from_fields(cls, fields: list[tuple[str, str]]) -> Submission:
-        single: dict[str, str] = {}
-        rcpts: list[str] = []
-        for key, value in fields:
-            if key == "rcpt":
-                rcpts.append(value)
-            else:
-                single[key] = value
+        """The submission a request's fields describe (names: wire.protocol)."""
+        single, rcpts = protocol.split_fields(fields)
         return cls(
-            sender=single.get("sender"),
+            sender=single.get(protocol.SENDER),
             rcpt_words=rcpts,
-            extract=single.get("extract") == "1",
-            fullname=single.get("fullname"),
-            notify=single.get("notify"),
-            ret=single.get("ret"),
-            envid=single.get("envid"),
-            body_type=single.get("body"),
-            cwd=single.get("cwd"),
-            site=single.get("site"),
+            extract=single.get(protocol.EXTRACT) == "1",
+            fullname=single.get(protocol.FULLNAME),
+            notify=single.get(protocol.NOTIFY),
+            ret=single.get(protocol.RET),
+            envid=single.get(protocol.ENVID),
+            body_type=single.get(protocol.BODY),
+            cwd=single.get(protocol.CWD),
+            site=single.get(protocol.SITE),
         )
 
 

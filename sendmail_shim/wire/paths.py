@@ -37,7 +37,7 @@ MODE_SOCKET = 0o666
 # other site users cannot; sticky: nobody renames or unlinks another's file;
 # no read bit for others: nobody lists the directory to learn names.
 MODE_MAILDROP_DIR = 0o3733
-# Exactly this mode (no write bit but the owner's): pickup accepts no other (handoff.py).
+# Exactly this mode (no write bit but the owner's): pickup accepts no other (wire/client.py).
 MODE_DROP_FILE = 0o640
 MODE_PRIVATE_DIR = 0o700
 # The control socket: root, the daemon's user and the admin group (config admin.group).
