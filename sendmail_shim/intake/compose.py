@@ -13,6 +13,8 @@ Guarantees, following Postfix's sendmail/cleanup:
   (``from userid N`` as Postfix writes it), prepended;
 * duplicate recipients are removed; unqualified addresses get ``@hostname``
   (recipients) or the site's domain (sender);
+* an address argument or header value with a control character (other than a
+  tab) is refused before parsing (the parser would join ``a\\nb`` into ``ab``);
 * every envelope address is checked by address.py, the grammar the SMTP client
   sends with (RFC 5321/6531, length limits, valid UTF-8 only) and kept in its
   canonical form: what the door accepts, delivery can send.  Anything else is a
@@ -91,7 +93,18 @@ class Submission:
         )
 
 
-def _addresses(text: str) -> list[str]:
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _addresses(text: str, what: str) -> list[str]:
+    """The addresses of an argument or (unfolded) header value.
+
+    A control character (other than a tab) is refused before parsing: the
+    parser would silently join ``a\\nb@x`` into ``ab@x``, an address nobody wrote.
+    """
+    if _CONTROL.search(text):
+        raise CompositionError(f"bad {what} address {printable(text, 80)!r}: control "
+                               "characters are not allowed", 553, "5.1.3")
     return [addr for _name, addr in getaddresses([text]) if addr]
 
 
@@ -124,7 +137,7 @@ def envelope_sender(raw: str | None, site: Site, config: Config) -> str:
     stripped = raw.strip()
     if stripped in ("", "<>"):
         return ""
-    found = _addresses(stripped)
+    found = _addresses(stripped, "sender")
     if not found:
         raise CompositionError(f"cannot read the sender address <{printable(raw, 80)}>")
     domain = site.domains[0] if site.domains else config.hostname
@@ -161,12 +174,12 @@ def compose(
 
     recipients: list[str] = []
     for word in sub.rcpt_words:
-        recipients.extend(_addresses(word))
+        recipients.extend(_addresses(word, "recipient"))
     if sub.extract:
         wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
         for field, name in zip(headers, names, strict=True):
             if name in wanted:
-                recipients.extend(_addresses(header_value(field)))
+                recipients.extend(_addresses(header_value(field), "recipient"))
     seen: set[str] = set()
     unique: list[str] = []
     for addr in recipients:

@@ -110,3 +110,15 @@ class TestHeaders:
         body = b"\n..dots\n\xff\xfe raw 8-bit\r\nCR kept\n"
         _, _, final = build(b"To: a@x.test" + body)
         assert final.endswith(body)
+
+
+@pytest.mark.parametrize("word", ["a\nb@example.net", "a\rb@example.net", "a\x00b@example.net",
+                                  "Name <a@example.net>\n, b@example.net"])
+def test_control_characters_in_an_argument_address_are_refused(word: str) -> None:
+    """Found by the front-end fuzz test: the parser joined a\\nb@x into ab@x."""
+    with pytest.raises(CompositionError, match="control characters") as caught:
+        build(b"Subject: s\n\nx\n", rcpts=[word], extract=False)
+    assert caught.value.code == 553
+    sub = Submission.from_fields([("sender", "a\nb@site.test"), ("rcpt", "c@example.net")])
+    with pytest.raises(CompositionError, match="bad sender address"):
+        compose(sub, b"\n", SITE, CALLER, CONFIG, "0123456789ABCDEF", 1795400000.0)
