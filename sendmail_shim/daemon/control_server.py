@@ -44,13 +44,13 @@ INTERNAL_ERROR = protocol.format_reply(500, sysexits.EX_SOFTWARE,
                                        "internal error in the daemon; see its log")
 
 
-def in_group(pid: int, gid: int, status_path: str = PROC_STATUS) -> bool:
+def in_group(pid: int, gid: int, status_path: str | None = None) -> bool:
     """Whether process ``pid`` has ``gid`` among its supplementary groups (``Groups:``).
 
     False when the process is gone or its status cannot be read.
     """
     try:
-        with open(status_path.format(pid=pid)) as fh:
+        with open((status_path or PROC_STATUS).format(pid=pid)) as fh:
             for line in fh:
                 if line.startswith("Groups:"):
                     return str(gid) in line.split()[1:]
