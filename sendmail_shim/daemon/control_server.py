@@ -23,19 +23,17 @@ import logging
 import os
 import sqlite3
 
-from sendmail_shim.config import Config
 from sendmail_shim.daemon import control
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
+    DaemonServer,
     Running,
     encode_text,
     peer_credentials,
     respond,
 )
-from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import storage_trouble
 from sendmail_shim.policy import sanctions
-from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths, protocol, sysexits
 
 log = logging.getLogger(__name__)
@@ -59,28 +57,12 @@ def in_group(pid: int, gid: int, status_path: str | None = None) -> bool:
     return False
 
 
-class ControlServer:
+class ControlServer(DaemonServer):
     """The control socket of one daemon; it reads the daemon's current configuration."""
 
     def __init__(self, daemon: Running) -> None:
-        self.daemon = daemon
+        super().__init__(daemon)
         self._admin_gid: int | None = None  # admin.group, looked up at start
-
-    @property
-    def config(self) -> Config:
-        return self.daemon.config
-
-    @property
-    def state(self) -> State | None:
-        return self.daemon.state
-
-    @property
-    def runner(self) -> QueueRunner | None:
-        return self.daemon.runner
-
-    @property
-    def _unavailable(self) -> str | None:
-        return self.daemon.unavailable
 
     async def start(self) -> asyncio.AbstractServer:
         """Listen on ``control/control.sock``, given to admin.group when there is one."""

@@ -1,8 +1,9 @@
 """The daemon's sockets: who the peer is, systemd's socket, descriptors, one reply each.
 
 Also what its two socket servers (``submission``, ``control_server``) see of the
-running daemon (:class:`Running`): the configuration a reload replaces, and the
-state and queue runner, which are None while the state database cannot be opened.
+running daemon (:class:`Running`, read through :class:`DaemonServer`): the
+configuration a reload replaces, and the state and queue runner, which are None
+while the state database cannot be opened.
 
 Trusts: the kernel alone for who is calling (SO_PEERCRED: the pid, uid and gid
 of the process that connected, which the peer cannot choose); systemd's
@@ -47,6 +48,29 @@ class Running(Protocol):
     runner: QueueRunner | None  # created with the state
     unavailable: str | None  # why submissions are refused while the state is None
     pickup_wake: asyncio.Event  # set: scan the drop area now
+
+
+class DaemonServer:
+    """A socket server of the running daemon: what it reads is always the daemon's current."""
+
+    def __init__(self, daemon: Running) -> None:
+        self.daemon = daemon
+
+    @property
+    def config(self) -> Config:
+        return self.daemon.config
+
+    @property
+    def state(self) -> State | None:
+        return self.daemon.state
+
+    @property
+    def runner(self) -> QueueRunner | None:
+        return self.daemon.runner
+
+    @property
+    def _unavailable(self) -> str | None:
+        return self.daemon.unavailable
 
 
 def raise_fd_limit() -> int:

@@ -39,10 +39,10 @@ import logging
 import os
 import time
 
-from sendmail_shim.config import Config
 from sendmail_shim.daemon import listing
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
+    DaemonServer,
     Running,
     encode_text,
     peer_credentials,
@@ -54,7 +54,6 @@ from sendmail_shim.intake.accept import accept_submission, storage_trouble
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store import spool
 from sendmail_shim.store.outcome import Verdict
-from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths, protocol, sysexits
 
 log = logging.getLogger(__name__)
@@ -68,33 +67,17 @@ INTERNAL_ERROR = protocol.format_reply(
     "again later (the operator finds the cause in the daemon's log)")
 
 
-class SubmissionServer:
+class SubmissionServer(DaemonServer):
     """The hand-off socket of one daemon; it reads the daemon's current configuration."""
 
     def __init__(self, daemon: Running) -> None:
-        self.daemon = daemon
+        super().__init__(daemon)
         self.inherited = False  # the socket is systemd's: it stays when the daemon exits
         self.inflight: set[asyncio.Task[None]] = set()
         self._per_uid: dict[int, int] = {}  # open hand-off connections by peer uid
         self._uid_slots: dict[int, asyncio.Semaphore] = {}  # connections_per_uid each
         self._connections = 0
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
-
-    @property
-    def config(self) -> Config:
-        return self.daemon.config
-
-    @property
-    def state(self) -> State | None:
-        return self.daemon.state
-
-    @property
-    def runner(self) -> QueueRunner | None:
-        return self.daemon.runner
-
-    @property
-    def _unavailable(self) -> str | None:
-        return self.daemon.unavailable
 
     @property
     def _pickup_wake(self) -> asyncio.Event:
