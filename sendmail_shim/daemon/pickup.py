@@ -37,7 +37,7 @@ Guarantees:
   or refused for good); a temporary refusal (4xx) keeps it for the next scan;
   ``maildrop/`` is fsynced after a scan that removed files;
 * the scan checks its stop event between files, so a stopping daemon waits
-  for at most the file in hand (see daemon.py: the worker is joined before
+  for at most the file in hand (see daemon.main: the worker is joined before
   the state is closed); an intake error while stopping keeps the file.
 
 ``t.`` files older than a day are removed.

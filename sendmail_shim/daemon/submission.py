@@ -1,0 +1,245 @@
+"""The hand-off socket: one submission per connection, answered after the commit.
+
+Trusts: the kernel's peer credentials (SO_PEERCRED) for who is calling; nothing
+the peer writes.  Requests are bounded (header size, message_size_limit,
+read timeouts) and parsed by ``wire.protocol``; the verdict comes from
+``intake.accept``, which commits the message before it returns.
+
+Connections: each peer uid has its own slots (``connections_per_uid``, default
+16, handled at once); more connections of that uid wait for its slots, up to
+WAITING_FACTOR times as many open; beyond that, or beyond MAX_CONNECTIONS for
+all uids, a connection is answered ``421`` at once without being read, and the
+front end writes a drop file instead.  There is no shared queue one uid could
+fill: another site's hand-off never waits behind it.  A client must send its
+greeting and header within FIRST_BYTES_TIMEOUT seconds, its message within
+READ_TIMEOUT plus a second per megabyte.
+
+Guarantees: the reply "250" is written only after the message is durable;
+every connection gets a reply line: storage trouble (a full disk) is ``451``,
+exit 75, naming the spool's disk; while the state database cannot be opened a
+submission is ``451`` with the reason; any other failure is a ``451``
+"internal error" and a traceback in the log, never a silent close.  In-flight
+connections are in :attr:`SubmissionServer.inflight`, which the daemon's
+shutdown waits for.  The listening socket is systemd's when it passed one
+(socket activation), else ``public/submit.sock`` with its mode.
+
+Two requests besides a submission, for any user: ``flush`` (like Postfix's
+``sendmail -q``: scan the drop area and run the whole queue now) and ``mailq``,
+which shows root and the daemon's own user the whole queue and every other
+uid only its own messages: on a shared host one site must not read another
+site's correspondents.  Texts are encoded with escapes, so an odd queue entry
+cannot break ``mailq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+from sendmail_shim.daemon import listing
+from sendmail_shim.daemon.sockets import (
+    READ_TIMEOUT,
+    DaemonServer,
+    Running,
+    peer_credentials,
+    respond,
+    systemd_socket,
+)
+from sendmail_shim.delivery.runner import QueueRunner
+from sendmail_shim.intake.accept import accept_submission, storage_trouble
+from sendmail_shim.policy.identity import Caller
+from sendmail_shim.store import spool
+from sendmail_shim.store.outcome import Verdict
+from sendmail_shim.wire import paths, protocol, sysexits
+
+log = logging.getLogger(__name__)
+FIRST_BYTES_TIMEOUT = 10.0  # greeting and header; the front end sends them at once
+MAX_CONNECTIONS = 4096  # every uid together; one uid gets config.connections_per_uid
+WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest wait); then 421
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
+INTERNAL_ERROR = protocol.format_reply(
+    451, sysexits.EX_TEMPFAIL, "4.3.0 internal error in the daemon; nothing was queued, try "
+    "again later (the operator finds the cause in the daemon's log)")
+
+
+class SubmissionServer(DaemonServer):
+    """The hand-off socket of one daemon; it reads the daemon's current configuration."""
+
+    def __init__(self, daemon: Running) -> None:
+        super().__init__(daemon)
+        self.inherited = False  # the socket is systemd's: it stays when the daemon exits
+        self.inflight: set[asyncio.Task[None]] = set()
+        self._per_uid: dict[int, int] = {}  # open hand-off connections by peer uid
+        self._uid_slots: dict[int, asyncio.Semaphore] = {}  # connections_per_uid each
+        self._connections = 0
+        self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
+
+    @property
+    def _pickup_wake(self) -> asyncio.Event:
+        return self.daemon.pickup_wake
+
+    def _runner(self) -> QueueRunner:
+        assert self.runner is not None, "the runner is created with the state"
+        return self.runner
+
+    async def start(self) -> asyncio.AbstractServer:
+        """Listen: on systemd's socket when it passed one, else on ``public/submit.sock``."""
+        layout = self.config.layout
+        inherited = systemd_socket()
+        if inherited is not None:
+            self.inherited = True
+            return await asyncio.start_unix_server(self._on_connection, sock=inherited,
+                                                   limit=protocol.MAX_HEADER_BYTES + 2)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layout.socket)
+        server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
+                                                 limit=protocol.MAX_HEADER_BYTES + 2,
+                                                 backlog=LISTEN_BACKLOG)
+        os.chmod(layout.socket, paths.MODE_SOCKET)
+        return server
+
+    # -- one connection ---------------------------------------------------------
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.inflight.add(task)
+        try:
+            try:
+                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+            except OSError:
+                writer.close()
+                return
+            # Slots per uid, never one queue for all: a connection waits only behind its
+            # own uid's, and beyond WAITING_FACTOR times its slots it is answered at once.
+            limit = self.config.connections_per_uid
+            if (self._per_uid.get(uid, 0) >= limit * WAITING_FACTOR
+                    or self._connections >= MAX_CONNECTIONS):
+                await respond(writer, self._busy(uid, pid), "client", INTERNAL_ERROR)
+                return
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            self._connections += 1
+            slots = self._uid_slots.setdefault(uid, asyncio.Semaphore(limit))
+            try:
+                async with slots:
+                    await respond(writer, self._handle_safely(reader, pid, uid, gid),
+                                  "client", INTERNAL_ERROR)
+            finally:
+                self._connections -= 1
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:  # nobody holds or waits for its slots now
+                    del self._per_uid[uid]
+                    del self._uid_slots[uid]
+        finally:
+            self.inflight.discard(task)
+
+    async def _busy(self, uid: int, pid: int) -> bytes:
+        limit = self.config.connections_per_uid
+        now = time.monotonic()
+        last, refused = self._busy_logged.get(uid, (0.0, 0))
+        if now - last >= BUSY_LOG_INTERVAL:
+            log.warning("busy uid=%d pid=%d open=%d limit=%d waiting_limit=%d "
+                        "refused_since_last_line=%d action='connections beyond the limit get "
+                        "421 (the front end writes a drop file); raise connections_per_uid if "
+                        "this uid is a real site'", uid, pid, self._per_uid.get(uid, 0), limit,
+                        limit * WAITING_FACTOR, refused + 1)
+            self._busy_logged[uid] = (now, 0)
+        else:
+            self._busy_logged[uid] = (last, refused + 1)
+        if self._connections >= MAX_CONNECTIONS:
+            text = f"too many connections to the daemon ({MAX_CONNECTIONS}); try again later"
+        else:
+            text = (f"too many connections from uid {uid} ({limit} at once, "
+                    f"{limit * WAITING_FACTOR} open); nothing was read, try again later")
+        return protocol.format_reply(protocol.BUSY, sysexits.EX_TEMPFAIL, f"4.7.0 {text}")
+
+    async def _handle_safely(self, reader: asyncio.StreamReader, pid: int, uid: int,
+                             gid: int) -> bytes:
+        """The verdict, or a 451 that says why: a handler never dies without an answer."""
+        try:
+            return await self._handle(reader, pid, uid, gid)
+        except Exception as exc:
+            why = storage_trouble(self.config.layout.root, exc)
+            if why is not None:
+                log.error("tempfail uid=%d pid=%d reason=%r", uid, pid, why)
+            else:
+                log.exception("internal error uid=%d pid=%d: nothing was queued; the caller "
+                              "was told to try again", uid, pid)
+                why = "internal error in the daemon (see its log)"
+            return protocol.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        f"4.3.0 {why}; nothing was queued, try again later")
+
+    async def _handle(self, reader: asyncio.StreamReader, pid: int, uid: int,
+                      gid: int) -> bytes:
+        try:
+            async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+                protocol.check_greeting(await reader.readline())
+                header = await reader.readuntil(protocol.HEADER_END)
+            fields = protocol.decode_header(header)
+        except TimeoutError:
+            log.info("idle client uid=%d pid=%d: no request within %gs, closed", uid, pid,
+                     FIRST_BYTES_TIMEOUT)
+            return protocol.format_reply(protocol.BUSY, sysexits.EX_TEMPFAIL,
+                                        f"4.4.2 no request within {FIRST_BYTES_TIMEOUT:g}s")
+        except (protocol.ProtocolError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
+                ValueError) as exc:
+            log.warning("bad request uid=%d pid=%d reason=%r", uid, pid, str(exc))
+            return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
+        mode = protocol.request_mode(fields)
+        if mode == protocol.FLUSH:
+            self._pickup_wake.set()
+            if self.runner is not None:
+                self.runner.poke(force=True)
+            log.info("flush requested uid=%d pid=%d", uid, pid)
+            return protocol.format_reply(250, 0, "queue run started")
+        if mode == protocol.MAILQ:
+            text = await asyncio.to_thread(self._mailq_text, uid)
+            return protocol.format_reply(250, 0, "queue follows", text)
+        if mode != protocol.SUBMIT:
+            return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"unknown mode {mode!r}")
+        try:
+            size = protocol.body_size(fields)
+        except protocol.ProtocolError as exc:
+            return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
+        if size > self.config.message_size_limit:
+            return protocol.format_reply(
+                552, sysexits.EX_DATAERR,
+                f"message of {size} bytes exceeds message_size_limit "
+                f"{self.config.message_size_limit}; nothing was queued")
+        try:
+            tail = await asyncio.wait_for(reader.readexactly(size + len(protocol.TRAILER)),
+                                          READ_TIMEOUT + size / 1e6)
+        except asyncio.IncompleteReadError:
+            log.warning("incomplete request uid=%d pid=%d: nothing queued", uid, pid)
+            return protocol.format_reply(500, sysexits.EX_PROTOCOL, "incomplete request")
+        except TimeoutError:
+            log.warning("slow request uid=%d pid=%d: message not received in time; nothing "
+                        "queued", uid, pid)
+            return protocol.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        "4.4.2 message not received in time; nothing was queued")
+        try:
+            message = protocol.check_trailer(tail, size)
+        except protocol.ProtocolError as exc:
+            return protocol.format_reply(500, sysexits.EX_PROTOCOL, str(exc))
+        if self.state is None:
+            return protocol.format_reply(451, sysexits.EX_TEMPFAIL,
+                                        f"4.3.0 {self._unavailable}; nothing was queued, "
+                                        "try again later")
+        caller = Caller(uid=uid, gid=gid, pid=pid)
+        verdict: Verdict = await asyncio.to_thread(
+            accept_submission, self.config, self.state, fields, message, caller)
+        if verdict.accepted:
+            self._runner().poke()
+        return protocol.format_reply(verdict.code, verdict.status,
+                                    f"{verdict.enhanced} {verdict.text}")
+
+    def _mailq_text(self, uid: int) -> str:
+        everything = uid in (0, os.getuid())
+        entries = [e for e in spool.entries(self.config.layout)
+                   if everything or e.envelope.uid == uid]
+        return listing.format_queue(entries)
+
