@@ -126,7 +126,8 @@ class TestHoldReleaseDelete:
     def test_release_of_unheld_mail_is_refused(self, config: Config,
                                                queue_message: QueueMessage) -> None:
         waiting = queue_message()
-        with pytest.raises(sanctions.OperationError, match=f"no message {waiting.queue_id} in hold"):
+        with pytest.raises(sanctions.OperationError,
+                           match=f"no message {waiting.queue_id} in hold"):
             sanctions.release_messages(config, [waiting.queue_id], None, ACTOR)
 
     def test_release_by_site(self, config: Config, spool_layout: paths.SpoolLayout,
