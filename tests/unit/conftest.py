@@ -23,6 +23,8 @@ The default tree: spool under tmp_path, hostname ``mx.test``, one relay on
 127.0.0.1 (tls none), site ``site1.test`` (uid = os.getuid(), quota: 3 per hour,
 5 per day, 2 recipients per message, 6 recipients per hour), site
 ``site2.test`` (uid SPARE_UID, no quota), admin notices to ops@example.test.
+Constants and types come with ``from .conftest import SITE1, MakeConfig`` (tests/unit is
+a package: a bare ``from conftest import`` means tests/conftest.py, the end-to-end one).
 """
 
 from __future__ import annotations
