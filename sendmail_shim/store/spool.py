@@ -81,7 +81,9 @@ class QueueEntry:
 
 def prepare_spool(layout: paths.SpoolLayout) -> None:
     """Create the spool directories with their modes (idempotent; the daemon's own)."""
-    os.makedirs(layout.root, mode=paths.MODE_SPOOL_ROOT, exist_ok=True)
+    if not os.path.isdir(layout.root):
+        os.makedirs(layout.root, mode=paths.MODE_SPOOL_ROOT)
+        os.chmod(layout.root, paths.MODE_SPOOL_ROOT)  # under umask 077 sites could not pass
     for directory, mode in (
         (layout.public, paths.MODE_PUBLIC_DIR),
         (layout.maildrop, paths.MODE_MAILDROP_DIR),

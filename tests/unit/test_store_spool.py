@@ -47,8 +47,6 @@ class TestPrepare:
     def test_root_mode_with_the_usual_umask(self, tmp_path: Path) -> None:
         assert mode(self.prepared(tmp_path, 0o022).root) == paths.MODE_SPOOL_ROOT
 
-    @pytest.mark.xfail(strict=True, reason="finding: prepare_spool chmods every directory "
-                       "but the root, so a umask of 077 leaves the root 0700 (issue 11 report)")
     def test_root_mode_whatever_the_umask(self, tmp_path: Path) -> None:
         assert mode(self.prepared(tmp_path, 0o077).root) == paths.MODE_SPOOL_ROOT
 
