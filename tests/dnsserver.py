@@ -96,7 +96,7 @@ class DnsServer:
 
     def start(self) -> None:
         for server in (self.udp, self.tcp):
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
 
     def stop(self) -> None:
         for server in (self.udp, self.tcp):

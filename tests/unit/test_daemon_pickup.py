@@ -4,7 +4,7 @@ No root, no subprocess: the spool lives in tmp_path and every drop file belongs 
 the user running the tests; the maildrop directory's group is that user's group
 (the files created in it get it too, as the setgid directory gives them the
 daemon's group in production).  The intake is the real one (accept_submission with
-a configuration whose only site is the current uid) unless a test replaces it to
+conftest's configuration, where site1.test is the current uid) unless a test replaces it to
 provoke a failure.
 """
 
@@ -15,45 +15,34 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sendmail_shim.config import Config, parse_config
+from sendmail_shim.config import Config
 from sendmail_shim.daemon import pickup
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store import outcome, spool
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import protocol
+from sendmail_shim.wire.paths import SpoolLayout
 
 UID, GID = os.getuid(), os.getgid()
 LIMIT = 4096  # message_size_limit: small, so an oversize file stays cheap
 
 
-def make_config(root: Path, uid: int = UID) -> Config:
-    return parse_config({
-        "spool": str(root / "spool"), "hostname": "shim.test", "message_size_limit": LIMIT,
-        "sites": {"site1.test": {"uids": [uid], "domains": ["site1.test"],
-                                 "sender": "noreply@site1.test"}},
-    }, None)
-
-
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    config = make_config(tmp_path)
-    spool.prepare_spool(config.layout)
-    assert os.stat(config.layout.maildrop).st_gid == GID
-    return config
+def config(make_config: Callable[..., Config]) -> Config:
+    """conftest's configuration (site1.test is this uid) with a small size limit."""
+    return make_config(message_size_limit=LIMIT)
 
 
-@pytest.fixture
-def state(config: Config) -> Iterator[State]:
-    state = State(config.layout)
-    yield state
-    state.close()
+@pytest.fixture(autouse=True)
+def drop_group(spool_layout: SpoolLayout) -> None:
+    assert os.stat(spool_layout.maildrop).st_gid == GID
 
 
 def request(rcpt: str = "someone@example.net", subid: str | None = None,
@@ -127,16 +116,12 @@ class TestIngest:
         assert len(queued(config)) == 1
 
     def test_a_final_refusal_removes_the_file(
-            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-        config = make_config(tmp_path, uid=UID + 1)  # the owner is in no site: 550
-        spool.prepare_spool(config.layout)
-        state = State(config.layout)
-        try:
-            drop(config, "m.1.aa")
-            with caplog.at_level(logging.WARNING, "sendmail_shim.daemon.pickup"):
-                assert pickup.scan(config, state) == 1
-        finally:
-            state.close()
+            self, make_config: Callable[..., Config], state: State,
+            caplog: pytest.LogCaptureFixture) -> None:
+        config = make_config(sites={"site1.test": {"uids": [UID + 1]}})  # no site: 550
+        drop(config, "m.1.aa")
+        with caplog.at_level(logging.WARNING, "sendmail_shim.daemon.pickup"):
+            assert pickup.scan(config, state) == 1
         assert maildrop(config) == [] and queued(config) == [] and corrupt(config) == []
         assert f"dropped drop_file=m.1.aa uid={UID}" in caplog.text
 
