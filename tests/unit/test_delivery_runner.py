@@ -1,8 +1,8 @@
 """Unit tests of delivery/runner.py: one queue run at a time against an in-process relay.
 
-The relay is aiosmtpd on 127.0.0.1 (a thread of this process) with AUTH; the
-recipient's local part picks its answer: ``busy`` 451, ``nosuch`` 550, anything else
-250.  Messages are committed straight into a tmp_path spool (conftest's
+The relay is smtprelay.py's (aiosmtpd on 127.0.0.1, a thread of this process, with
+AUTH): the recipient's local part picks its answer, ``busy`` 451, ``nosuch`` 550,
+anything else 250.  Messages are committed straight into a tmp_path spool (conftest's
 configuration: site1.test is this uid; retry initial 10 s, maximum 5 min, lifetime
 1 day, no jitter).  The runner's clock is its module's ``time.time``, replaced by a
 fake one, so retries are driven one pass at a time and nothing sleeps.
@@ -15,17 +15,13 @@ import errno
 import logging
 import os
 import random
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from smtprelay import RelayHandler, unused_port
 
 from sendmail_shim.config import Config
 from sendmail_shim.delivery import runner as runner_module
@@ -35,84 +31,10 @@ from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.state import State
 
 SITE, SENDER, UID = "site1.test", "noreply@site1.test", os.getuid()
-LOGINS = {"site1.test": "site1-password"}  # conftest's password file for site1.test
+pytest_plugins = ("smtprelay",)  # the relay_server and relay fixtures
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 T0 = 1_800_000_000.0  # the fake clock's start
 INITIAL, LIFETIME = 10.0, 86400.0  # conftest's retry policy
-
-
-@dataclass
-class Transaction:
-    login: str | None
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-
-
-@dataclass
-class RelayHandler:
-    """Answers by local part; remembers every RCPT and every accepted transaction."""
-
-    received: list[Transaction] = field(default_factory=list)
-    rcpts: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        with self.lock:
-            self.rcpts.append(address)
-        if address.startswith("busy@"):
-            return "451 4.2.1 mailbox busy, try later"
-        if address.startswith("nosuch@"):
-            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        login = session.auth_data.login.decode() if session.auth_data else None
-        with self.lock:
-            self.received.append(Transaction(login, envelope.mail_from,
-                                             list(envelope.rcpt_tos), envelope.original_content))
-        return "250 2.0.0 Ok: queued"
-
-    def reset(self) -> None:
-        with self.lock:
-            self.received.clear()
-            self.rcpts.clear()
-
-
-def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
-                  auth_data: Any) -> AuthResult:
-    ok = (isinstance(auth_data, LoginPassword)
-          and LOGINS.get(auth_data.login.decode()) == auth_data.password.decode())
-    return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
-
-
-class _Controller(Controller):
-    def factory(self) -> SMTP:
-        return SMTP(self.handler, authenticator=authenticator, auth_required=True,
-                    auth_require_tls=False, decode_data=False)
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def relay_server() -> Iterator[tuple[RelayHandler, int]]:
-    handler = RelayHandler()
-    port = unused_port()
-    controller = _Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
-
-
-@pytest.fixture
-def relay(relay_server: tuple[RelayHandler, int]) -> RelayHandler:
-    relay_server[0].reset()
-    return relay_server[0]
 
 
 @pytest.fixture
