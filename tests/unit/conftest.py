@@ -14,11 +14,17 @@ Fixtures (names are stable; other unit test files use them):
   spool_layout  ``config.layout`` with every directory the daemon and
                 ``sendmail-shim-admin spool init`` create, modes included.
   state         an open :class:`State` in that spool, closed after the test.
+  make_envelope a factory: ``make_envelope(message, **fields)`` -> Envelope of site1.test
+                with a fresh queue id and ``size`` = len(message).
+  queue_message a factory: ``queue_message(message=MESSAGE, state=INCOMING, **fields)``
+                commits into ``spool_layout`` (and moves to ``state``) -> Envelope.
 
 The default tree: spool under tmp_path, hostname ``mx.test``, one relay on
 127.0.0.1 (tls none), site ``site1.test`` (uid = os.getuid(), quota: 3 per hour,
 5 per day, 2 recipients per message, 6 recipients per hour), site
 ``site2.test`` (uid SPARE_UID, no quota), admin notices to ops@example.test.
+Constants and types come with ``from .conftest import SITE1, MakeConfig`` (tests/unit is
+a package: a bare ``from conftest import`` means tests/conftest.py, the end-to-end one).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import pytest
 import yaml
 
 from sendmail_shim.config import Config, parse_config
+from sendmail_shim.store import spool
+from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.spool import prepare_spool
 from sendmail_shim.store.state import State, state_dir
 from sendmail_shim.wire import paths
@@ -44,7 +52,11 @@ ADMIN_NOTIFY = "ops@example.test"
 SITE1_QUOTA = {"per_hour": 3, "per_day": 5, "recipients_per_message": 2,
                "recipients_per_hour": 6}
 
+MESSAGE = b"From: Web <noreply@site1.test>\nTo: someone@example.net\nSubject: hello\n\nbody\n"
+
 MakeConfig = Callable[..., Config]
+MakeEnvelope = Callable[..., Envelope]
+QueueMessage = Callable[..., Envelope]
 
 
 def raw_config(root: Path) -> dict[str, Any]:
@@ -130,3 +142,34 @@ def state(spool_layout: paths.SpoolLayout) -> Iterator[State]:
     opened = State(spool_layout)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def make_envelope() -> MakeEnvelope:
+    counter = iter(range(1, 1 << 20))
+
+    def make(message: bytes = MESSAGE, /, **fields: Any) -> Envelope:
+        values: dict[str, Any] = {
+            # Distinct and ascending within a test, valid by QUEUE_ID, independent of the clock.
+            "queue_id": f"{0x0123456789A:011X}{next(counter):05X}",
+            "site": SITE1, "uid": MY_UID, "sender": f"noreply@{SITE1}",
+            "recipients": ["someone@example.net"], "arrival": 1_700_000_000.0,
+            "script": "/var/www/site1/contact.php", "size": len(message),
+        }
+        values.update(fields)
+        return Envelope(**values)
+
+    return make
+
+
+@pytest.fixture
+def queue_message(spool_layout: paths.SpoolLayout, make_envelope: MakeEnvelope) -> QueueMessage:
+    def queue(message: bytes = MESSAGE, /, state: str = spool.INCOMING,
+              **fields: Any) -> Envelope:
+        envelope = make_envelope(message, **fields)
+        spool.commit(spool_layout, envelope, message)
+        if state != spool.INCOMING:
+            spool.move(spool_layout, envelope.queue_id, spool.INCOMING, state)
+        return envelope
+
+    return queue

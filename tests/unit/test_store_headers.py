@@ -1,0 +1,61 @@
+"""store.headers: where the header block ends, names, values and dates."""
+
+from __future__ import annotations
+
+import random
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from sendmail_shim.store.headers import header_name, header_value, mail_date, split_header_block
+
+
+class TestSplit:
+    def test_fields_continuations_and_body(self) -> None:
+        message = b"Subject: a\n\tcontinued\nTo: x@y.test\n\nbody\nNot: a header\n"
+        fields, rest = split_header_block(message)
+        assert fields == [b"Subject: a\n\tcontinued\n", b"To: x@y.test\n"]
+        assert rest == b"\nbody\nNot: a header\n"
+
+    @pytest.mark.parametrize("message, count, rest", [
+        (b"", 0, b""),
+        (b"no header here\nSubject: x\n", 0, b"no header here\nSubject: x\n"),
+        (b" leading continuation\nSubject: x\n", 0, b" leading continuation\nSubject: x\n"),
+        (b"Subject: x", 1, b""),  # no newline at the end
+        (b"Subject: x\nFrom x@y  Mon\n", 1, b"From x@y  Mon\n"),  # an mbox line ends it
+        (b"Bad Name: x\n", 0, b"Bad Name: x\n"),  # a space in the name: not ftext
+        (b"X-A : spaced colon\n\n", 1, b"\n"),  # WSP before the colon is allowed
+        (b"Subject: x\r\nTo: y\r\n\r\nbody", 2, b"\r\nbody"),
+    ])
+    def test_where_the_block_ends(self, message: bytes, count: int, rest: bytes) -> None:
+        fields, remainder = split_header_block(message)
+        assert len(fields) == count and remainder == rest
+        assert b"".join(fields) + remainder == message
+
+    def test_seeded_split_loses_no_byte(self) -> None:
+        rng = random.Random(5322)
+        pieces = [b"Subject: x\n", b"\tmore\n", b"\n", b"body\n", b"X: \xff\n", b":\n", b"\r\n"]
+        for _ in range(300):
+            message = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+            fields, rest = split_header_block(message)
+            assert b"".join(fields) + rest == message
+            assert all(not f.startswith((b" ", b"\t", b"\n")) for f in fields)
+
+
+class TestNameValue:
+    def test_name_is_lowercase_and_trimmed(self) -> None:
+        assert header_name(b"Content-TYPE : text/plain\n") == "content-type"
+
+    def test_value_unfolds_and_keeps_invalid_utf8(self) -> None:
+        assert header_value(b"Subject: a\r\n\tb\n c\n") == "a b c"
+        value = header_value(b"X-Raw: caf\xc3\xa9 \xff\n")
+        assert value == "caf\u00e9 \udcff"
+        assert value.encode("utf-8", "surrogateescape") == b"caf\xc3\xa9 \xff"
+
+
+def test_mail_date_is_rfc5322_with_zone_name() -> None:
+    when = 1_800_000_000.0
+    text = mail_date(when)
+    date_part, _, zone = text.rpartition(" (")
+    assert parsedate_to_datetime(date_part).timestamp() == when
+    assert zone.endswith(")") and len(zone) > 1
