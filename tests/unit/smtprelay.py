@@ -4,7 +4,7 @@ Answers by the recipient's local part: ``busy`` 451, ``nosuch`` 550, anything
 else 250; remembers every RCPT and every accepted transaction.  The logins are
 conftest's: ``site1.test`` with ``site1-password``.  A test module gets the
 fixtures ``relay_server`` (module scope: handler and port) and ``relay`` (the
-handler, reset for each test) with ``pytest_plugins = ("smtprelay",)``.
+handler, reset for each test) with ``pytest_plugins = ("unit.smtprelay",)``.
 PYTEST_DONT_REWRITE: no asserts here, and it is imported before it is registered.
 """
 

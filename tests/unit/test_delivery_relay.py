@@ -10,7 +10,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from smtprelay import LOGINS, RelayHandler, unused_port
 
 from sendmail_shim.config import Relay, RelayLogin
 from sendmail_shim.delivery.relay import (
@@ -22,7 +21,9 @@ from sendmail_shim.delivery.relay import (
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.outcome import OK, PERM, TEMP, Outcome
 
-pytest_plugins = ("smtprelay",)  # the relay_server and relay fixtures
+from .smtprelay import LOGINS, RelayHandler, unused_port
+
+pytest_plugins = ("unit.smtprelay",)  # the relay_server and relay fixtures
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 SENDER = "noreply@site1.test"
 

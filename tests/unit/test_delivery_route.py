@@ -9,15 +9,11 @@ resolver timeout of a fraction of a second; the cache's clock is the module's
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: dnsserver
 from dnsserver import DnsServer, Zone, free_udp_tcp_port
 
 from sendmail_shim.config import Config

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from smtprelay import RelayHandler, unused_port
 
 from sendmail_shim.config import Config
 from sendmail_shim.delivery import runner as runner_module
@@ -30,8 +29,10 @@ from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.state import State
 
+from .smtprelay import RelayHandler, unused_port
+
 SITE, SENDER, UID = "site1.test", "noreply@site1.test", os.getuid()
-pytest_plugins = ("smtprelay",)  # the relay_server and relay fixtures
+pytest_plugins = ("unit.smtprelay",)  # the relay_server and relay fixtures
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 T0 = 1_800_000_000.0  # the fake clock's start
 INITIAL, LIFETIME = 10.0, 86400.0  # conftest's retry policy
