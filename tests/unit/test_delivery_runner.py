@@ -1,0 +1,327 @@
+"""Unit tests of delivery/runner.py: one queue run at a time against an in-process relay.
+
+The relay is smtprelay.py's (aiosmtpd on 127.0.0.1, a thread of this process, with
+AUTH): the recipient's local part picks its answer, ``busy`` 451, ``nosuch`` 550,
+anything else 250.  Messages are committed straight into a tmp_path spool (conftest's
+configuration: site1.test is this uid; retry initial 10 s, maximum 5 min, lifetime
+1 day, no jitter).  The runner's clock is its module's ``time.time``, replaced by a
+fake one, so retries are driven one pass at a time and nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sendmail_shim.config import Config
+from sendmail_shim.delivery import runner as runner_module
+from sendmail_shim.delivery.runner import MAX_INTERNAL_FAILURES, QueueRunner, backoff
+from sendmail_shim.store import spool
+from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.store.state import State
+
+from .smtprelay import RelayHandler, unused_port
+
+SITE, SENDER, UID = "site1.test", "noreply@site1.test", os.getuid()
+pytest_plugins = ("unit.smtprelay",)  # the relay_server and relay fixtures
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+T0 = 1_800_000_000.0  # the fake clock's start
+INITIAL, LIFETIME = 10.0, 86400.0  # conftest's retry policy
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config], relay_server: tuple[RelayHandler, int]
+           ) -> Config:
+    return make_config(relays=[{"host": "127.0.0.1", "port": relay_server[1], "tls": "none",
+                                "timeout": 5}])
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    now = [T0]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(time=lambda: now[0]))
+    return now
+
+
+@pytest.fixture
+def runner(config: Config, state: State, clock: list[float]) -> QueueRunner:
+    return QueueRunner(config, state)
+
+
+def enqueue(config: Config, *recipients: str, sender: str = SENDER, site: str = SITE,
+            arrival: float = T0, notify: str | None = None) -> str:
+    message = b"From: noreply@site1.test\nSubject: unit\n\nbody\n"
+    env = Envelope(queue_id=spool.new_queue_id(), site=site, uid=UID, sender=sender,
+                   recipients=list(recipients), arrival=arrival, notify=notify,
+                   size=len(message))
+    spool.commit(config.layout, env, message)
+    return env.queue_id
+
+
+def run(runner: QueueRunner, force: bool = False) -> int:
+    if force:
+        runner.poke(force=True)
+    return asyncio.run(runner.run_once())
+
+
+def queue(config: Config, state: str) -> list[str]:
+    return spool.queue_ids(config.layout, state)
+
+
+def envelopes(config: Config, state: str = spool.INCOMING) -> list[Envelope]:
+    return [spool.read_envelope(config.layout, state, q) for q in queue(config, state)]
+
+
+def status(config: Config, queue_id: str) -> spool.Status:
+    return spool.read_status(config.layout, queue_id)
+
+
+def empty(config: Config) -> bool:
+    return not any(queue(config, s) for s in spool.STATES) and \
+        not os.listdir(config.layout.status)
+
+
+class TestDelivered:
+    def test_a_message_is_sent_as_its_site_and_removed(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        enqueue(config, "a@example.net", "b@example.net")
+        assert run(runner) == 1
+        [sent] = relay.received
+        assert (sent.login, sent.mail_from, sent.rcpt_tos) == (
+            SITE, SENDER, ["a@example.net", "b@example.net"])
+        assert b"Subject: unit" in sent.data
+        assert empty(config)
+        assert run(runner) == 0 and len(relay.received) == 1  # never sent twice
+
+    def test_messages_of_one_site_share_one_connection(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        opened: list[str] = []
+        real = runner_module.open_session
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            opened.append(args[3])
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(runner_module, "open_session", counting)
+        for n in range(3):
+            enqueue(config, f"r{n}@example.net")
+        assert run(runner) == 3
+        assert opened == [SITE] and len(relay.received) == 3 and empty(config)
+
+
+class TestTemporaryTrouble:
+    def test_4xx_defers_with_backoff_and_is_retried_when_due(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            clock: list[float]) -> None:
+        queue_id = enqueue(config, "busy@example.net")
+        assert run(runner) == 1
+        assert queue(config, spool.DEFERRED) == [queue_id]
+        first = status(config, queue_id)
+        assert (first.attempts, first.next_attempt) == (1, T0 + INITIAL)
+        assert "451 4.2.1 mailbox busy" in first.last_error
+        assert list(first.delayed) == ["busy@example.net"]
+        clock[0] = T0 + INITIAL - 1
+        assert run(runner) == 0 and relay.rcpts == ["busy@example.net"]  # not due yet
+        clock[0] = T0 + INITIAL + 1
+        assert run(runner) == 1 and relay.rcpts == ["busy@example.net"] * 2
+        second = status(config, queue_id)
+        assert (second.attempts, second.next_attempt) == (2, clock[0] + 2 * INITIAL)
+
+    def test_a_flush_retries_before_its_time(self, config: Config, runner: QueueRunner,
+                                             relay: RelayHandler) -> None:
+        enqueue(config, "busy@example.net")
+        run(runner)
+        assert run(runner) == 0
+        assert run(runner, force=True) == 1 and len(relay.rcpts) == 2
+
+    def test_only_the_waiting_recipients_are_tried_again(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            clock: list[float]) -> None:
+        queue_id = enqueue(config, "ok@example.net", "busy@example.net", "nosuch@example.net")
+        run(runner)
+        after = status(config, queue_id)
+        assert after.done == ["ok@example.net"]
+        assert list(after.failed) == ["nosuch@example.net"] and "550 5.1.1" in \
+            after.failed["nosuch@example.net"]
+        assert list(after.delayed) == ["busy@example.net"]
+        [bounce] = envelopes(config)
+        assert bounce.extra == {"bounce_of": queue_id}
+        clock[0] += INITIAL + 1
+        relay.reset()
+        run(runner)
+        assert relay.rcpts == [SENDER, "busy@example.net"]  # the bounce, and busy@ alone
+        assert [t.rcpt_tos for t in relay.received] == [[SENDER]]
+
+    def test_an_unreachable_relay_defers(
+            self, make_config: Callable[..., Config], state: State, clock: list[float]) -> None:
+        config = make_config(relays=[{"host": "127.0.0.1", "port": unused_port(),
+                                      "tls": "none", "timeout": 5}])
+        queue_id = enqueue(config, "a@example.net", "b@example.net")
+        assert run(QueueRunner(config, state)) == 1
+        after = status(config, queue_id)
+        assert queue(config, spool.DEFERRED) == [queue_id]
+        assert "connect to 127.0.0.1" in after.last_error and len(after.delayed) == 2
+
+    def test_a_refused_login_defers_and_sends_nothing(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            tmp_path: Path) -> None:
+        (tmp_path / "secrets" / "site1").write_text("a-wrong-password\n")
+        queue_id = enqueue(config, "a@example.net")
+        run(runner)
+        assert queue(config, spool.DEFERRED) == [queue_id] and relay.rcpts == []
+        assert "authentication as site1.test failed: 535" in status(config, queue_id).last_error
+
+    def test_backoff_doubles_up_to_the_maximum_with_bounded_jitter(
+            self, config: Config, make_config: Callable[..., Config]) -> None:
+        assert [backoff(config, n) for n in (0, 1, 2, 3, 5, 6, 200)] == [
+            10.0, 10.0, 20.0, 40.0, 160.0, 300.0, 300.0]
+        jittery = make_config(retry={"jitter": 0.2})
+        random.seed(11)
+        delays = [backoff(jittery, 3) for _ in range(200)]
+        assert all(32.0 <= d <= 48.0 for d in delays) and len(set(delays)) > 100
+
+
+class TestPermanentFailures:
+    def test_5xx_bounces_to_the_sender_and_removes_the_original(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        original = enqueue(config, "nosuch@example.net")
+        run(runner)
+        assert original not in queue(config, spool.INCOMING) + queue(config, spool.DEFERRED)
+        [bounce] = envelopes(config)
+        assert (bounce.sender, bounce.recipients, bounce.origin, bounce.site) == (
+            "", [SENDER], "bounce", SITE)
+        assert runner.wake.is_set()  # the runner asks for another pass to send it
+        run(runner)
+        [sent] = relay.received
+        assert (sent.mail_from, sent.rcpt_tos) == ("<>", [SENDER])
+        assert b"Final-Recipient: rfc822; nosuch@example.net" in sent.data
+        assert b"550 5.1.1" in sent.data and original.encode() in sent.data
+        assert empty(config)
+
+    @pytest.mark.parametrize(("sender", "notify"), [("", None), (SENDER, "never")])
+    def test_no_bounce_for_the_null_sender_or_notify_never(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            sender: str, notify: str | None, caplog: pytest.LogCaptureFixture) -> None:
+        enqueue(config, "nosuch@example.net", sender=sender, notify=notify)
+        with caplog.at_level(logging.INFO, "sendmail_shim.delivery.runner"):
+            run(runner)
+        assert empty(config) and relay.received == []
+        assert "bounced queue_id=" in caplog.text and "bounce_queued" not in caplog.text
+
+    def test_the_lifetime_ends_in_a_bounce(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        original = enqueue(config, "busy@example.net", "ok@example.net",
+                           arrival=T0 - LIFETIME - 1)
+        run(runner)
+        assert [t.rcpt_tos for t in relay.received] == [["ok@example.net"]]
+        [bounce] = envelopes(config)
+        assert bounce.extra == {"bounce_of": original} and queue(config, spool.DEFERRED) == []
+        run(runner)
+        assert b"message expired after 1 days in the queue" in relay.received[-1].data
+        assert b"451 4.2.1 mailbox busy" in relay.received[-1].data
+        assert empty(config)
+
+    def test_within_the_lifetime_it_waits(self, config: Config, runner: QueueRunner) -> None:
+        queue_id = enqueue(config, "busy@example.net", arrival=T0 - LIFETIME + 60)
+        run(runner)
+        assert queue(config, spool.DEFERRED) == [queue_id] and envelopes(config) == []
+
+
+class TestIsolation:
+    def test_a_damaged_queue_file_goes_to_corrupt_and_the_rest_is_delivered(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        bad = spool.new_queue_id()
+        Path(spool.queue_path(config.layout, spool.INCOMING, bad)).write_bytes(b"garbage\n")
+        good = enqueue(config, "a@example.net")
+        wrong_size = enqueue(config, "b@example.net")
+        path = Path(spool.queue_path(config.layout, spool.INCOMING, wrong_size))
+        path.write_bytes(path.read_bytes() + b"appended\n")  # envelope parses, size differs
+        run(runner)
+        assert sorted(queue(config, spool.CORRUPT)) == sorted([bad, wrong_size])
+        assert [t.rcpt_tos for t in relay.received] == [["a@example.net"]]
+        assert good not in queue(config, spool.INCOMING)
+
+    def test_a_message_that_breaks_the_runner_is_deferred_then_held(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        real_route = QueueRunner._route
+
+        async def route(self: QueueRunner, recipients: list[str]) -> Any:
+            if "boom@example.net" in recipients:
+                raise ValueError("cannot route this")
+            return await real_route(self, recipients)
+
+        monkeypatch.setattr(QueueRunner, "_route", route)
+        broken = enqueue(config, "boom@example.net")
+        enqueue(config, "fine@example.net")
+        with caplog.at_level(logging.ERROR, "sendmail_shim.delivery.runner"):
+            assert run(runner) == 2
+            assert [t.rcpt_tos for t in relay.received] == [["fine@example.net"]]
+            for n in range(1, MAX_INTERNAL_FAILURES):
+                after = status(config, broken)
+                assert queue(config, spool.DEFERRED) == [broken], n
+                assert after.internal_failures == n and after.next_attempt > T0
+                run(runner, force=True)
+        assert queue(config, spool.HOLD) == [broken] and queue(config, spool.DEFERRED) == []
+        held = status(config, broken)
+        assert held.internal_failures == MAX_INTERNAL_FAILURES
+        assert held.last_error == "internal error: ValueError: cannot route this"
+        assert f"queue release {broken}" in caplog.text
+        assert len(relay.received) == 1
+
+    def test_a_site_gone_from_the_configuration_waits(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        queue_id = enqueue(config, "a@example.net", site="gone.test")
+        run(runner)
+        assert queue(config, spool.DEFERRED) == [queue_id] and relay.rcpts == []
+        assert "site gone.test is no longer in the configuration" in \
+            status(config, queue_id).last_error
+
+    def test_a_suspended_site_is_held_and_sends_nothing(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            state: State) -> None:
+        queue_id = enqueue(config, "a@example.net")
+        state.suspend(SITE, "test", "operator")
+        run(runner)
+        assert queue(config, spool.HOLD) == [queue_id] and relay.rcpts == []
+
+    def test_a_stopping_runner_starts_nothing(self, config: Config, runner: QueueRunner,
+                                              relay: RelayHandler) -> None:
+        enqueue(config, "a@example.net")
+        runner.stop()
+        assert run(runner) == 0 and relay.rcpts == [] and len(queue(config, spool.INCOMING)) == 1
+
+
+class TestBookkeeping:
+    def test_an_outcome_the_disk_refuses_pauses_delivery_and_is_never_resent(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        real_write = spool.write_status
+        disk_full = [True]
+
+        def write_status(*args: Any, **kwargs: Any) -> None:
+            if disk_full[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write(*args, **kwargs)
+
+        monkeypatch.setattr(spool, "write_status", write_status)
+        first = enqueue(config, "a@example.net")
+        run(runner)
+        assert runner.paused and len(relay.received) == 1
+        enqueue(config, "b@example.net")
+        assert run(runner, force=True) == 0 and len(relay.received) == 1  # paused: no resend
+        disk_full[0] = False
+        run(runner)
+        assert not runner.paused
+        assert [t.rcpt_tos for t in relay.received] == [["a@example.net"], ["b@example.net"]]
+        assert first not in queue(config, spool.INCOMING) and empty(config)
