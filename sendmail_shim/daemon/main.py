@@ -72,7 +72,7 @@ from collections.abc import Awaitable
 
 import filelock
 
-from sendmail_shim.config import Config, load_config
+from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import control, listing, pickup
 from sendmail_shim.daemon.capture import CaptureHandler, start_capture
 from sendmail_shim.delivery.runner import QueueRunner
@@ -83,7 +83,6 @@ from sendmail_shim.store import spool
 from sendmail_shim.store.outcome import Verdict
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths, protocol, sysexits
-from sendmail_shim.wire.paths import ConfigError
 
 log = logging.getLogger(__name__)
 FIRST_BYTES_TIMEOUT = 10.0  # greeting and header; the front end sends them at once

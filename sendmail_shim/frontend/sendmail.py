@@ -24,7 +24,12 @@ import sys
 from sendmail_shim.frontend.argv import UsageError, parse_argv
 from sendmail_shim.frontend.message import MessageTooBig, read_message
 from sendmail_shim.wire import sysexits
-from sendmail_shim.wire.paths import ConfigError, SpoolLayout, find_config, frontend_spool_and_limit
+from sendmail_shim.wire.paths import (
+    SettingsError,
+    SpoolLayout,
+    find_config,
+    frontend_spool_and_limit,
+)
 from sendmail_shim.wire.protocol import (
     BUSY,
     DaemonUnreachable,
@@ -165,7 +170,7 @@ def run(argv: list[str]) -> int:
         return sysexits.EX_OK  # we keep no alias database: nothing to rebuild
     try:
         spool, limit = frontend_spool_and_limit(find_config())
-    except ConfigError as exc:
+    except SettingsError as exc:
         return _fail(sysexits.EX_CONFIG, f"fatal: {exc}")
     layout = SpoolLayout(spool)
     if inv.mode == "mail":
