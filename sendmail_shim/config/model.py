@@ -22,8 +22,6 @@ from typing import Any
 
 from sendmail_shim.config import schema
 from sendmail_shim.config.schema import (
-    AbsolutePath,
-    Address,
     Choice,
     Deferred,
     Domain,
@@ -169,7 +167,7 @@ class Site:
         (), kind=Strings(Domain(), normalise=lambda d: d.lower().rstrip(".")),
         doc="the site's mail domains: its envelope senders must be in them or their "
             "subdomains")
-    sender: str | None = key(None, kind=Optional(Address()),
+    sender: str | None = key(None, kind=Optional(schema.address()),
                              doc="default envelope sender and From",
                              default_text="noreply@ the first domain")
     relay_login: RelayLogin | None = key(None, kind=Optional(Section(RelayLogin, "RELAY LOGIN")),
@@ -283,7 +281,7 @@ class Config:
     """The whole configuration (``path``: the file it came from, None for defaults)."""
 
     path: str | None
-    spool: str = key(paths.DEFAULT_SPOOL, kind=AbsolutePath(),
+    spool: str = key(paths.DEFAULT_SPOOL, kind=schema.absolute_path(),
                      doc="the spool; write it as one plain top-level line: the sendmail front "
                          "end reads it without YAML")
     message_size_limit: int = key(paths.DEFAULT_MESSAGE_SIZE_LIMIT, kind=Whole(1),

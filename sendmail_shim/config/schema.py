@@ -83,24 +83,28 @@ class Text(Kind):
         return value
 
 
-class AbsolutePath(Text):
-    what = "an absolute path"
+@dataclass(frozen=True)
+class Checked(Text):
+    """Text that passes ``test``; ``complaint`` is formatted with ``text`` and ``owner``."""
+
+    test: Callable[[str], bool]
+    complaint: str
+    what: str = "text"
 
     def read(self, value: Any, where: str, owner: str) -> str:
         text = super().read(value, where, owner)
-        if not os.path.isabs(text):
-            raise Problem(where, f"expected an absolute path, got {text!r}")
+        if not self.test(text):
+            raise Problem(where, self.complaint.format(text=text, owner=owner))
         return text
 
 
-class Address(Text):
-    what = "a mail address"
+def absolute_path() -> Checked:
+    return Checked(os.path.isabs, "expected an absolute path, got {text!r}", "an absolute path")
 
-    def read(self, value: Any, where: str, owner: str) -> str:
-        text = super().read(value, where, owner)
-        if "@" not in text:
-            raise Problem(where, f"expected an address like noreply@{owner}, got {text!r}")
-        return text
+
+def address() -> Checked:
+    return Checked(lambda text: "@" in text,
+                   "expected an address like noreply@{owner}, got {text!r}", "a mail address")
 
 
 class UserName(Text):
