@@ -8,9 +8,8 @@ import subprocess
 import pytest
 from conftest import ADMIN, SENDMAIL
 
-from sendmail_shim.config import Config, load_config, parse_config
+from sendmail_shim.config import Config, ConfigError, load_config, parse_config
 from sendmail_shim.policy.identity import Caller, identify
-from sendmail_shim.wire.paths import ConfigError
 
 
 def write(tmp_path: os.PathLike[str], text: str) -> str:

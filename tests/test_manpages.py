@@ -11,6 +11,7 @@ import pytest
 
 from sendmail_shim import config
 from sendmail_shim.admin.cli import cli
+from sendmail_shim.config import manpage, model
 from sendmail_shim.frontend.argv import FLAGS, MODES
 from sendmail_shim.wire import paths
 
@@ -61,14 +62,27 @@ def test_admin_page_names_every_command_and_option() -> None:
                     assert opt in text, (name, opt)
 
 
+def test_yaml_page_key_list_is_generated_from_the_schema() -> None:
+    """The key list comes from config.model: regenerate it when the schema changes."""
+    with open(os.path.join(MAN, "sendmail-shim.yaml.5"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert manpage.replaced(text) == text, (
+        "man/sendmail-shim.yaml.5 differs from the schema: run "
+        "python3 -m sendmail_shim.config.manpage --write man/sendmail-shim.yaml.5")
+
+
 def test_yaml_page_names_every_key() -> None:
     text = page("sendmail-shim.yaml.5")
+    for _, cls in manpage.SECTIONS:  # each key by its path in its section (log.target)
+        for _, key in model.keys_of(cls):
+            assert f".B {key.name}\n" in text, key.name
+    named = {w.strip(".,;:()").split(".")[-1] for w in text.split()}  # and each listed word
     keys = (*config.TOP_KEYS, *config.SITE_KEYS, *config.RELAY_KEYS, *config.QUOTA_KEYS,
             *config.OUTBREAK_KEYS, *config.LOG_KEYS, *config.RETRY_KEYS, *config.ADMIN_KEYS,
             *config.FIREWALL_KEYS, *config.RESOLVER_KEYS, *config.TLS_MODES,
             *config.SENDER_ACTIONS, *config.FROM_ACTIONS)
     for key in keys:
-        assert f".B {key}" in text or f" {key} " in text or key in text.split(), key
+        assert f".B {key}" in text or f" {key} " in text or key in named, key
 
 
 def test_tmpfiles_match_paths() -> None:

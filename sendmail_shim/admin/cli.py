@@ -19,12 +19,11 @@ from typing import Any
 import click
 import filelock
 
-from sendmail_shim.config import Config, load_config
+from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import control
 from sendmail_shim.policy import sanctions
 from sendmail_shim.store.state import State, state_dir
 from sendmail_shim.wire import client, paths, protocol, sysexits
-from sendmail_shim.wire.paths import ConfigError
 
 
 def _load(config_path: str | None) -> Config:

@@ -5,6 +5,8 @@ The front end never imports this package (it reads its two keys with
 the modules inside.
 """
 
+from sendmail_shim.config.errors import ConfigError
+from sendmail_shim.config.loader import load_config, parse_config
 from sendmail_shim.config.model import (
     ADMIN_KEYS,
     ADMIN_SITE,
@@ -31,10 +33,7 @@ from sendmail_shim.config.model import (
     RelayLogin,
     RetryPolicy,
     Site,
-    load_config,
-    parse_config,
 )
-from sendmail_shim.wire.paths import ConfigError
 
 __all__ = [
     "ADMIN_KEYS", "ADMIN_SITE", "FIREWALL_KEYS", "FROM_ACTIONS", "LOG_KEYS", "LOG_TARGETS",

@@ -46,7 +46,7 @@ import threading
 
 import filelock
 
-from sendmail_shim.config import Config, load_config
+from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import pickup
 from sendmail_shim.daemon.capture import CaptureHandler, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
@@ -57,7 +57,6 @@ from sendmail_shim.intake.accept import settle_submissions, storage_trouble
 from sendmail_shim.store import spool
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import sysexits
-from sendmail_shim.wire.paths import ConfigError
 
 log = logging.getLogger(__name__)
 INFLIGHT_TIMEOUT = 30.0  # in-flight submissions get this long to finish at shutdown

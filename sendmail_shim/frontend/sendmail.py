@@ -25,7 +25,12 @@ from sendmail_shim.frontend.argv import UsageError, parse_argv
 from sendmail_shim.frontend.message import MessageTooBig, read_message
 from sendmail_shim.wire import sysexits
 from sendmail_shim.wire.client import DaemonUnreachable, Dropped, DropRefused, ask, hand_off
-from sendmail_shim.wire.paths import ConfigError, SpoolLayout, find_config, frontend_spool_and_limit
+from sendmail_shim.wire.paths import (
+    SettingsError,
+    SpoolLayout,
+    find_config,
+    frontend_spool_and_limit,
+)
 from sendmail_shim.wire.protocol import FLUSH, MAILQ, MODE, encode_request, submission_fields
 
 TYPE_CHECKING = False
@@ -132,7 +137,7 @@ def run(argv: list[str]) -> int:
         return sysexits.EX_OK  # we keep no alias database: nothing to rebuild
     try:
         spool, limit = frontend_spool_and_limit(find_config())
-    except ConfigError as exc:
+    except SettingsError as exc:
         return _fail(sysexits.EX_CONFIG, f"fatal: {exc}")
     layout = SpoolLayout(spool)
     if inv.mode == "mail":

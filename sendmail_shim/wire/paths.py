@@ -1,14 +1,14 @@
 """Every path and mode of sendmail-shim, and how the front end finds them.
 
 Trusts: nothing it reads; a missing or odd file yields defaults or a
-``ConfigError``, never a guess.
+``SettingsError``, never a guess (``config.ConfigError`` is a kind of it).
 Guarantees: the front end and the daemon compute the same socket and drop
 directory from the same configuration file, using the same code.
 
 Stdlib only, and only ``os``: this module runs on every PHP mail() call.  The
 front end does not parse YAML.  It reads two top-level scalar lines
 (``spool:`` and ``message_size_limit:``) with :func:`read_frontend_settings`;
-the daemon's full YAML loader (``config.py``) calls the same function and
+the daemon's full YAML loader (``config/loader.py``) calls the same function and
 refuses a file where the two readings differ, so they can never drift.
 
 Spool layout (modes enforced by ``spool.prepare_spool``)::
@@ -48,8 +48,8 @@ MODE_QUEUE_FILE = 0o600
 FRONTEND_KEYS = ("spool", "message_size_limit")
 
 
-class ConfigError(Exception):
-    """A configuration file that cannot be used; the text names file and key."""
+class SettingsError(Exception):
+    """The front end's settings cannot be read; the text names file and key."""
 
 
 class SpoolLayout:
@@ -123,9 +123,9 @@ def read_frontend_settings(path: str | None) -> dict[str, str]:
                 if sep and key in FRONTEND_KEYS and key not in found:
                     found[key] = _plain_scalar(rest)
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        raise SettingsError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"configuration file {path} is not UTF-8: {exc}") from exc
+        raise SettingsError(f"configuration file {path} is not UTF-8: {exc}") from exc
     return found
 
 
@@ -139,9 +139,9 @@ def frontend_spool_and_limit(path: str | None) -> tuple[str, int]:
     try:
         limit = int(raw_limit)
     except ValueError:
-        raise ConfigError(
+        raise SettingsError(
             f"{path}: message_size_limit: expected a whole number of bytes, got {raw_limit!r}"
         ) from None
     if limit <= 0:
-        raise ConfigError(f"{path}: message_size_limit: must be positive, got {limit}")
+        raise SettingsError(f"{path}: message_size_limit: must be positive, got {limit}")
     return spool, limit

@@ -1,0 +1,230 @@
+"""Reading the YAML configuration (daemon and admin; never the front end).
+
+Trusts: the file's owner (root or the operator); still, every key is checked
+against the schema that ``model.py`` declares, unknown keys are errors (a typo
+must not silently disable a limit), and each error names the file, the key
+path and what is wrong (``<file>: sites.foo.quota.per_hour: ...``).
+Guarantees: a :class:`Config` is complete and consistent; the two keys the
+front end reads without YAML (``paths.read_frontend_settings``) read the same
+here, or loading fails.
+
+One generic pass (:class:`_Reader`) walks the declared keys of each
+dataclass; the rules that relate keys to each other follow it as explicit
+code: a relay's port follows its tls, clear text only to loopback, sites
+inherit ``default_quota`` and ``outbreak``, reserved site names, accounts by
+uid, routing pins need a local transport, and the front end's agreement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import MISSING, replace
+from typing import Any
+
+import yaml
+
+from sendmail_shim.config import schema
+from sendmail_shim.config.errors import ConfigError
+from sendmail_shim.config.model import (
+    ADMIN_SITE,
+    ROUTES,
+    Config,
+    OutbreakRules,
+    Quota,
+    Relay,
+    Site,
+    keys_of,
+    top_names,
+)
+from sendmail_shim.config.schema import Problem, Section, mapping
+from sendmail_shim.wire import paths
+
+# A class's cross-field rule, run on its values after the generic pass: (reader, values,
+# the raw mapping, the key path).
+_Finish = Callable[["_Reader", dict[str, Any], dict[str, Any], str], None]
+
+
+class _Reader:
+    """Walks the YAML tree along the schema, remembering the key path for errors."""
+
+    def __init__(self) -> None:
+        self.finishers: dict[type, _Finish] = {Relay: _finish_relay,
+                                               OutbreakRules: _finish_outbreak}
+
+    def values(self, cls: type, raw: Any, where: str, owner: str = "",
+               bases: dict[str, Any] | None = None, skip: tuple[str, ...] = ()
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(field values of the keys present, the raw mapping) of ``raw`` read as ``cls``."""
+        known = tuple(n for n in top_names(cls) if n not in skip)
+        data = mapping(raw, where, known)
+        declared_keys = [(f, k) for f, k in keys_of(cls) if k.name.split(".")[0] not in skip
+                         and not isinstance(k.kind, schema.Deferred)]
+        for _, declared in declared_keys:  # first what is missing, then what is wrong
+            if declared.required and declared.name not in data:
+                raise declared.kind.missing(where, declared.name)
+        out: dict[str, Any] = {}
+        for field_name, declared in declared_keys:
+            group, _, sub = declared.name.rpartition(".")
+            holder, at = data, where
+            if group:
+                holder = mapping(data.get(group), _join(where, group), _group_keys(cls, group))
+                at = _join(where, group)
+            base = (bases or {}).get(field_name, MISSING)
+            if sub not in holder:
+                if base is not MISSING:
+                    out[field_name] = base
+                continue
+            out[field_name] = self.read(declared.kind, holder[sub], _join(at, sub), owner, base)
+        finish = self.finishers.get(cls)
+        if finish is not None:
+            finish(self, out, data, where)
+        return out, data
+
+    def read(self, kind: schema.Kind, value: Any, where: str, owner: str,
+             base: Any = MISSING) -> Any:
+        """One key's value; a section's is built from its own keys over ``base``."""
+        if isinstance(kind, schema.Optional) and isinstance(kind.inner, Section):
+            if value is None or (kind.falsy and not value):
+                return None
+            kind = kind.inner
+        if not isinstance(kind, Section):
+            return kind.read(value, where, owner)
+        if kind.many:
+            if not value:
+                return ()
+            if not isinstance(value, list):
+                raise Problem(where, kind.error)
+            return tuple(self.build(kind.cls, item, f"{where}[{i}]", owner)
+                         for i, item in enumerate(value))
+        if kind.disable and value is False:
+            return None
+        return self.build(kind.cls, value, where, owner, None if base is MISSING else base)
+
+    def build(self, cls: type, raw: Any, where: str, owner: str = "", base: Any = None) -> Any:
+        """An instance of ``cls`` read from ``raw``, over ``base`` (or the defaults) if given."""
+        values, _ = self.values(cls, raw, where, owner)
+        return replace(base, **values) if base is not None else cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return name if where == "top level" else f"{where}.{name}"
+
+
+def _group_keys(cls: type, group: str) -> tuple[str, ...]:
+    return tuple(k.name.split(".", 1)[1] for _, k in keys_of(cls)
+                 if k.name.startswith(group + "."))
+
+
+def _finish_relay(r: _Reader, values: dict[str, Any], data: dict[str, Any], where: str) -> None:
+    """The port follows tls; clear text (site passwords!) only to loopback unless allowed."""
+    tls = values.setdefault("tls", "starttls")
+    values.setdefault("port", {"starttls": 587, "implicit": 465, "none": 25}[tls])
+    host = values["host"]
+    if tls == "none" and not values.get("allow_plaintext") and not schema.is_loopback(host):
+        raise Problem(
+            f"{where}.tls",
+            f"'none' sends site passwords in clear text to {host}; use starttls or "
+            "implicit, or set allow_plaintext: true if this network is trusted",
+        )
+
+
+def _finish_outbreak(r: _Reader, values: dict[str, Any], data: dict[str, Any],
+                     where: str) -> None:
+    """A rule given without its threshold is off (``quota_refusals: {window: 5m}``)."""
+    for group, field_name in (("quota_refusals", "quota_refusals"),
+                              ("relay_5xx_share", "relay_5xx_share"),
+                              ("new_script", "new_script_count")):
+        if group in data:
+            values.setdefault(field_name, None)
+
+
+def _site(r: _Reader, name: str, raw: Any, where: str, defaults: Config,
+          with_uids: bool = True) -> Site:
+    """A site over the top-level defaults (``default_quota``, ``outbreak``)."""
+    outbreak = defaults.default_outbreak
+    values, data = r.values(
+        Site, raw, where, owner=name, skip=() if with_uids else ("uids",),
+        bases={"quota": defaults.default_quota,
+               "outbreak": outbreak if outbreak is not None else OutbreakRules()})
+    if "outbreak" not in data:
+        values["outbreak"] = outbreak
+    return Site(name=name, **values)
+
+
+def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
+                   path: str | None) -> Config:
+    """The keys that depend on others: sites, default_site, accounts, routing."""
+    config = Config(path=path, **values)
+    sites_raw = data.get("sites") or {}
+    if not isinstance(sites_raw, dict):
+        raise Problem("sites", "expected a mapping of site name to site")
+    for name in sites_raw:
+        if str(name) in ("default", ADMIN_SITE):
+            raise Problem(f"sites.{name}", "this name is reserved; choose another")
+    sites = {str(name): _site(r, str(name), body, f"sites.{name}", config)
+             for name, body in sites_raw.items()}
+    default = data.get("default_site", "refuse")
+    default_site = None
+    if default != "refuse":
+        default_site = _site(r, "default", default, "default_site", config, with_uids=False)
+    accounts_raw = mapping(data.get("accounts"), "accounts",
+                           tuple(str(k) for k in (data.get("accounts") or {})))
+    accounts = {}
+    for name, body in accounts_raw.items():
+        item = mapping(body, f"accounts.{name}", ("quota",))
+        uid = schema.uid(int(name) if str(name).isdigit() else name, f"accounts.{name}")
+        accounts[uid] = r.build(Quota, item.get("quota"), f"accounts.{name}.quota",
+                                base=Quota())
+    pins = mapping(data.get("routing"), "routing",
+                   tuple(str(k) for k in (data.get("routing") or {})))
+    routing = {}
+    for domain, choice in pins.items():
+        routing[domain.lower().rstrip(".").encode("idna").decode("ascii")] = schema.Choice(
+            ROUTES).read(choice, f"routing.{domain}", "")
+    if "local" in routing.values() and config.local_transport is None:
+        raise Problem("routing", "a domain is pinned to local but local_transport is not set")
+    return replace(config, sites=sites, default_site=default_site, accounts=accounts,
+                   routing=routing)
+
+
+def parse_config(raw: Any, path: str | None) -> Config:
+    """Build a :class:`Config` from the YAML tree ``raw`` read from ``path``."""
+    r = _Reader()
+    try:
+        values, data = r.values(Config, raw, "top level")
+        config = _finish_config(r, values, data, path)
+    except Problem as problem:
+        raise ConfigError(f"{path or '<built-in defaults>'}: {problem}") from None
+    if path is not None:  # a tree built in memory has no file for the front end to read
+        _check_frontend_agrees(config, path)
+    return config
+
+
+def _check_frontend_agrees(config: Config, path: str | None) -> None:
+    """The front end reads spool and message_size_limit without YAML: same values?"""
+    try:
+        spool, limit = paths.frontend_spool_and_limit(path)
+    except paths.SettingsError as exc:
+        raise ConfigError(f"{exc} (the sendmail front end reads this line without YAML)") from exc
+    if spool != config.spool or limit != config.message_size_limit:
+        raise ConfigError(
+            f"{config.path}: spool/message_size_limit: write each as one plain top-level "
+            "line ('spool: /path', 'message_size_limit: 10240000'): the sendmail front end "
+            f"reads them without a YAML parser and saw spool={spool!r}, "
+            f"message_size_limit={limit}"
+        )
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """Find (``paths.find_config``), read and check the configuration."""
+    path = paths.find_config(explicit)
+    if path is None:
+        return parse_config({}, None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(raw, path)
