@@ -153,33 +153,23 @@ def queue_show(config_path: str | None, queue_id: str) -> None:
     operate(config_path, "queue-show", id=[queue_id])
 
 
-@queue.command("hold")
-@config_option
-@site_option
-@click.argument("queue_ids", nargs=-1)
-def queue_hold(config_path: str | None, site: str | None, queue_ids: tuple[str, ...]) -> None:
-    """Stop delivering messages (by id, or all of --site) until released."""
-    operate(config_path, "queue-hold", id=queue_ids, site=site)
+def _queue_action(name: str, action: str, doc: str) -> None:
+    """``queue hold|release|delete [--site SITE] [ID...]``: one request to the daemon each."""
+
+    @queue.command(name, help=doc)
+    @config_option
+    @site_option
+    @click.argument("queue_ids", nargs=-1)
+    def command(config_path: str | None, site: str | None, queue_ids: tuple[str, ...]) -> None:
+        operate(config_path, action, id=queue_ids, site=site)
 
 
-@queue.command("release")
-@config_option
-@site_option
-@click.argument("queue_ids", nargs=-1)
-def queue_release(config_path: str | None, site: str | None,
-                  queue_ids: tuple[str, ...]) -> None:
-    """Deliver held messages (by id, or all of --site) now."""
-    operate(config_path, "queue-release", id=queue_ids, site=site)
-
-
-@queue.command("delete")
-@config_option
-@site_option
-@click.argument("queue_ids", nargs=-1)
-def queue_delete(config_path: str | None, site: str | None,
-                 queue_ids: tuple[str, ...]) -> None:
-    """Delete messages (by id, or all of --site) without delivering or bouncing them."""
-    operate(config_path, "queue-delete", id=queue_ids, site=site)
+for _name, _doc in (
+        ("hold", "Stop delivering messages (by id, or all of --site) until released."),
+        ("release", "Deliver held messages (by id, or all of --site) now."),
+        ("delete", "Delete messages (by id, or all of --site) without delivering or bouncing "
+                   "them.")):
+    _queue_action(_name, f"queue-{_name}", _doc)
 
 
 @queue.command("flush")

@@ -132,11 +132,14 @@ def usage_text() -> str:
     return "\n".join(lines) + "\n"
 
 
+# Flags whose value is kept as given, by the Invocation attribute it sets.
+_VALUE_FLAGS = {"f": "sender", "r": "sender", "F": "fullname", "N": "notify", "R": "ret",
+                "V": "envid", "B": "body_type"}
+
+
 def _apply(inv: Invocation, flag: str, value: str | None) -> None:
-    if flag in ("f", "r"):
-        inv.sender = value
-    elif flag == "F":
-        inv.fullname = value
+    if flag in _VALUE_FLAGS:
+        setattr(inv, _VALUE_FLAGS[flag], value)
     elif flag == "t":
         inv.extract = True
     elif flag == "i":
@@ -158,14 +161,6 @@ def _apply(inv: Invocation, flag: str, value: str | None) -> None:
         inv.mode = "newaliases"
     elif flag == "q":
         inv.mode = "flush"
-    elif flag == "N":
-        inv.notify = value
-    elif flag == "R":
-        inv.ret = value
-    elif flag == "V":
-        inv.envid = value
-    elif flag == "B":
-        inv.body_type = value
     else:
         inv.ignored.append("-" + flag + (value or ""))
 
