@@ -151,6 +151,18 @@ def _site(r: _Reader, name: str, raw: Any, where: str, defaults: Config,
     return Site(name=name, **values)
 
 
+def _keyed_by_text(value: Any, where: str) -> dict[str, Any]:
+    """A mapping whose keys the operator names freely (uids, domains): keys as text.
+
+    YAML reads ``1001:`` as a number; ``accounts`` takes uids, so it means "1001".
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Problem(where, f"expected a mapping, got {type(value).__name__}")
+    return {str(name): body for name, body in value.items()}
+
+
 def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
                    path: str | None) -> Config:
     """The keys that depend on others: sites, default_site, accounts, routing."""
@@ -167,20 +179,20 @@ def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
     default_site = None
     if default != "refuse":
         default_site = _site(r, "default", default, "default_site", config, with_uids=False)
-    accounts_raw = mapping(data.get("accounts"), "accounts",
-                           tuple(str(k) for k in (data.get("accounts") or {})))
+    accounts_raw = _keyed_by_text(data.get("accounts"), "accounts")
     accounts = {}
     for name, body in accounts_raw.items():
         item = mapping(body, f"accounts.{name}", ("quota",))
-        uid = schema.uid(int(name) if str(name).isdigit() else name, f"accounts.{name}")
+        uid = schema.uid(int(name) if name.isdigit() else name, f"accounts.{name}")
         accounts[uid] = r.build(Quota, item.get("quota"), f"accounts.{name}.quota",
                                 base=Quota())
-    pins = mapping(data.get("routing"), "routing",
-                   tuple(str(k) for k in (data.get("routing") or {})))
     routing = {}
-    for domain, choice in pins.items():
-        routing[domain.lower().rstrip(".").encode("idna").decode("ascii")] = schema.Choice(
-            ROUTES).read(choice, f"routing.{domain}", "")
+    for domain, choice in _keyed_by_text(data.get("routing"), "routing").items():
+        try:
+            key = domain.lower().rstrip(".").encode("idna").decode("ascii")
+        except UnicodeError:
+            raise Problem(f"routing.{domain}", "not a valid domain name") from None
+        routing[key] = schema.Choice(ROUTES).read(choice, f"routing.{domain}", "")
     if "local" in routing.values() and config.local_transport is None:
         raise Problem("routing", "a domain is pinned to local but local_transport is not set")
     return replace(config, sites=sites, default_site=default_site, accounts=accounts,

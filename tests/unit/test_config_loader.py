@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import pytest
+import yaml
 
 from sendmail_shim import config
 from sendmail_shim.config import ConfigError, load_config, loader, parse_config
@@ -321,3 +322,16 @@ def test_unreadable_file(tmp_path: os.PathLike[str]) -> None:
 def test_no_file_means_built_in_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader.paths, "find_config", lambda explicit: None)
     assert load_config().path is None
+
+
+def test_account_uids_may_be_written_as_numbers() -> None:
+    """YAML reads ``1001:`` as a number; the man page allows uids under accounts."""
+    c = parse_config(yaml.safe_load("accounts:\n  1001: {quota: {per_hour: 3}}\n"), None)
+    assert c.accounts == {1001: config.Quota(per_hour=3)}
+
+
+@pytest.mark.parametrize("domain", ["a..b", "x" * 70 + ".test", "-\u00e9" * 40])
+def test_a_routing_domain_idna_cannot_encode_is_a_config_error(domain: str) -> None:
+    with pytest.raises(ConfigError, match=r"routing\..*not a valid domain name"):
+        parse_config({"local_transport": "lmtp://127.0.0.1:24",
+                      "routing": {domain: "local"}}, "/etc/x.yaml")
