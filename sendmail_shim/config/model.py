@@ -304,7 +304,8 @@ class Config:
                                          "area (at least 0.2s)")
     connections_per_uid: int = key(
         16, kind=Whole(1), doc="hand-off connections of one uid handled at once; up to 16 times "
-                               "as many wait, beyond that the front end writes a drop file")
+                               "as many wait, beyond that the front end writes a drop file; "
+                               "one site's connections never delay another site's")
     sites: dict[str, Site] = key(
         kind=Deferred("a mapping of site name to site, see SITES"), factory=dict,
         doc="the sites; the names default and _admin are reserved", default_text="none")
