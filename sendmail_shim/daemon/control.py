@@ -162,9 +162,9 @@ def site_show(config: Config, state: State, args: Args) -> str:
 def top(config: Config, state: State, args: Args) -> str:
     now = time.time()
     out = []
-    for label, since in (("last hour", now - 3600), ("last day", now - 86400)):
+    for label, window in (("last hour", quota.HOUR), ("last day", quota.DAY)):
         out.append(f"-- {label}: messages, recipients, site, script")
-        for site, script, count, rcpts in state.top(since, by_script=True)[:20]:
+        for site, script, count, rcpts in state.top(window, now, by_script=True)[:20]:
             out.append(f"{count:8d} {rcpts:8d}  {site:<24} {script or '-'}")
     return "\n".join(out) + "\n"
 

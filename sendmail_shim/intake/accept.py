@@ -8,7 +8,10 @@ one transaction) -> spool commit -> "accepted".  The verdict is "accepted"
 only after ``spool.commit`` returned, so the message is on disk; a failed
 commit gives its quota reservation back.  Outbreak rules run after a quota
 refusal and after an acceptance, and suspend the site when they trip.  Every
-outcome is logged in one line with the queue id, site, uid and script.
+outcome is logged in one line with the queue id, site, uid and script.  The
+state work per message is bounded whatever the site's traffic: the suspension
+and the quota overrides are read from memory, the quota and the rules read
+bucketed counters (``store.state``).
 
 Submission ids: a request may carry ``subid`` (the front end sends the same
 one on the socket and, when that fails, in the drop file).  The id is looked
@@ -47,7 +50,7 @@ from sendmail_shim.policy.sanctions import suspend_site
 from sendmail_shim.policy.sender import apply_sender_policy
 from sendmail_shim.store import outcome, spool
 from sendmail_shim.store.headers import mail_date
-from sendmail_shim.store.state import ACCEPTED, RCPT_DOMAIN, REFUSED_QUOTA, State
+from sendmail_shim.store.state import ACCEPTED, REFUSED_QUOTA, State
 from sendmail_shim.wire import protocol, sysexits
 
 log = logging.getLogger(__name__)
@@ -199,11 +202,8 @@ def accept_submission(
     if subid is not None:
         _after(facts, lambda: state.end_submission(caller.uid, subid, committed=True))
 
-    def bookkeeping() -> None:
-        for domain in sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients}):
-            state.record(site.name, caller.uid, RCPT_DOMAIN, 1, envelope.script, domain, ts=now)
-
-    _after(facts, bookkeeping)
+    domains = sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients})
+    _after(facts, lambda: state.record_domains(site.name, domains, now))
     log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r%s%s", facts, envelope.sender,
              nrcpt, envelope.size, ident.reason, f" subid={subid}" if subid else "",
              "".join(" " + n for n in notes))

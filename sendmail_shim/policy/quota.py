@@ -1,11 +1,14 @@
-"""Per-site and per-account quotas over sliding windows.
+"""Per-site and per-account quotas over sliding windows of bucketed counters.
 
 Trusts: the state (daemon-owned) and the configuration; the operator's
 ``quota set`` overrides live in the state and win over the file.
 Guarantees: a submission is checked against messages per hour and per day and
 recipients per message and per hour, for its site and for its Unix account
 (uid), and the accepted event is reserved inside the same transaction as the
-check, so concurrent submissions cannot slip past a limit together.
+check, so concurrent submissions cannot slip past a limit together.  The
+windows are the state's buckets: "the last hour" is the current minute and the
+previous 59, "the last day" the current hour and the previous 23; a check reads
+at most 84 bucket rows per site or account, however much it sent.
 
 Exit status: a quota refusal exits 77 (EX_NOPERM), not 75: PHP 8.5's mail()
 returns true for 75, and a site over its quota must see false.  In ``-bs``
@@ -41,8 +44,8 @@ class Usage:
 
 
 def usage(state: State, now: float, site: str | None = None, uid: int | None = None) -> Usage:
-    hour_count, hour_rcpts = state.count(ACCEPTED, now - HOUR, site=site, uid=uid)
-    day_count, _ = state.count(ACCEPTED, now - DAY, site=site, uid=uid)
+    hour_count, hour_rcpts = state.count(ACCEPTED, HOUR, now, site=site, uid=uid)
+    day_count, _ = state.count(ACCEPTED, DAY, now, site=site, uid=uid)
     return Usage(hour_count, day_count, hour_rcpts)
 
 

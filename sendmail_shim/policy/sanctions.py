@@ -132,7 +132,7 @@ def suspend_site(config: Config, state: State, name: str, reason: str, actor: st
         return f"site {site.name} was already suspended; {held} more message(s) held"
     log.warning("suspended site=%s actor=%s held=%d reason=%r", site.name, actor, held, reason)
     now = time.time()
-    scripts = [(s, c) for n, s, c, _r in state.top(now - 3600, by_script=True) if n == site.name]
+    scripts = [(s, c) for n, s, c, _r in state.top(3600, now, by_script=True) if n == site.name]
     lines = "\n".join(f"  {c:6d}  {s or '(no script header)'}" for s, c in scripts[:10])
     notify_admin(config, f"site {site.name} suspended", (
         f"Site {site.name} (uids {', '.join(map(str, site.uids)) or '-'}) was suspended "

@@ -1,11 +1,32 @@
-"""The daemon's memory: sending events, suspensions, quota overrides, scripts seen.
+"""The daemon's memory: windowed counters, suspensions, quota overrides, scripts seen.
 
 Trusts: only the daemon and root write it; it lives in ``<spool>/state/``
-(0700, the daemon's user), so site users can neither read nor change it.
+(0700, the daemon's user), so site users can neither read nor change it.  One
+process writes at a time: the daemon, or the admin command while it holds the
+daemon's lock (no daemon runs).
 Guarantees: SQLite in WAL mode, so the admin command reads (and, with the
 daemon stopped, writes) it safely beside the daemon; every operation holds one
 lock, so a check and the event it reserves are atomic across the daemon's
-threads; the state survives restarts.  Events older than two days are pruned.
+threads (:meth:`State.transaction`); the state survives restarts.
+
+Windows are bucketed counters, not event logs: each event adds to one
+per-minute and one per-hour bucket of its site, of its uid (per site), and for
+accepted messages of its (site, script).  A window of W seconds is the current
+bucket plus the previous ones: up to :data:`MINUTE_SPAN` in minutes (``the last
+hour`` = the current minute and the previous 59), longer in hours (``the last
+day`` = the current hour and the previous 23), at most :data:`RETENTION`.  So
+recording, checking and reserving read and write a bounded number of rows
+(at most 120 per window), whatever a site's traffic: the per-message work does
+not grow with the window.  Distinct recipient domains are kept per (site,
+domain) with the minute last seen, counted over the last hour and capped by
+the caller.  Minute buckets are pruned after :data:`MINUTE_SPAN`, hour buckets
+and the rest after :data:`RETENTION`.  A state file of the previous version
+(an ``events`` table) has its events folded into buckets once, at open.
+
+Suspensions and quota overrides are also kept in memory, in step with their
+tables (changed after the write succeeds, or after the transaction commits):
+:meth:`State.suspension` and :meth:`State.overrides` take neither the lock nor
+SQLite, so the event loop may call them.
 
 Submission ids (``subid``, chosen at random by the front end and sent on
 both roads) are remembered per uid for :data:`SUBMISSION_RETENTION`, with the
@@ -19,26 +40,48 @@ bookkeeping (:meth:`State.unresolved_submissions`).
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 from sendmail_shim.wire import paths
 
-RETENTION = 2 * 86400.0
+log = logging.getLogger(__name__)
+
+MINUTE, HOUR = 60, 3600
+MINUTE_SPAN = 2 * 3600  # windows up to this long are counted in minutes, longer in hours
+RETENTION = 2 * 86400.0  # hour buckets, and so the longest window, are kept this long
 SUBMISSION_RETENTION = 7 * 86400.0
-ACCEPTED, REFUSED_QUOTA, RCPT_DOMAIN, RELAY_OK, RELAY_5XX = (
-    "accepted", "refused_quota", "rcpt_domain", "relay_ok", "relay_5xx")
+DOMAIN_WINDOW = 60  # minutes: distinct recipient domains are counted over the last hour
+PRUNE_EVERY = 1000  # records between two prunes
+ACCEPTED, REFUSED_QUOTA, RELAY_OK, RELAY_5XX = (
+    "accepted", "refused_quota", "relay_ok", "relay_5xx")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    ts REAL NOT NULL, site TEXT NOT NULL, uid INTEGER NOT NULL, kind TEXT NOT NULL,
-    script TEXT, n INTEGER NOT NULL DEFAULT 1, detail TEXT);
-CREATE INDEX IF NOT EXISTS events_site ON events(site, kind, ts);
-CREATE INDEX IF NOT EXISTS events_uid ON events(uid, kind, ts);
+CREATE TABLE IF NOT EXISTS site_counts (
+    site TEXT NOT NULL, kind TEXT NOT NULL, res INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    events INTEGER NOT NULL, total INTEGER NOT NULL,
+    PRIMARY KEY (site, kind, res, bucket)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS site_counts_age ON site_counts(res, bucket);
+CREATE TABLE IF NOT EXISTS uid_counts (
+    uid INTEGER NOT NULL, kind TEXT NOT NULL, res INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    site TEXT NOT NULL, events INTEGER NOT NULL, total INTEGER NOT NULL,
+    PRIMARY KEY (uid, kind, res, bucket, site)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uid_counts_age ON uid_counts(res, bucket);
+CREATE TABLE IF NOT EXISTS script_counts (
+    site TEXT NOT NULL, script TEXT NOT NULL, res INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    events INTEGER NOT NULL, total INTEGER NOT NULL,
+    PRIMARY KEY (site, script, res, bucket)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS script_counts_age ON script_counts(res, bucket);
+CREATE TABLE IF NOT EXISTS domains (
+    site TEXT NOT NULL, domain TEXT NOT NULL, minute INTEGER NOT NULL,
+    PRIMARY KEY (site, domain)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS domains_age ON domains(site, minute);
 CREATE TABLE IF NOT EXISTS suspensions (
     site TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS quota_overrides (
@@ -52,9 +95,59 @@ CREATE TABLE IF NOT EXISTS submissions (
 CREATE INDEX IF NOT EXISTS submissions_ts ON submissions(ts);
 """
 
+ADD_SITE = (
+    "INSERT INTO site_counts VALUES (?, ?, 60, ?, ?, ?), (?, ?, 3600, ?, ?, ?) ON CONFLICT "
+    "DO UPDATE SET events = events + excluded.events, total = total + excluded.total")
+ADD_UID = (
+    "INSERT INTO uid_counts VALUES (?, ?, 60, ?, ?, ?, ?), (?, ?, 3600, ?, ?, ?, ?) ON CONFLICT "
+    "DO UPDATE SET events = events + excluded.events, total = total + excluded.total")
+ADD_SCRIPT = (
+    "INSERT INTO script_counts VALUES (?, ?, 60, ?, ?, ?), (?, ?, 3600, ?, ?, ?) ON CONFLICT "
+    "DO UPDATE SET events = events + excluded.events, total = total + excluded.total")
+COUNTERS = ("site_counts", "uid_counts", "script_counts")
+
+# A state file of the previous version: its events folded into buckets, once.
+FOLD = (
+    "INSERT INTO site_counts SELECT site, kind, {res}, CAST(ts / {res} AS INTEGER) AS b, "
+    "COUNT(*), SUM(n) FROM events WHERE ts >= ? AND kind != 'rcpt_domain' "
+    "GROUP BY site, kind, b",
+    "INSERT INTO uid_counts SELECT uid, kind, {res}, CAST(ts / {res} AS INTEGER) AS b, site, "
+    "COUNT(*), SUM(n) FROM events WHERE ts >= ? AND kind != 'rcpt_domain' "
+    "GROUP BY uid, kind, b, site",
+    "INSERT INTO script_counts SELECT site, COALESCE(script, ''), {res}, "
+    "CAST(ts / {res} AS INTEGER) AS b, COUNT(*), SUM(n) FROM events WHERE ts >= ? "
+    "AND kind = 'accepted' GROUP BY site, COALESCE(script, ''), b",
+)
+FOLD_DOMAINS = (
+    "INSERT INTO domains SELECT site, detail, MAX(CAST(ts / 60 AS INTEGER)) FROM events "
+    "WHERE ts >= ? AND kind = 'rcpt_domain' AND detail IS NOT NULL GROUP BY site, detail")
+
 
 def state_dir(layout: paths.SpoolLayout) -> str:
     return os.path.join(layout.root, "state")
+
+
+def buckets(window: float, now: float) -> tuple[int, int]:
+    """(resolution in seconds, first bucket) of the window of ``window`` seconds ending now.
+
+    The window is the bucket ``now`` falls in and the previous ones: minutes up
+    to :data:`MINUTE_SPAN`, hours beyond (and at most :data:`RETENTION`).
+    """
+    res = MINUTE if window <= MINUTE_SPAN else HOUR
+    span = max(1, -int(-min(window, RETENTION) // res))  # whole buckets, rounded up
+    return res, int(now // res) - span + 1
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What :meth:`State.record` added, so that :meth:`State.forget` can take it back."""
+
+    site: str
+    uid: int
+    kind: str
+    n: int
+    script: str | None
+    ts: float
 
 
 class State:
@@ -69,15 +162,40 @@ class State:
                                    isolation_level=None)
         self._lock = threading.RLock()
         self._in_flight: set[tuple[int, str]] = set()
+        self._on_commit: list[Callable[[], object]] = []
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(SCHEMA)
+                self._fold_events(time.time())
+                self._suspended = {
+                    str(site): (float(since), str(reason), str(actor)) for site, since, reason,
+                    actor in self._db.execute("SELECT site, since, reason, actor FROM suspensions")}
+                self._overrides: dict[str, dict[str, int | None]] = {}
+                for site, key, value in self._db.execute(
+                        "SELECT site, key, value FROM quota_overrides"):
+                    self._overrides.setdefault(str(site), {})[str(key)] = \
+                        None if value is None else int(value)
         except BaseException:
             self._db.close()  # a full disk at start: the caller says why and retries
             raise
         self._inserts = 0
+
+    def _fold_events(self, now: float) -> None:
+        """Fold the events table of the previous version into buckets, then drop it."""
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'events'").fetchone() is None:
+            return
+        with self.transaction():
+            for res, since in ((MINUTE, now - MINUTE_SPAN - MINUTE), (HOUR, now - RETENTION)):
+                for statement in FOLD:
+                    self._db.execute(statement.format(res=res), (since,))
+            self._db.execute(FOLD_DOMAINS, (now - DOMAIN_WINDOW * MINUTE,))
+            (folded,) = self._db.execute("SELECT COUNT(*) FROM events").fetchone()
+            self._db.execute("DROP TABLE events")
+        log.info("state: folded %d events of the previous version into bucketed counters",
+                 folded)
 
     def close(self) -> None:
         """Close the database; the daemon calls it only after joining its worker threads.
@@ -97,75 +215,135 @@ class State:
                 yield self
                 self._db.execute("COMMIT")
             except BaseException:
+                self._on_commit.clear()
                 # A COMMIT that failed (disk full) can leave the transaction open.
                 if self._db.in_transaction:
                     with suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
+            changes, self._on_commit = self._on_commit, []
+            for change in changes:
+                change()
 
-    # -- events -------------------------------------------------------------
+    def _in_step(self, change: Callable[[], object]) -> None:
+        """Apply a change to the in-memory copy once its write is durable (holding the lock)."""
+        if self._db.in_transaction:
+            self._on_commit.append(change)
+        else:
+            change()
+
+    # -- counters -------------------------------------------------------------
     def record(self, site: str, uid: int, kind: str, n: int = 1, script: str | None = None,
-               detail: str | None = None, ts: float | None = None) -> int:
+               ts: float | None = None) -> Reservation:
+        """Count one event of ``kind`` (``n`` recipients, answers...) at ``ts``."""
+        reservation = Reservation(site, uid, kind, n, script, time.time() if ts is None else ts)
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO events (ts, site, uid, kind, script, n, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (ts or time.time(), site, uid, kind, script, n, detail))
+            self._add(reservation, 1)
             self._inserts += 1
-            if self._inserts % 1000 == 0:
+            if self._inserts % PRUNE_EVERY == 0:
                 self.prune()
-            return int(cur.lastrowid or 0)
+        return reservation
 
-    def forget(self, rowid: int) -> None:
+    def forget(self, reservation: Reservation) -> None:
+        """Take back what :meth:`record` added (a commit that failed after the check)."""
         with self._lock:
-            self._db.execute("DELETE FROM events WHERE rowid = ?", (rowid,))
+            self._add(reservation, -1)
+
+    def _add(self, r: Reservation, sign: int) -> None:
+        minute, hour, n = int(r.ts // MINUTE), int(r.ts // HOUR), sign * r.n
+        self._db.execute(ADD_SITE, (r.site, r.kind, minute, sign, n,
+                                    r.site, r.kind, hour, sign, n))
+        self._db.execute(ADD_UID, (r.uid, r.kind, minute, r.site, sign, n,
+                                   r.uid, r.kind, hour, r.site, sign, n))
+        if r.kind == ACCEPTED:
+            script = r.script or ""
+            self._db.execute(ADD_SCRIPT, (r.site, script, minute, sign, n,
+                                          r.site, script, hour, sign, n))
 
     def prune(self, now: float | None = None) -> None:
-        now = now or time.time()
+        """Drop buckets, domains and submission ids older than their retention."""
+        now = time.time() if now is None else now
+        minute = int(now // MINUTE) - MINUTE_SPAN // MINUTE - 1
+        hour = int(now // HOUR) - int(RETENTION // HOUR) - 1
         with self._lock:
-            self._db.execute("DELETE FROM events WHERE ts < ?", (now - RETENTION,))
+            for table in COUNTERS:
+                self._db.execute(f"DELETE FROM {table} WHERE res = ? AND bucket < ?",  # noqa: S608
+                                 (MINUTE, minute))
+                self._db.execute(f"DELETE FROM {table} WHERE res = ? AND bucket < ?",  # noqa: S608
+                                 (HOUR, hour))
+            self._db.execute("DELETE FROM domains WHERE minute < ?",
+                             (int(now // MINUTE) - DOMAIN_WINDOW,))
             self._db.execute("DELETE FROM submissions WHERE ts < ?",
                              (now - SUBMISSION_RETENTION,))
 
-    def count(self, kind: str, since: float, site: str | None = None,
+    def count(self, kind: str, window: float, now: float, site: str | None = None,
               uid: int | None = None) -> tuple[int, int]:
-        """(number of events, sum of n) of ``kind`` since ``since`` for a site or a uid."""
-        column, value = ("site", site) if site is not None else ("uid", uid)
+        """(number of events, sum of n) of ``kind`` in the window, for a site or a uid."""
+        res, first = buckets(window, now)
+        table, column, value = (("site_counts", "site", site) if site is not None
+                                else ("uid_counts", "uid", uid))
         with self._lock:
             row = self._db.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(n), 0) FROM events "  # noqa: S608 - fixed names
-                f"WHERE {column} = ? AND kind = ? AND ts > ?", (value, kind, since)).fetchone()
+                f"SELECT COALESCE(SUM(events), 0), COALESCE(SUM(total), 0) "  # noqa: S608
+                f"FROM {table} WHERE {column} = ? AND kind = ? AND res = ? AND bucket >= ?",
+                (value, kind, res, first)).fetchone()
         return int(row[0]), int(row[1])
 
-    def distinct_details(self, site: str, kind: str, since: float) -> int:
+    def count_script(self, site: str, script: str, since: float, now: float) -> int:
+        """Messages ``script`` of ``site`` sent from the bucket of ``since`` on."""
+        res = MINUTE if now - since <= MINUTE_SPAN else HOUR
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(DISTINCT detail) FROM events WHERE site = ? AND kind = ? "
-                "AND ts > ?", (site, kind, since)).fetchone()
+                "SELECT COALESCE(SUM(events), 0) FROM script_counts WHERE site = ? AND "
+                "script = ? AND res = ? AND bucket >= ?",
+                (site, script, res, int(since // res))).fetchone()
         return int(row[0])
 
-    def top(self, since: float, by_script: bool = False) -> list[tuple[str, str, int, int]]:
-        """(site, script, messages, recipients) accepted since ``since``, busiest first."""
-        group = "site, script" if by_script else "site"
-        script = "COALESCE(script, '')" if by_script else "''"
+    def top(self, window: float, now: float,
+            by_script: bool = False) -> list[tuple[str, str, int, int]]:
+        """(site, script, messages, recipients) accepted in the window, busiest first."""
+        res, first = buckets(window, now)
+        if by_script:
+            query = ("SELECT site, script, SUM(events) AS c, SUM(total) FROM script_counts "
+                     "WHERE res = ? AND bucket >= ? GROUP BY site, script HAVING c > 0 "
+                     "ORDER BY c DESC, site, script")
+            params: tuple[object, ...] = (res, first)
+        else:
+            query = ("SELECT site, '', SUM(events) AS c, SUM(total) FROM site_counts "
+                     "WHERE res = ? AND bucket >= ? AND kind = ? GROUP BY site "
+                     "HAVING c > 0 ORDER BY c DESC, site")
+            params = (res, first, ACCEPTED)
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT site, {script}, COUNT(*), SUM(n) FROM events "  # noqa: S608
-                f"WHERE kind = ? AND ts > ? GROUP BY {group} ORDER BY COUNT(*) DESC",
-                (ACCEPTED, since)).fetchall()
+            rows = self._db.execute(query, params).fetchall()
         return [(str(a), str(b), int(c), int(d)) for a, b, c, d in rows]
 
-    def count_script(self, site: str, script: str, since: float) -> int:
+    def reset_usage(self, site: str) -> int:
+        """Forget every counter and recipient domain of ``site``; the events forgotten."""
+        with self._lock:
+            (events,) = self._db.execute(
+                "SELECT COALESCE(SUM(events), 0) FROM site_counts WHERE site = ? AND res = ?",
+                (site, HOUR)).fetchone()
+            for table in (*COUNTERS, "domains"):
+                self._db.execute(f"DELETE FROM {table} WHERE site = ?", (site,))  # noqa: S608
+            return int(events)
+
+    # -- recipient domains ------------------------------------------------------
+    def record_domains(self, site: str, domains: Iterable[str], ts: float) -> None:
+        """Note the recipient domains of one message of ``site`` (the minute last seen)."""
+        minute = int(ts // MINUTE)
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO domains VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
+                "minute = MAX(minute, excluded.minute)",
+                [(site, domain, minute) for domain in domains])
+
+    def distinct_domains(self, site: str, now: float, cap: int) -> int:
+        """Distinct recipient domains of ``site`` in the last hour, counted up to ``cap``."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM events WHERE site = ? AND kind = ? AND script = ? "
-                "AND ts > ?", (site, ACCEPTED, script, since)).fetchone()
+                "SELECT COUNT(*) FROM (SELECT 1 FROM domains WHERE site = ? AND minute >= ? "
+                "LIMIT ?)", (site, int(now // MINUTE) - DOMAIN_WINDOW + 1, cap)).fetchone()
         return int(row[0])
-
-    def reset_usage(self, site: str) -> int:
-        with self._lock:
-            cur = self._db.execute("DELETE FROM events WHERE site = ?", (site,))
-            return int(cur.rowcount)
 
     # -- scripts ------------------------------------------------------------
     def script_first_seen(self, site: str, script: str, now: float) -> float:
@@ -180,38 +358,46 @@ class State:
     # -- suspensions ----------------------------------------------------------
     def suspend(self, site: str, reason: str, actor: str) -> bool:
         """True when the site was not suspended before."""
+        since = time.time()
         with self._lock:
             cur = self._db.execute("INSERT OR IGNORE INTO suspensions VALUES (?, ?, ?, ?)",
-                                   (site, time.time(), reason, actor))
-            return cur.rowcount == 1
+                                   (site, since, reason, actor))
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: self._suspended.__setitem__(site, (since, reason, actor)))
+            return True
 
     def resume(self, site: str) -> bool:
         with self._lock:
             cur = self._db.execute("DELETE FROM suspensions WHERE site = ?", (site,))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: self._suspended.pop(site, None))
+            return True
 
     def suspension(self, site: str) -> tuple[float, str, str] | None:
-        with self._lock:
-            row = self._db.execute("SELECT since, reason, actor FROM suspensions WHERE "
-                                   "site = ?", (site,)).fetchone()
-        return (float(row[0]), str(row[1]), str(row[2])) if row else None
+        """(since, reason, actor) of a suspended site: from memory, no lock, no SQL.
+
+        Safe on the event loop; kept in step with the table by :meth:`suspend` and
+        :meth:`resume` (the only writers while this process runs).
+        """
+        return self._suspended.get(site)
 
     # -- quota overrides --------------------------------------------------------
     def overrides(self, site: str) -> dict[str, int | None]:
-        with self._lock:
-            rows = self._db.execute("SELECT key, value FROM quota_overrides WHERE site = ?",
-                                    (site,)).fetchall()
-        return {str(k): (None if v is None else int(v)) for k, v in rows}
+        """The operator's limits for ``site``: from memory, no lock, no SQL."""
+        return dict(self._overrides.get(site, {}))
 
     def set_override(self, site: str, key: str, value: int | None) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO quota_overrides VALUES (?, ?, ?)",
                              (site, key, value))
+            self._in_step(lambda: self._overrides.setdefault(site, {}).__setitem__(key, value))
 
     def clear_overrides(self, site: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM quota_overrides WHERE site = ?", (site,))
-
+            self._in_step(lambda: self._overrides.pop(site, None))
     # -- submission ids (de-duplication of the socket and drop-file roads) ------
     def submission(self, uid: int, subid: str) -> tuple[str, bool] | None:
         """(queue id, committed) of a submission id this uid used before."""

@@ -8,7 +8,6 @@ from sendmail_shim.config import Config, Site
 from sendmail_shim.policy import outbreak
 from sendmail_shim.store.state import (
     ACCEPTED,
-    RCPT_DOMAIN,
     REFUSED_QUOTA,
     RELAY_5XX,
     RELAY_OK,
@@ -41,7 +40,7 @@ def flood_other_site(state: State) -> None:
     """Plenty for every rule, all of it site2's: site1 must not be blamed for any."""
     for i in range(30):
         state.record(SITE2, SPARE_UID, REFUSED_QUOTA, ts=NOW - 5)
-        state.record(SITE2, SPARE_UID, RCPT_DOMAIN, detail=f"d{i}.test", ts=NOW - 5)
+        state.record_domains(SITE2, [f"d{i}.test"], NOW - 5)
         state.record(SITE2, SPARE_UID, RELAY_5XX, ts=NOW - 5)
         state.record(SITE2, SPARE_UID, ACCEPTED, script="/spam.php", ts=NOW - 5)
 
@@ -78,14 +77,23 @@ class TestQuotaRefusals:
 
 class TestRecipientDomains:
     def test_fires_above_the_limit_of_distinct_domains(self, site: Site, state: State) -> None:
-        state.record(SITE1, MY_UID, RCPT_DOMAIN, detail="old.test", ts=NOW - 3700)
-        for domain in ("a.test", "b.test", "c.test", "d.test", "a.test", "b.test"):
-            state.record(SITE1, MY_UID, RCPT_DOMAIN, detail=domain, ts=NOW - 10)
+        state.record_domains(SITE1, ["old.test"], NOW - 3601)  # before the 60 minutes
+        state.record_domains(SITE1, ["a.test", "b.test"], NOW - 10)
+        state.record_domains(SITE1, ["c.test", "d.test", "a.test"], NOW - 10)
+        state.record_domains(SITE1, ["b.test"], NOW - 10)
         assert outbreak.after_accept(state, site, None, NOW) is None  # 4 is the limit
-        state.record(SITE1, MY_UID, RCPT_DOMAIN, detail="e.test", ts=NOW - 1)
+        state.record_domains(SITE1, ["e.test", "f.test"], NOW - 1)
         assert outbreak.after_accept(state, site, None, NOW) == (
-            "rule recipient_domains_per_hour: 5 distinct recipient domains in the last hour "
-            "(limit 4)")
+            "rule recipient_domains_per_hour: more than 4 distinct recipient domains in the "
+            "last hour (limit 4)")
+
+    def test_a_domain_seen_again_stays_in_the_hour(self, site: Site, state: State) -> None:
+        for i in range(4):
+            state.record_domains(SITE1, [f"{i}.test"], NOW - 3000)
+        state.record_domains(SITE1, ["x.test"], NOW - 3590)
+        state.record_domains(SITE1, ["x.test"], NOW - 30)  # x.test seen again: still counted
+        assert outbreak.after_accept(state, site, None, NOW) is not None
+        assert outbreak.after_accept(state, site, None, NOW + 700) is None  # 0-3 have left
 
     def test_other_sites_domains_do_not_count(self, site: Site, state: State) -> None:
         flood_other_site(state)
@@ -161,7 +169,7 @@ def test_a_site_without_rules_is_never_suspended(make_config: MakeConfig,
     assert site.outbreak is None
     for i in range(100):
         state.record(SITE1, MY_UID, REFUSED_QUOTA, ts=NOW - 1)
-        state.record(SITE1, MY_UID, RCPT_DOMAIN, detail=f"d{i}.test", ts=NOW - 1)
+        state.record_domains(SITE1, [f"d{i}.test"], NOW - 1)
         state.record(SITE1, MY_UID, RELAY_5XX, ts=NOW - 1)
         state.record(SITE1, MY_UID, ACCEPTED, script="/new.php", ts=NOW - 1)
     assert outbreak.after_quota_refusal(state, site, NOW) is None
@@ -172,7 +180,8 @@ def test_a_site_without_rules_is_never_suspended(make_config: MakeConfig,
 def test_top_level_rules_are_every_sites_default(make_config: MakeConfig,
                                                  state: State) -> None:
     config = make_config(outbreak={"quota_refusals": {"count": 2, "window": "1m"}})
-    for _ in range(2):
-        state.record(SITE2, SPARE_UID, REFUSED_QUOTA, ts=NOW - 30)
-    reason = outbreak.after_quota_refusal(state, config.sites[SITE2], NOW)
+    for _ in range(2):  # a one-minute window is the current minute (NOW starts one)
+        state.record(SITE2, SPARE_UID, REFUSED_QUOTA, ts=NOW + 5)
+    assert outbreak.after_quota_refusal(state, config.sites[SITE2], NOW + 60) is None
+    reason = outbreak.after_quota_refusal(state, config.sites[SITE2], NOW + 59)
     assert reason == "rule quota_refusals: 2 quota refusals within 1 minutes (limit 2)"

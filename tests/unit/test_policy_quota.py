@@ -137,19 +137,35 @@ def test_random_histories_match_a_model(config: Config, state: State) -> None:
     """Seeded: any history of events gives the refusal the limits say, and only then."""
     rng = random.Random(1111)
     limits = config.sites[SITE1].quota
-    for _ in range(60):
+    for _ in range(200):
         state.reset_usage(SITE1)
         events = [(rng.uniform(0, 1.5 * DAY), rng.randint(1, 2)) for _ in range(rng.randint(0, 6))]
         for ago, n in events:
             accept(state, n=n, ago=ago)
         nrcpt = rng.randint(1, 3)
-        hour = [n for ago, n in events if ago < HOUR]
-        day = [n for ago, n in events if ago < DAY]
+        # The windows are buckets: this minute and the previous 59, this hour and the 23 before.
+        hour = [n for ago, n in events if (NOW - ago) // 60 >= NOW // 60 - 59]
+        day = [n for ago, n in events if (NOW - ago) // 3600 >= NOW // 3600 - 23]
         expected = (nrcpt > (limits.recipients_per_message or 0)
                     or len(hour) + 1 > (limits.per_hour or 0)
                     or len(day) + 1 > (limits.per_day or 0)
                     or sum(hour) + nrcpt > (limits.recipients_per_hour or 0))
         assert (check(config, state, nrcpt=nrcpt) is not None) == expected, (events, nrcpt)
+
+
+def test_windows_are_whole_buckets(config: Config, state: State) -> None:
+    """The last hour is this minute and the previous 59; the last day this hour and 23."""
+    minute = NOW // 60 * 60
+    accept(state, ago=NOW - (minute - 59 * 60))  # first second of the oldest minute: counted
+    accept(state, ago=NOW - (minute - 59 * 60) + 1)  # last second before it: not
+    used = quota.usage(state, NOW + 59, site=SITE1)  # still the same minute
+    assert (used.messages_hour, used.messages_day) == (1, 2)
+    assert quota.usage(state, NOW + 60, site=SITE1).messages_hour == 0  # a minute later
+    hour = NOW // 3600 * 3600
+    state.reset_usage(SITE1)
+    accept(state, ago=NOW - (hour - 23 * 3600))
+    accept(state, ago=NOW - (hour - 23 * 3600) + 1)
+    assert quota.usage(state, NOW + 3599, site=SITE1).messages_day == 1
 
 
 def test_concurrent_submissions_cannot_slip_past_a_limit(config: Config, state: State) -> None:

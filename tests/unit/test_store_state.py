@@ -13,11 +13,13 @@ import pytest
 from sendmail_shim.store import state as state_mod
 from sendmail_shim.store.state import (
     ACCEPTED,
-    RCPT_DOMAIN,
+    MINUTE_SPAN,
     REFUSED_QUOTA,
+    RELAY_OK,
     RETENTION,
     SUBMISSION_RETENTION,
     State,
+    buckets,
 )
 from sendmail_shim.wire import paths
 
@@ -38,7 +40,7 @@ class TestOpen:
         first.close()
         again = State(layout, create=False)
         try:
-            assert again.count(ACCEPTED, NOW - 1, site=SITE1) == (1, 2)
+            assert again.count(ACCEPTED, 60, NOW, site=SITE1) == (1, 2)
             assert again.suspension(SITE2) is not None
             assert again.overrides(SITE1) == {"per_hour": 9}
         finally:
@@ -61,66 +63,92 @@ class TestOpen:
         opened = State(spool_layout)
         opened.close()
         with pytest.raises(sqlite3.ProgrammingError):
-            opened.count(ACCEPTED, 0, site=SITE1)
+            opened.count(ACCEPTED, 60, NOW, site=SITE1)
 
 
-class TestEvents:
+HOUR, DAY = 3600, 86400
+
+
+class TestCounters:
     def test_counts_per_site_and_per_uid_in_the_window(self, state: State) -> None:
         state.record(SITE1, 1000, ACCEPTED, 3, ts=NOW - 10)
         state.record(SITE1, 1001, ACCEPTED, 1, ts=NOW - 20)
         state.record(SITE2, 1000, ACCEPTED, 5, ts=NOW - 30)
         state.record(SITE1, 1000, ACCEPTED, 7, ts=NOW - 4000)  # outside the hour
         state.record(SITE1, 1000, REFUSED_QUOTA, 1, ts=NOW - 5)  # another kind
-        assert state.count(ACCEPTED, NOW - 3600, site=SITE1) == (2, 4)
-        assert state.count(ACCEPTED, NOW - 3600, site=SITE2) == (1, 5)
-        assert state.count(ACCEPTED, NOW - 3600, uid=1000) == (2, 8)
-        assert state.count(ACCEPTED, NOW - 86400, site=SITE1) == (3, 11)
-        assert state.count(REFUSED_QUOTA, NOW - 3600, site=SITE1) == (1, 1)
-        assert state.count(ACCEPTED, NOW - 3600, site="nobody.test") == (0, 0)
+        assert state.count(ACCEPTED, HOUR, NOW, site=SITE1) == (2, 4)
+        assert state.count(ACCEPTED, HOUR, NOW, site=SITE2) == (1, 5)
+        assert state.count(ACCEPTED, HOUR, NOW, uid=1000) == (2, 8)
+        assert state.count(ACCEPTED, DAY, NOW, site=SITE1) == (3, 11)
+        assert state.count(REFUSED_QUOTA, HOUR, NOW, site=SITE1) == (1, 1)
+        assert state.count(ACCEPTED, HOUR, NOW, site="nobody.test") == (0, 0)
 
-    def test_window_start_is_exclusive(self, state: State) -> None:
-        state.record(SITE1, 1000, ACCEPTED, ts=NOW - 3600)
-        assert state.count(ACCEPTED, NOW - 3600, site=SITE1) == (0, 0)
-        assert state.count(ACCEPTED, NOW - 3600.5, site=SITE1) == (1, 1)
+    @pytest.mark.parametrize("window, res, span", [
+        (60, 60, 1), (90, 60, 2), (600, 60, 10), (HOUR, 60, 60), (MINUTE_SPAN, 60, 120),
+        (MINUTE_SPAN + 1, HOUR, 3), (DAY, HOUR, 24), (30 * DAY, HOUR, 48)])
+    def test_a_window_is_the_current_bucket_and_the_previous_ones(
+            self, window: float, res: int, span: int) -> None:
+        now = NOW + 1234.5
+        assert buckets(window, now) == (res, int(now // res) - span + 1)
+
+    def test_window_edges_are_bucket_edges(self, state: State) -> None:
+        oldest = (NOW // 60 - 59) * 60  # the first second of the hour window's oldest minute
+        state.record(SITE1, 1000, ACCEPTED, ts=oldest)
+        state.record(SITE1, 1000, ACCEPTED, ts=oldest - 0.5)
+        assert state.count(ACCEPTED, HOUR, NOW + 59.9, site=SITE1) == (1, 1)
+        assert state.count(ACCEPTED, HOUR, NOW + 60, site=SITE1) == (0, 0)
+        assert state.count(ACCEPTED, HOUR + 60, NOW, site=SITE1) == (2, 2)
 
     def test_forget_takes_back_one_reservation(self, state: State) -> None:
-        keep = state.record(SITE1, 1000, ACCEPTED, ts=NOW)
-        drop = state.record(SITE1, 1000, ACCEPTED, 4, ts=NOW)
-        assert keep != drop
+        keep = state.record(SITE1, 1000, ACCEPTED, script="/a.php", ts=NOW)
+        drop = state.record(SITE1, 1000, ACCEPTED, 4, script="/b.php", ts=NOW)
         state.forget(drop)
-        assert state.count(ACCEPTED, NOW - 1, site=SITE1) == (1, 1)
+        assert state.count(ACCEPTED, 60, NOW, site=SITE1) == (1, 1)
+        assert state.count(ACCEPTED, DAY, NOW, uid=1000) == (1, 1)
+        assert state.top(HOUR, NOW, by_script=True) == [(SITE1, "/a.php", 1, 1)]
+        state.forget(keep)
+        assert state.top(HOUR, NOW) == []
 
-    def test_prune_keeps_two_days_of_events_and_a_week_of_submissions(
-            self, state: State) -> None:
-        state.record(SITE1, 1000, ACCEPTED, ts=NOW - RETENTION - 1)
-        state.record(SITE1, 1000, ACCEPTED, ts=NOW - RETENTION + 60)
+    def test_prune_keeps_the_retention_of_each_kind_of_row(self, state: State) -> None:
+        state.record(SITE1, 1000, ACCEPTED, ts=NOW - RETENTION - 2 * HOUR)
+        state.record(SITE1, 1000, ACCEPTED, ts=NOW - RETENTION + 2 * HOUR)
+        state.record(SITE1, 1000, ACCEPTED, ts=NOW - 30)
+        state.record_domains(SITE1, ["old.test"], NOW - HOUR - 60)
+        state.record_domains(SITE1, ["new.test"], NOW - 30)
         state.claim_submission(1000, "old", "0123456789ABCDEF", NOW - SUBMISSION_RETENTION - 1)
         state.claim_submission(1000, "new", "0123456789ABCDE0", NOW - RETENTION - 1)
         state.prune(now=NOW)
-        assert state.count(ACCEPTED, 0, site=SITE1) == (1, 1)
+        assert state.count(ACCEPTED, RETENTION, NOW, site=SITE1) == (2, 2)
+        assert state.count(ACCEPTED, HOUR, NOW, site=SITE1) == (1, 1)
+        assert rows(state, "site_counts WHERE res = 60") == 1  # older minutes are gone
+        assert rows(state, "domains") == 1
         assert state.submission(1000, "old") is None
         assert state.submission(1000, "new") == ("0123456789ABCDE0", False)
 
-    def test_every_thousandth_insert_prunes(self, state: State) -> None:
+    def test_every_thousandth_record_prunes(self, state: State) -> None:
         for _ in range(999):
             state.record(SITE1, 1000, ACCEPTED, ts=1.0)  # long expired
-        assert state.count(ACCEPTED, 0, site=SITE1)[0] == 999
+        assert rows(state, "site_counts") == 2
         state.record(SITE1, 1000, ACCEPTED)  # the 1000th: now
-        assert state.count(ACCEPTED, 0, site=SITE1)[0] == 1
+        assert rows(state, "site_counts") == 2  # the expired minute and hour are gone
+        assert state.count(ACCEPTED, RETENTION, NOW * 2, site=SITE1) == (0, 0)
 
-    def test_distinct_details_and_scripts(self, state: State) -> None:
-        for domain in ("a.test", "b.test", "a.test", "c.test"):
-            state.record(SITE1, 1000, RCPT_DOMAIN, detail=domain, ts=NOW - 5)
-        state.record(SITE1, 1000, RCPT_DOMAIN, detail="old.test", ts=NOW - 7200)
-        state.record(SITE2, 1001, RCPT_DOMAIN, detail="z.test", ts=NOW - 5)
-        assert state.distinct_details(SITE1, RCPT_DOMAIN, NOW - 3600) == 3
-        assert state.distinct_details(SITE2, RCPT_DOMAIN, NOW - 3600) == 1
+    def test_distinct_domains_and_scripts(self, state: State) -> None:
+        state.record_domains(SITE1, ["a.test", "b.test"], NOW - 5)
+        state.record_domains(SITE1, ["a.test", "c.test"], NOW - 5)
+        state.record_domains(SITE1, ["old.test"], NOW - 7200)
+        state.record_domains(SITE2, ["z.test"], NOW - 5)
+        assert state.distinct_domains(SITE1, NOW, cap=100) == 3
+        assert state.distinct_domains(SITE1, NOW, cap=2) == 2
+        assert state.distinct_domains(SITE2, NOW, cap=100) == 1
         for _ in range(3):
             state.record(SITE1, 1000, ACCEPTED, script="/x/spam.php", ts=NOW - 5)
         state.record(SITE1, 1000, ACCEPTED, script="/x/form.php", ts=NOW - 5)
         state.record(SITE2, 1001, ACCEPTED, script="/x/spam.php", ts=NOW - 5)
-        assert state.count_script(SITE1, "/x/spam.php", NOW - 60) == 3
-        assert state.count_script(SITE1, "/x/spam.php", NOW) == 0
+        state.record(SITE1, 1000, RELAY_OK, script="/x/spam.php", ts=NOW - 5)  # not a message
+        assert state.count_script(SITE1, "/x/spam.php", NOW - 60, NOW) == 3
+        assert state.count_script(SITE1, "/x/spam.php", NOW, NOW) == 0
+        assert state.count_script(SITE1, "/x/spam.php", NOW - 3 * HOUR, NOW) == 3  # hours
 
     def test_top_is_busiest_first(self, state: State) -> None:
         for site, script, times, n in ((SITE1, "/a.php", 2, 1), (SITE2, "/b.php", 4, 2),
@@ -128,17 +156,116 @@ class TestEvents:
             for _ in range(times):
                 state.record(site, 1000, ACCEPTED, n, script=script, ts=NOW - 5)
         state.record(SITE1, 1000, ACCEPTED, ts=NOW - 7200)
-        assert state.top(NOW - 3600) == [(SITE2, "", 4, 8), (SITE1, "", 3, 6)]
-        assert state.top(NOW - 3600, by_script=True) == [
+        assert state.top(HOUR, NOW) == [(SITE2, "", 4, 8), (SITE1, "", 3, 6)]
+        assert state.top(HOUR, NOW, by_script=True) == [
             (SITE2, "/b.php", 4, 8), (SITE1, "/a.php", 2, 2), (SITE1, "", 1, 4)]
+        assert state.top(DAY, NOW) == [(SITE1, "", 4, 7), (SITE2, "", 4, 8)]  # ties: by name
 
     def test_reset_usage_touches_only_that_site(self, state: State) -> None:
         state.record(SITE1, 1000, ACCEPTED, ts=NOW)
         state.record(SITE1, 1000, REFUSED_QUOTA, ts=NOW)
-        state.record(SITE2, 1001, ACCEPTED, ts=NOW)
+        state.record(SITE2, 1000, ACCEPTED, ts=NOW)
+        state.record_domains(SITE1, ["a.test"], NOW)
         assert state.reset_usage(SITE1) == 2
-        assert state.count(ACCEPTED, 0, site=SITE1) == (0, 0)
-        assert state.count(ACCEPTED, 0, site=SITE2) == (1, 1)
+        assert state.count(ACCEPTED, DAY, NOW, site=SITE1) == (0, 0)
+        assert state.count(ACCEPTED, DAY, NOW, site=SITE2) == (1, 1)
+        assert state.count(ACCEPTED, DAY, NOW, uid=1000) == (1, 1)  # its share of the uid too
+        assert state.distinct_domains(SITE1, NOW, cap=10) == 0
+
+
+def rows(state: State, where: str) -> int:
+    return int(state._db.execute(f"SELECT COUNT(*) FROM {where}").fetchone()[0])  # noqa: S608
+
+
+class TestBoundedWork:
+    """The SQL work of one submission does not grow with the events in the window."""
+
+    def statements(self, state: State, site: str, now: float) -> list[str]:
+        seen: list[str] = []
+        state._db.set_trace_callback(seen.append)
+        try:
+            with state.transaction():
+                state.count(ACCEPTED, HOUR, now, site=site)
+                state.count(ACCEPTED, DAY, now, uid=1000)
+                state.record(site, 1000, ACCEPTED, 2, script="/x.php", ts=now)
+            state.record_domains(site, ["a.test", "b.test"], now)
+            state.distinct_domains(site, now, cap=201)
+            state.count_script(site, "/x.php", now - 600, now)
+            state.count(REFUSED_QUOTA, 600, now, site=site)
+        finally:
+            state._db.set_trace_callback(None)
+        return seen
+
+    def test_same_statements_with_10_and_10000_prior_events(self, state: State) -> None:
+        for name, prior in ((SITE1, 10), (SITE2, 10_000)):
+            with state.transaction():
+                for i in range(prior):
+                    ts = NOW - 3000 + 3000 * i / prior
+                    state.record(name, 1000, ACCEPTED, 1, script="/x.php", ts=ts)
+                    state.record_domains(name, [f"d{i % 50}.test"], ts)
+        light = self.statements(state, SITE1, NOW)
+        heavy = self.statements(state, SITE2, NOW)
+        assert len(light) == len(heavy) <= 12
+        # and each reads bounded rows: at most 60 minute and 24 hour buckets per count
+        assert rows(state, f"site_counts WHERE site = '{SITE2}'") <= 2 * (3000 // 60 + 2)
+
+    def test_a_full_window_costs_what_an_empty_one_does(self, state: State) -> None:
+        """Wall-clock, generous: 10,000 events in the window, a check stays O(1)."""
+        import time
+
+        def per_check(site: str) -> float:
+            start = time.perf_counter()
+            for _ in range(200):
+                state.count(ACCEPTED, HOUR, NOW, site=site)
+                state.count(ACCEPTED, DAY, NOW, site=site)
+            return time.perf_counter() - start
+
+        with state.transaction():
+            for i in range(10_000):
+                state.record(SITE2, 1000, ACCEPTED, ts=NOW - 3000 + 0.3 * i)
+        state.record(SITE1, 1000, ACCEPTED, ts=NOW)
+        assert per_check(SITE2) < 5 * per_check(SITE1) + 0.05
+
+
+class TestMigration:
+    def test_events_of_the_previous_version_are_folded_once(self, tmp_path: Path) -> None:
+        layout = paths.SpoolLayout(str(tmp_path / "spool"))
+        os.makedirs(state_mod.state_dir(layout))
+        path = os.path.join(state_mod.state_dir(layout), "state.sqlite")
+        now = __import__("time").time()
+        with sqlite3.connect(path) as db:
+            db.executescript("""
+                CREATE TABLE events (ts REAL NOT NULL, site TEXT NOT NULL, uid INTEGER NOT NULL,
+                    kind TEXT NOT NULL, script TEXT, n INTEGER NOT NULL DEFAULT 1, detail TEXT);
+                CREATE TABLE suspensions (site TEXT PRIMARY KEY, since REAL NOT NULL,
+                    reason TEXT NOT NULL, actor TEXT NOT NULL);""")
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (now - 30, SITE1, 1000, "accepted", "/a.php", 2, None),
+                (now - 30, SITE1, 1000, "accepted", None, 1, None),
+                (now - 5 * 3600, SITE1, 1000, "accepted", "/a.php", 1, None),
+                (now - 3 * 86400, SITE1, 1000, "accepted", "/a.php", 1, None),  # expired
+                (now - 30, SITE1, 1000, "refused_quota", None, 1, None),
+                (now - 30, SITE1, 1000, "rcpt_domain", None, 1, "a.test"),
+                (now - 20, SITE1, 1000, "rcpt_domain", None, 1, "b.test"),
+                (now - 2 * 3600, SITE1, 1000, "rcpt_domain", None, 1, "old.test"),
+                (now - 30, SITE2, 1001, "relay_5xx", None, 1, None)])
+            db.execute("INSERT INTO suspensions VALUES (?, ?, 'by hand', 'operator')",
+                       (SITE2, now - 60))
+        db.close()
+        for _ in range(2):  # the second open finds nothing left to fold
+            state = State(layout)
+            try:
+                assert state.count(ACCEPTED, HOUR, now, site=SITE1) == (2, 3)
+                assert state.count(ACCEPTED, DAY, now, uid=1000) == (3, 4)
+                assert state.count(REFUSED_QUOTA, 600, now, site=SITE1) == (1, 1)
+                assert state.count("relay_5xx", HOUR, now, site=SITE2) == (1, 1)
+                assert state.distinct_domains(SITE1, now, cap=10) == 2
+                assert state.top(DAY, now, by_script=True) == [
+                    (SITE1, "/a.php", 2, 3), (SITE1, "", 1, 1)]
+                assert state.suspension(SITE2) is not None
+                assert rows(state, "sqlite_master WHERE name = 'events'") == 0
+            finally:
+                state.close()
 
 
 class TestTransaction:
@@ -146,12 +273,18 @@ class TestTransaction:
         with pytest.raises(RuntimeError), state.transaction():
             state.record(SITE1, 1000, ACCEPTED, ts=NOW)
             state.claim_submission(1000, "s1", "0123456789ABCDEF", NOW)
+            state.suspend(SITE2, "in the rolled-back transaction", "test")
+            state.set_override(SITE1, "per_hour", 3)
             raise RuntimeError("boom")
-        assert state.count(ACCEPTED, 0, site=SITE1) == (0, 0)
+        assert state.count(ACCEPTED, DAY, NOW, site=SITE1) == (0, 0)
         assert state.submission(1000, "s1") is None
+        assert state.suspension(SITE2) is None and state.overrides(SITE1) == {}
         with state.transaction():  # and the next one works
             state.record(SITE1, 1000, ACCEPTED, ts=NOW)
-        assert state.count(ACCEPTED, 0, site=SITE1) == (1, 1)
+            state.suspend(SITE2, "committed", "test")
+            assert state.suspension(SITE2) is None  # not before the commit
+        assert state.count(ACCEPTED, DAY, NOW, site=SITE1) == (1, 1)
+        assert state.suspension(SITE2) is not None
 
     def test_check_and_reserve_is_atomic_across_threads(self, state: State) -> None:
         limit, threads, tries = 10, 8, 6
@@ -160,7 +293,7 @@ class TestTransaction:
         def worker(uid: int) -> None:
             for _ in range(tries):
                 with state.transaction():
-                    if state.count(ACCEPTED, NOW - 3600, site=SITE1)[0] < limit:
+                    if state.count(ACCEPTED, HOUR, NOW, site=SITE1)[0] < limit:
                         state.record(SITE1, uid, ACCEPTED, ts=NOW)
                         granted.append(uid)
 
@@ -170,7 +303,7 @@ class TestTransaction:
         for thread in pool:
             thread.join(timeout=30)
         assert len(granted) == limit
-        assert state.count(ACCEPTED, NOW - 3600, site=SITE1) == (limit, limit)
+        assert state.count(ACCEPTED, HOUR, NOW, site=SITE1) == (limit, limit)
 
 
 class TestScripts:
@@ -191,6 +324,21 @@ class TestSuspensions:
         assert state.resume(SITE1) is True
         assert state.resume(SITE1) is False
         assert state.suspension(SITE1) is None
+
+    def test_suspension_is_read_without_sql_and_survives_reopen(
+            self, state: State, spool_layout: paths.SpoolLayout) -> None:
+        state.suspend(SITE1, "rule new_script", "outbreak rule")
+        seen: list[str] = []
+        state._db.set_trace_callback(seen.append)
+        assert state.suspension(SITE1) is not None and state.suspension(SITE2) is None
+        assert state.overrides(SITE1) == {}
+        state._db.set_trace_callback(None)
+        assert seen == []
+        again = State(spool_layout)
+        try:
+            assert again.suspension(SITE1) == state.suspension(SITE1)
+        finally:
+            again.close()
 
 
 class TestOverrides:
