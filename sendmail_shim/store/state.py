@@ -62,22 +62,35 @@ PRUNE_EVERY = 1000  # records between two prunes
 ACCEPTED, REFUSED_QUOTA, RELAY_OK, RELAY_5XX = (
     "accepted", "refused_quota", "relay_ok", "relay_5xx")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS site_counts (
-    site TEXT NOT NULL, kind TEXT NOT NULL, res INTEGER NOT NULL, bucket INTEGER NOT NULL,
-    events INTEGER NOT NULL, total INTEGER NOT NULL,
-    PRIMARY KEY (site, kind, res, bucket)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS site_counts_age ON site_counts(res, bucket);
-CREATE TABLE IF NOT EXISTS uid_counts (
-    uid INTEGER NOT NULL, kind TEXT NOT NULL, res INTEGER NOT NULL, bucket INTEGER NOT NULL,
-    site TEXT NOT NULL, events INTEGER NOT NULL, total INTEGER NOT NULL,
-    PRIMARY KEY (uid, kind, res, bucket, site)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS uid_counts_age ON uid_counts(res, bucket);
-CREATE TABLE IF NOT EXISTS script_counts (
-    site TEXT NOT NULL, script TEXT NOT NULL, res INTEGER NOT NULL, bucket INTEGER NOT NULL,
-    events INTEGER NOT NULL, total INTEGER NOT NULL,
-    PRIMARY KEY (site, script, res, bucket)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS script_counts_age ON script_counts(res, bucket);
+# Bucketed counters: name -> (key columns before the bucket, key columns after it).
+COUNTER_TABLES = {
+    "site_counts": (("site TEXT", "kind TEXT"), ()),
+    "uid_counts": (("uid INTEGER", "kind TEXT"), ("site TEXT",)),  # the uid's share per site
+    "script_counts": (("site TEXT", "script TEXT"), ()),  # accepted messages only
+}
+COUNTERS = tuple(COUNTER_TABLES)
+
+
+def _counter_table(name: str, head: tuple[str, ...], tail: tuple[str, ...]) -> str:
+    """DDL of one counter table: a row per key, resolution and bucket, and its age index."""
+    columns = (*head, "res INTEGER", "bucket INTEGER", *tail, "events INTEGER", "total INTEGER")
+    key = ", ".join(column.split()[0] for column in (*head, "res", "bucket", *tail))
+    return (f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(c + ' NOT NULL' for c in columns)}, "
+            f"PRIMARY KEY ({key})) WITHOUT ROWID;\n"
+            f"CREATE INDEX IF NOT EXISTS {name}_age ON {name}(res, bucket);\n")
+
+
+def _counter_add(name: str, head: tuple[str, ...], tail: tuple[str, ...]) -> str:
+    """Add (events, total) to the minute and the hour bucket of one key, in one statement."""
+    rows = ", ".join("(" + ", ".join(["?"] * len(head) + [str(res), "?"] + ["?"] * len(tail)
+                                     + ["?", "?"]) + ")" for res in (MINUTE, HOUR))
+    return (f"INSERT INTO {name} VALUES {rows} ON CONFLICT DO UPDATE SET "  # noqa: S608
+            "events = events + excluded.events, total = total + excluded.total")
+
+
+ADD_SITE, ADD_UID, ADD_SCRIPT = (_counter_add(name, *cols)
+                                  for name, cols in COUNTER_TABLES.items())
+SCHEMA = "".join(_counter_table(name, *cols) for name, cols in COUNTER_TABLES.items()) + """
 CREATE TABLE IF NOT EXISTS domains (
     site TEXT NOT NULL, domain TEXT NOT NULL, minute INTEGER NOT NULL,
     PRIMARY KEY (site, domain)) WITHOUT ROWID;
@@ -94,17 +107,6 @@ CREATE TABLE IF NOT EXISTS submissions (
     committed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (uid, subid));
 CREATE INDEX IF NOT EXISTS submissions_ts ON submissions(ts);
 """
-
-ADD_SITE = (
-    "INSERT INTO site_counts VALUES (?, ?, 60, ?, ?, ?), (?, ?, 3600, ?, ?, ?) ON CONFLICT "
-    "DO UPDATE SET events = events + excluded.events, total = total + excluded.total")
-ADD_UID = (
-    "INSERT INTO uid_counts VALUES (?, ?, 60, ?, ?, ?, ?), (?, ?, 3600, ?, ?, ?, ?) ON CONFLICT "
-    "DO UPDATE SET events = events + excluded.events, total = total + excluded.total")
-ADD_SCRIPT = (
-    "INSERT INTO script_counts VALUES (?, ?, 60, ?, ?, ?), (?, ?, 3600, ?, ?, ?) ON CONFLICT "
-    "DO UPDATE SET events = events + excluded.events, total = total + excluded.total")
-COUNTERS = ("site_counts", "uid_counts", "script_counts")
 
 # A state file of the previous version: its events folded into buckets, once.
 FOLD = (
@@ -184,10 +186,12 @@ class State:
 
     def _fold_events(self, now: float) -> None:
         """Fold the events table of the previous version into buckets, then drop it."""
-        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                            "name = 'events'").fetchone() is None:
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        if self._db.execute(exists).fetchone() is None:
             return
         with self.transaction():
+            if self._db.execute(exists).fetchone() is None:
+                return  # another process folded it meanwhile
             for res, since in ((MINUTE, now - MINUTE_SPAN - MINUTE), (HOUR, now - RETENTION)):
                 for statement in FOLD:
                     self._db.execute(statement.format(res=res), (since,))
