@@ -10,18 +10,20 @@ lock, so a check and the event it reserves are atomic across the daemon's
 threads (:meth:`State.transaction`); the state survives restarts.
 
 Windows are bucketed counters, not event logs: each event adds to one
-per-minute and one per-hour bucket of its site, of its uid (per site), and for
-accepted messages of its (site, script).  A window of W seconds is the current
-bucket plus the previous ones: up to :data:`MINUTE_SPAN` in minutes (``the last
-hour`` = the current minute and the previous 59), longer in hours (``the last
-day`` = the current hour and the previous 23), at most :data:`RETENTION`.  So
-recording, checking and reserving read and write a bounded number of rows
-(at most 120 per window), whatever a site's traffic: the per-message work does
-not grow with the window.  Distinct recipient domains are kept per (site,
-domain) with the minute last seen, counted over the last hour and capped by
-the caller.  Minute buckets are pruned after :data:`MINUTE_SPAN`, hour buckets
-and the rest after :data:`RETENTION`.  A state file of the previous version
-(an ``events`` table) has its events folded into buckets once, at open.
+per-minute and one per-hour bucket of its site and, for accepted messages,
+of its uid (per site: the account quota) and of its (site, script) (``top``,
+rule new_script); so an event costs one statement, an accepted message three.
+A window of W seconds is the current bucket plus the previous ones: up to
+:data:`MINUTE_SPAN` in minutes (``the last hour`` = the current minute and the
+previous 59), longer in hours (``the last day`` = the current hour and the
+previous 23), at most :data:`RETENTION`.  So recording, checking and
+reserving read and write a bounded number of rows (at most 120 per window),
+whatever a site's traffic: the per-message work does not grow with the
+window.  Distinct recipient domains are kept per (site, domain) with the
+minute last seen, counted over the last hour and capped by the caller.
+Minute buckets are pruned after :data:`MINUTE_SPAN`, hour buckets and the rest
+after :data:`RETENTION`.  A state file of the previous version (an ``events``
+table) has its events folded into buckets once, at open.
 
 Suspensions and quota overrides are also kept in memory, in step with their
 tables (changed after the write succeeds, or after the transaction commits):
@@ -65,8 +67,8 @@ ACCEPTED, REFUSED_QUOTA, RELAY_OK, RELAY_5XX = (
 # Bucketed counters: name -> (key columns before the bucket, key columns after it).
 COUNTER_TABLES = {
     "site_counts": (("site TEXT", "kind TEXT"), ()),
-    "uid_counts": (("uid INTEGER", "kind TEXT"), ("site TEXT",)),  # the uid's share per site
-    "script_counts": (("site TEXT", "script TEXT"), ()),  # accepted messages only
+    "uid_counts": (("uid INTEGER", "kind TEXT"), ("site TEXT",)),  # accepted; share per site
+    "script_counts": (("site TEXT", "script TEXT"), ()),  # accepted messages
 }
 COUNTERS = tuple(COUNTER_TABLES)
 
@@ -114,7 +116,7 @@ FOLD = (
     "COUNT(*), SUM(n) FROM events WHERE ts >= ? AND kind != 'rcpt_domain' "
     "GROUP BY site, kind, b",
     "INSERT INTO uid_counts SELECT uid, kind, {res}, CAST(ts / {res} AS INTEGER) AS b, site, "
-    "COUNT(*), SUM(n) FROM events WHERE ts >= ? AND kind != 'rcpt_domain' "
+    "COUNT(*), SUM(n) FROM events WHERE ts >= ? AND kind = 'accepted' "
     "GROUP BY uid, kind, b, site",
     "INSERT INTO script_counts SELECT site, COALESCE(script, ''), {res}, "
     "CAST(ts / {res} AS INTEGER) AS b, COUNT(*), SUM(n) FROM events WHERE ts >= ? "
@@ -257,9 +259,9 @@ class State:
         minute, hour, n = int(r.ts // MINUTE), int(r.ts // HOUR), sign * r.n
         self._db.execute(ADD_SITE, (r.site, r.kind, minute, sign, n,
                                     r.site, r.kind, hour, sign, n))
-        self._db.execute(ADD_UID, (r.uid, r.kind, minute, r.site, sign, n,
-                                   r.uid, r.kind, hour, r.site, sign, n))
-        if r.kind == ACCEPTED:
+        if r.kind == ACCEPTED:  # account quotas, top and new_script count messages only
+            self._db.execute(ADD_UID, (r.uid, r.kind, minute, r.site, sign, n,
+                                       r.uid, r.kind, hour, r.site, sign, n))
             script = r.script or ""
             self._db.execute(ADD_SCRIPT, (r.site, script, minute, sign, n,
                                           r.site, script, hour, sign, n))
@@ -282,7 +284,10 @@ class State:
 
     def count(self, kind: str, window: float, now: float, site: str | None = None,
               uid: int | None = None) -> tuple[int, int]:
-        """(number of events, sum of n) of ``kind`` in the window, for a site or a uid."""
+        """(number of events, sum of n) of ``kind`` in the window, for a site or a uid.
+
+        A uid's counters are kept for :data:`ACCEPTED` only.
+        """
         res, first = buckets(window, now)
         table, column, value = (("site_counts", "site", site) if site is not None
                                 else ("uid_counts", "uid", uid))

@@ -81,7 +81,17 @@ class TestCounters:
         assert state.count(ACCEPTED, HOUR, NOW, uid=1000) == (2, 8)
         assert state.count(ACCEPTED, DAY, NOW, site=SITE1) == (3, 11)
         assert state.count(REFUSED_QUOTA, HOUR, NOW, site=SITE1) == (1, 1)
+        assert state.count(REFUSED_QUOTA, HOUR, NOW, uid=1000) == (0, 0)  # uids: accepted only
         assert state.count(ACCEPTED, HOUR, NOW, site="nobody.test") == (0, 0)
+
+    def test_an_event_is_one_statement_an_accepted_message_three(self, state: State) -> None:
+        seen: list[str] = []
+        state._db.set_trace_callback(seen.append)
+        state.record(SITE1, 1000, RELAY_OK, ts=NOW)
+        assert len(seen) == 1
+        state.record(SITE1, 1000, ACCEPTED, script="/x.php", ts=NOW)
+        state._db.set_trace_callback(None)
+        assert len(seen) == 4
 
     @pytest.mark.parametrize("window, res, span", [
         (60, 60, 1), (90, 60, 2), (600, 60, 10), (HOUR, 60, 60), (MINUTE_SPAN, 60, 120),
