@@ -240,7 +240,10 @@ def test_front_end_argv_and_stdin(fuzz_shim: Any) -> None:
         what = f"argv={argv!r} stdin={data[:300]!r} -> {result}"
         assert not result["crashed"] and not result["timeout"], what
         assert b"Traceback" not in result["stderr"], what
-        assert result["code"] in ALLOWED_STATUS, what
+        # -bs exits 75 when the input ends inside a transaction or a line (bs.py), as in
+        # test_bs_dialogues: junk data cut at 200 bytes often ends mid-line.
+        assert result["code"] in (ALLOWED_STATUS | {75} if mode == "smtp"
+                                  else ALLOWED_STATUS), what
         new = after - before
         if mode is None:
             assert result["code"] == 64 and not new, what
