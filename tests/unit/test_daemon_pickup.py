@@ -298,7 +298,9 @@ class TestTransientTrouble:
 
     def test_a_temporary_refusal_keeps_the_file_without_counting(
             self, config: Config, state: State, monkeypatch: pytest.MonkeyPatch) -> None:
-        answers = [outcome.tempfail("spool full")] * (pickup.MAX_FAILURES + 1)
+        # Each scan tries a temporarily refused file twice (the second try after the
+        # parallel ones are done, for twins with one subid): two answers per scan.
+        answers = [outcome.tempfail("spool full")] * (2 * (pickup.MAX_FAILURES + 1))
 
         def full(*args: Any, **kwargs: Any) -> outcome.Verdict:
             return answers.pop() if answers else accept_submission(*args, **kwargs)
