@@ -292,7 +292,7 @@ def test_ask_streaming_hands_the_body_on_as_it_comes(
 def test_ask_streaming_of_a_refusal_and_of_silence(
         spool: tuple[str, str], daemon: Callable[..., FakeDaemon]) -> None:
     pieces: list[bytes] = []
-    daemon(protocol.format_reply(550, 77, "not permitted"), connections=2)
+    daemon(protocol.format_reply(550, 77, "not permitted"))
     reply = client.ask_streaming(spool[0], b"request", pieces.append)
     assert (reply.code, reply.text, pieces) == (550, "not permitted", [])
     with pytest.raises(DaemonUnreachable):
