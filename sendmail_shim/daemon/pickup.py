@@ -40,8 +40,9 @@ Guarantees:
   have been in flight together), then kept for the next scan;
   ``maildrop/`` is fsynced after a scan that removed files;
 * the scan checks its stop event between files, so a stopping daemon waits
-  for at most the files in hand (PARALLEL) (see daemon.main: the worker is joined before
-  the state is closed); an intake error while stopping keeps the file.
+  for at most the PARALLEL files in hand (see daemon.main: the worker is
+  joined before the state is closed); an intake error while stopping keeps
+  the file.
 
 ``t.`` files older than a day are removed.
 """
