@@ -70,8 +70,11 @@ def _fix_ownership(config: Config) -> None:
                 os.lchown(path, owner.st_uid, owner.st_gid)
 
 
-def _direct(config: Config, action: str, args: control.Args) -> str:
-    """Run an action on the spool ourselves: only while no daemon holds the lock."""
+def _direct(config: Config, action: str, args: control.Args) -> None:
+    """Run an action on the spool ourselves and print its text: only while no daemon runs.
+
+    A listing is printed piece by piece while the lock is held.
+    """
     if not os.path.isdir(config.layout.status):
         raise click.ClickException(f"no spool at {config.spool}: start the daemon once "
                                    "('sendmail-shim-admin serve') to create it")
@@ -85,8 +88,11 @@ def _direct(config: Config, action: str, args: control.Args) -> str:
     try:
         state = State(config.layout)
         try:
-            return control.perform(config, state, action, args,
-                                      f"operator uid {os.getuid()} (daemon stopped)")
+            text = control.perform(config, state, action, args,
+                                   f"operator uid {os.getuid()} (daemon stopped)")
+            for piece in [text] if isinstance(text, str) else text:
+                sys.stdout.write(piece)
+            sys.stdout.flush()
         finally:
             state.close()
     except sanctions.OperationError as exc:
@@ -112,19 +118,27 @@ def operate(config_path: str | None, action: str, **raw: Any) -> None:
         else:
             args[key] = ["1" if value is True else str(value)]
     request = protocol.encode_request(protocol.control_fields(action, args), b"")
+    printed: list[int] = []
+
+    def out(piece: bytes) -> None:
+        printed.append(sys.stdout.buffer.write(piece))
+
     try:
-        reply = client.ask(config.layout.control_socket, request, 120)
+        reply = client.ask_streaming(config.layout.control_socket, request, out, 120)
     except client.DaemonUnreachable as exc:
+        if printed:  # the daemon went away in the middle: do not print it all again
+            click.echo(f"\nsendmail-shim-admin: the reply was cut short: {exc}", err=True)
+            sys.exit(sysexits.EX_TEMPFAIL)
         if exc.errno == errno.EACCES:
             click.echo(f"sendmail-shim-admin: {exc}: the control socket is for root, the "
                        "daemon's user and the admin group (admin.group)", err=True)
             sys.exit(sysexits.EX_NOPERM)
-        click.echo(_direct(config, action, args), nl=False)
+        _direct(config, action, args)
         return
+    sys.stdout.flush()
     if reply.code >= 400:
         click.echo(f"sendmail-shim-admin: {reply.text}", err=True)
         sys.exit(reply.status or sysexits.EX_SOFTWARE)
-    click.echo(reply.body, nl=False)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")

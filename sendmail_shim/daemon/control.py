@@ -8,7 +8,8 @@ themselves are ``policy.sanctions``, shared with the outbreak rules); queue ids 
 every other argument are validated before use (a missing site, a limit that is
 not a number from 0 to :data:`MAX_LIMIT`: an :class:`OperationError` naming
 the argument, never a crash); every action is logged with the site and the actor; the
-text returned is what the operator sees, naming what to do next.
+text returned is what the operator sees, naming what to do next; ``queue-list``
+returns it piece by piece (streamed, never whole in memory).
 
 Actions (``perform``): site-list, site-show, site-suspend, site-resume,
 quota-show, quota-set, quota-reset, top, queue-list, queue-show, queue-hold,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sendmail_shim.config import QUOTA_KEYS, Config
@@ -169,20 +171,22 @@ def top(config: Config, state: State, args: Args) -> str:
     return "\n".join(out) + "\n"
 
 
-def queue_list(config: Config, state: State, args: Args) -> str:
+def queue_list(config: Config, state: State, args: Args) -> Iterator[str]:
+    """The queue (``--site``: one site's), made entry by entry as it is sent or printed."""
     site = _first(args, "site")
-    entries = [e for e in spool.entries(config.layout) if site is None or e.envelope.site == site]
-    if args.get("json"):
-        now = time.time()
-        return "".join(json.dumps({
-            "queue_id": e.envelope.queue_id, "state": e.state, "site": e.envelope.site,
-            "uid": e.envelope.uid, "size": e.envelope.size,
-            "age": round(now - e.envelope.arrival, 1), "sender": e.envelope.sender,
-            "recipients": e.envelope.recipients, "done": e.status.done,
-            "failed": e.status.failed, "attempts": e.status.attempts,
-            "last_error": e.status.last_error, "script": e.envelope.script,
-        }) + "\n" for e in entries)
-    return listing.format_queue(entries)
+    entries = (e for e in spool.entries(config.layout)
+               if site is None or e.envelope.site == site)
+    if not args.get("json"):
+        return listing.queue_text(entries)
+    now = time.time()
+    return (json.dumps({
+        "queue_id": e.envelope.queue_id, "state": e.state, "site": e.envelope.site,
+        "uid": e.envelope.uid, "size": e.envelope.size,
+        "age": round(now - e.envelope.arrival, 1), "sender": e.envelope.sender,
+        "recipients": e.envelope.recipients, "done": e.status.done,
+        "failed": e.status.failed, "attempts": e.status.attempts,
+        "last_error": e.status.last_error, "script": e.envelope.script,
+    }) + "\n" for e in entries)
 
 
 def queue_show(config: Config, state: State, args: Args) -> str:
@@ -202,8 +206,14 @@ def queue_show(config: Config, state: State, args: Args) -> str:
             f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
 
 
-def perform(config: Config, state: State, action: str, args: Args, actor: str) -> str:
-    """Run one action; the operator's text.  Raises OperationError."""
+def perform(config: Config, state: State, action: str, args: Args,
+            actor: str) -> str | Iterator[str]:
+    """Run one action; the operator's text.  Raises OperationError.
+
+    ``queue-list`` returns its text as pieces made while they are read (a
+    listing of the whole queue is never held in memory): the caller sends or
+    prints each piece.
+    """
     for key, values in args.items():
         for value in values:
             if not value.isprintable() or len(value) > 4096:
@@ -224,8 +234,9 @@ def perform(config: Config, state: State, action: str, args: Args, actor: str) -
         return suspend_site(config, state, _required(args, "site"), reason, actor) + "\n"
     if action == "site-resume":
         return resume_site(config, state, _required(args, "site"), actor) + "\n"
-    readers = {"site-list": site_list, "site-show": site_show, "quota-show": quota_show,
-               "top": top, "queue-list": queue_list, "queue-show": queue_show}
+    readers: dict[str, Callable[[Config, State, Args], str | Iterator[str]]] = {
+        "site-list": site_list, "site-show": site_show, "quota-show": quota_show,
+        "top": top, "queue-list": queue_list, "queue-show": queue_show}
     if action in readers:
         return readers[action](config, state, args)
     if action == "quota-set":

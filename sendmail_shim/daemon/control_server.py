@@ -23,11 +23,12 @@ import logging
 import os
 import sqlite3
 
-from sendmail_shim.daemon import control
+from sendmail_shim.daemon import control, listing
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
     DaemonServer,
     Running,
+    Streamed,
     peer_credentials,
     respond,
 )
@@ -97,7 +98,7 @@ class ControlServer(DaemonServer):
                           writer: asyncio.StreamWriter) -> None:
         pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
 
-        async def handle() -> bytes:
+        async def handle() -> bytes | Streamed:
             if self.is_operator(pid, uid, gid):
                 return await self._control_request(reader, uid)
             log.warning("control refused uid=%d pid=%d: not root, the daemon's user or "
@@ -106,7 +107,8 @@ class ControlServer(DaemonServer):
 
         await respond(writer, handle(), "control client", INTERNAL_ERROR)
 
-    async def _control_request(self, reader: asyncio.StreamReader, uid: int) -> bytes:
+    async def _control_request(self, reader: asyncio.StreamReader,
+                               uid: int) -> bytes | Streamed:
         try:
             protocol.check_greeting(await asyncio.wait_for(reader.readline(), READ_TIMEOUT))
             fields = protocol.decode_header(
@@ -128,4 +130,6 @@ class ControlServer(DaemonServer):
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, why)
         if action in ("queue-release", "site-resume") and self.runner is not None:
             self.runner.poke(force=True)
+        if not isinstance(text, str):  # a listing: sent piece by piece as it is read
+            return Streamed(protocol.format_reply(250, 0, "ok"), listing.chunks(text))
         return protocol.format_reply(250, 0, "ok", text)

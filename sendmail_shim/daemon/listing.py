@@ -1,9 +1,11 @@
 """The queue as people read it: mailq / ``sendmail -bp`` / ``queue list`` text.
 
 Trusts: the entries it is given (the caller decides what a user may see).
-Guarantees: Postfix's mailq layout, widened with the site, the age and the
-last error; a marker after the id tells the state (``!`` hold, ``#`` corrupt,
-``~`` deferred, blank incoming); "Mail queue is empty" when there is nothing.
+Guarantees: the text is produced entry by entry (:func:`queue_text`) and sent
+in chunks (:func:`chunks`), so memory does not grow with the queue.  Postfix's
+mailq layout, widened with the site, the age and the last error; a marker
+after the id tells the state (``!`` hold, ``#`` corrupt, ``~`` deferred, blank
+incoming); "Mail queue is empty" when there is nothing.
 Every string from a queue file (site, sender, recipients, last error) is shown
 through ``address.printable``: invalid UTF-8 and controls appear escaped
 (``\\xff``), so one odd entry can never break the listing.
@@ -12,13 +14,15 @@ through ``address.printable``: invalid UTF-8 and controls appear escaped
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from sendmail_shim.store.address import printable
 from sendmail_shim.store.spool import CORRUPT, DEFERRED, HOLD, QueueEntry
+from sendmail_shim.wire import protocol
 
 MARKERS = {HOLD: "!", CORRUPT: "#", DEFERRED: "~"}
 RCPT_INDENT = " " * 57
+CHUNK = 1 << 16  # bytes of listing per socket write
 
 
 def format_age(seconds: float) -> str:
@@ -32,29 +36,56 @@ def format_age(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def format_queue(entries: Iterable[QueueEntry], now: float | None = None) -> str:
+HEADER = "-Queue ID-------- --Size-- ---Age--- -Site---------------- -Sender/Recipient-------\n"
+EMPTY = "Mail queue is empty\n"
+
+
+def queue_text(entries: Iterable[QueueEntry], now: float | None = None) -> Iterator[str]:
+    """The listing, one piece per entry as the entries come: nothing is held but one entry.
+
+    The header comes with the first entry and the total line after the last,
+    so a listing of 100,000 messages never exists whole in memory.
+    """
     now = time.time() if now is None else now
-    lines = [
-        "-Queue ID-------- --Size-- ---Age--- -Site---------------- -Sender/Recipient-------"
-    ]
     count = total = 0
     for entry in entries:
         env = entry.envelope
+        if count == 0:
+            yield HEADER
         count += 1
         total += env.size
         marker = MARKERS.get(entry.state, " ")
-        lines.append(
-            f"{env.queue_id}{marker} {env.size:>8} {format_age(now - env.arrival):>9} "
-            f"{printable(env.site, 21):<21} {printable(env.sender) or 'MAILER-DAEMON'}"
-        )
-        if entry.status.last_error:
-            lines.append(f"{RCPT_INDENT}({printable(entry.status.last_error)})")
-        pending = [r for r in env.recipients
-                   if r not in entry.status.done and r not in entry.status.failed]
-        lines.extend(f"{RCPT_INDENT}{printable(rcpt)}" for rcpt in pending)
-        lines.append("")
+        lines = [f"{env.queue_id}{marker} {env.size:>8} {format_age(now - env.arrival):>9} "
+                 f"{printable(env.site, 21):<21} {printable(env.sender) or 'MAILER-DAEMON'}"]
+        status = entry.status
+        if status.last_error:
+            lines.append(f"{RCPT_INDENT}({printable(status.last_error)})")
+        lines.extend(f"{RCPT_INDENT}{printable(rcpt)}" for rcpt in env.recipients
+                     if rcpt not in status.done and rcpt not in status.failed)
+        lines.append("\n")
+        yield "\n".join(lines)
     if count == 0:
-        return "Mail queue is empty\n"
+        yield EMPTY
+        return
     kbytes = (total + 1023) // 1024
-    lines.append(f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.")
-    return "\n".join(lines) + "\n"
+    yield f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.\n"
+
+
+def format_queue(entries: Iterable[QueueEntry], now: float | None = None) -> str:
+    """The whole listing as one string (small queues, tests): :func:`queue_text` joined."""
+    return "".join(queue_text(entries, now))
+
+
+def chunks(pieces: Iterable[str], size: int = CHUNK) -> Iterator[bytes]:
+    """``pieces`` encoded as a reply body (``protocol.encode_body``), about ``size`` bytes each."""
+    buffer: list[str] = []
+    held = 0
+    for piece in pieces:
+        buffer.append(piece)
+        held += len(piece)
+        if held >= size:
+            yield protocol.encode_body("".join(buffer))
+            buffer.clear()
+            held = 0
+    if buffer:
+        yield protocol.encode_body("".join(buffer))

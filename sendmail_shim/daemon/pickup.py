@@ -29,16 +29,20 @@ Guarantees:
   set aside: acknowledged mail is never stranded by the daemon's own trouble;
 * fairness: each scan takes the owners in turn, one file each, so a site
   that floods the drop area delays nobody else's file by more than one file
-  per flooding uid;
+  per flooding uid; files are started in that order, PARALLEL at a time, so
+  their spool commits share fsyncs (a backlog is not one disk flush per file);
 * no descriptor leaks (each is closed in ``finally``) and no FIFO blocks the
   scan (non-regular entries are refused from ``lstat`` and never opened; the
   open is O_NONBLOCK|O_NOFOLLOW in case the entry was swapped meanwhile);
 * a file is unlinked as soon as the intake gave a final verdict (accepted
-  or refused for good); a temporary refusal (4xx) keeps it for the next scan;
+  or refused for good); a temporary refusal (4xx) is tried once more at the
+  end of the scan, one file at a time (two drop files of one submission may
+  have been in flight together), then kept for the next scan;
   ``maildrop/`` is fsynced after a scan that removed files;
 * the scan checks its stop event between files, so a stopping daemon waits
-  for at most the file in hand (see daemon.main: the worker is joined before
-  the state is closed); an intake error while stopping keeps the file.
+  for at most the PARALLEL files in hand (see daemon.main: the worker is
+  joined before the state is closed); an intake error while stopping keeps
+  the file.
 
 ``t.`` files older than a day are removed.
 """
@@ -51,6 +55,7 @@ import os
 import stat
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from sendmail_shim.config import Config
 from sendmail_shim.intake.accept import accept_submission
@@ -63,6 +68,7 @@ from sendmail_shim.wire.paths import MODE_DROP_FILE
 log = logging.getLogger(__name__)
 STALE_TMP = 86400.0
 MAX_FAILURES = 5  # unexplained failures of one drop file before it is set aside
+PARALLEL = 8  # drop files ingested at once (their commits share fsyncs)
 # Errors that say the daemon is short of something, not that the file is bad.
 TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN,
                        errno.EINTR, errno.ENOSPC, errno.EDQUOT})
@@ -128,11 +134,13 @@ class Pickup:
         self.stop = stop if stop is not None else threading.Event()
         self._stuck: set[str] = set()
         self._failures: dict[str, int] = {}  # name -> unexplained failures so far
+        self._lock = threading.Lock()
 
     def _retry_or_quarantine(self, config: Config, name: str, why: str, uid: int | None) -> str:
         """An error that is not the file's proven fault: keep it for a few more scans."""
-        count = self._failures.get(name, 0) + 1
-        self._failures[name] = count
+        with self._lock:  # the scan's workers share the counts
+            count = self._failures.get(name, 0) + 1
+            self._failures[name] = count
         if count < MAX_FAILURES:
             log.warning("pickup retry drop_file=%s uid=%s failures=%d reason=%r action='kept "
                         "for the next scan; moved to corrupt/ after %d'", name, uid, count, why,
@@ -148,26 +156,38 @@ class Pickup:
         self._stuck.intersection_update(names)  # forget entries that are gone
         for gone in set(self._failures) - set(names):
             del self._failures[gone]
-        count = removed = 0
+        outcomes: list[tuple[str, str]] = []  # (name, what became of it)
         now = time.time()
-        for n, name in enumerate(names):
+        # PARALLEL files at once, started in the fair order: their spool commits share
+        # fsyncs (spool.commit's group commit), so a backlog is not bound by one disk flush
+        # per file; a stop waits for the files in hand only.
+        with ThreadPoolExecutor(PARALLEL, thread_name_prefix="pickup") as pool:
+            pending: set[Future[tuple[str, str]]] = set()
+            for n, name in enumerate(names):
+                if self.stop.is_set():
+                    log.info("pickup stopping: %d drop file(s) left for the next start",
+                             sum(1 for rest in names[n:] if rest.startswith("m.")))
+                    break
+                if name in self._stuck or not name.startswith(("m.", "t.")):
+                    continue
+                if not name.startswith("m."):
+                    self._safely(config, state, name, drop_gid, now)
+                    continue
+                if len(pending) >= PARALLEL:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    outcomes.extend(future.result() for future in done)
+                pending.add(pool.submit(self._safely, config, state, name, drop_gid, now))
+            outcomes.extend(future.result() for future in pending)
+        # A temporary refusal may be a twin of a file that was in flight beside it (the
+        # same subid on two drop files): one more try each, one at a time, now they are done.
+        retry = [name for name, outcome in outcomes if outcome == "busy"]
+        outcomes = [item for item in outcomes if item[1] != "busy"]
+        for name in retry:
             if self.stop.is_set():
-                log.info("pickup stopping: %d drop file(s) left for the next start",
-                         sum(1 for rest in names[n:] if rest.startswith("m.")))
                 break
-            if name in self._stuck or not name.startswith(("m.", "t.")):
-                continue
-            try:
-                if name.startswith("m."):
-                    outcome = self._ingest(config, state, name, drop_gid)
-                    count += outcome != "kept"
-                    removed += outcome == "removed"
-                else:
-                    self._tidy_tmp(config, name, now)
-            except Exception as exc:  # one entry must never stop the scan for every site
-                uid = _owner(os.path.join(maildrop, name))
-                log.exception("pickup failed drop_file=%s uid=%s", name, uid)
-                self._retry_or_quarantine(config, name, f"unexpected error: {exc!r}", uid)
+            outcomes.append(self._safely(config, state, name, drop_gid, now))
+        count = sum(outcome not in ("kept", "busy") for _name, outcome in outcomes)
+        removed = sum(outcome == "removed" for _name, outcome in outcomes)
         if removed:
             try:
                 fsync_dir(maildrop)
@@ -176,8 +196,23 @@ class Pickup:
         return count
 
     # -- one entry ------------------------------------------------------------------
+    def _safely(self, config: Config, state: State, name: str, drop_gid: int,
+                now: float) -> tuple[str, str]:
+        """(name, 'removed', 'moved', 'kept' or 'busy') for one entry; never raises."""
+        try:
+            if name.startswith("m."):
+                return name, self._ingest(config, state, name, drop_gid)
+            self._tidy_tmp(config, name, now)
+            return name, "kept"
+        except Exception as exc:  # one entry must never stop the scan for every site
+            uid = _owner(os.path.join(config.layout.maildrop, name))
+            log.exception("pickup failed drop_file=%s uid=%s", name, uid)
+            return name, self._retry_or_quarantine(config, name, f"unexpected error: {exc!r}",
+                                                   uid)
+
     def _ingest(self, config: Config, state: State, name: str, drop_gid: int) -> str:
-        """'removed' (ingested or refused for good), 'moved' (to corrupt/) or 'kept'."""
+        """'removed' (ingested or refused for good), 'moved' (to corrupt/), 'kept', or
+        'busy' (kept after a temporary refusal: a full spool, a twin in flight)."""
         path = os.path.join(config.layout.maildrop, name)
         try:
             before = os.lstat(path)
@@ -227,7 +262,7 @@ class Pickup:
             log.exception("intake failed drop_file=%s uid=%d", name, st.st_uid)
             return self._retry_or_quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
         if verdict.code // 100 == 4:
-            return "kept"  # temporary trouble (spool full): keep the file, try again later
+            return "busy"  # temporary trouble (spool full): keep the file, try again later
         if not verdict.accepted:
             # The writer was told "accepted" (exit 0) long ago; a refusal now is final.
             log.warning("dropped drop_file=%s uid=%d reason=%r", name, st.st_uid, verdict.text)
@@ -317,7 +352,7 @@ def _owner(path: str) -> int | None:
 def ingest_file(config: Config, state: State, name: str) -> bool:
     """Ingest one ``m.`` file; True when it is gone from the drop directory."""
     drop_gid = os.stat(config.layout.maildrop).st_gid
-    return Pickup()._ingest(config, state, name, drop_gid) != "kept"
+    return Pickup()._ingest(config, state, name, drop_gid) not in ("kept", "busy")
 
 
 def scan(config: Config, state: State) -> int:

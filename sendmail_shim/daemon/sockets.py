@@ -14,8 +14,9 @@ and is closed, whatever the peer or the handler did (:func:`respond`: a handler
 that raises is logged with its traceback and answered with the caller's error
 line, never a silent close the front end would take for a dead daemon); reply
 texts are UTF-8 with escapes (``wire.protocol.format_reply``), so an odd queue
-entry cannot break ``mailq`` or ``queue list``; the soft RLIMIT_NOFILE is raised to the hard
-limit (each connection is a descriptor).
+entry cannot break ``mailq`` or ``queue list``; a long body (a listing) is sent
+piece by piece as the peer reads it (:class:`Streamed`); the soft RLIMIT_NOFILE
+is raised to the hard limit (each connection is a descriptor).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -104,11 +106,49 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-async def respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes], who: str,
+@dataclass
+class Streamed:
+    """A reply line, then a body made piece by piece (listings): never whole in memory.
+
+    ``body`` is a blocking iterator (it reads the spool): :func:`respond` runs
+    each step in a worker thread and writes each piece before asking for the next.
+    """
+
+    line: bytes
+    body: Iterator[bytes]
+
+
+BODY_FAILED = (b"\nsendmail-shim: the listing stopped early: internal error in the daemon "
+               b"(the operator finds the cause in its log)\n")
+
+
+async def _send_body(writer: asyncio.StreamWriter, body: Iterator[bytes], who: str) -> None:
+    try:
+        while True:
+            try:
+                piece = await asyncio.to_thread(next, body, None)
+            except Exception:
+                log.exception("internal error while streaming a reply to a %s; the reply was "
+                              "cut short with an error line", who)
+                piece = BODY_FAILED
+                body = iter(())
+            if piece is None:
+                return
+            writer.write(piece)
+            await writer.drain()  # the peer reads at its pace; we hold one piece at most
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            with contextlib.suppress(ValueError):  # still running in a cancelled worker
+                close()
+
+
+async def respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes | Streamed], who: str,
                   on_error: bytes) -> None:
     """Write the reply (one line, maybe a body) and close, whatever the peer did.
 
-    A handler that raises is logged with its traceback and answered ``on_error``.
+    A handler that raises is logged with its traceback and answered ``on_error``;
+    a :class:`Streamed` body that fails midway ends with :data:`BODY_FAILED`.
     """
     try:
         try:
@@ -116,7 +156,11 @@ async def respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes], who: st
         except Exception:
             log.exception("internal error answering a %s; replied with an error", who)
             data = on_error
-        writer.write(data)
+        if isinstance(data, Streamed):
+            writer.write(data.line)
+            await _send_body(writer, data.body, who)
+        else:
+            writer.write(data)
         await writer.drain()
     except (ConnectionError, TimeoutError) as exc:
         log.info("%s went away: %s", who, exc)

@@ -28,7 +28,9 @@ Two requests besides a submission, for any user: ``flush`` (like Postfix's
 which shows root and the daemon's own user the whole queue and every other
 uid only its own messages: on a shared host one site must not read another
 site's correspondents.  Texts are encoded with escapes, so an odd queue entry
-cannot break ``mailq``.
+cannot break ``mailq``.  The mailq listing is streamed: read entry by entry
+(only each queue file's envelope line and its status) and written in pieces
+as the client reads, so the daemon's memory does not grow with the queue.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 from sendmail_shim.daemon import listing
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
     DaemonServer,
     Running,
+    Streamed,
     peer_credentials,
     respond,
     systemd_socket,
@@ -158,7 +162,7 @@ class SubmissionServer(DaemonServer):
         return protocol.format_reply(protocol.BUSY, sysexits.EX_TEMPFAIL, f"4.7.0 {text}")
 
     async def _handle_safely(self, reader: asyncio.StreamReader, pid: int, uid: int,
-                             gid: int) -> bytes:
+                             gid: int) -> bytes | Streamed:
         """The verdict, or a 451 that says why: a handler never dies without an answer."""
         try:
             return await self._handle(reader, pid, uid, gid)
@@ -174,7 +178,7 @@ class SubmissionServer(DaemonServer):
                                         f"4.3.0 {why}; nothing was queued, try again later")
 
     async def _handle(self, reader: asyncio.StreamReader, pid: int, uid: int,
-                      gid: int) -> bytes:
+                      gid: int) -> bytes | Streamed:
         try:
             async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
                 protocol.check_greeting(await reader.readline())
@@ -197,8 +201,8 @@ class SubmissionServer(DaemonServer):
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return protocol.format_reply(250, 0, "queue run started")
         if mode == protocol.MAILQ:
-            text = await asyncio.to_thread(self._mailq_text, uid)
-            return protocol.format_reply(250, 0, "queue follows", text)
+            return Streamed(protocol.format_reply(250, 0, "queue follows"),
+                            listing.chunks(self._mailq_text(uid)))
         if mode != protocol.SUBMIT:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"unknown mode {mode!r}")
         try:
@@ -237,9 +241,9 @@ class SubmissionServer(DaemonServer):
         return protocol.format_reply(verdict.code, verdict.status,
                                     f"{verdict.enhanced} {verdict.text}")
 
-    def _mailq_text(self, uid: int) -> str:
+    def _mailq_text(self, uid: int) -> Iterator[str]:
+        """The listing for ``uid``, made as it is sent: root and the daemon see every entry."""
         everything = uid in (0, os.getuid())
-        entries = [e for e in spool.entries(self.config.layout)
-                   if everything or e.envelope.uid == uid]
-        return listing.format_queue(entries)
+        return listing.queue_text(e for e in spool.entries(self.config.layout)
+                                  if everything or e.envelope.uid == uid)
 

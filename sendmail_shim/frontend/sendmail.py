@@ -24,7 +24,13 @@ import sys
 from sendmail_shim.frontend.argv import UsageError, parse_argv
 from sendmail_shim.frontend.message import MessageTooBig, read_message
 from sendmail_shim.wire import sysexits
-from sendmail_shim.wire.client import DaemonUnreachable, Dropped, DropRefused, ask, hand_off
+from sendmail_shim.wire.client import (
+    DaemonUnreachable,
+    Dropped,
+    DropRefused,
+    ask_streaming,
+    hand_off,
+)
 from sendmail_shim.wire.paths import (
     SettingsError,
     SpoolLayout,
@@ -106,19 +112,19 @@ def _drop_refused(layout: SpoolLayout, refused: DropRefused) -> int:
 
 
 def _control(layout: SpoolLayout, mode: str) -> int:
-    """mailq and flush: ask the daemon, print what it says."""
+    """mailq and flush: ask the daemon, print what it says as it comes (a listing is long)."""
     try:
-        reply = ask(layout.socket, encode_request([(MODE, mode)], b""))
+        reply = ask_streaming(layout.socket, encode_request([(MODE, mode)], b""),
+                              sys.stdout.buffer.write)
     except DaemonUnreachable as why:
         return _fail(
             sysexits.EX_TEMPFAIL,
             f"the daemon is not answering ({why}); start it with "
             "'sendmail-shim-admin serve', or as root run 'sendmail-shim-admin queue list'",
         )
+    sys.stdout.flush()
     if reply.code >= 400:
         return _fail(reply.status or sysexits.EX_SOFTWARE, reply.text)
-    sys.stdout.write(reply.body)
-    sys.stdout.flush()
     return sysexits.EX_OK
 
 

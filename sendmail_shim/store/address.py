@@ -42,6 +42,8 @@ class AddressError(ValueError):
 
 def printable(text: str, limit: int = 200) -> str:
     """``text`` safe for a log line, a reply or a listing: no controls, no surrogates."""
+    if text.isascii() and text.isprintable():  # the common case, kept as it is (listings)
+        return text if len(text) <= limit else text[:limit] + "..."
     out = []
     for ch in text[:limit]:
         code = ord(ch)

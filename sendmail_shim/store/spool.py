@@ -4,8 +4,9 @@ Trusts: nothing under the spool that it did not write itself; every queue id
 is checked against :data:`QUEUE_ID` before it becomes part of a path.
 Guarantees (ARCHITECTURE.md, "Spool commit protocol"): :func:`commit` writes
 ``tmp/<id>`` (0600, O_EXCL|O_NOFOLLOW), fsyncs it, renames it into
-``incoming/`` and fsyncs that directory before returning; only then does the
-daemon answer "accepted".  A crash leaves either nothing or a whole file; files
+``incoming/`` and fsyncs that directory before returning (concurrent commits
+share one such fsync, begun after each one's rename: ``durable.GroupSync``);
+only then does the daemon answer "accepted".  A crash leaves either nothing or a whole file; files
 left in ``tmp/`` are removed by :func:`clean_tmp` at start.  A queue file is
 immutable once committed; what changes (attempts, recipients done, last error,
 next attempt) lives in ``status/<id>.json``, replaced atomically.
@@ -19,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.wire import paths
-from sendmail_shim.wire.durable import fsync_dir, write_synced
+from sendmail_shim.wire.durable import GroupSync, fsync_dir, write_synced
 
 QUEUE_MAGIC = b"SMSHIMQ1\n"
 QUEUE_ID = re.compile(r"[0-9A-F]{16}")  # always fullmatch: "$" would allow a newline
@@ -101,15 +103,32 @@ def queue_path(layout: paths.SpoolLayout, state: str, queue_id: str) -> str:
     return os.path.join(layout.state_dir(state), check_queue_id(queue_id))
 
 
+_group_syncs: dict[str, GroupSync] = {}
+_group_syncs_lock = threading.Lock()
+
+
+def _group_sync(directory: str) -> GroupSync:
+    with _group_syncs_lock:
+        group = _group_syncs.get(directory)
+        if group is None:
+            group = _group_syncs[directory] = GroupSync(directory)
+        return group
+
+
 def commit(layout: paths.SpoolLayout, envelope: Envelope, message: bytes) -> None:
-    """Write the message durably into ``incoming/`` (see the module docstring)."""
+    """Write the message durably into ``incoming/`` (see the module docstring).
+
+    Concurrent commits share the fsync of ``incoming/`` (group commit): each
+    returns only after an fsync that began after its own rename succeeded.
+    """
     queue_id = check_queue_id(envelope.queue_id)
     tmp = os.path.join(layout.tmp, queue_id)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, paths.MODE_QUEUE_FILE)
     write_synced(fd, tmp, QUEUE_MAGIC + envelope.to_json() + b"\n" + message)
-    os.rename(tmp, queue_path(layout, INCOMING, queue_id))
-    fsync_dir(layout.state_dir(INCOMING))
+    incoming = layout.state_dir(INCOMING)
+    os.rename(tmp, os.path.join(incoming, queue_id))
+    _group_sync(incoming).sync()
 
 
 def read_entry(layout: paths.SpoolLayout, state: str, queue_id: str) -> tuple[Envelope, bytes]:
@@ -144,10 +163,20 @@ def status_path(layout: paths.SpoolLayout, queue_id: str) -> str:
     return os.path.join(layout.status, check_queue_id(queue_id) + ".json")
 
 
+def _read_small(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pieces = []
+        while piece := os.read(fd, 1 << 16):
+            pieces.append(piece)
+    finally:
+        os.close(fd)
+    return b"".join(pieces)
+
+
 def read_status(layout: paths.SpoolLayout, queue_id: str) -> Status:
     try:
-        with open(status_path(layout, queue_id), "rb") as fh:
-            data = json.load(fh)
+        data = json.loads(_read_small(status_path(layout, queue_id)))
         status = Status(**data)
         if not status.valid():
             raise ValueError("wrong types")
@@ -214,14 +243,42 @@ def clean_tmp(layout: paths.SpoolLayout, max_age: float = 0.0) -> list[str]:
     return removed
 
 
+ENVELOPE_READ = 4096  # the first read of a queue file for a listing; most envelopes fit
+
+
+def _listed(layout: paths.SpoolLayout, state: str, queue_id: str) -> QueueEntry:
+    """One entry for a listing: the envelope line only (one read for most), then the status."""
+    path = os.path.join(layout.state_dir(state), queue_id)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mtime = os.fstat(fd).st_mtime
+        head = os.read(fd, ENVELOPE_READ)
+        if not head.startswith(QUEUE_MAGIC):
+            raise ValueError(f"{path}: not a queue file")
+        end = head.find(b"\n", len(QUEUE_MAGIC))
+        while end < 0:  # a long envelope (many recipients): read on to its newline
+            more = os.read(fd, 1 << 16)
+            if not more:
+                raise ValueError(f"{path}: no envelope line")
+            start = len(head)
+            head += more
+            end = head.find(b"\n", start)
+    finally:
+        os.close(fd)
+    envelope = Envelope.from_json(head[len(QUEUE_MAGIC) : end])
+    return QueueEntry(state, envelope, read_status(layout, queue_id), mtime)
+
+
 def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
-    """Every readable message in ``states``, for listings; damaged ones are skipped."""
+    """Every readable message in ``states``, for listings; damaged ones are skipped.
+
+    A generator: one entry at a time, reading only each queue file's envelope
+    line and its status, so a listing's memory does not grow with the queue.
+    """
     for state in states:
         for queue_id in queue_ids(layout, state):
-            path = queue_path(layout, state, queue_id)
             try:
-                envelope = read_envelope(layout, state, queue_id)
-                mtime = os.stat(path).st_mtime
+                entry = _listed(layout, state, queue_id)
             except (OSError, ValueError):
                 continue
-            yield QueueEntry(state, envelope, read_status(layout, queue_id), mtime)
+            yield entry

@@ -8,7 +8,8 @@ Guarantees:
   :class:`DaemonUnreachable` when no complete, intelligible reply came (no
   daemon, a full listen queue for CONNECT_TRIES tries, REPLY_TIMEOUT, a reply
   lost or cut short).  Used for submissions and for flush, mailq and the
-  operator's control requests.
+  operator's control requests.  :func:`ask_streaming` does the same but hands
+  the body on as it arrives (listings: memory does not grow with the queue).
 * :func:`hand_off` is the road every submission takes: the daemon's verdict,
   or, when there is none (unreachable, or ``421`` :data:`~protocol.BUSY`), a drop
   file holding the same request.  At least once: a request the daemon may have
@@ -72,6 +73,10 @@ from sendmail_shim.wire import protocol
 from sendmail_shim.wire.durable import fsync_dir, write_synced
 from sendmail_shim.wire.paths import MODE_DROP_FILE
 
+TYPE_CHECKING = False  # typing and collections cost milliseconds; mypy reads this name
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 # The daemon answers after an fsync; only a stuck daemon or disk takes this long.  Falling
 # back to a drop file after it is safe: the subid makes the daemon queue one copy.
 REPLY_TIMEOUT = 300.0
@@ -123,10 +128,11 @@ class Dropped:
         return f"Dropped({self.name!r}, {self.why!r})"
 
 
-def send_request(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOUT) -> bytes:
-    """Send ``request`` to the daemon and return its reply (everything it wrote).
+def _exchange(socket_path: str, request: bytes, timeout: float,
+              piece: Callable[[bytes], None]) -> None:
+    """Send ``request``, then hand every piece of the reply to ``piece`` until the end.
 
-    Raises :class:`DaemonUnreachable` when no complete reply arrives.
+    Raises :class:`DaemonUnreachable` when the exchange fails.
     """
     import _socket  # the C module: ``socket`` costs an enum import on the hot path
 
@@ -151,16 +157,24 @@ def send_request(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOU
         try:
             sock.sendall(request)
             sock.shutdown(_socket.SHUT_WR)
-            chunks = []
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
-                chunks.append(chunk)
+                piece(chunk)
         except OSError as exc:
             raise DaemonUnreachable(f"hand-off to {socket_path} failed: {exc}") from exc
     finally:
         sock.close()
+
+
+def send_request(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOUT) -> bytes:
+    """Send ``request`` to the daemon and return its reply (everything it wrote).
+
+    Raises :class:`DaemonUnreachable` when no complete reply arrives.
+    """
+    chunks: list[bytes] = []
+    _exchange(socket_path, request, timeout, chunks.append)
     reply = b"".join(chunks)
     if not reply.endswith(b"\n"):
         raise DaemonUnreachable(f"the daemon at {socket_path} closed without a verdict")
@@ -174,6 +188,37 @@ def ask(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOUT) -> Rep
         return Reply(*protocol.decode_reply(data))
     except protocol.ProtocolError as exc:
         raise DaemonUnreachable(str(exc)) from None
+
+
+def ask_streaming(socket_path: str, request: bytes, out: Callable[[bytes], object],
+                  timeout: float = REPLY_TIMEOUT) -> Reply:
+    """Like :func:`ask`, but the body goes to ``out`` piece by piece as it arrives.
+
+    For listings: neither side holds the whole text.  The returned reply has
+    an empty body; :class:`DaemonUnreachable` when not even the reply line came.
+    """
+    head = bytearray()
+    line: list[Reply] = []
+
+    def piece(chunk: bytes) -> None:
+        if line:
+            out(chunk)
+            return
+        head.extend(chunk)
+        end = head.find(b"\n")
+        if end < 0:
+            return
+        try:
+            line.append(Reply(*protocol.parse_reply(bytes(head[:end]))))
+        except protocol.ProtocolError as exc:
+            raise DaemonUnreachable(str(exc)) from None
+        if len(head) > end + 1:
+            out(bytes(head[end + 1 :]))
+
+    _exchange(socket_path, request, timeout, piece)
+    if not line:
+        raise DaemonUnreachable(f"the daemon at {socket_path} closed without a verdict")
+    return line[0]
 
 
 def hand_off(socket_path: str, maildrop: str, request: bytes) -> Reply | Dropped:

@@ -272,10 +272,19 @@ def decode_request(data: bytes) -> tuple[Fields, bytes]:
 
 
 # -- replies ----------------------------------------------------------------------------
+def encode_body(body: str) -> bytes:
+    """A reply body (or a piece of one) as it goes on the wire: UTF-8 with escapes."""
+    return body.encode("utf-8", "backslashreplace")
+
+
 def format_reply(code: int, status: int, text: str, body: str = "") -> bytes:
-    """A reply line, then ``body`` (mailq, control) as UTF-8 with escapes."""
+    """A reply line, then ``body`` (mailq, control) as UTF-8 with escapes.
+
+    A long body may instead follow the line in pieces (:func:`encode_body`):
+    the reader takes everything up to the end of the stream.
+    """
     line = f"{code} {status} {text}".replace("\n", " ").encode("utf-8", "replace") + b"\n"
-    return line + body.encode("utf-8", "backslashreplace") if body else line
+    return line + encode_body(body) if body else line
 
 
 def parse_reply(line: bytes) -> tuple[int, int, str]:

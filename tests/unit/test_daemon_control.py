@@ -63,7 +63,9 @@ def commit(config: Config, site: str, uid: int, rcpt: str = "someone@example.net
 
 
 def run(config: Config, state: State, action: str, **args: list[str]) -> str:
-    return control.perform(config, state, action, args, ACTOR)
+    """The action's whole text (queue-list gives it as pieces made while read)."""
+    text = control.perform(config, state, action, args, ACTOR)
+    return text if isinstance(text, str) else "".join(text)
 
 
 def where(config: Config, queue_id: str) -> str | None:

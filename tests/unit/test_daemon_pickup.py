@@ -298,7 +298,9 @@ class TestTransientTrouble:
 
     def test_a_temporary_refusal_keeps_the_file_without_counting(
             self, config: Config, state: State, monkeypatch: pytest.MonkeyPatch) -> None:
-        answers = [outcome.tempfail("spool full")] * (pickup.MAX_FAILURES + 1)
+        # Each scan tries a temporarily refused file twice (the second try after the
+        # parallel ones are done, for twins with one subid): two answers per scan.
+        answers = [outcome.tempfail("spool full")] * (2 * (pickup.MAX_FAILURES + 1))
 
         def full(*args: Any, **kwargs: Any) -> outcome.Verdict:
             return answers.pop() if answers else accept_submission(*args, **kwargs)
@@ -387,3 +389,35 @@ class TestSubmissionIds:
         drop(config, "m.1.aa", request(subid=self.SUBID))
         pickup.scan(config, state)
         assert len(queued(config)) == 1
+
+
+class TestParallelScan:
+    @pytest.fixture
+    def config(self, make_config: Callable[..., Config]) -> Config:
+        """site1.test without its small quota: a backlog larger than the pool."""
+        return make_config(sites={"site1.test": {"quota": {"per_hour": 1000, "per_day": 1000,
+                                                           "recipients_per_hour": 1000}}})
+
+    def test_a_backlog_larger_than_the_pool_is_ingested_in_one_scan(
+            self, config: Config, state: State) -> None:
+        for n in range(3 * pickup.PARALLEL + 1):
+            drop(config, f"m.{n:03d}.aa", request(body=f"Subject: {n}\n\nbody\n".encode()))
+        assert pickup.scan(config, state) == 3 * pickup.PARALLEL + 1
+        assert maildrop(config) == [] and len(queued(config)) == 3 * pickup.PARALLEL + 1
+
+    def test_files_start_in_the_fair_order(self, config: Config, state: State,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        started: list[str] = []
+        real = pickup.Pickup._ingest
+
+        def ingest(self: pickup.Pickup, config: Config, state: State, name: str,
+                   drop_gid: int) -> str:
+            started.append(name)
+            return real(self, config, state, name, drop_gid)
+
+        monkeypatch.setattr(pickup.Pickup, "_ingest", ingest)
+        names = [f"m.{n:03d}.aa" for n in range(2 * pickup.PARALLEL)]
+        for name in names:
+            drop(config, name)
+        pickup.scan(config, state)
+        assert started == names  # one owner here: its oldest first, in order

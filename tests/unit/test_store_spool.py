@@ -6,6 +6,7 @@ import json
 import os
 import random
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -347,3 +348,33 @@ def test_status_file_is_plain_json(spool_layout: paths.SpoolLayout) -> None:
         data = json.load(fh)
     assert set(data) == {"attempts", "next_attempt", "last_error", "done", "failed", "delayed",
                          "internal_failures"}
+
+
+class TestListingReads:
+    def test_a_long_envelope_is_read_to_its_newline(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage) -> None:
+        many = [f"rcpt{i:04d}@example.net" for i in range(600)]  # far beyond the first read
+        queued = queue_message(recipients=many)
+        (entry,) = spool.entries(spool_layout)
+        assert entry.envelope == queued and len(entry.envelope.recipients) == 600
+
+    def test_entries_is_lazy(self, spool_layout: paths.SpoolLayout,
+                             queue_message: QueueMessage) -> None:
+        first, second = queue_message(), queue_message()
+        found = spool.entries(spool_layout)
+        assert next(found).envelope == first
+        os.unlink(spool.queue_path(spool_layout, spool.INCOMING, second.queue_id))
+        assert list(found) == []  # read when reached, not before
+
+    def test_concurrent_commits_are_all_whole(
+            self, spool_layout: paths.SpoolLayout, make_envelope: MakeEnvelope) -> None:
+        envelopes = [make_envelope() for _ in range(24)]
+        threads = [threading.Thread(target=spool.commit, args=(spool_layout, e, MESSAGE))
+                   for e in envelopes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for envelope in envelopes:
+            assert spool.read_entry(spool_layout, spool.INCOMING, envelope.queue_id) == (
+                envelope, MESSAGE)

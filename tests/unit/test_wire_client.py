@@ -277,3 +277,23 @@ def test_full_listen_queue_gives_up_after_connect_tries(
         for extra in waiting:
             extra.close()
         full.close()
+
+
+def test_ask_streaming_hands_the_body_on_as_it_comes(
+        spool: tuple[str, str], daemon: Callable[..., FakeDaemon]) -> None:
+    body = b"".join(b"%06d queued message line\n" % i for i in range(20000))
+    daemon(protocol.format_reply(250, 0, "queue follows") + body)
+    pieces: list[bytes] = []
+    reply = client.ask_streaming(spool[0], b"request", pieces.append)
+    assert (reply.code, reply.status, reply.text, reply.body) == (250, 0, "queue follows", "")
+    assert b"".join(pieces) == body and len(pieces) > 1
+
+
+def test_ask_streaming_of_a_refusal_and_of_silence(
+        spool: tuple[str, str], daemon: Callable[..., FakeDaemon]) -> None:
+    pieces: list[bytes] = []
+    daemon(protocol.format_reply(550, 77, "not permitted"))
+    reply = client.ask_streaming(spool[0], b"request", pieces.append)
+    assert (reply.code, reply.text, pieces) == (550, "not permitted", [])
+    with pytest.raises(DaemonUnreachable):
+        client.ask_streaming(spool[0] + ".none", b"request", pieces.append)
