@@ -25,7 +25,9 @@ Guarantees:
   at start, then fed by the runner's own deferrals); new mail is announced by
   :meth:`QueueRunner.poke` and found by listing ``incoming/`` (names only).
   An idle runner with a long deferred queue reads nothing until one is due;
-  a flush (``force``) takes every deferred message;
+  a flush (``force``) lists ``deferred/`` once and takes every message in it.
+  A run takes at most :data:`RUN_CHUNK` messages and the next run follows at
+  once, so a long queue starts at once and costs the same per message;
 * fairness: each site has its own work queue in a run; sites get sessions
   round-robin, at most :data:`MAX_PARALLEL_SITES` sites and
   :data:`MAX_SESSIONS` sessions at once.  A site with a long queue opens one
@@ -91,6 +93,7 @@ MAX_SESSIONS = 20  # relay sessions open at once, all sites together (Postfix: 2
 LANE_BATCH = 4  # a site gets one more session (up to its relay's ``sessions``) per 4 queued
 LANE_TURN = 20  # messages a session sends before it gives way to a site waiting for one
 REFILL_EVERY = 0.2  # seconds: arrivals during a run are looked for at most this often
+RUN_CHUNK = 5000  # messages taken into one run; the rest in the next (bounded memory)
 _ID_MASK = (1 << 64) - 1
 MAX_INTERNAL_FAILURES = 3  # in a row; then the message waits in hold for the operator
 
@@ -190,12 +193,12 @@ class _Schedule:
         with self._lock:
             heapq.heappush(self._heap, key)
 
-    def take_due(self, now: float) -> list[str]:
-        """Remove and return the queue ids due at ``now`` (earliest first)."""
+    def take_due(self, now: float, most: int) -> list[str]:
+        """Remove and return up to ``most`` queue ids due at ``now`` (earliest first)."""
         limit = (math.floor(now * 1000) + 1) << 64
-        out = []
+        out: list[str] = []
         with self._lock:
-            while self._heap and self._heap[0] < limit:
+            while self._heap and self._heap[0] < limit and len(out) < most:
                 out.append(f"{heapq.heappop(self._heap) & _ID_MASK:016X}")
         return out
 
@@ -255,6 +258,8 @@ class QueueRunner:
         self._index_task: asyncio.Task[None] | None = None
         self._taken: set[str] = set()  # queue ids taken into the current run
         self._sites: dict[str, str] = {}  # incoming queue id -> site, read during this run
+        self._flushing: deque[str] = deque()  # a flush's deferred messages not yet taken
+        self._more = False  # incoming/ held more than one run takes
 
     def stop(self) -> None:
         """Finish the message in hand, start no other; run_forever then returns."""
@@ -312,6 +317,9 @@ class QueueRunner:
                 self._requeue_leftovers(run)
                 self._taken.clear()
                 self._sites.clear()
+            if (self._more or self._flushing) and not self._stopping:
+                self._more = False
+                self.wake.set()  # the rest of a long queue: the next run follows at once
             return run.taken
 
     async def _await_schedule(self, force: bool) -> None:
@@ -415,18 +423,25 @@ class QueueRunner:
         return True
 
     def _due(self, force: bool, skip: frozenset[str]) -> dict[str, list[tuple[str, str]]]:
-        """Due messages by site (in a thread): new ones in ``incoming/``, deferred ones
-        whose time came (all of them: ``force``); none of the sites in ``skip``.
+        """Due messages by site (in a thread), at most :data:`RUN_CHUNK`: new ones in
+        ``incoming/``, deferred ones whose time came (all of them after a flush,
+        ``force``); none of the sites in ``skip`` (a look during a run).
 
         ``incoming/`` is listed (its names only: it holds what arrived since the last
-        run); deferred messages come from the schedule, never from a scan.
+        run); deferred messages come from the schedule, never from a scan, except
+        that a flush lists ``deferred/`` once and is worked off chunk by chunk.
+        What does not fit in this run is left for the next, which follows at once.
         """
         layout = self.config.layout
         now = time.time()
         due: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        room = RUN_CHUNK
         for queue_id in spool.queue_ids(layout, spool.INCOMING):
             if self._stopping:
                 return due
+            if not room:
+                self._more = True
+                break
             if queue_id in self._taken:
                 continue
             site = self._sites.get(queue_id) or self._site_of(spool.INCOMING, queue_id)
@@ -437,18 +452,21 @@ class QueueRunner:
                 continue
             self._taken.add(queue_id)
             due[site].append((spool.INCOMING, queue_id))
+            room -= 1
         if force:  # a flush: every deferred message, whatever the schedule says
             self._schedule.clear()
-            deferred = spool.queue_ids(layout, spool.DEFERRED)
-        else:
-            deferred = self._schedule.take_due(now)
-        for queue_id in deferred:
+            self._flushing = deque(spool.queue_ids(layout, spool.DEFERRED))
+        deferred: list[tuple[str, bool]] = []
+        while self._flushing and not skip and len(deferred) < room:
+            deferred.append((self._flushing.popleft(), True))
+        deferred += [(q, False) for q in self._schedule.take_due(now, room - len(deferred))]
+        for queue_id, flushed in deferred:
             if queue_id in self._taken:
                 continue
             if self._stopping:
                 self._schedule.put(queue_id, now)
                 continue
-            if not force:
+            if not flushed:
                 when = spool.read_status(layout, queue_id).next_attempt
                 if when > now:  # rescheduled since this entry was made
                     self._schedule.put(queue_id, when)

@@ -496,3 +496,18 @@ class TestSchedule:
         enqueue(config, "a@example.net")
         assert run(runner) == 1 and len(relay.received) == 1
         assert writes == [] and empty(config)
+
+    def test_a_long_queue_is_taken_in_chunks_and_a_flush_once(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runner_module, "RUN_CHUNK", 3)
+        for _ in range(7):
+            enqueue(config, "busy@example.net")
+        assert [run(runner) for _ in range(3)] == [3, 3, 1]
+        assert runner.wake.is_set() is False and len(queue(config, spool.DEFERRED)) == 7
+        # A flush takes every deferred message once, a chunk per run, and then stops.
+        runner.poke(force=True)
+        counts = []
+        while runner.wake.is_set():
+            counts.append(asyncio.run(runner.run_once()))
+        assert counts == [3, 3, 1] and len(relay.rcpts) == 14
