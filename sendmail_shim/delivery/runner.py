@@ -119,7 +119,7 @@ class _Attempt:
     deferred: spool.Status | None  # the status to write when recipients wait; None: remove
     delay: float = 0.0
     first: Outcome | None = None
-    step: int = 0  # 0 write status, 1 queue the bounce, 2 remove or defer, 3 done
+    step: int = 0  # 0 status (if refusals), 1 queue the bounce, 2 remove or defer, 3 done
     notice: str | None = field(default=None)
 
 
