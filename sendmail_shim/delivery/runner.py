@@ -572,12 +572,12 @@ class QueueRunner:
         """One attempt for one message: read, route, send, record."""
         try:
             env, message = spool.read_entry(self.config.layout, state, queue_id)
+            status = spool.read_status(self.config.layout, queue_id)  # a missing one is new
         except FileNotFoundError:
             return  # held or deleted by the operator meanwhile
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # also a status that cannot be read as a file
             self._corrupt(queue_id, state, str(exc))
             return
-        status = spool.read_status(self.config.layout, queue_id)
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
         results, to_relay, to_local = await self._route(pending)
         results.update(await relay.send(env, message, to_relay))

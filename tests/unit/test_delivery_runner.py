@@ -386,6 +386,7 @@ class TestFairness:
                 arrived.append(delivered)
 
         sessions.on_send = other_site_arrives
+        sessions.pause = 0.02  # a relay's pace: the look for the arrival takes far less
         assert run(runner) == backlog + 1
         assert arrived == [10] and sessions.sent.count(SITE2) == 1 and empty(config)
         return sessions.sent.index(SITE2)
@@ -397,7 +398,7 @@ class TestFairness:
         config = make_config(relays=[{"host": "127.0.0.1", "port": 2525, "tls": "none",
                                       "sessions": 4}])
         runner = QueueRunner(config, state)
-        position = self._backlog_then_another_site(config, runner, sessions, 200)
+        position = self._backlog_then_another_site(config, runner, sessions, 80)
         assert position < 10 + 4 + 4
 
     def test_a_site_holding_every_session_gives_one_way(
@@ -405,7 +406,6 @@ class TestFairness:
         # The backlog holds all 20 sessions: they end after their message in hand, so the
         # other site waits behind at most two messages per session (the arrival is noticed
         # while the next ones are in hand), not behind the backlog.
-        sessions.pause = 0.01  # a relay's pace: looking for the arrival takes a moment
         position = self._backlog_then_another_site(config, runner, sessions, 200)
         assert sessions.most_open == runner_module.MAX_SESSIONS
         assert position < 10 + 2 * runner_module.MAX_SESSIONS + 4
@@ -416,7 +416,6 @@ class TestFairness:
         # No site to spare: the backlog's sessions give way, the last after its turn.
         monkeypatch.setattr(runner_module, "MAX_PARALLEL_SITES", 1)
         monkeypatch.setattr(runner_module, "LANE_TURN", 5)
-        sessions.pause = 0.01
         position = self._backlog_then_another_site(config, runner, sessions, 200)
         assert position < 10 + 2 * runner_module.MAX_SESSIONS + 5 + 4
 
@@ -511,3 +510,12 @@ class TestSchedule:
         while runner.wake.is_set():
             counts.append(asyncio.run(runner.run_once()))
         assert counts == [3, 3, 1] and len(relay.rcpts) == 14
+
+    def test_a_status_that_cannot_be_read_moves_the_message_to_corrupt(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        odd = enqueue(config, "a@example.net")
+        os.mkdir(spool.status_path(config.layout, odd))  # unreadable as a file
+        good = enqueue(config, "b@example.net")
+        assert run(runner) == 2
+        assert queue(config, spool.CORRUPT) == [odd] and good not in queue(config, spool.INCOMING)
+        assert [t.rcpt_tos for t in relay.received] == [["b@example.net"]]
