@@ -1,9 +1,9 @@
 """A full spool disk (issue 10, defect 6), on a real 2 MB tmpfs mounted over the spool.
 
 Every ENOSPC answer is exit 75 naming the disk, on both roads; the daemon starts
-on a full spool and says why it cannot accept; a delivery whose status cannot
-be written is never sent again (the runner pauses), and once space returns the
-queue drains with each message delivered exactly once.
+on a full spool and says why it cannot accept; a delivered message needs no
+space (it is only removed), so the queue drains on a full disk with each
+message delivered exactly once.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ def test_filling_the_spool_with_submissions_ends_in_75(tmpfs_shim: tuple[Shim, R
 
 
 def test_relay_back_on_a_full_disk_sends_nothing_twice(tmpfs_shim: tuple[Shim, Relay]) -> None:
+    # A delivered message needs no space: its only bookkeeping is its removal (no status
+    # write), so the queue drains on a full disk and each message is sent once.  (An
+    # outcome the disk does refuse pauses delivery: the unit tests of the runner.)
     shim, relay = tmpfs_shim
     # Deferred mail waits an hour: nothing is attempted until the flushes below.
     shim.edit_config("retry: {initial: 1s, maximum: 2s,", "retry: {initial: 1h, maximum: 2h,")
@@ -118,19 +121,14 @@ def test_relay_back_on_a_full_disk_sends_nothing_twice(tmpfs_shim: tuple[Shim, R
     relay.start()
     for _ in range(3):  # the operator flushes, again and again
         assert shim.sendmail(["-q"], b"").returncode == 0
-        wait_until(lambda: relay.messages(), 20, "a first delivery")
         time.sleep(1)
-    assert "paused queue_id=" in shim.daemon_log()
-    assert set(subjects(relay).values()) == {1}, subjects(relay)
-    assert len(relay.messages()) == 1  # delivery stopped while the disk is full
-    free(shim)
-    assert shim.sendmail(["-q"], b"").returncode == 0
     relay.wait(3)
     wait_until(lambda: not shim.queue_files("incoming") and not shim.queue_files("deferred"),
                30, "an empty queue")
+    free(shim)
     time.sleep(1.5)
     assert subjects(relay) == collections.Counter(f"full {n}" for n in range(3))
-    assert "resumed queue_id=" in shim.daemon_log()
+    assert "paused queue_id=" not in shim.daemon_log()
 
 
 def test_drop_road_on_a_full_disk_says_no_space(tmpfs_shim: tuple[Shim, Relay]) -> None:

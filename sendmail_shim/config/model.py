@@ -99,6 +99,10 @@ class Relay:
     timeout: float = key(30.0, kind=Duration(), doc="per command")
     allow_plaintext: bool = key(False, kind=Flag(),
                                 doc="permit tls: none to a host that is not loopback")
+    sessions: int = key(20, kind=Whole(1, 20),
+                        doc="parallel sessions one site may hold to this relay while its "
+                            "queue drains (one per 4 messages waiting; as Postfix's 20 per "
+                            "destination); lower it if the relay limits connections per login")
 
     @property
     def label(self) -> str:

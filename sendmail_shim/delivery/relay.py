@@ -49,6 +49,8 @@ def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
     lines = text.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
+    if max(map(len, lines), default=0) <= limit:  # the usual case: nothing to break
+        return b"\r\n".join(lines) + b"\r\n" if lines else b""
     out: list[bytes] = []
     for line in lines:
         if len(line) <= limit:
@@ -112,7 +114,7 @@ class RelaySession:
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SessionBroken(f"{label}: EHLO failed: {exc}") from exc
         options = []
-        if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
+        if not message.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if needs_utf8:
             if not client.supports_extension("smtputf8"):

@@ -5,9 +5,11 @@ file that does not parse moves to ``corrupt/`` and is never delivered.
 Guarantees:
 
 * a message leaves the spool only when every recipient has a final outcome
-  (delivered or bounced); delivered recipients are written to ``status/``
-  before anything else happens, so a crash re-sends at most the message in
-  flight (at-least-once, as every MTA), never skips one;
+  (delivered or bounced).  A message delivered to all its recipients is only
+  removed (no status is written, the removal is not fsync'd): a crash before
+  that reaches the disk re-sends it (at-least-once, as every MTA), never
+  skips it.  Refused recipients are written to ``status/`` before their
+  bounce is queued, waiting ones with the deferral;
 * bookkeeping that fails (a full disk: the status, the bounce, the removal)
   never makes the runner send again: the attempt's outcome is kept in memory,
   delivery pauses (nothing is sent) and every run first retries that
@@ -18,7 +20,25 @@ Guarantees:
   ``retry.lifetime`` in the queue the remaining recipients are bounced;
 * permanent refusals (5xx) are bounced at once (bounce.py), never for the
   null sender;
-* messages of one site share one relay connection per run (batch);
+* scheduling without rescans: deferred messages are kept in memory by next
+  attempt (:class:`_Schedule`, read once from ``deferred/`` in the background
+  at start, then fed by the runner's own deferrals); new mail is announced by
+  :meth:`QueueRunner.poke` and found by listing ``incoming/`` (names only).
+  An idle runner with a long deferred queue reads nothing until one is due;
+  a flush (``force``) lists ``deferred/`` once and takes every message in it.
+  A run takes at most :data:`RUN_CHUNK` messages and the next run follows at
+  once, so a long queue starts at once and costs the same per message;
+* fairness: each site has its own work queue in a run; sites get sessions
+  round-robin, at most :data:`MAX_PARALLEL_SITES` sites and
+  :data:`MAX_SESSIONS` sessions at once.  A site with a long queue opens one
+  more session per :data:`LANE_BATCH` waiting messages, up to the smallest
+  ``sessions`` of the relays.  When no slot is free and another site waits,
+  a session ends after its message in hand (at once if its site holds
+  several, else after :data:`LANE_TURN` messages) and the waiting site gets
+  it.  Mail of another site that arrives during a run joins it within
+  :data:`REFILL_EVERY`; a site's own new mail waits for the next run (it
+  would queue behind its backlog anyway).  The messages of one site are
+  sent in queue order over its sessions, each session reused for many;
 * :meth:`QueueRunner.stop` (daemon shutdown) lets each site finish the
   message in hand, including recording its outcome, and starts no other, so
   a SIGTERM never leaves a message the relay accepted unrecorded;
@@ -42,13 +62,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
 import random
 import sqlite3
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sendmail_shim.config import Config, Site
 from sendmail_shim.delivery import bounce
@@ -64,7 +88,13 @@ from sendmail_shim.store.outcome import OK, PERM, Outcome
 from sendmail_shim.store.state import RELAY_5XX, RELAY_OK, State
 
 log = logging.getLogger(__name__)
-MAX_PARALLEL_SITES = 8
+MAX_PARALLEL_SITES = 8  # sites delivered at once
+MAX_SESSIONS = 20  # relay sessions open at once, all sites together (Postfix: 20 per destination)
+LANE_BATCH = 4  # a site gets one more session (up to its relay's ``sessions``) per 4 queued
+LANE_TURN = 20  # messages a session sends before it gives way to a site waiting for one
+REFILL_EVERY = 0.2  # seconds: arrivals during a run are looked for at most this often
+RUN_CHUNK = 5000  # messages taken into one run; the rest in the next (bounded memory)
+_ID_MASK = (1 << 64) - 1
 MAX_INTERNAL_FAILURES = 3  # in a row; then the message waits in hold for the operator
 
 
@@ -89,7 +119,7 @@ class _Attempt:
     deferred: spool.Status | None  # the status to write when recipients wait; None: remove
     delay: float = 0.0
     first: Outcome | None = None
-    step: int = 0  # 0 write status, 1 queue the bounce, 2 remove or defer, 3 done
+    step: int = 0  # 0 status (if refusals), 1 queue the bounce, 2 remove or defer, 3 done
     notice: str | None = field(default=None)
 
 
@@ -139,6 +169,78 @@ class _Channel:
             await self.session.close()
 
 
+class _Schedule:
+    """Deferred messages by their next attempt: the runner's in-memory index.
+
+    Built once from ``deferred/`` in the background at start, then fed by the
+    runner's own deferrals, so an idle runner reads nothing.  A heap of ints
+    (the time in milliseconds above the 64-bit queue id: about 50 bytes a
+    message, 5 MB for 100,000).  An entry is a hint, checked against the
+    message's status when it comes due: one that is stale (rescheduled since)
+    or gone (delivered, held, deleted) costs one read and is dropped.  Thread
+    safe (the runner's disk work runs in threads).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heap: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def put(self, queue_id: str, when: float) -> None:
+        key = (max(0, math.ceil(when * 1000)) << 64) | int(queue_id, 16)
+        with self._lock:
+            heapq.heappush(self._heap, key)
+
+    def take_due(self, now: float, most: int) -> list[str]:
+        """Remove and return up to ``most`` queue ids due at ``now`` (earliest first)."""
+        limit = (math.floor(now * 1000) + 1) << 64
+        out: list[str] = []
+        with self._lock:
+            while self._heap and self._heap[0] < limit and len(out) < most:
+                out.append(f"{heapq.heappop(self._heap) & _ID_MASK:016X}")
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._heap.clear()
+
+    def next_time(self) -> float | None:
+        """When the earliest deferred message is due; None when nothing is deferred."""
+        with self._lock:
+            return (self._heap[0] >> 64) / 1000 if self._heap else None
+
+
+@dataclass
+class _Run:
+    """One queue run: per-site work queues served round-robin by sessions ("lanes")."""
+
+    queues: dict[str, deque[tuple[str, str]]] = field(default_factory=dict)
+    order: deque[str] = field(default_factory=deque)  # sites, least recently served first
+    lanes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    taken: int = 0  # messages taken into this run
+
+    def add(self, due: dict[str, list[tuple[str, str]]]) -> None:
+        for site, items in due.items():
+            if site not in self.queues:
+                self.queues[site] = deque()
+                self.order.append(site)
+            self.queues[site].extend(items)
+            self.taken += len(items)
+
+    def active_sites(self) -> int:
+        return sum(1 for n in self.lanes.values() if n)
+
+    def full(self) -> bool:
+        return len(self.tasks) >= MAX_SESSIONS or self.active_sites() >= MAX_PARALLEL_SITES
+
+    def waiting(self, besides: str) -> bool:
+        """Another site has mail queued in this run and no session."""
+        return any(q and not self.lanes[s] for s, q in self.queues.items() if s != besides)
+
+
 class QueueRunner:
     def __init__(self, config: Config, state: State) -> None:
         self.config = config
@@ -146,15 +248,24 @@ class QueueRunner:
         # DNS routing matters only where there is somewhere local to deliver to.
         self.router = Router(config) if config.local_transport is not None else None
         self.wake = asyncio.Event()
+        self._poked = asyncio.Event()  # an arrival during a run: look at incoming/ again
         self._force = False
         self._lock = asyncio.Lock()
         self._unsaved: list[_Attempt] = []  # outcomes the disk refused: delivery is paused
         self._stopping = False  # read by the _due thread too: a plain flag is enough
+        self._schedule = _Schedule()
+        self._indexed = False  # the schedule holds every deferred message
+        self._index_task: asyncio.Task[None] | None = None
+        self._taken: set[str] = set()  # queue ids taken into the current run
+        self._sites: dict[str, str] = {}  # incoming queue id -> site, read during this run
+        self._flushing: deque[str] = deque()  # a flush's deferred messages not yet taken
+        self._more = False  # incoming/ held more than one run takes
 
     def stop(self) -> None:
         """Finish the message in hand, start no other; run_forever then returns."""
         self._stopping = True
         self.wake.set()
+        self._poked.set()
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: new sites, relays and routing from the next run on."""
@@ -165,8 +276,11 @@ class QueueRunner:
         """Run soon; ``force`` also retries deferred mail before its time (flush)."""
         self._force = self._force or force
         self.wake.set()
+        self._poked.set()
 
     async def run_forever(self) -> None:
+        # The schedule is built in the background: start-up and new mail do not wait for it.
+        self._index_task = asyncio.create_task(asyncio.to_thread(self._load_schedule))
         while not self._stopping:
             try:
                 await self.run_once()
@@ -174,39 +288,121 @@ class QueueRunner:
                 log.exception("queue run failed; retrying after the scan interval")
             if self._stopping:
                 break
+            timeout = self.config.queue_scan_interval
+            upcoming = self._schedule.next_time()
+            if upcoming is not None:
+                timeout = max(0.0, min(timeout, upcoming - time.time()))
             try:
-                await asyncio.wait_for(self.wake.wait(), self.config.queue_scan_interval)
+                await asyncio.wait_for(self.wake.wait(), timeout)
             except TimeoutError:
                 pass
+        if self._index_task is not None:
+            await asyncio.gather(self._index_task, return_exceptions=True)
 
     async def run_once(self) -> int:
-        """Deliver every due message once; the number attempted."""
+        """Deliver every due message once; the number taken into the run."""
         async with self._lock:
             self.wake.clear()
+            self._poked.clear()
             if self._unsaved and not await asyncio.to_thread(self._retry_unsaved):
                 return 0  # still cannot record what was sent: send nothing more
             force, self._force = self._force, False
-            # Disk work (reads, fsyncs) runs in a thread: the loop keeps taking submissions.
-            due = await asyncio.to_thread(self._due, force)
-            limiter = asyncio.Semaphore(MAX_PARALLEL_SITES)
+            await self._await_schedule(force)
+            run = _Run()
+            try:
+                # Disk work (reads, fsyncs) runs in a thread: the loop keeps taking submissions.
+                run.add(await asyncio.to_thread(self._due, force, frozenset()))
+                await self._serve(run)
+            finally:
+                self._requeue_leftovers(run)
+                self._taken.clear()
+                self._sites.clear()
+            if (self._more or self._flushing) and not self._stopping:
+                self._more = False
+                self.wake.set()  # the rest of a long queue: the next run follows at once
+            return run.taken
 
-            async def one_site(site_name: str, items: list[tuple[str, str]]) -> None:
-                async with limiter:
-                    try:
-                        await self._deliver_site(site_name, items)
-                    except Exception:
-                        log.exception("site run failed site=%s; the other sites go on, this "
-                                      "one is retried after the scan interval",
-                                      printable(site_name))
+    async def _await_schedule(self, force: bool) -> None:
+        """The deferred index: built here when no background build runs (tests, first run)."""
+        if self._indexed:
+            return
+        if self._index_task is None:
+            await asyncio.to_thread(self._load_schedule)
+        elif force:  # a flush means all of them: wait for the whole list
+            await asyncio.gather(self._index_task, return_exceptions=True)
 
-            await asyncio.gather(*(one_site(s, items) for s, items in due.items()))
-            return sum(len(items) for items in due.values())
+    def _load_schedule(self) -> None:
+        """Read ``deferred/`` once: each message's next attempt (in a thread)."""
+        layout = self.config.layout
+        for queue_id in spool.queue_ids(layout, spool.DEFERRED):
+            if self._stopping:
+                return
+            if queue_id in self._taken:
+                continue
+            self._schedule.put(queue_id, spool.read_status(layout, queue_id).next_attempt)
+        self._indexed = True
+        log.info("queue schedule ready: %d deferred", len(self._schedule))
 
-    async def _record(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
-                      results: dict[str, Outcome], trouble: Outcome | None) -> None:
-        if await asyncio.to_thread(self._after_attempt, state, queue_id, entry, results,
-                                   trouble):
-            self.poke()  # a bounce was queued: deliver it in the next run
+    async def _serve(self, run: _Run) -> None:
+        """Start sessions for the queued sites, refill on arrivals, until all is served."""
+        loop = asyncio.get_running_loop()
+        last_refill = loop.time()
+        refill_at: float | None = None
+        while True:
+            self._start_lanes(run)
+            if not run.tasks:
+                return
+            waits: set[asyncio.Future[Any]] = set(run.tasks)
+            poked: asyncio.Future[Any] | None = None
+            if refill_at is None:
+                poked = asyncio.ensure_future(self._poked.wait())
+                waits.add(poked)
+            timeout = None if refill_at is None else max(0.0, refill_at - loop.time())
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if poked is not None:
+                poked.cancel()
+            if refill_at is None and self._poked.is_set():
+                refill_at = max(loop.time(), last_refill + REFILL_EVERY)
+            if refill_at is not None and loop.time() >= refill_at:
+                self._poked.clear()
+                refill_at, last_refill = None, loop.time()
+                if not self._stopping and not self._unsaved:
+                    # Sites already in this run take their new mail in the next one: it
+                    # queues behind their backlog anyway.  Another site's starts now.
+                    run.add(await asyncio.to_thread(self._due, False, frozenset(run.queues)))
+
+    def _start_lanes(self, run: _Run) -> None:
+        """Sessions for sites without one (round-robin), then more for long queues."""
+        if self._stopping or self._unsaved:
+            return
+        per_site = min((r.sessions for r in self.config.relays), default=1)
+        for site in list(run.order):
+            if run.full():
+                break
+            if run.queues[site] and not run.lanes[site]:
+                self._start_lane(run, site)
+        for site in list(run.order):
+            queue = run.queues[site]
+            while (queue and 0 < run.lanes[site] < per_site and len(run.tasks) < MAX_SESSIONS
+                   and len(queue) > run.lanes[site] * LANE_BATCH and not run.waiting(site)):
+                self._start_lane(run, site)
+
+    def _start_lane(self, run: _Run, site: str) -> None:
+        run.lanes[site] += 1
+        run.order.remove(site)
+        run.order.append(site)
+        task = asyncio.create_task(self._lane(run, site))
+        run.tasks.add(task)
+        task.add_done_callback(run.tasks.discard)
+
+    def _requeue_leftovers(self, run: _Run) -> None:
+        """Messages not attempted (shutdown, pause): deferred ones are due in the next run."""
+        now = time.time()
+        for queue in run.queues.values():
+            for state, queue_id in queue:
+                if state == spool.DEFERRED:
+                    self._schedule.put(queue_id, now)
+            queue.clear()
 
     @property
     def paused(self) -> bool:
@@ -226,27 +422,74 @@ class QueueRunner:
                      "continues", attempt.queue_id, attempt.env.site)
         return True
 
-    def _due(self, force: bool) -> dict[str, list[tuple[str, str]]]:
-        """Due messages by site: all incoming, and deferred ones whose time came."""
+    def _due(self, force: bool, skip: frozenset[str]) -> dict[str, list[tuple[str, str]]]:
+        """Due messages by site (in a thread), at most :data:`RUN_CHUNK`: new ones in
+        ``incoming/``, deferred ones whose time came (all of them after a flush,
+        ``force``); none of the sites in ``skip`` (a look during a run).
+
+        ``incoming/`` is listed (its names only: it holds what arrived since the last
+        run); deferred messages come from the schedule, never from a scan, except
+        that a flush lists ``deferred/`` once and is worked off chunk by chunk.
+        What does not fit in this run is left for the next, which follows at once.
+        """
         layout = self.config.layout
         now = time.time()
         due: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for state in (spool.INCOMING, spool.DEFERRED):
-            for queue_id in spool.queue_ids(layout, state):
-                if self._stopping:
-                    return due
-                try:
-                    status = spool.read_status(layout, queue_id)
-                    if state == spool.DEFERRED and not force and status.next_attempt > now:
-                        continue
-                    env = spool.read_envelope(layout, state, queue_id)
-                except FileNotFoundError:
-                    continue  # delivered, held or deleted meanwhile
-                except (OSError, ValueError) as exc:
-                    self._corrupt(queue_id, state, str(exc))
+        room = RUN_CHUNK
+        for queue_id in spool.queue_ids(layout, spool.INCOMING):
+            if self._stopping:
+                return due
+            if not room:
+                self._more = True
+                break
+            if queue_id in self._taken:
+                continue
+            site = self._sites.get(queue_id) or self._site_of(spool.INCOMING, queue_id)
+            if site is None:
+                continue
+            if site in skip:
+                self._sites[queue_id] = site
+                continue
+            self._taken.add(queue_id)
+            due[site].append((spool.INCOMING, queue_id))
+            room -= 1
+        if force:  # a flush: every deferred message, whatever the schedule says
+            self._schedule.clear()
+            self._flushing = deque(spool.queue_ids(layout, spool.DEFERRED))
+        deferred: list[tuple[str, bool]] = []
+        while self._flushing and not skip and len(deferred) < room:
+            deferred.append((self._flushing.popleft(), True))
+        deferred += [(q, False) for q in self._schedule.take_due(now, room - len(deferred))]
+        for queue_id, flushed in deferred:
+            if queue_id in self._taken:
+                continue
+            if self._stopping:
+                self._schedule.put(queue_id, now)
+                continue
+            if not flushed:
+                when = spool.read_status(layout, queue_id).next_attempt
+                if when > now:  # rescheduled since this entry was made
+                    self._schedule.put(queue_id, when)
                     continue
-                due[env.site].append((state, queue_id))
+            site = self._site_of(spool.DEFERRED, queue_id)
+            if site is None:
+                continue
+            if site in skip:
+                self._schedule.put(queue_id, now)
+                continue
+            self._taken.add(queue_id)
+            due[site].append((spool.DEFERRED, queue_id))
         return due
+
+    def _site_of(self, state: str, queue_id: str) -> str | None:
+        """The site of a queued message; None when it is gone or corrupt (moved aside)."""
+        try:
+            return spool.read_envelope(self.config.layout, state, queue_id).site
+        except FileNotFoundError:
+            return None  # delivered, held or deleted meanwhile
+        except (OSError, ValueError) as exc:
+            self._corrupt(queue_id, state, str(exc))
+            return None
 
     def _corrupt(self, queue_id: str, state: str, why: str) -> None:
         log.error("corrupt queue_id=%s state=%s reason=%r action='moved to corrupt/; "
@@ -256,17 +499,38 @@ class QueueRunner:
         except OSError:
             pass
 
-    async def _deliver_site(self, site_name: str, items: list[tuple[str, str]]) -> None:
+    def _hold(self, site_name: str, items: list[tuple[str, str]]) -> None:
+        """A suspended site's queued mail goes to hold: nothing leaves (in a thread)."""
+        for state, queue_id in items:
+            with contextlib.suppress(FileNotFoundError):
+                spool.move(self.config.layout, queue_id, state, spool.HOLD)
+                log.warning("held queue_id=%s site=%s reason=suspended", queue_id,
+                            printable(site_name))
+
+    async def _lane(self, run: _Run, site_name: str) -> None:
+        """One session of a site: its queued messages in order, until the queue is
+        empty, shutdown, a pause, or a waiting site needs the slot (then it gives way)."""
+        queue = run.queues[site_name]
+        try:
+            await self._deliver_site(run, site_name, queue)
+        except Exception:
+            log.exception("site run failed site=%s; the other sites go on, this one is "
+                          "retried in the next run", printable(site_name))
+        finally:
+            run.lanes[site_name] -= 1
+
+    async def _deliver_site(self, run: _Run, site_name: str,
+                            queue: deque[tuple[str, str]]) -> None:
         site = self.config.site_named(site_name)
         if site is not None and self.state.suspension(site_name) is not None:
             # Suspended while queued (or by a rule just now): nothing leaves; hold it all.
-            for _state, queue_id in items:
-                with contextlib.suppress(FileNotFoundError):
-                    spool.move(self.config.layout, queue_id, _state, spool.HOLD)
-                    log.warning("held queue_id=%s site=%s reason=suspended", queue_id, site_name)
+            items = list(queue)
+            queue.clear()
+            await asyncio.to_thread(self._hold, site_name, items)
             return
         if site is None:
-            for state, queue_id in items:
+            while queue and not self._stopping and not self._unsaved:
+                state, queue_id = queue.popleft()
                 await self._record(state, queue_id, None, {}, Outcome.network(
                     f"site {printable(site_name)} is no longer in the configuration; add it back "
                     "or delete the message"))
@@ -277,19 +541,27 @@ class QueueRunner:
         transport = config.local_transport
         local = _Channel(lambda: open_local_session(transport, config.hostname)) \
             if transport is not None else None
+        served = 0
         try:
-            for state, queue_id in items:
+            while queue:
                 if self._stopping:
                     return  # shutdown: the message in hand was recorded, the rest waits
                 if self._unsaved:
                     return  # paused: what was sent is not recorded yet
+                if served and run.full() and run.waiting(site_name) and (
+                        run.lanes[site_name] > 1 or served >= LANE_TURN):
+                    run.order.remove(site_name)  # behind the waiting site(s) now
+                    run.order.append(site_name)
+                    return  # give way to a site that waits for a session
+                state, queue_id = queue.popleft()
                 try:
                     await self._deliver_one(site, state, queue_id, relay, local)
                 except Exception as exc:  # this message's trouble, not the run's
                     await asyncio.to_thread(self._internal_failure, state, queue_id,
                                             site_name, exc)
+                served += 1
                 if self.state.suspension(site_name) is not None:
-                    return  # an outbreak rule tripped: the rest is on hold now
+                    return  # an outbreak rule tripped: the next lane holds the rest
         finally:
             await relay.close()
             if local is not None:
@@ -300,19 +572,26 @@ class QueueRunner:
         """One attempt for one message: read, route, send, record."""
         try:
             env, message = spool.read_entry(self.config.layout, state, queue_id)
+            status = spool.read_status(self.config.layout, queue_id)  # a missing one is new
         except FileNotFoundError:
             return  # held or deleted by the operator meanwhile
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # also a status that cannot be read as a file
             self._corrupt(queue_id, state, str(exc))
             return
-        status = spool.read_status(self.config.layout, queue_id)
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
         results, to_relay, to_local = await self._route(pending)
         results.update(await relay.send(env, message, to_relay))
         if local is not None:
             results.update(await local.send(env, message, to_local))
-        await self._record(state, queue_id, (env, message), results, None)
+        await self._record(state, queue_id, (env, message), results, None, status)
         self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
+
+    async def _record(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
+                      results: dict[str, Outcome], trouble: Outcome | None,
+                      status: spool.Status | None = None) -> None:
+        if await asyncio.to_thread(self._after_attempt, state, queue_id, entry, results,
+                                   trouble, status):
+            self.poke()  # a bounce was queued: deliver it in the next run
 
     def _internal_failure(self, state: str, queue_id: str, site_name: str,
                           exc: Exception) -> None:
@@ -335,10 +614,14 @@ class QueueRunner:
             log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(site_name))
             return
         except Exception:
+            if state == spool.DEFERRED:  # still there: try it again after the backoff
+                self._schedule.put(queue_id, time.time() + backoff(self.config, 1))
             log.exception("internal_error queue_id=%s site=%s reason=%r action='could not "
                           "record the failure either; it is retried in the next run: see "
                           "the traceback'", queue_id, printable(site_name), reason)
             return
+        if not hold:
+            self._schedule.put(queue_id, status.next_attempt)
         if hold:
             action = (f"held after {status.internal_failures} internal failures: inspect it "
                       f"with 'sendmail-shim-admin queue show {queue_id}', then 'queue release "
@@ -395,7 +678,8 @@ class QueueRunner:
             suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
 
     def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
-                       results: dict[str, Outcome], trouble: Outcome | None) -> bool:
+                       results: dict[str, Outcome], trouble: Outcome | None,
+                       status: spool.Status | None = None) -> bool:
         """Record one attempt: status, bounces, removal or deferral (runs in a thread).
 
         True when it queued a bounce, which the caller's loop should deliver soon.
@@ -409,7 +693,8 @@ class QueueRunner:
                 return False
         env, message = entry
         site, sender = printable(env.site), printable(env.sender)  # one log line each
-        status = spool.read_status(layout, queue_id)
+        if status is None:
+            status = spool.read_status(layout, queue_id)
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
         if trouble is not None:
             results = dict.fromkeys(pending, trouble)
@@ -459,12 +744,15 @@ class QueueRunner:
         return attempt.notice is not None
 
     def _persist(self, attempt: _Attempt) -> None:
-        """Status first, then the bounce, then removal or deferral; resumable after OSError."""
+        """Status (with failures), the bounce, then removal or deferral; resumable after
+        OSError.  A message whose recipients were all delivered writes nothing: it is
+        removed (a crash first means one more delivery, never a loss)."""
         layout = self.config.layout
         queue_id, env, status = attempt.queue_id, attempt.env, attempt.status
         if attempt.step == 0:
-            # Record delivered/failed recipients before anything else can go wrong.
-            spool.write_status(layout, queue_id, status)
+            if attempt.new_failures:
+                # Failures are on disk before their bounce is queued: never two bounces.
+                spool.write_status(layout, queue_id, status)
             attempt.step = 1
         if attempt.step == 1:
             if attempt.new_failures:
@@ -477,7 +765,7 @@ class QueueRunner:
         if attempt.step == 2:
             if attempt.deferred is None:
                 try:
-                    spool.remove(layout, queue_id, attempt.state)
+                    spool.remove_delivered(layout, queue_id, attempt.state)
                 except FileNotFoundError:
                     # Held by the operator meanwhile; its status says it is done.
                     log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(env.site))
@@ -491,6 +779,7 @@ class QueueRunner:
                 if attempt.state == spool.INCOMING:
                     with contextlib.suppress(FileNotFoundError):  # held meanwhile
                         spool.move(layout, queue_id, spool.INCOMING, spool.DEFERRED)
+                self._schedule.put(queue_id, deferred.next_attempt)
                 log.warning("deferred queue_id=%s site=%s uid=%d nrcpt=%d attempts=%d "
                             "retry_in=%ds relay=%s reason=%r", queue_id, printable(env.site),
                             env.uid, len(status.delayed), deferred.attempts,

@@ -212,6 +212,22 @@ def remove(layout: paths.SpoolLayout, queue_id: str, state: str) -> None:
         pass
 
 
+def remove_delivered(layout: paths.SpoolLayout, queue_id: str, state: str) -> None:
+    """Forget a message whose recipients all have their outcome: no fsync at all.
+
+    The runner's success path.  A crash before the directory reaches the disk
+    can bring the queue file back, and then it is delivered once more
+    (at-least-once, as after any crash between the relay's "250" and the
+    removal); it can never lose a message.  The operator's delete uses
+    :func:`remove`, which is durable.
+    """
+    os.unlink(queue_path(layout, state, queue_id))
+    try:
+        os.unlink(status_path(layout, queue_id))
+    except FileNotFoundError:
+        pass
+
+
 def queue_ids(layout: paths.SpoolLayout, state: str) -> list[str]:
     """Valid queue ids in a state directory, oldest first; other names are ignored."""
     try:

@@ -23,7 +23,7 @@ def test_key_tuples_are_derived_in_schema_order() -> None:
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
         "local_transport", "routing", "resolver", "firewall")
     assert config.RELAY_KEYS == ("host", "port", "tls", "verify", "ca_file", "timeout",
-                                 "allow_plaintext")
+                                 "allow_plaintext", "sessions")
     assert config.SITE_KEYS == ("uids", "docroots", "domains", "sender", "relay_login",
                                 "quota", "sender_policy", "outbreak", "dkim_selectors",
                                 "allow_submission")

@@ -27,8 +27,10 @@ from sendmail_shim.delivery import runner as runner_module
 from sendmail_shim.delivery.runner import MAX_INTERNAL_FAILURES, QueueRunner, backoff
 from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
+from sendmail_shim.store.outcome import OK, Outcome
 from sendmail_shim.store.state import State
 
+from .conftest import SITE2
 from .smtprelay import RelayHandler, unused_port
 
 SITE, SENDER, UID = "site1.test", "noreply@site1.test", os.getuid()
@@ -306,15 +308,16 @@ class TestBookkeeping:
     def test_an_outcome_the_disk_refuses_pauses_delivery_and_is_never_resent(
             self, config: Config, runner: QueueRunner, relay: RelayHandler,
             monkeypatch: pytest.MonkeyPatch) -> None:
-        real_write = spool.write_status
+        # A delivered message's only bookkeeping is its removal (no status is written).
+        real_remove = spool.remove_delivered
         disk_full = [True]
 
-        def write_status(*args: Any, **kwargs: Any) -> None:
+        def remove_delivered(*args: Any, **kwargs: Any) -> None:
             if disk_full[0]:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_write(*args, **kwargs)
+                raise OSError(errno.EIO, "Input/output error")
+            real_remove(*args, **kwargs)
 
-        monkeypatch.setattr(spool, "write_status", write_status)
+        monkeypatch.setattr(spool, "remove_delivered", remove_delivered)
         first = enqueue(config, "a@example.net")
         run(runner)
         assert runner.paused and len(relay.received) == 1
@@ -325,3 +328,194 @@ class TestBookkeeping:
         assert not runner.paused
         assert [t.rcpt_tos for t in relay.received] == [["a@example.net"], ["b@example.net"]]
         assert first not in queue(config, spool.INCOMING) and empty(config)
+
+
+class FakeSessions:
+    """``open_session`` replaced: sessions that accept everything after a short pause,
+    record the order of deliveries by site, and count the sessions open at once."""
+
+    def __init__(self, on_send: Callable[[int], None] | None = None,
+                 pause: float = 0.001) -> None:
+        self.pause = pause
+        self.sent: list[str] = []  # the site of each delivered message, in order
+        self.open_now = 0
+        self.most_open = 0
+        self.opened = 0
+        self.on_send = on_send
+
+    async def open(self, relays: Any, login: Any, hostname: str, site: str) -> Any:
+        self.opened += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        fake = self
+
+        class Session:
+            async def send(self, env: Envelope, message: bytes,
+                           recipients: list[str]) -> dict[str, Outcome]:
+                await asyncio.sleep(fake.pause)
+                fake.sent.append(env.site)
+                if fake.on_send is not None:
+                    fake.on_send(len(fake.sent))
+                return dict.fromkeys(recipients, Outcome(OK, 250, "2.0.0 Ok", "fake"))
+
+            async def close(self) -> None:
+                fake.open_now -= 1
+
+        return Session()
+
+
+@pytest.fixture
+def sessions(monkeypatch: pytest.MonkeyPatch) -> FakeSessions:
+    fake = FakeSessions()
+    monkeypatch.setattr(runner_module, "open_session", fake.open)
+    monkeypatch.setattr(runner_module, "REFILL_EVERY", 0.0)
+    return fake
+
+
+class TestFairness:
+    def _backlog_then_another_site(self, config: Config, runner: QueueRunner,
+                                   sessions: FakeSessions, backlog: int) -> int:
+        for n in range(backlog):
+            enqueue(config, f"r{n}@example.net")
+        arrived: list[int] = []
+
+        def other_site_arrives(delivered: int) -> None:
+            if delivered == 10:
+                enqueue(config, "x@example.net", site=SITE2, sender="noreply@site2.test")
+                runner.poke()
+                arrived.append(delivered)
+
+        sessions.on_send = other_site_arrives
+        sessions.pause = 0.02  # a relay's pace: the look for the arrival takes far less
+        assert run(runner) == backlog + 1
+        assert arrived == [10] and sessions.sent.count(SITE2) == 1 and empty(config)
+        return sessions.sent.index(SITE2)
+
+    def test_another_sites_message_does_not_wait_for_a_backlog(
+            self, make_config: Callable[..., Config], state: State, clock: list[float],
+            sessions: FakeSessions) -> None:
+        # Sessions to spare (the backlog's site may hold 4): the other site gets one at once.
+        config = make_config(relays=[{"host": "127.0.0.1", "port": 2525, "tls": "none",
+                                      "sessions": 4}])
+        runner = QueueRunner(config, state)
+        position = self._backlog_then_another_site(config, runner, sessions, 80)
+        assert position < 10 + 4 + 4
+
+    def test_a_site_holding_every_session_gives_one_way(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions) -> None:
+        # The backlog holds all 20 sessions: they end after their message in hand, so the
+        # other site waits behind at most two messages per session (the arrival is noticed
+        # while the next ones are in hand), not behind the backlog.
+        position = self._backlog_then_another_site(config, runner, sessions, 200)
+        assert sessions.most_open == runner_module.MAX_SESSIONS
+        assert position < 10 + 2 * runner_module.MAX_SESSIONS + 4
+
+    def test_a_site_gives_its_session_to_a_waiting_site(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        # No site to spare: the backlog's sessions give way, the last after its turn.
+        monkeypatch.setattr(runner_module, "MAX_PARALLEL_SITES", 1)
+        monkeypatch.setattr(runner_module, "LANE_TURN", 5)
+        position = self._backlog_then_another_site(config, runner, sessions, 200)
+        assert position < 10 + 2 * runner_module.MAX_SESSIONS + 5 + 4
+
+
+class TestParallelSessions:
+    def test_a_long_queue_is_sent_over_the_relays_sessions(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions) -> None:
+        for n in range(100):
+            enqueue(config, f"r{n}@example.net")
+        assert run(runner) == 100
+        assert len(sessions.sent) == 100 and empty(config)
+        assert sessions.most_open == 20  # the relay's default sessions: 20
+
+    def test_a_short_queue_opens_a_session_per_4_messages(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions) -> None:
+        for n in range(9):
+            enqueue(config, f"r{n}@example.net")
+        assert run(runner) == 9 and sessions.most_open == 3 and empty(config)
+
+    def test_sessions_is_per_relay_and_one_means_one(
+            self, make_config: Callable[..., Config], state: State, clock: list[float],
+            sessions: FakeSessions) -> None:
+        config = make_config(relays=[{"host": "127.0.0.1", "port": 2525, "tls": "none",
+                                      "sessions": 1}])
+        for n in range(40):
+            enqueue(config, f"r{n}@example.net")
+        assert run(QueueRunner(config, state)) == 40
+        assert sessions.most_open == 1 and sessions.opened == 1 and empty(config)
+
+
+class TestSchedule:
+    def test_a_deferred_message_is_not_read_again_before_its_time(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            clock: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+        queue_id = enqueue(config, "busy@example.net")
+        assert run(runner) == 1
+        reads: list[str] = []
+        listed: list[str] = []
+        for name in ("read_status", "read_envelope", "read_entry"):
+            real = getattr(spool, name)
+
+            def counting(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                reads.append(args[-1])
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(spool, name, counting)
+        real_ids = spool.queue_ids
+
+        def listing(layout: Any, state: str) -> list[str]:
+            listed.append(state)
+            return real_ids(layout, state)
+
+        monkeypatch.setattr(spool, "queue_ids", listing)
+        for _ in range(5):  # idle runs before its time: no reads, no scan of deferred/
+            clock[0] += 1
+            assert run(runner) == 0
+        assert reads == [] and spool.DEFERRED not in listed
+        clock[0] = T0 + INITIAL + 1
+        assert run(runner) == 1 and queue_id in reads and len(relay.rcpts) == 2
+
+    def test_the_schedule_is_built_from_the_spool_at_start(
+            self, config: Config, state: State, relay: RelayHandler,
+            clock: list[float]) -> None:
+        queue_id = enqueue(config, "busy@example.net")
+        assert run(QueueRunner(config, state)) == 1
+        restarted = QueueRunner(config, state)  # a new daemon: the schedule is read once
+        assert run(restarted) == 0
+        clock[0] = T0 + INITIAL + 1
+        assert run(restarted) == 1 and queue(config, spool.DEFERRED) == [queue_id]
+        assert len(relay.rcpts) == 2
+
+    def test_a_delivered_message_writes_no_status(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        writes: list[str] = []
+        monkeypatch.setattr(spool, "write_status", lambda layout, q, s: writes.append(q))
+        enqueue(config, "a@example.net")
+        assert run(runner) == 1 and len(relay.received) == 1
+        assert writes == [] and empty(config)
+
+    def test_a_long_queue_is_taken_in_chunks_and_a_flush_once(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runner_module, "RUN_CHUNK", 3)
+        for _ in range(7):
+            enqueue(config, "busy@example.net")
+        assert [run(runner) for _ in range(3)] == [3, 3, 1]
+        assert runner.wake.is_set() is False and len(queue(config, spool.DEFERRED)) == 7
+        # A flush takes every deferred message once, a chunk per run, and then stops.
+        runner.poke(force=True)
+        counts = []
+        while runner.wake.is_set():
+            counts.append(asyncio.run(runner.run_once()))
+        assert counts == [3, 3, 1] and len(relay.rcpts) == 14
+
+    def test_a_status_that_cannot_be_read_moves_the_message_to_corrupt(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
+        odd = enqueue(config, "a@example.net")
+        os.mkdir(spool.status_path(config.layout, odd))  # unreadable as a file
+        good = enqueue(config, "b@example.net")
+        assert run(runner) == 2
+        assert queue(config, spool.CORRUPT) == [odd] and good not in queue(config, spool.INCOMING)
+        assert [t.rcpt_tos for t in relay.received] == [["b@example.net"]]
