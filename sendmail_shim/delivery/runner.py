@@ -583,8 +583,16 @@ class QueueRunner:
         results.update(await relay.send(env, message, to_relay))
         if local is not None:
             results.update(await local.send(env, message, to_local))
-        await self._record(state, queue_id, (env, message), results, None, status)
-        self._watch_relay_answers(site, env, {r: results[r] for r in to_relay})
+        relayed = {r: results[r] for r in to_relay}
+
+        def settle() -> bool:  # in a thread: the loop never waits on the state or the disk
+            queued_bounce = self._after_attempt(state, queue_id, (env, message), results, None,
+                                                status)
+            self._watch_relay_answers(site, env, relayed)
+            return queued_bounce
+
+        if await asyncio.to_thread(settle):
+            self.poke()  # a bounce was queued: deliver it in the next run
 
     async def _record(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
                       results: dict[str, Outcome], trouble: Outcome | None,
