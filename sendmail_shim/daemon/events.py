@@ -7,8 +7,9 @@ module turns such a line back into its event name and fields, once per record
 (:func:`event_of` caches the result on the record), and two consumers read it:
 
 - :class:`JsonFormatter`, for ``log: {format: json}``: one JSON object per
-  line with ``time``, ``level``, ``event``, the line's fields under their own
-  names, and ``msg``, the text line itself;
+  line with ``time`` (UTC), ``level``, ``daemon_pid``, ``event``, the line's
+  fields under their own names (``pid`` is the caller's, as in the text), and
+  ``msg``, the text line itself;
 - the metrics handler (``daemon/metrics.py``), which counts events.
 
 Why parse the log instead of calling a metrics API on the message path: the
@@ -144,7 +145,7 @@ def event_of(record: logging.LogRecord) -> Event:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, pid, event, the line's fields, msg."""
+    """One JSON object per record: time, level, daemon_pid, event, the line's fields, msg."""
 
     def format(self, record: logging.LogRecord) -> str:
         event = event_of(record)
@@ -152,7 +153,7 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                     + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
-            "pid": record.process,
+            "daemon_pid": record.process,  # "pid" is a field: the caller's
             "event": event.name,
         }
         for key, value in event.fields.items():

@@ -182,7 +182,7 @@ def test_top_sites_and_other(make_config: MakeConfig) -> None:
     lines = [("info", f"accepted site={SITE1} origin=socket")] * 3 + [
         ("info", f"accepted site={SITE2} origin=socket"),
         ("info", "accepted site=third origin=socket")]
-    registry, coll = collector(config, None, *lines)
+    registry, _ = collector(config, None, *lines)
     assert value(registry, f"{P}_site_messages_total", site=SITE1, login=SITE1,
                  status="accepted") == 3
     assert value(registry, f"{P}_site_messages_total", site="other", login="",
