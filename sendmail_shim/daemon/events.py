@@ -58,6 +58,9 @@ class Event:
 def _quoted(message: str, pos: int) -> tuple[str, int] | None:
     """The Python string literal at ``pos`` (as ``%r`` wrote it) and where it ends."""
     quote = message[pos]
+    close = message.find(quote, pos + 1)
+    if close > 0 and message.find("\\", pos + 1, close) < 0:
+        return message[pos + 1:close], close + 1  # no escapes: the text is the value
     end = pos + 1
     while end < len(message):
         ch = message[end]

@@ -10,10 +10,12 @@ Three parts, each cheap and off the message path:
   fields: ``accepted`` (the daemon's accept→250 time), ``relay_connected``
   and ``relay_transaction`` (debug lines of ``delivery/relay.py``).
 - :class:`QueueCollector` is evaluated at scrape time: the queue size by state
-  and the oldest message's age come from one ``scandir`` per queue directory
+  and the oldest message's age come from one listing per queue directory
   (the queue id starts with its arrival time in milliseconds, so the oldest is
-  the smallest name: no file is opened or stat'ed, about 30 ms for 100,000
-  queued); suspended sites and quota usage from the State API, read-only.
+  the smallest name: one ``listdir``, no file is opened or stat'ed; about 50 ms
+  of CPU with 100,000 queued, and nothing but a ``stat`` of the directory
+  while it has not changed, see :class:`QueueScan`); suspended sites and
+  quota usage from the State API, read-only.
 - :class:`Exposition`: a loopback HTTP listener (``metrics.listen``, its own
   thread) and/or a node_exporter textfile rewritten every
   ``metrics.interval`` (``metrics.textfile``, written to a temporary name and
@@ -244,28 +246,52 @@ class EventMetrics(logging.Handler):
 
 
 def oldest_and_count(directory: str) -> tuple[int, float | None]:
-    """(queue files, arrival time of the oldest) in one queue directory, by name only."""
-    count, oldest = 0, None
+    """(queue files, arrival time of the oldest) in one queue directory, by name only.
+
+    One listdir, no stat: names of 16 characters are counted (a queue directory holds
+    only queue files), the smallest is the oldest when it is a valid queue id.
+    """
     try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                name = entry.name
-                if not spool.QUEUE_ID.fullmatch(name):
-                    continue
-                count += 1
-                if oldest is None or name < oldest:
-                    oldest = name
+        names = [n for n in os.listdir(directory) if len(n) == 16]
     except FileNotFoundError:
         return 0, None
-    if oldest is None:
-        return count, None
-    return count, int(oldest[:11], 16) / 1000.0
+    oldest = min(names, default=None)
+    if oldest is None or not spool.QUEUE_ID.fullmatch(oldest):
+        return len(names), None
+    return len(names), int(oldest[:11], 16) / 1000.0
+
+
+class QueueScan:
+    """:func:`oldest_and_count` per directory, listed again only when it has changed.
+
+    A directory's mtime changes whenever an entry is added, removed or renamed.  A
+    listing is reused only when the mtime it saw was over a second old at the time,
+    so a change within the same timestamp tick is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, tuple[int, float | None]]] = {}
+
+    def __call__(self, directory: str) -> tuple[int, float | None]:
+        try:
+            mtime = os.stat(directory).st_mtime_ns
+        except FileNotFoundError:
+            return 0, None
+        cached = self._seen.get(directory)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        listed_at = time.time_ns()
+        result = oldest_and_count(directory)
+        if listed_at - mtime > 1_000_000_000:
+            self._seen[directory] = (mtime, result)
+        else:
+            self._seen.pop(directory, None)
+        return result
 
 
 def count_entries(directory: str) -> int:
     try:
-        with os.scandir(directory) as entries:
-            return sum(1 for e in entries if not e.name.startswith("."))
+        return sum(1 for name in os.listdir(directory) if not name.startswith("."))
     except FileNotFoundError:
         return 0
 
@@ -279,6 +305,7 @@ class QueueCollector(Collector):
         self.state = state
         self.accepting = accepting
         self.events = events
+        self.scan = QueueScan()
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
@@ -307,7 +334,7 @@ class QueueCollector(Collector):
                                 labels=["queue"])
         now = time.time()
         for queue in QUEUES:
-            count, oldest = oldest_and_count(layout.state_dir(queue))
+            count, oldest = self.scan(layout.state_dir(queue))
             size.add_metric([queue], count)
             age.add_metric([queue], max(0.0, now - oldest) if oldest is not None else 0.0)
         size.add_metric(["maildrop"], count_entries(layout.maildrop))

@@ -17,6 +17,7 @@ from sendmail_shim.daemon.metrics import (
     EventMetrics,
     Exposition,
     QueueCollector,
+    QueueScan,
     oldest_and_count,
     refusal_reason,
     reply_class,
@@ -224,3 +225,22 @@ def test_exposition_http_and_textfile(make_config: MakeConfig, tmp_path: Path) -
     finally:
         exposition.stop()
     assert exposition.handler not in logging.getLogger("sendmail_shim").handlers
+
+
+def test_queue_scan_lists_again_only_after_a_change(tmp_path: Path) -> None:
+    import os
+
+    scan = QueueScan()
+    name = "0000000000100000"
+    (tmp_path / name).write_text("")
+    old = time.time_ns() - 5_000_000_000
+    os.utime(tmp_path, ns=(old, old))
+    assert scan(str(tmp_path)) == (1, 0.001)
+    (tmp_path / "0000000000200000").write_text("")  # changes the mtime
+    assert scan(str(tmp_path))[0] == 2
+    os.utime(tmp_path, ns=(old, old))
+    assert scan(str(tmp_path))[0] == 2  # listed again: the mtime differs from the cached
+    (tmp_path / "0000000000300000").write_text("")
+    os.utime(tmp_path, ns=(old, old))  # the same mtime as cached: the cached listing stands
+    assert scan(str(tmp_path))[0] == 2
+    assert scan(str(tmp_path / "missing")) == (0, None)
