@@ -9,7 +9,7 @@ from conftest import Relay, Shim
 # plus the stdlib modules we avoid on purpose because each costs milliseconds.
 BANNED = {"asyncio", "dns", "yaml", "click", "aiosmtplib", "aiosmtpd", "platformdirs",
           "filelock", "email", "json", "logging", "socket", "dataclasses", "typing", "re",
-          "enum", "subprocess", "tempfile"}
+          "enum", "subprocess", "tempfile", "prometheus_client"}
 
 
 def imported_modules(stderr: bytes) -> set[str]:

@@ -31,6 +31,7 @@ from sendmail_shim.config.schema import (
     GroupName,
     IPAddress,
     Kind,
+    ListenAddress,
     Optional,
     Problem,
     Rate,
@@ -48,6 +49,7 @@ SENDER_ACTIONS = ("rewrite", "refuse", "keep")
 FROM_ACTIONS = ("keep", "rewrite", "refuse")
 LOG_TARGETS = ("stderr", "syslog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 ROUTES = ("local", "remote", "auto")
 ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
@@ -56,7 +58,8 @@ _LIMIT = Optional(Whole(0))  # a quota; null is unlimited
 
 # The documentation of the small inline mappings (dotted key names: log.target).
 GROUP_DOCS = {
-    "log": "where the daemon logs and how much",
+    "log": "where the daemon logs, how much and in which form",
+    "metrics": "Prometheus metrics of the daemon (off unless listen or textfile is set)",
     "resolver": "the DNS resolver of MX lookups",
     "sender_policy": "what happens to senders outside the site's domains",
     "quota_refusals": "quota refusals within the window trip the rule; without count: off",
@@ -298,6 +301,26 @@ class Config:
                           doc="stderr, or syslog (the mail facility)")
     log_level: str = key("info", kind=Choice(LOG_LEVELS), name="log.level",
                          doc="the least important messages logged")
+    log_format: str = key("text", kind=Choice(LOG_FORMATS), name="log.format",
+                          doc="text (event key=value ...), or json: one object per line with "
+                              "the same fields, for Loki or ELK")
+    metrics_listen: str | None = key(
+        None, kind=Optional(ListenAddress(), falsy=True), name="metrics.listen",
+        doc="serve /metrics over HTTP at HOST:PORT, such as 127.0.0.1:9465 (keep it on "
+            "loopback or behind a firewall: it names sites)", default_text="none")
+    metrics_textfile: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True), name="metrics.textfile",
+        doc="also write the metrics to this file (ending .prom) for node_exporter's textfile "
+            "collector", default_text="none")
+    metrics_interval: float = key(15.0, kind=Duration(floor=1.0), name="metrics.interval",
+                                  doc="how often the textfile is rewritten")
+    metrics_top_sites: int = key(
+        10, kind=Whole(0), name="metrics.top_sites",
+        doc="per-site series for this many busiest sites; the rest are summed as "
+            "site=\"other\"")
+    metrics_per_site: bool = key(False, kind=Flag(), name="metrics.per_site",
+                                 doc="true: a series for every site (mind the cardinality "
+                                     "with thousands of sites)")
     relays: tuple[Relay, ...] = key(
         (), kind=Section(Relay, "RELAYS", many=True, error="expected a list of relays"),
         doc="the relays, tried in order")

@@ -319,6 +319,25 @@ class IPAddress(Kind):
         return text
 
 
+class ListenAddress(Kind):
+    """``HOST:PORT`` with an IP address as host (``[::1]:9465`` for IPv6)."""
+
+    what = "an IP address and port, like 127.0.0.1:9465 or [::1]:9465"
+
+    def read(self, value: Any, where: str, owner: str) -> str:
+        text = str(value)
+        host, colon, port = text.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        try:
+            ipaddress.ip_address(host[1:-1] if bracketed else host)
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not colon or not 0 < number < 65536 or (":" in host and not bracketed):
+            raise Problem(where, f"expected {self.what}, got {text!r}")
+        return text
+
+
 @dataclass(frozen=True)
 class Section(Kind):
     """A nested mapping read by the loader with ``cls``'s own keys.

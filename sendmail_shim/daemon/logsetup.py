@@ -1,7 +1,12 @@
 """Where log lines go: stderr (the journal under systemd) or syslog's mail facility.
 
 Guarantees: one line per event, ``<event> key=value ...`` after the level, so an
-operator can grep ``queue_id=...`` or ``site=...`` across every step.
+operator can grep ``queue_id=...`` or ``site=...`` across every step; with
+``log: {format: json}`` the same event is one JSON object per line with the same
+fields (``daemon/events.py``).  When metrics are on (``metrics.listen`` or
+``metrics.textfile``) the logger passes every record, debug included, to the
+metrics handler, and the output handler alone applies ``log.level``: the
+metrics count events whether or not they are written out.
 """
 
 from __future__ import annotations
@@ -12,21 +17,31 @@ import os
 import sys
 
 from sendmail_shim.config import Config
+from sendmail_shim.daemon.events import JsonFormatter
+
+
+def metrics_enabled(config: Config) -> bool:
+    return bool(config.metrics_listen or config.metrics_textfile)
 
 
 def setup_logging(config: Config) -> None:
     root = logging.getLogger("sendmail_shim")
     root.handlers.clear()
-    root.setLevel(config.log_level.upper())
+    level = config.log_level.upper()
+    root.setLevel(logging.DEBUG if metrics_enabled(config) else level)
     root.propagate = False
     handler: logging.Handler
+    json_lines = config.log_format == "json"
     if config.log_target == "syslog" and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
-        handler.setFormatter(logging.Formatter("sendmail-shim[%(process)d]: %(message)s"))
+        handler.ident = "sendmail-shim: " if json_lines else ""
+        handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
+            "sendmail-shim[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
             "%(asctime)s sendmail-shim[%(process)d]: %(levelname)s %(message)s"))
+    handler.setLevel(level)
     root.addHandler(handler)

@@ -17,6 +17,9 @@ still serves its sockets (submissions and control requests are answered
 queue runner and the capture listener start once it opens.
 SIGHUP reloads the configuration (``systemctl reload``); a bad file is
 refused and the running configuration kept; every server reads the new one.
+Metrics (``metrics.listen``/``textfile``, ``daemon/metrics.py``) start with the
+sockets and stop before the state is closed; without them prometheus_client is
+not imported.
 
 Socket activation: when systemd passes the hand-off socket (LISTEN_FDS), the
 daemon serves it instead of binding the path, and leaves it in place on exit.
@@ -43,6 +46,7 @@ import os
 import signal
 import sqlite3
 import threading
+from typing import TYPE_CHECKING
 
 import filelock
 
@@ -50,6 +54,7 @@ from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import pickup
 from sendmail_shim.daemon.capture import CaptureHandler, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
+from sendmail_shim.daemon.logsetup import metrics_enabled
 from sendmail_shim.daemon.sockets import raise_fd_limit
 from sendmail_shim.daemon.submission import SubmissionServer
 from sendmail_shim.delivery.runner import QueueRunner
@@ -57,6 +62,9 @@ from sendmail_shim.intake.accept import settle_submissions, storage_trouble
 from sendmail_shim.store import spool
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import sysexits
+
+if TYPE_CHECKING:
+    from sendmail_shim.daemon.metrics import Exposition
 
 log = logging.getLogger(__name__)
 INFLIGHT_TIMEOUT = 30.0  # in-flight submissions get this long to finish at shutdown
@@ -110,6 +118,7 @@ class Daemon:
             log.info("removed interrupted write tmp/%s", name)
         server = await self.submission.start()
         control = await self.control.start()
+        exposition = self._start_metrics()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("started spool=%s socket=%s relays=%s sites=%d connections_per_uid=%d",
                  layout.root, layout.socket,
@@ -143,11 +152,24 @@ class Daemon:
                     layout.socket, layout.control_socket):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+            if exposition is not None:
+                exposition.stop()
             if self.state is not None:
                 self.state.close()
             if self._lock is not None:
                 self._lock.release()
             log.info("stopped")
+
+    def _start_metrics(self) -> Exposition | None:
+        """The metrics handler, listener and textfile (metrics.*), when configured."""
+        if not metrics_enabled(self.config):
+            return None  # prometheus_client is not even imported
+        from sendmail_shim.daemon.metrics import Exposition
+
+        exposition = Exposition(lambda: self.config, lambda: self.state,
+                                lambda: self.unavailable is None)
+        exposition.start()
+        return exposition
 
     async def _stop_background(self, background: list[asyncio.Task[None]]) -> None:
         """Stop pickup and the queue runner, then join every worker thread."""
@@ -227,10 +249,10 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        if (new.spool, new.firewall.capture_port, new.admin.group) != (
-                self.config.spool, self.config.firewall.capture_port, self.config.admin.group):
-            log.warning("reload: spool, firewall.capture or admin.group changed; "
-                        "restart the daemon for those")
+        if _restart_keys(new) != _restart_keys(self.config):
+            log.warning("reload: spool, firewall.capture, admin.group, log.format, "
+                        "log.target or metrics.listen/textfile changed; restart the daemon "
+                        "for those")
         self.config = new
         if self.runner is not None:
             self.runner.reconfigure(new)
@@ -246,6 +268,12 @@ class Daemon:
     def _runner(self) -> QueueRunner:
         assert self.runner is not None, "serve() creates the runner"
         return self.runner
+
+
+def _restart_keys(config: Config) -> tuple[object, ...]:
+    """The settings a reload cannot change (the daemon must restart for them)."""
+    return (config.spool, config.firewall.capture_port, config.admin.group, config.log_format,
+            config.log_target, config.metrics_listen, config.metrics_textfile)
 
 
 def run_daemon(config: Config) -> int:

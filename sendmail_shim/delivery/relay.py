@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from sendmail_shim.config import Relay, RelayLogin
+from sendmail_shim.delivery.timing import timed_connect, timed_transaction
 from sendmail_shim.store.address import needs_smtputf8, paths_for
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.outcome import OK, Outcome
@@ -95,6 +96,7 @@ class RelaySession:
         except (aiosmtplib.SMTPException, OSError):
             self.client.close()
 
+    @timed_transaction  # relay_transaction ... ms= (debug, for the metrics)
     async def send(self, envelope: Envelope, message: bytes,
                    recipients: list[str]) -> dict[str, Outcome]:
         """One transaction for ``recipients``; an outcome for each of them."""
@@ -168,6 +170,7 @@ class RelaySession:
             pass
 
 
+@timed_connect  # relay_connected ... ms= (debug, for the metrics)
 async def _connect(relay: Relay, login: RelayLogin | None, hostname: str,
                    socket_path: str | None = None) -> RelaySession:
     client = aiosmtplib.SMTP(

@@ -107,6 +107,7 @@ def accept_submission(
     caller: Caller, origin: str = "socket",
 ) -> outcome.Verdict:
     """Identify, compose, check and queue one message; the verdict for the caller."""
+    started = time.monotonic()  # the accepted line's ms= (the accept->250 metric)
     sub = Submission.from_fields(fields)
     caller = Caller(caller.uid, caller.gid, caller.pid, sub.cwd, caller.script, sub.site)
     ident = identify(config, caller)
@@ -120,8 +121,8 @@ def accept_submission(
     try:
         envelope, final = compose(sub, message, site, caller, config, queue_id, now)
     except CompositionError as exc:
-        log.warning("refused site=%s uid=%d origin=%s reason=%r", site.name, caller.uid,
-                    origin, str(exc))
+        log.warning("refused site=%s uid=%d origin=%s status=%d enhanced=%s reason=%r",
+                    site.name, caller.uid, origin, exc.code, exc.enhanced, str(exc))
         return outcome.Verdict(exc.code, exc.enhanced, sysexits.EX_DATAERR,
                                f"site {site.name}: {exc}; nothing was queued")
     envelope.origin = origin
@@ -136,14 +137,16 @@ def accept_submission(
             f"{site.name}'")
     rewritten = apply_sender_policy(site, config, envelope, final)
     if isinstance(rewritten, outcome.Verdict):
-        log.warning("refused %s sender=<%s> reason=%r", facts, envelope.sender, rewritten.text)
+        log.warning("refused %s sender=<%s> status=%d enhanced=%s reason=%r", facts,
+                    envelope.sender, rewritten.code, rewritten.enhanced, rewritten.text)
         return rewritten
     final, notes = rewritten
     envelope.size = len(final)
     verdict = policy.evaluate(policy.Request(config, site, envelope))
     if verdict is not None:
-        log.warning("refused %s sender=<%s> nrcpt=%d status=%d reason=%r", facts,
-                    envelope.sender, len(envelope.recipients), verdict.code, verdict.text)
+        log.warning("refused %s sender=<%s> nrcpt=%d status=%d enhanced=%s reason=%r", facts,
+                    envelope.sender, len(envelope.recipients), verdict.code, verdict.enhanced,
+                    verdict.text)
         return verdict
     nrcpt = len(envelope.recipients)
     subid = protocol.submission_id(fields)
@@ -183,8 +186,9 @@ def accept_submission(
         log.info("duplicate %s subid=%s action='already queued; not queued again'", facts, subid)
         return outcome.accepted(f"Ok: already queued as {first}")
     if verdict is not None:
-        log.warning("refused %s sender=<%s> nrcpt=%d status=%d reason=quota text=%r", facts,
-                    envelope.sender, nrcpt, verdict.code, verdict.text)
+        log.warning("refused %s sender=<%s> nrcpt=%d status=%d enhanced=%s reason=quota "
+                    "text=%r", facts, envelope.sender, nrcpt, verdict.code, verdict.enhanced,
+                    verdict.text)
         _after(facts, lambda: _trip(config, state, site,
                                     outbreak.after_quota_refusal(state, site, now)))
         return verdict
@@ -204,9 +208,9 @@ def accept_submission(
 
     domains = sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients})
     _after(facts, lambda: state.record_domains(site.name, domains, now))
-    log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r%s%s", facts, envelope.sender,
-             nrcpt, envelope.size, ident.reason, f" subid={subid}" if subid else "",
-             "".join(" " + n for n in notes))
+    log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r%s%s ms=%.1f", facts,
+             envelope.sender, nrcpt, envelope.size, ident.reason, f" subid={subid}" if subid
+             else "", "".join(" " + n for n in notes), (time.monotonic() - started) * 1000)
     _after(facts, lambda: _trip(config, state, site,
                                 outbreak.after_accept(state, site, envelope.script, now)))
     return outcome.accepted(f"Ok: queued as {queue_id}")

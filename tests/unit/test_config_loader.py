@@ -26,7 +26,7 @@ ERRORS: list[tuple[Any, str]] = [
     ({"hostname": ""}, "hostname: expected a non-empty string, got ''"),
     ({"log": {"target": "file"}}, "log.target: expected one of stderr, syslog, got 'file'"),
     ({"log": {"level": None}}, "log.level: expected one of debug, info, warning, error, got None"),
-    ({"log": {"colour": 1}}, "log: unknown key 'colour' (known keys: target, level)"),
+    ({"log": {"colour": 1}}, "log: unknown key 'colour' (known keys: target, level, format)"),
     ({"log": "loud"}, "log: expected a mapping, got str"),
     ({"relays": {"host": "x"}}, "relays: expected a list of relays"),
     ({"relays": [{"port": 25}]}, "relays[0]: missing key 'host'"),

@@ -18,7 +18,7 @@ UNDECLARED = {"Config.path", "Site.name"}  # set by the loader, not read from a 
 
 def test_key_tuples_are_derived_in_schema_order() -> None:
     assert config.TOP_KEYS == (
-        "spool", "message_size_limit", "hostname", "log", "relays", "retry",
+        "spool", "message_size_limit", "hostname", "log", "metrics", "relays", "retry",
         "queue_scan_interval", "connections_per_uid", "sites", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
         "local_transport", "routing", "resolver", "firewall")
@@ -31,7 +31,7 @@ def test_key_tuples_are_derived_in_schema_order() -> None:
                                  "recipients_per_hour")
     assert config.OUTBREAK_KEYS == ("quota_refusals", "recipient_domains_per_hour",
                                     "relay_5xx_share", "new_script")
-    assert config.LOG_KEYS == ("target", "level")
+    assert config.LOG_KEYS == ("target", "level", "format")
     assert config.RETRY_KEYS == ("initial", "maximum", "lifetime", "jitter")
     assert config.ADMIN_KEYS == ("notify", "sender", "relay_login", "group")
     assert config.FIREWALL_KEYS == ("daemon_user", "exempt_users", "capture", "log_rate")
