@@ -71,11 +71,6 @@ def queue_text(entries: Iterable[QueueEntry], now: float | None = None) -> Itera
     yield f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.\n"
 
 
-def format_queue(entries: Iterable[QueueEntry], now: float | None = None) -> str:
-    """The whole listing as one string (small queues, tests): :func:`queue_text` joined."""
-    return "".join(queue_text(entries, now))
-
-
 def chunks(pieces: Iterable[str], size: int = CHUNK) -> Iterator[bytes]:
     """``pieces`` encoded as a reply body (``protocol.encode_body``), about ``size`` bytes each."""
     buffer: list[str] = []

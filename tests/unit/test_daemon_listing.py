@@ -17,7 +17,7 @@ def entry(make_envelope: MakeEnvelope, **fields: object) -> spool.QueueEntry:
 
 def test_empty_queue() -> None:
     assert list(listing.queue_text([], NOW)) == [listing.EMPTY]
-    assert listing.format_queue([], NOW) == "Mail queue is empty\n"
+    assert "".join(listing.queue_text([], NOW)) == "Mail queue is empty\n"
 
 
 def test_one_piece_per_entry_and_the_total(make_envelope: MakeEnvelope) -> None:
@@ -27,7 +27,7 @@ def test_one_piece_per_entry_and_the_total(make_envelope: MakeEnvelope) -> None:
     assert pieces[1].endswith("someone@example.net\n\n")
     assert pieces[2].endswith("b@x.test\n\n")
     assert pieces[3] == "-- 1 Kbytes in 2 Requests.\n"
-    text = listing.format_queue(entries, NOW)
+    text = "".join(listing.queue_text(entries, NOW))
     assert text.endswith("\n\n-- 1 Kbytes in 2 Requests.\n")
     assert text.count("-Queue ID-") == 1
 
@@ -49,7 +49,7 @@ def test_chunks_join_to_the_text_and_stay_near_the_size(make_envelope: MakeEnvel
     entries = [entry(make_envelope, sender="caf\udce9@x.test") for _ in range(300)]
     chunks = list(listing.chunks(listing.queue_text(entries, NOW), size=4096))
     assert len(chunks) > 5 and all(len(c) < 4096 + 400 for c in chunks)
-    assert b"".join(chunks) == listing.format_queue(entries, NOW).encode()
+    assert b"".join(chunks) == "".join(listing.queue_text(entries, NOW)).encode()
     assert b"caf\\xe9@x.test" in chunks[0]  # escaped for the listing, one line per entry
 
 
