@@ -206,10 +206,7 @@ def remove(layout: paths.SpoolLayout, queue_id: str, state: str) -> None:
     """Forget a message: the queue file first, then its status."""
     os.unlink(queue_path(layout, state, queue_id))
     fsync_dir(layout.state_dir(state))
-    try:
-        os.unlink(status_path(layout, queue_id))
-    except FileNotFoundError:
-        pass
+    _forget_status(layout, queue_id)
 
 
 def remove_delivered(layout: paths.SpoolLayout, queue_id: str, state: str) -> None:
@@ -222,6 +219,11 @@ def remove_delivered(layout: paths.SpoolLayout, queue_id: str, state: str) -> No
     :func:`remove`, which is durable.
     """
     os.unlink(queue_path(layout, state, queue_id))
+    _forget_status(layout, queue_id)
+
+
+def _forget_status(layout: paths.SpoolLayout, queue_id: str) -> None:
+    """Unlink a removed message's status file, if it had one (after the queue file)."""
     try:
         os.unlink(status_path(layout, queue_id))
     except FileNotFoundError:
