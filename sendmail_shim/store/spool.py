@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from sendmail_shim.store.envelope import Envelope
@@ -78,7 +78,6 @@ class QueueEntry:
     state: str
     envelope: Envelope
     status: Status
-    mtime: float
 
 
 def prepare_spool(layout: paths.SpoolLayout) -> None:
@@ -174,17 +173,27 @@ def _read_small(path: str) -> bytes:
     return b"".join(pieces)
 
 
-def read_status(layout: paths.SpoolLayout, queue_id: str) -> Status:
+_DECODE = json.JSONDecoder().decode  # json.loads without its per-call checks
+
+
+def _parse_status(raw: bytes) -> Status:
+    """A status file's bytes as a :class:`Status`; a damaged one is reset, saying so."""
     try:
-        data = json.loads(_read_small(status_path(layout, queue_id)))
+        data = _DECODE(raw.decode())
         status = Status(**data)
         if not status.valid():
             raise ValueError("wrong types")
         return status
-    except FileNotFoundError:
-        return Status()
     except (ValueError, TypeError):
         return Status(last_error="status file was damaged and has been reset")
+
+
+def read_status(layout: paths.SpoolLayout, queue_id: str) -> Status:
+    try:
+        raw = _read_small(status_path(layout, queue_id))
+    except FileNotFoundError:
+        return Status()
+    return _parse_status(raw)
 
 
 def write_status(layout: paths.SpoolLayout, queue_id: str, status: Status) -> None:
@@ -262,29 +271,50 @@ def clean_tmp(layout: paths.SpoolLayout, max_age: float = 0.0) -> list[str]:
 
 
 ENVELOPE_READ = 4096  # the first read of a queue file for a listing; most envelopes fit
+_LIST_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _listed(layout: paths.SpoolLayout, state: str, queue_id: str) -> QueueEntry:
-    """One entry for a listing: the envelope line only (one read for most), then the status."""
-    path = os.path.join(layout.state_dir(state), queue_id)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _read_at(dir_fd: int, name: str, first: int, enough: Callable[[bytes], bool]) -> bytes:
+    """Read ``name`` (relative to ``dir_fd``, no symlink) until ``enough`` or its end."""
+    fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
     try:
-        mtime = os.fstat(fd).st_mtime
-        head = os.read(fd, ENVELOPE_READ)
-        if not head.startswith(QUEUE_MAGIC):
-            raise ValueError(f"{path}: not a queue file")
-        end = head.find(b"\n", len(QUEUE_MAGIC))
-        while end < 0:  # a long envelope (many recipients): read on to its newline
+        data = os.read(fd, first)
+        while len(data) >= first and not enough(data):
             more = os.read(fd, 1 << 16)
             if not more:
-                raise ValueError(f"{path}: no envelope line")
-            start = len(head)
-            head += more
-            end = head.find(b"\n", start)
+                break
+            data += more
     finally:
         os.close(fd)
+    return data
+
+
+def _never(data: bytes) -> bool:
+    return False
+
+
+def _envelope_line(data: bytes) -> bool:
+    return data.find(b"\n", len(QUEUE_MAGIC)) >= 0
+
+
+def _listed(state: str, dir_fd: int, status_fd: int, queue_id: str) -> QueueEntry:
+    """One entry for a listing: the envelope line only (one read for most), then the status.
+
+    Both files are opened relative to their directory's descriptor: no path is built or
+    walked per entry.
+    """
+    head = _read_at(dir_fd, queue_id, ENVELOPE_READ, _envelope_line)
+    if not head.startswith(QUEUE_MAGIC):
+        raise ValueError(f"{queue_id}: not a queue file")
+    end = head.find(b"\n", len(QUEUE_MAGIC))
+    if end < 0:
+        raise ValueError(f"{queue_id}: no envelope line")
     envelope = Envelope.from_json(head[len(QUEUE_MAGIC) : end])
-    return QueueEntry(state, envelope, read_status(layout, queue_id), mtime)
+    try:
+        status = _parse_status(_read_at(status_fd, queue_id + ".json", 1 << 16, _never))
+    except FileNotFoundError:
+        status = Status()
+    return QueueEntry(state, envelope, status)
 
 
 def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
@@ -293,10 +323,22 @@ def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iter
     A generator: one entry at a time, reading only each queue file's envelope
     line and its status, so a listing's memory does not grow with the queue.
     """
-    for state in states:
-        for queue_id in queue_ids(layout, state):
+    status_fd = os.open(layout.status, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for state in states:
             try:
-                entry = _listed(layout, state, queue_id)
-            except (OSError, ValueError):
+                dir_fd = os.open(layout.state_dir(state),
+                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
                 continue
-            yield entry
+            try:
+                for queue_id in queue_ids(layout, state):
+                    try:
+                        entry = _listed(state, dir_fd, status_fd, queue_id)
+                    except (OSError, ValueError):
+                        continue
+                    yield entry
+            finally:
+                os.close(dir_fd)
+    finally:
+        os.close(status_fd)

@@ -12,7 +12,7 @@ NOW = 1_700_000_100.0
 
 
 def entry(make_envelope: MakeEnvelope, **fields: object) -> spool.QueueEntry:
-    return spool.QueueEntry(spool.INCOMING, make_envelope(**fields), spool.Status(), 0.0)
+    return spool.QueueEntry(spool.INCOMING, make_envelope(**fields), spool.Status())
 
 
 def test_empty_queue() -> None:

@@ -307,13 +307,33 @@ class TestMoves:
     def test_queue_ids_of_a_missing_directory(self, tmp_path: Path) -> None:
         assert spool.queue_ids(paths.SpoolLayout(str(tmp_path / "none")), spool.HOLD) == []
 
-    def test_entries_carry_state_status_and_mtime(
+    def test_entries_carry_state_and_status(
             self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage) -> None:
         held = queue_message(state=spool.HOLD)
         spool.write_status(spool_layout, held.queue_id, spool.Status(attempts=2))
         (entry,) = spool.entries(spool_layout)
         assert entry.state == spool.HOLD and entry.envelope == held
-        assert entry.status.attempts == 2 and entry.mtime > 0
+        assert entry.status.attempts == 2
+
+    def test_entries_read_a_large_status_and_envelope_whole(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage) -> None:
+        many = [f"r{i}@example.org" for i in range(5000)]  # envelope line > 64 KiB
+        env = queue_message(recipients=many)
+        failed = {r: "550 5.1.1 no such user " + "x" * 20 for r in many}  # status > 64 KiB
+        spool.write_status(spool_layout, env.queue_id, spool.Status(failed=failed))
+        (entry,) = spool.entries(spool_layout)
+        assert entry.envelope.recipients == many and entry.status.failed == failed
+
+    def test_entries_skip_a_symlinked_queue_file(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
+            tmp_path: Path) -> None:
+        real = queue_message()
+        target = tmp_path / "elsewhere"
+        target.write_bytes(Path(spool.queue_path(spool_layout, spool.INCOMING,
+                                                 real.queue_id)).read_bytes())
+        os.symlink(target, os.path.join(spool_layout.state_dir(spool.DEFERRED),
+                                        "0123456789ABCDEF"))
+        assert [e.envelope.queue_id for e in spool.entries(spool_layout)] == [real.queue_id]
 
 
 class TestCleanTmp:
