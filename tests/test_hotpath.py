@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
-from conftest import Relay, Shim
+from conftest import ADMIN, Relay, Shim
 
 # What a plain "-t -i" submission must never import (ARCHITECTURE.md, issue 2),
 # plus the stdlib modules we avoid on purpose because each costs milliseconds.
@@ -42,3 +44,27 @@ def test_plain_submission_imports_nothing_heavy(system: tuple[Shim, Relay],
     if not daemon_up:
         shim.start()
     relay.wait(1)
+
+
+def test_queue_list_against_the_daemon_loads_no_yaml_state_or_asyncio(
+        system: tuple[Shim, Relay]) -> None:
+    """`queue list` (mailq for the operator) while the daemon runs: click and wire/ only."""
+    shim, _relay = system
+    done = subprocess.run([ADMIN, "queue", "list"], capture_output=True, timeout=60,
+                          env={**shim.env(), "PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr
+    assert b"Mail queue is empty" in done.stdout or b"Queue ID" in done.stdout
+    modules = imported_modules(done.stderr)
+    assert "sendmail_shim.admin.cli" in modules  # the measurement itself works
+    heavy = {"yaml", "asyncio", "filelock", "sqlite3", "aiosmtplib", "dns", "prometheus_client"}
+    assert {name.split(".")[0] for name in modules} & heavy == set()
+    ours = {name for name in modules if name.startswith("sendmail_shim.")}
+    assert ours <= {"sendmail_shim", "sendmail_shim.admin", "sendmail_shim.admin.cli"} | {
+        name for name in ours if name.split(".")[1] == "wire"}, sorted(ours)
+    # With the daemon down the same command loads the configuration and reads the spool.
+    shim.stop()
+    try:
+        direct = shim.admin("queue", "list")
+        assert direct.returncode == 0, direct.stderr
+    finally:
+        shim.start()

@@ -9,24 +9,27 @@ and what to do next, with a sysexits status.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
-import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import filelock
 
-from sendmail_shim.config import Config, ConfigError, load_config
-from sendmail_shim.daemon import control
-from sendmail_shim.policy import sanctions
-from sendmail_shim.store.state import State, state_dir
 from sendmail_shim.wire import client, paths, protocol, sysexits
+
+if TYPE_CHECKING:
+    from sendmail_shim.config import Config
+    from sendmail_shim.daemon.control import Args
+
+# What talks to a running daemon (``operate``) needs only click and wire/: the YAML
+# loader, the state, the policy and asyncio are imported by the commands that use them,
+# so ``queue list`` against a running daemon starts as fast as click allows.
 
 
 def _load(config_path: str | None) -> Config:
+    from sendmail_shim.config import ConfigError, load_config
+
     try:
         return load_config(config_path)
     except ConfigError as exc:
@@ -60,6 +63,8 @@ def serve(config_path: str | None) -> None:
 
 def _fix_ownership(config: Config) -> None:
     """Files root created beside the daemon must stay the daemon's (its user owns the spool)."""
+    from sendmail_shim.store.state import state_dir
+
     if os.geteuid() != 0:
         return
     owner = os.stat(config.spool)
@@ -70,11 +75,18 @@ def _fix_ownership(config: Config) -> None:
                 os.lchown(path, owner.st_uid, owner.st_gid)
 
 
-def _direct(config: Config, action: str, args: control.Args) -> None:
+def _direct(config_path: str | None, action: str, args: Args) -> None:
     """Run an action on the spool ourselves and print its text: only while no daemon runs.
 
     A listing is printed piece by piece while the lock is held.
     """
+    import filelock
+
+    from sendmail_shim.daemon import control
+    from sendmail_shim.policy import sanctions
+    from sendmail_shim.store.state import State
+
+    config = _load(config_path)
     if not os.path.isdir(config.layout.status):
         raise click.ClickException(f"no spool at {config.spool}: start the daemon once "
                                    "('sendmail-shim-admin serve') to create it")
@@ -106,10 +118,22 @@ def _direct(config: Config, action: str, args: control.Args) -> None:
         _fix_ownership(config)
 
 
+def _control_socket(config_path: str | None) -> str:
+    """The daemon's control socket, found as the front end finds the spool (no YAML parse).
+
+    The full loader refuses a file whose ``spool:`` it reads differently, so both agree.
+    """
+    try:
+        spool, _ = paths.frontend_spool_and_limit(paths.find_config(config_path))
+    except paths.SettingsError as exc:
+        click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
+        sys.exit(sysexits.EX_CONFIG)
+    return paths.SpoolLayout(spool).control_socket
+
+
 def operate(config_path: str | None, action: str, **raw: Any) -> None:
     """Ask the daemon (control socket) to act; when no daemon runs, act directly."""
-    config = _load(config_path)
-    args: control.Args = {}
+    args: Args = {}
     for key, value in raw.items():
         if value is None or value is False or value == ():
             continue
@@ -124,7 +148,7 @@ def operate(config_path: str | None, action: str, **raw: Any) -> None:
         printed.append(sys.stdout.buffer.write(piece))
 
     try:
-        reply = client.ask_streaming(config.layout.control_socket, request, out, 120)
+        reply = client.ask_streaming(_control_socket(config_path), request, out, 120)
     except client.DaemonUnreachable as exc:
         if printed:  # the daemon went away in the middle: do not print it all again
             click.echo(f"\nsendmail-shim-admin: the reply was cut short: {exc}", err=True)
@@ -133,7 +157,7 @@ def operate(config_path: str | None, action: str, **raw: Any) -> None:
             click.echo(f"sendmail-shim-admin: {exc}: the control socket is for root, the "
                        "daemon's user and the admin group (admin.group)", err=True)
             sys.exit(sysexits.EX_NOPERM)
-        _direct(config, action, args)
+        _direct(config_path, action, args)
         return
     sys.stdout.flush()
     if reply.code >= 400:
@@ -297,6 +321,8 @@ def route() -> None:
 @click.argument("address")
 def route_explain(config_path: str | None, address: str) -> None:
     """The routing decision for ADDRESS: local MTA, relay, bounce or retry, and why."""
+    import asyncio
+
     from sendmail_shim.delivery.route import Router
 
     config = _load(config_path)
@@ -329,6 +355,8 @@ def dns_group() -> None:
 @click.argument("name")
 def dns_check(config_path: str | None, name: str) -> None:
     """Report MX, SPF, DKIM and DMARC of site NAME's domains, with what to publish."""
+    import asyncio
+
     from sendmail_shim.admin.dnscheck import DnsChecker
     from sendmail_shim.delivery.route import Router
 
@@ -359,6 +387,7 @@ def firewall() -> None:
               help="iptables-restore --noflush file for IPv4, then IPv6 (ip6tables).")
 def firewall_render(config_path: str | None, fmt: str) -> None:
     """Print the ruleset for this configuration (apply with nft -f)."""
+
     from sendmail_shim.admin import firewall as fw
 
     config = _load(config_path)
@@ -373,6 +402,8 @@ def firewall_render(config_path: str | None, fmt: str) -> None:
 @config_option
 def firewall_check(config_path: str | None) -> None:
     """Is the live ruleset ours, in force and complete?  Exit 1 when not."""
+    import subprocess
+
     from sendmail_shim.admin import firewall as fw
 
     config = _load(config_path)
@@ -403,6 +434,7 @@ def spool_init(config_path: str | None, user: str | None) -> None:
     import pwd
 
     from sendmail_shim.store.spool import prepare_spool
+    from sendmail_shim.store.state import state_dir
 
     config = _load(config_path)
     prepare_spool(config.layout)
@@ -483,6 +515,8 @@ def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
 def capture_relay(listen: str, maildir: str, logins_file: str,
                   tls_cert: str | None, tls_key: str | None, implicit_tls: bool) -> None:
     """A loopback SMTP relay with AUTH that stores what it receives in a Maildir."""
+    import asyncio
+
     from sendmail_shim.admin.capture_relay import serve_capture_relay
 
     host, _, port = listen.rpartition(":")
