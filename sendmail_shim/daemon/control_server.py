@@ -33,7 +33,7 @@ from sendmail_shim.daemon.sockets import (
     respond,
 )
 from sendmail_shim.intake.accept import storage_trouble
-from sendmail_shim.policy import sanctions
+from sendmail_shim.policy import relays, sanctions
 from sendmail_shim.wire import paths, protocol, sysexits
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,9 @@ class ControlServer(DaemonServer):
         if self.state is None:
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, f"{self._unavailable}")
         try:
+            stats = self.runner.relay_stats if self.runner is not None else None
             text = await asyncio.to_thread(control.perform, self.config, self.state,
-                                           action, args, actor)
+                                           action, args, actor, stats)
         except sanctions.OperationError as exc:
             return protocol.format_reply(550, sysexits.EX_DATAERR, str(exc))
         except (sqlite3.Error, OSError) as exc:
@@ -130,6 +131,11 @@ class ControlServer(DaemonServer):
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, why)
         if action in ("queue-release", "site-resume") and self.runner is not None:
             self.runner.poke(force=True)
+        if action in ("relay-burn", "relay-restore") and self.runner is not None:
+            # That pool's deferred mail goes now, on the relays it has now.
+            with contextlib.suppress(sanctions.OperationError, KeyError):
+                pool = relays.relay_named(self.config, args["relay"][0]).pool
+                self.runner.poke(force=True, pool=pool)
         if not isinstance(text, str):  # a listing: sent piece by piece as it is read
             return Streamed(protocol.format_reply(250, 0, "ok"), listing.chunks(text))
         return protocol.format_reply(250, 0, "ok", text)
