@@ -212,7 +212,7 @@ def _check_pools(config: Config) -> None:
         seen.add(relay.ident)
     names = [pool.name for pool in config.pools]
     for i, pool in enumerate(config.pools):
-        if names.count(pool.name) > 1:
+        if pool.name in names[:i]:
             raise Problem(f"pools[{i}].name", f"pool {pool.name} is declared twice")
         low, high = pool.min_score, pool.max_score
         if low is not None and high is not None and low >= high:
