@@ -164,7 +164,7 @@ def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None
 @config_option
 @click.argument("queue_id")
 def queue_show(config_path: str | None, queue_id: str) -> None:
-    """One message: envelope, delivery state and headers."""
+    """One message: envelope, its relay pool and why, delivery state and headers."""
     operate(config_path, "queue-show", id=[queue_id])
 
 
