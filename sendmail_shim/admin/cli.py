@@ -506,6 +506,9 @@ def config_check(config_path: str | None) -> None:
                             f"{exc.strerror}")
     if not config.relays:
         problems.append("no relays configured: every message will wait in the queue")
+    elif config.pools and not any(r.pool == "default" for r in config.relays):
+        problems.append("pools are declared but no relay is in pool default: operator notices "
+                        "and unscored mail of unpinned sites would wait in the queue")
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
                f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")

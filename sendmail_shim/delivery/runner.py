@@ -607,6 +607,10 @@ class QueueRunner:
                 raise RelaysUnavailable(Outcome.network(
                     f"pool {pool} has no active relay (every relay of it is burned): the mail "
                     "waits; see 'sendmail-shim-admin relay list', then 'relay restore NAME'"))
+            if not active and config.relays:
+                raise RelaysUnavailable(Outcome.network(
+                    f"pool {pool} has no relays (no relay names it in relays[].pool): the "
+                    "mail waits; add a relay to the pool"))
             return await open_session(active, login, config.hostname, site_name)
 
         relay = _Pools(opener)

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from sendmail_shim.config import Config, ConfigError
+from sendmail_shim.delivery import runner as runner_module
+from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.policy import relays
 from sendmail_shim.policy.sanctions import OperationError
 from sendmail_shim.store import spool
+from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.outcome import Outcome
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths
 
-from .conftest import ADMIN_NOTIFY, SITE1, SITE2, MakeConfig, prepare
+from .conftest import ADMIN_NOTIFY, MY_UID, SITE1, SITE2, MakeConfig, prepare
+from .smtprelay import RelayHandler, unused_port
 
 ACTOR = "operator root"
+pytest_plugins = ("unit.smtprelay",)  # the relay_server and relay fixtures
 
 
-def relay(name: str, port: int, pool: str = "default", standby: bool = False) -> dict[str, Any]:
+def entry(name: str, port: int, pool: str = "default", standby: bool = False) -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": port, "tls": "none", "name": name, "pool": pool,
             "standby": standby}
 
@@ -28,10 +35,10 @@ POOLS = [{"name": "good", "max_score": 0},
          {"name": "maybe", "min_score": 0, "max_score": 2},
          {"name": "bad", "min_score": 2, "max_score": 5},
          {"name": "spam", "min_score": 5, "hold": True}]
-RELAYS = [relay("g1", 2001, "good"), relay("g2", 2002, "good"),
-          relay("g-standby1", 2003, "good", True), relay("g-standby2", 2004, "good", True),
-          relay("m1", 2005, "maybe"), relay("b1", 2006, "bad"),
-          relay("d1", 2007)]
+RELAYS = [entry("g1", 2001, "good"), entry("g2", 2002, "good"),
+          entry("g-standby1", 2003, "good", True), entry("g-standby2", 2004, "good", True),
+          entry("m1", 2005, "maybe"), entry("b1", 2006, "bad"),
+          entry("d1", 2007)]
 
 
 @pytest.fixture
@@ -86,7 +93,7 @@ class TestChoosePool:
 
 class TestActiveRelays:
     def test_without_pools_every_relay_in_order(self, make_config: MakeConfig) -> None:
-        config = make_config(relays=[relay("a", 1), relay("b", 2)])
+        config = make_config(relays=[entry("a", 1), entry("b", 2)])
         assert names(relays.active_relays(config, {}, "default")) == ["a", "b"]
 
     def test_standby_is_out_while_the_pool_has_its_relays(self, pooled: Config) -> None:
@@ -123,8 +130,8 @@ class TestConfig:
         assert config.relays[0].pool == "default" and not config.relays[0].standby
 
     @pytest.mark.parametrize(("overrides", "text"), [
-        ({"relays": [relay("a", 1, "nowhere")]}, "relays[0].pool: no pool 'nowhere'"),
-        ({"relays": [relay("a", 1), relay("a", 2)]}, "relays[1]: a second relay named a"),
+        ({"relays": [entry("a", 1, "nowhere")]}, "relays[0].pool: no pool 'nowhere'"),
+        ({"relays": [entry("a", 1), entry("a", 2)]}, "relays[1]: a second relay named a"),
         ({"pools": [{"name": "p"}, {"name": "p"}]}, "pools[1].name: pool p is declared twice"),
         ({"pools": [{"name": "p", "min_score": 2, "max_score": 1}]}, "min_score must lie"),
         ({"sites": {SITE1: {"pool": "nowhere"}}}, f"sites.{SITE1}.pool: no pool 'nowhere'"),
@@ -215,3 +222,75 @@ def test_stats_count_answers_per_relay(pooled: Config) -> None:
     assert one.last == "451 later" and one.when > 0
     assert stats.of(g2).last == "down" and stats.of(g2).deferred == 1
     assert stats.of(pooled.relays[4]).when == 0
+
+
+class TestRunnerUsesPools:
+    """The queue runner against smtprelay's in-process relay: pools, standby, pool flush."""
+
+    pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+
+    @staticmethod
+    def enqueue(config: Config, rcpt: str, score: float | None) -> str:
+        message = b"From: noreply@site1.test\nSubject: pools\n\nbody\n"
+        env = Envelope(queue_id=spool.new_queue_id(), site=SITE1, uid=MY_UID,
+                       sender=f"noreply@{SITE1}", recipients=[rcpt], arrival=time.time(),
+                       size=len(message))
+        spool.commit(config.layout, env, message)
+        spool.write_status(config.layout, env.queue_id, spool.Status(score=score))
+        return env.queue_id
+
+    def test_one_session_per_pool_through_its_own_relays(
+            self, make_config: MakeConfig, relay_server: tuple[RelayHandler, int],
+            relay: RelayHandler, monkeypatch: pytest.MonkeyPatch) -> None:
+        port = relay_server[1]
+        config = make_config(relays=[entry("x", port, "a"), entry("y", port, "b")],
+                             pools=[{"name": "a", "max_score": 0}, {"name": "b"}])
+        prepare(config.layout)
+        state = State(config.layout)
+        opened: list[list[str]] = []
+        real = runner_module.open_session
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            opened.append([r.ident for r in args[0]])
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(runner_module, "open_session", counting)
+        try:
+            for n, score in enumerate((-1.0, 1.0, -2.0)):
+                self.enqueue(config, f"r{n}@example.net", score)
+            assert asyncio.run(QueueRunner(config, state).run_once()) == 3
+        finally:
+            state.close()
+        assert sorted(opened) == [["x"], ["y"]] and len(relay.received) == 3
+
+    def test_burn_flush_retries_only_that_pool_on_the_standby(
+            self, make_config: MakeConfig, relay_server: tuple[RelayHandler, int],
+            relay: RelayHandler) -> None:
+        live, dead = relay_server[1], unused_port()
+        config = make_config(relays=[entry("a1", dead, "a"), entry("a-spare", live, "a", True),
+                                     entry("b1", dead + 1 if dead < 65535 else dead - 1, "b")],
+                             pools=[{"name": "a", "max_score": 0}, {"name": "b"}])
+        prepare(config.layout)
+        state = State(config.layout)
+        try:
+            runner = QueueRunner(config, state)
+            in_a = self.enqueue(config, "a@example.net", -1.0)
+            in_b = self.enqueue(config, "b@example.net", 1.0)
+            asyncio.run(runner.run_once())
+            assert sorted(spool.queue_ids(config.layout, spool.DEFERRED)) == sorted([in_a, in_b])
+            assert relay.received == []  # the standby waits while a1 is the active relay
+            relays.burn(config, state, "a1", "listed", ACTOR)
+            runner.poke(force=True, pool="a")
+            asyncio.run(runner.run_once())
+            assert [t.rcpt_tos for t in relay.received] == [["a@example.net"]]
+            # (the burn's notice to the operator waits too: pool default has no relay here)
+            assert in_b in spool.queue_ids(config.layout, spool.DEFERRED)
+            assert in_a not in spool.queue_ids(config.layout, spool.DEFERRED)
+            notice = next(q for q in spool.queue_ids(config.layout, spool.DEFERRED) if q != in_b)
+            assert "pool default has no relays" in spool.read_status(config.layout,
+                                                                     notice).last_error
+            assert spool.read_status(config.layout, in_b).attempts == 1  # not flushed
+            answers = runner.relay_stats.of(config.relays[1])
+            assert answers.delivered == 1 and answers.last.startswith("250")
+        finally:
+            state.close()
