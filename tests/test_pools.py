@@ -76,7 +76,8 @@ def admin_ok(shim: Shim, *args: str) -> str:
 
 def test_pool_by_score_pinned_site_and_hold_pool(shim_factory: Any) -> None:
     shim, relays = pooled(shim_factory, [("g1", "good", False), ("b1", "bad", False),
-                                         ("d1", "default", False)], extra=POOLS)
+                                         ("d1", "default", False)],
+                          extra=POOLS + "routing:\n  example.net: remote\n")  # no DNS asked
     shim.edit_config("    domains: [site2.test]\n", "    domains: [site2.test]\n"
                      "    pool: bad\n")
     assert shim.admin("spool", "init", "--config", shim.config, "--user",
@@ -101,6 +102,13 @@ def test_pool_by_score_pinned_site_and_hold_pool(shim_factory: Any) -> None:
     assert "pool:       spam (score 9.5 lies in hold pool spam's band [5, inf))" in shown
     assert "held for the operator" in shown
     assert "pool=spam" in shim.daemon_log() and "is hold-only" in shim.daemon_log()
+    explained = admin_ok(shim, "route", "explain", "x@example.net", "--site", "site1.test",
+                         "--score", "-0.5", "--config", shim.config)
+    assert f"goes to pool good: g1 (127.0.0.1:{relays['g1'].port})" in explained
+    assert "score -0.5 lies in pool good's band [-inf, 0)" in explained
+    explained = admin_ok(shim, "route", "explain", "x@example.net", "--site", "site2.test",
+                         "--config", shim.config)
+    assert "goes to pool bad: b1" in explained and "pinned to pool bad" in explained
     # A released message of a hold pool is routed, and so held, again: never sent.
     admin_ok(shim, "queue", "release", held)
     wait_until(lambda: held in shim.queue_files("hold"), 15, "held again")

@@ -11,7 +11,9 @@ unread; a request is read with READ_TIMEOUT per part and handed to
 ``control.perform``, whose :class:`OperationError` is ``550`` with its text,
 storage trouble ``451`` naming the disk, and any other failure ``500`` with a
 traceback in the daemon's log, never a silent close.  Releasing or resuming
-pokes the queue runner so the mail goes now.
+pokes the queue runner so the mail goes now; burning or restoring a relay
+flushes the deferred mail of that relay's pool (onto its new active relays), and
+``relay-list`` gets the runner's in-memory answers of each relay.
 """
 
 from __future__ import annotations
