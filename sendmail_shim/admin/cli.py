@@ -187,7 +187,7 @@ def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None
 @config_option
 @click.argument("queue_id")
 def queue_show(config_path: str | None, queue_id: str) -> None:
-    """One message: envelope, delivery state and headers."""
+    """One message: envelope, its relay pool and why, delivery state and headers."""
     operate(config_path, "queue-show", id=[queue_id])
 
 
@@ -304,6 +304,37 @@ def quota_reset(config_path: str | None, name: str) -> None:
     operate(config_path, "quota-reset", site=name)
 
 
+@cli.group()
+def relay() -> None:
+    """Relays: list their pools and states, burn one (standby takes over), restore it."""
+
+
+@relay.command("list")
+@config_option
+@json_option
+def relay_list(config_path: str | None, as_json: bool) -> None:
+    """Each relay: pool, standby, state, last answer and counts since the daemon started."""
+    operate(config_path, "relay-list", json=as_json)
+
+
+@relay.command("burn")
+@config_option
+@click.option("--reason", required=True, help="Why (a listing, a complaint); logged and "
+                                              "sent to admin.notify.")
+@click.argument("name")
+def relay_burn(config_path: str | None, reason: str, name: str) -> None:
+    """Take relay NAME out now; a standby of its pool takes over and its deferred mail goes."""
+    operate(config_path, "relay-burn", relay=name, reason=reason)
+
+
+@relay.command("restore")
+@config_option
+@click.argument("name")
+def relay_restore(config_path: str | None, name: str) -> None:
+    """Bring relay NAME back; the standby promoted for it returns to standby."""
+    operate(config_path, "relay-restore", relay=name)
+
+
 @cli.command()
 @config_option
 def top(config_path: str | None) -> None:
@@ -318,14 +349,22 @@ def route() -> None:
 
 @route.command("explain")
 @config_option
+@click.option("--site", "site_name", default=None,
+              help="The sending site (its pin decides the pool).")
+@click.option("--score", type=float, default=None,
+              help="The message's scanner score (its band decides the pool).")
 @click.argument("address")
-def route_explain(config_path: str | None, address: str) -> None:
-    """The routing decision for ADDRESS: local MTA, relay, bounce or retry, and why."""
+def route_explain(config_path: str | None, site_name: str | None, score: float | None,
+                  address: str) -> None:
+    """The routing decision for ADDRESS: local MTA, relay pool, bounce or retry, and why."""
     import asyncio
 
     from sendmail_shim.delivery.route import Router
 
     config = _load(config_path)
+    if site_name is not None and config.site_named(site_name) is None:
+        raise click.ClickException(f"no site {site_name!r} in {config.path} (sites: "
+                                   f"{', '.join(sorted(config.sites)) or 'none'})")
     domain = address.rsplit("@", 1)[-1]
     decision = asyncio.run(Router(config).route(domain))
     if config.local_transport is None and not decision.pinned:
@@ -340,9 +379,37 @@ def route_explain(config_path: str | None, address: str) -> None:
         click.echo("  records " + ", ".join(decision.records))
     click.echo(f"  ttl {decision.ttl}s{'  (pinned in routing:)' if decision.pinned else ''}")
     target = {"local": config.local_transport.label if config.local_transport else "-",
-              "remote": ", ".join(r.label for r in config.relays) or "no relay configured",
+              "remote": _pool_target(config, site_name, score),
               "fail": "a bounce to the sender", "defer": "the queue, to retry"}[decision.kind]
     click.echo(f"  goes to {target}")
+
+
+def _pool_target(config: Config, site_name: str | None, score: float | None) -> str:
+    """The relay pool a message takes, why, and its relays now (from the state, if any)."""
+    import sqlite3
+
+    from sendmail_shim.policy import relays
+    from sendmail_shim.store.state import State
+
+    pool, why = relays.choose_pool(config, site_name or "", score,
+                                   relays.unscored_pool(config))
+    if relays.is_hold(config, pool):
+        return f"pool {pool}, held for the operator (hold-only pool)\n  pool    {why}"
+    marks: dict[str, tuple[float, str, str]] = {}
+    try:
+        state = State(config.layout, create=False)
+    except (OSError, sqlite3.Error):
+        pass  # no state yet (or not readable): nothing is burned as far as we know
+    else:
+        try:
+            marks = state.relay_marks()
+        finally:
+            state.close()
+            _fix_ownership(config)  # files SQLite made as root stay the daemon's
+    active = relays.active_relays(config, marks, pool)
+    through = ", ".join(f"{r.ident} ({r.label})" for r in active) or \
+        "no active relay: the mail waits in the queue"
+    return f"pool {pool}: {through}\n  pool    {why}"
 
 
 @cli.group("dns")
@@ -473,6 +540,9 @@ def config_check(config_path: str | None) -> None:
                             f"{exc.strerror}")
     if not config.relays:
         problems.append("no relays configured: every message will wait in the queue")
+    elif config.pools and not any(r.pool == "default" for r in config.relays):
+        problems.append("pools are declared but no relay is in pool default: operator notices "
+                        "and unscored mail of unpinned sites would wait in the queue")
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
                f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")

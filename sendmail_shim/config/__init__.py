@@ -10,6 +10,7 @@ from sendmail_shim.config.loader import load_config, parse_config
 from sendmail_shim.config.model import (
     ADMIN_KEYS,
     ADMIN_SITE,
+    DEFAULT_POOL,
     FIREWALL_KEYS,
     FROM_ACTIONS,
     LOG_KEYS,
@@ -28,6 +29,7 @@ from sendmail_shim.config.model import (
     Firewall,
     LocalTransport,
     OutbreakRules,
+    Pool,
     Quota,
     Relay,
     RelayLogin,
@@ -36,9 +38,10 @@ from sendmail_shim.config.model import (
 )
 
 __all__ = [
-    "ADMIN_KEYS", "ADMIN_SITE", "FIREWALL_KEYS", "FROM_ACTIONS", "LOG_KEYS", "LOG_TARGETS",
+    "ADMIN_KEYS", "ADMIN_SITE", "DEFAULT_POOL", "FIREWALL_KEYS", "FROM_ACTIONS", "LOG_KEYS",
+    "LOG_TARGETS",
     "OUTBREAK_KEYS", "QUOTA_KEYS", "RELAY_KEYS", "RESOLVER_KEYS", "RETRY_KEYS",
     "SENDER_ACTIONS", "SITE_KEYS", "TLS_MODES", "TOP_KEYS", "Admin", "Config", "ConfigError",
-    "Firewall", "LocalTransport", "OutbreakRules", "Quota", "Relay", "RelayLogin",
+    "Firewall", "LocalTransport", "OutbreakRules", "Pool", "Quota", "Relay", "RelayLogin",
     "RetryPolicy", "Site", "load_config", "parse_config",
 ]

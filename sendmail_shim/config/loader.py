@@ -27,6 +27,7 @@ from sendmail_shim.config import schema
 from sendmail_shim.config.errors import ConfigError
 from sendmail_shim.config.model import (
     ADMIN_SITE,
+    DEFAULT_POOL,
     ROUTES,
     Config,
     OutbreakRules,
@@ -195,8 +196,36 @@ def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
         routing[key] = schema.Choice(ROUTES).read(choice, f"routing.{domain}", "")
     if "local" in routing.values() and config.local_transport is None:
         raise Problem("routing", "a domain is pinned to local but local_transport is not set")
-    return replace(config, sites=sites, default_site=default_site, accounts=accounts,
-                   routing=routing)
+    config = replace(config, sites=sites, default_site=default_site, accounts=accounts,
+                     routing=routing)
+    _check_pools(config)
+    return config
+
+
+def _check_pools(config: Config) -> None:
+    """Relay names are unique; pools are named once; relays and sites name known pools."""
+    seen: set[str] = set()
+    for i, relay in enumerate(config.relays):
+        if relay.ident in seen:
+            raise Problem(f"relays[{i}]", f"a second relay named {relay.ident}; give each "
+                                          "relay its own name:")
+        seen.add(relay.ident)
+    names = [pool.name for pool in config.pools]
+    for i, pool in enumerate(config.pools):
+        if pool.name in names[:i]:
+            raise Problem(f"pools[{i}].name", f"pool {pool.name} is declared twice")
+        low, high = pool.min_score, pool.max_score
+        if low is not None and high is not None and low >= high:
+            raise Problem(f"pools[{i}]", "min_score must lie below max_score")
+    known = {DEFAULT_POOL, *names}
+    wanted = [(f"relays[{i}].pool", r.pool) for i, r in enumerate(config.relays)]
+    wanted += [(f"sites.{s.name}.pool", s.pool) for s in config.sites.values() if s.pool]
+    if config.default_site is not None and config.default_site.pool:
+        wanted.append(("default_site.pool", config.default_site.pool))
+    for where, name in wanted:
+        if name not in known:
+            raise Problem(where, f"no pool {name!r} in pools: (pools: "
+                                 f"{', '.join(sorted(known))})")
 
 
 def parse_config(raw: Any, path: str | None) -> Config:

@@ -14,6 +14,7 @@ the attribute names are the interface the whole daemon uses.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -55,6 +56,8 @@ ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 _COUNT = Optional(Whole(1))  # a rule's threshold; null disables the rule
 _LIMIT = Optional(Whole(0))  # a quota; null is unlimited
+_SCORE = Optional(Fraction(lambda x: math.isfinite(x), "a number", "a number"))
+DEFAULT_POOL = "default"  # the pool of relays that name none, and of all mail without pools
 
 # The documentation of the small inline mappings (dotted key names: log.target).
 GROUP_DOCS = {
@@ -87,7 +90,7 @@ class RelayLogin:
 
 @dataclass(frozen=True)
 class Relay:
-    """One smarthost, tried in the order of ``relays``."""
+    """One smarthost, tried in the order of ``relays`` within its pool."""
 
     host: str = key(kind=Text(), required=True, doc="name or address")
     port: int = key(kind=Whole(1, 65535),
@@ -106,10 +109,42 @@ class Relay:
                         doc="parallel sessions one site may hold to this relay while its "
                             "queue drains (one per 4 messages waiting; as Postfix's 20 per "
                             "destination); lower it if the relay limits connections per login")
+    name: str | None = key(None, kind=Optional(Text()),
+                           doc="the name relay burn, relay restore and relay list use",
+                           default_text="HOST:PORT")
+    pool: str = key(DEFAULT_POOL, kind=Text(),
+                    doc="the pool this relay serves (declared in pools:, or default)")
+    standby: bool = key(False, kind=Flag(),
+                        doc="a cold standby: never contacted while its pool has an active "
+                            "relay; promoted one for one when a relay of its pool is burned")
 
     @property
     def label(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def ident(self) -> str:
+        """The relay's name for the operator and the state: ``name``, else HOST:PORT."""
+        return self.name or self.label
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A named group of relays: a score band, or hold-only (policy/relays.py)."""
+
+    name: str = key(kind=Text(), required=True, doc="the pool's name; relays name it in pool:")
+    min_score: float | None = key(None, kind=_SCORE, doc="the lowest score the band takes",
+                                  default_text="no lower bound")
+    max_score: float | None = key(None, kind=_SCORE,
+                                  doc="the band takes scores below this one",
+                                  default_text="no upper bound")
+    hold: bool = key(False, kind=Flag(),
+                     doc="messages routed here are held for the operator, never sent")
+
+    def takes(self, score: float) -> bool:
+        """True when ``score`` lies in [min_score, max_score)."""
+        return ((self.min_score is None or score >= self.min_score)
+                and (self.max_score is None or score < self.max_score))
 
 
 @dataclass(frozen=True)
@@ -196,6 +231,9 @@ class Site:
     allow_submission: tuple[str, ...] = key(
         (), kind=Strings(), doc="hosts this site's uids may reach on 465 and 587 through the "
                                 "firewall")
+    pool: str | None = key(None, kind=Optional(Text()),
+                           doc="pin the site's mail to this pool, whatever its score",
+                           default_text="by score")
 
 
 @dataclass(frozen=True)
@@ -323,7 +361,11 @@ class Config:
                                      "with thousands of sites)")
     relays: tuple[Relay, ...] = key(
         (), kind=Section(Relay, "RELAYS", many=True, error="expected a list of relays"),
-        doc="the relays, tried in order")
+        doc="the relays, tried in order within their pool")
+    pools: tuple[Pool, ...] = key(
+        (), kind=Section(Pool, "POOLS", many=True, error="expected a list of pools"),
+        doc="the relay pools and their score bands", default_text="one pool, default, of "
+                                                                  "every relay")
     retry: RetryPolicy = key(RetryPolicy(), kind=Section(RetryPolicy, "RETRY"),
                              doc="when temporary failures are tried again")
     queue_scan_interval: float = key(5.0, kind=Duration(floor=0.2),
@@ -430,3 +472,4 @@ FIREWALL_KEYS = top_names(Firewall)
 RESOLVER_KEYS = tuple(k.name.split(".")[1] for _, k in keys_of(Config)
                       if k.name.startswith("resolver."))
 LOGIN_KEYS = top_names(RelayLogin)
+POOL_KEYS = top_names(Pool)

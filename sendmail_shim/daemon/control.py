@@ -13,7 +13,12 @@ returns it piece by piece (streamed, never whole in memory).
 
 Actions (``perform``): site-list, site-show, site-suspend, site-resume,
 quota-show, quota-set, quota-reset, top, queue-list, queue-show, queue-hold,
-queue-release, queue-delete.
+queue-release, queue-delete, relay-list, relay-burn, relay-restore.
+
+``relay-list`` shows each relay's state from the state backend and, given the
+running daemon's :class:`~sendmail_shim.policy.relays.RelayStats`, its last
+answer and counts since the daemon started; without them (no daemon runs) it
+says so.  ``queue-show`` names the pool the message takes and why.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from sendmail_shim.config import QUOTA_KEYS, Config
 from sendmail_shim.daemon import listing
-from sendmail_shim.policy import quota
+from sendmail_shim.policy import quota, relays
 from sendmail_shim.policy.sanctions import (
     OperationError,
     delete_messages,
@@ -197,8 +202,14 @@ def queue_show(config: Config, state: State, args: Args) -> str:
         raise OperationError(f"message {queue_id} ({where}) cannot be read: {exc}") from None
     status = spool.read_status(config.layout, queue_id)
     head = message.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    pool, why = relays.choose_pool(config, envelope.site, status.score,
+                                   relays.unscored_pool(config))
+    through = "held for the operator (hold-only pool)" if relays.is_hold(config, pool) else \
+        ", ".join(r.ident for r in relays.active_relays(config, state.relay_marks(), pool)) \
+        or "no active relay: it waits"
     return (f"queue id:   {queue_id} ({where})\nsite:       {printable(envelope.site)} (uid "
             f"{envelope.uid}, script {printable(envelope.script or '-')})\n"
+            f"pool:       {pool} ({why}); relays: {through}\n"
             f"sender:     <{printable(envelope.sender)}>\n"
             f"recipients: {printable(', '.join(envelope.recipients), 2000)}\n"
             f"delivered:  {printable(', '.join(status.done), 2000) or '-'}\n"
@@ -206,9 +217,61 @@ def queue_show(config: Config, state: State, args: Args) -> str:
             f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
 
 
+def _answered(answers: relays.Answers) -> str:
+    if not answers.when:
+        return "-"
+    return f"{answers.last[:60]} ({mail_date(answers.when)})"
+
+
+def relay_list(config: Config, state: State, args: Args,
+               stats: relays.RelayStats | None) -> str:
+    """Each relay: name, pool, standby, state, last answer and counts."""
+    marks = state.relay_marks()
+    rows: list[dict[str, Any]] = []
+    for relay in config.relays:
+        mark = marks.get(relay.ident)
+        answers = stats.of(relay) if stats is not None else None
+        rows.append({
+            "relay": relay.ident, "address": relay.label, "pool": relay.pool,
+            "standby": relay.standby, "state": relays.relay_state(config, marks, relay),
+            "burned": None if mark is None else {"since": mark[0], "reason": mark[1],
+                                                 "by": mark[2]},
+            "last_answer": None if answers is None or not answers.when else
+            {"text": answers.last, "when": answers.when},
+            "delivered": None if answers is None else answers.delivered,
+            "deferred": None if answers is None else answers.deferred,
+            "refused": None if answers is None else answers.refused})
+    if args.get("json"):
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    out = []
+    if stats is None:
+        out.append("no daemon is running: the states come from the state database; last "
+                   "answers and counts are kept by the running daemon only")
+    else:
+        out.append(f"answers counted since the daemon started ({mail_date(stats.started)})")
+    out.append(f"{'RELAY':<22} {'POOL':<12} {'STANDBY':<7} {'DELIV':>6} {'DEFER':>6} "
+               f"{'REFUS':>6}  STATE / LAST ANSWER")
+    for relay, row in zip(config.relays, rows, strict=True):
+        mark = marks.get(relay.ident)
+        state_text = row["state"] if mark is None else \
+            f"burned since {mail_date(mark[0])} by {mark[2]} for {mark[1]}"
+        counts = ("-", "-", "-") if stats is None else (
+            row["delivered"], row["deferred"], row["refused"])
+        out.append(f"{relay.ident:<22} {relay.pool:<12} {'yes' if relay.standby else 'no':<7} "
+                   f"{counts[0]:>6} {counts[1]:>6} {counts[2]:>6}  {state_text}")
+        if stats is not None:
+            out.append(f"{'':<22} {relay.label}, last answer: {_answered(stats.of(relay))}")
+    if not config.relays:
+        out.append("no relays configured (relays: in the configuration)")
+    return "\n".join(out) + "\n"
+
+
 def perform(config: Config, state: State, action: str, args: Args,
-            actor: str) -> str | Iterator[str]:
+            actor: str, stats: relays.RelayStats | None = None) -> str | Iterator[str]:
     """Run one action; the operator's text.  Raises OperationError.
+
+    ``stats``: the running daemon's relay answers (``relay-list``); None when the
+    admin command acts without a daemon.
 
     ``queue-list`` returns its text as pieces made while they are read (a
     listing of the whole queue is never held in memory): the caller sends or
@@ -234,6 +297,13 @@ def perform(config: Config, state: State, action: str, args: Args,
         return suspend_site(config, state, _required(args, "site"), reason, actor) + "\n"
     if action == "site-resume":
         return resume_site(config, state, _required(args, "site"), actor) + "\n"
+    if action == "relay-burn":
+        reason = (args.get("reason") or ["burned by the operator"])[0]
+        return relays.burn(config, state, _required(args, "relay"), reason, actor) + "\n"
+    if action == "relay-restore":
+        return relays.restore(config, state, _required(args, "relay"), actor) + "\n"
+    if action == "relay-list":
+        return relay_list(config, state, args, stats)
     readers: dict[str, Callable[[Config, State, Args], str | Iterator[str]]] = {
         "site-list": site_list, "site-show": site_show, "quota-show": quota_show,
         "top": top, "queue-list": queue_list, "queue-show": queue_show}

@@ -11,7 +11,9 @@ unread; a request is read with READ_TIMEOUT per part and handed to
 ``control.perform``, whose :class:`OperationError` is ``550`` with its text,
 storage trouble ``451`` naming the disk, and any other failure ``500`` with a
 traceback in the daemon's log, never a silent close.  Releasing or resuming
-pokes the queue runner so the mail goes now.
+pokes the queue runner so the mail goes now; burning or restoring a relay
+flushes the deferred mail of that relay's pool (onto its new active relays), and
+``relay-list`` gets the runner's in-memory answers of each relay.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sendmail_shim.daemon.sockets import (
     respond,
 )
 from sendmail_shim.intake.accept import storage_trouble
-from sendmail_shim.policy import sanctions
+from sendmail_shim.policy import relays, sanctions
 from sendmail_shim.wire import paths, protocol, sysexits
 
 log = logging.getLogger(__name__)
@@ -121,8 +123,9 @@ class ControlServer(DaemonServer):
         if self.state is None:
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, f"{self._unavailable}")
         try:
+            stats = self.runner.relay_stats if self.runner is not None else None
             text = await asyncio.to_thread(control.perform, self.config, self.state,
-                                           action, args, actor)
+                                           action, args, actor, stats)
         except sanctions.OperationError as exc:
             return protocol.format_reply(550, sysexits.EX_DATAERR, str(exc))
         except (sqlite3.Error, OSError) as exc:
@@ -130,6 +133,11 @@ class ControlServer(DaemonServer):
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, why)
         if action in ("queue-release", "site-resume") and self.runner is not None:
             self.runner.poke(force=True)
+        if action in ("relay-burn", "relay-restore") and self.runner is not None:
+            # That pool's deferred mail goes now, on the relays it has now.
+            with contextlib.suppress(sanctions.OperationError, KeyError):
+                pool = relays.relay_named(self.config, args["relay"][0]).pool
+                self.runner.poke(force=True, pool=pool)
         if not isinstance(text, str):  # a listing: sent piece by piece as it is read
             return Streamed(protocol.format_reply(250, 0, "ok"), listing.chunks(text))
         return protocol.format_reply(250, 0, "ok", text)

@@ -15,7 +15,8 @@ Three parts, each cheap and off the message path:
   the smallest name: one ``listdir``, no file is opened or stat'ed; about 50 ms
   of CPU with 100,000 queued, and nothing but a ``stat`` of the directory
   while it has not changed, see :class:`QueueScan`); suspended sites and
-  quota usage from the State API, read-only.
+  quota usage and burned relays (``relay_burned``, ``relay_active``) from the
+  State API, read-only.
 - :class:`Exposition`: a loopback HTTP listener (``metrics.listen``, its own
   thread) and/or a node_exporter textfile rewritten every
   ``metrics.interval`` (``metrics.textfile``, written to a temporary name and
@@ -66,7 +67,7 @@ from prometheus_client.registry import Collector
 
 from sendmail_shim.config import Config
 from sendmail_shim.daemon.events import Event, event_of
-from sendmail_shim.policy import quota
+from sendmail_shim.policy import quota, relays
 from sendmail_shim.store import spool
 from sendmail_shim.store.state import State
 
@@ -151,6 +152,10 @@ class EventMetrics(logging.Handler):
             f"{p}_relay_transaction_duration_seconds", "Time of one MAIL..DATA transaction, "
             "by relay and the class of its final reply", ["relay", "reply_class"],
             registry=registry, buckets=RELAY_BUCKETS)
+        self.answers = Counter(
+            f"{p}_relay_answers", "Answers of each relay by class: the final reply of a "
+            "transaction (2xx, 4xx, 5xx) or a session that could not be opened (network)",
+            ["relay", "reply_class"], registry=registry)
         self.suspensions = Counter(f"{p}_site_suspensions", "Sites suspended, by whom",
                                    ["by"], registry=registry)
         self.pickups = Counter(f"{p}_pickups", "Drop files ingested, by result",
@@ -217,7 +222,9 @@ class EventMetrics(logging.Handler):
                 self.connect.labels(event.get("relay")).observe(seconds)
         elif name == "relay_unavailable":
             self.connections.labels(event.get("relay"), "failed").inc()
+            self.answers.labels(event.get("relay"), "network").inc()
         elif name == "relay_transaction":
+            self.answers.labels(event.get("relay"), reply_class(event.get("status"))).inc()
             seconds = _seconds(event)
             if seconds is not None:
                 self.transaction.labels(event.get("relay"),
@@ -310,7 +317,7 @@ class QueueCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
         config = self.config()
-        for part in (self._queue, self._sites, self._suspended, self._quota):
+        for part in (self._queue, self._sites, self._suspended, self._quota, self._relays):
             try:
                 yield from part(config)
             except Exception as exc:
@@ -386,6 +393,27 @@ class QueueCollector(Collector):
         count = GaugeMetricFamily(f"{PREFIX}_sites_suspended", "Sites suspended now")
         count.add_metric([], total)
         yield count
+
+    def _relays(self, config: Config) -> Iterator[Metric]:
+        """Per relay: burned (0/1) and in its pool's active set (0/1: standbys until promoted)."""
+        state = self.state()
+        if state is None:
+            return
+        marks = state.relay_marks()
+        labels = ["relay", "name", "pool", "standby"]
+        burned = GaugeMetricFamily(f"{PREFIX}_relay_burned", "1 for a relay the operator (or "
+                                   "the DNSBL watch) burned", labels=labels)
+        active = GaugeMetricFamily(f"{PREFIX}_relay_active", "1 for a relay its pool sends "
+                                   "through now (0: burned, or a standby not promoted)",
+                                   labels=labels)
+        for relay in config.relays:
+            key = [relay.label, relay.ident, relay.pool, "1" if relay.standby else "0"]
+            state_now = relays.relay_state(config, marks, relay)
+            burned.add_metric(key, 1.0 if state_now == relays.BURNED else 0.0)
+            active.add_metric(key, 1.0 if state_now in (relays.ACTIVE, relays.PROMOTED)
+                              else 0.0)
+        yield burned
+        yield active
 
     def _quota(self, config: Config) -> Iterator[Metric]:
         state = self.state()

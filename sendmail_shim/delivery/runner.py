@@ -47,6 +47,16 @@ Guarantees:
   login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
   DNS trouble defers.  Without a local transport there is nowhere local to
   deliver, so everything goes to the relay and no DNS is asked;
+* relay pools (policy/relays.py): each message takes a pool (its site's pin
+  or its score's band, ``choose_pool``) and is sent only through that pool's
+  active relays (``active_relays``: burned relays out, standbys promoted one
+  for one); a lane keeps one channel per pool, so a site's messages in
+  different pools use different sessions, while fairness and the
+  ``sessions`` limit stay per site as before.  A message of a ``hold`` pool
+  moves to hold (a released one is routed, and so held, again); a pool
+  without an active relay defers its mail (never another pool's relays).
+  ``poke(force=True, pool=...)`` flushes one pool's deferred mail (a burn or
+  restore).  Each relay's answers are counted in :attr:`QueueRunner.relay_stats`;
 * one message's failure is that message's alone: any exception while reading,
   routing, sending or recording one message is caught, the message is deferred
   with ``last_error`` naming the exception (and logged with its queue id, site
@@ -74,12 +84,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sendmail_shim.config import Config, Site
+from sendmail_shim.config import Config, Relay, Site
 from sendmail_shim.delivery import bounce
 from sendmail_shim.delivery.local import Session, open_local_session
 from sendmail_shim.delivery.relay import RelaysUnavailable, SessionBroken, open_session
 from sendmail_shim.delivery.route import FAIL, LOCAL, REMOTE, Router
 from sendmail_shim.policy import outbreak
+from sendmail_shim.policy.relays import (
+    RelayStats,
+    active_relays,
+    choose_pool,
+    is_hold,
+    unscored_pool,
+)
 from sendmail_shim.policy.sanctions import suspend_site
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
@@ -169,6 +186,32 @@ class _Channel:
             await self.session.close()
 
 
+class _Pools:
+    """A lane's relay channels, one per pool (policy/relays.py): a site's messages in
+    different pools never share a session.  A channel is opened for the pool's active
+    relays; when that set changes (a relay burned or restored) the old session ends
+    and the next message opens one on the new set."""
+
+    def __init__(self, opener: Callable[[str, tuple[Relay, ...]], Awaitable[Session]]) -> None:
+        self.opener = opener
+        self.channels: dict[str, tuple[tuple[Relay, ...], _Channel]] = {}
+
+    async def channel(self, pool: str, active: tuple[Relay, ...]) -> _Channel:
+        held = self.channels.get(pool)
+        if held is not None and held[0] == active:
+            return held[1]
+        if held is not None:
+            await held[1].close()
+        opener = self.opener
+        channel = _Channel(lambda: opener(pool, active))
+        self.channels[pool] = (active, channel)
+        return channel
+
+    async def close(self) -> None:
+        for _active, channel in self.channels.values():
+            await channel.close()
+
+
 class _Schedule:
     """Deferred messages by their next attempt: the runner's in-memory index.
 
@@ -250,6 +293,9 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self._poked = asyncio.Event()  # an arrival during a run: look at incoming/ again
         self._force = False
+        self._force_only: set[str] | None = None  # a flush of these pools only; None: all
+        self._flush_only: frozenset[str] | None = None  # the flush under way
+        self.relay_stats = RelayStats()  # each relay's answers, for relay list
         self._lock = asyncio.Lock()
         self._unsaved: list[_Attempt] = []  # outcomes the disk refused: delivery is paused
         self._stopping = False  # read by the _due thread too: a plain flag is enough
@@ -272,8 +318,16 @@ class QueueRunner:
         self.config = config
         self.router = Router(config) if config.local_transport is not None else None
 
-    def poke(self, force: bool = False) -> None:
-        """Run soon; ``force`` also retries deferred mail before its time (flush)."""
+    def poke(self, force: bool = False, pool: str | None = None) -> None:
+        """Run soon; ``force`` also retries deferred mail before its time (flush): all of
+        it, or with ``pool`` only the mail of that pool (after a relay burn or restore)."""
+        if force:
+            if pool is None:
+                self._force_only = None
+            elif not self._force:
+                self._force_only = {pool}
+            elif self._force_only is not None:
+                self._force_only.add(pool)
         self._force = self._force or force
         self.wake.set()
         self._poked.set()
@@ -307,6 +361,9 @@ class QueueRunner:
             if self._unsaved and not await asyncio.to_thread(self._retry_unsaved):
                 return 0  # still cannot record what was sent: send nothing more
             force, self._force = self._force, False
+            only, self._force_only = self._force_only, None
+            if force:
+                self._flush_only = None if only is None else frozenset(only)
             await self._await_schedule(force)
             run = _Run()
             try:
@@ -474,6 +531,13 @@ class QueueRunner:
             site = self._site_of(spool.DEFERRED, queue_id)
             if site is None:
                 continue
+            if flushed and self._flush_only is not None:
+                status = spool.read_status(layout, queue_id)
+                pool, _why = choose_pool(self.config, site, status.score,
+                                         unscored_pool(self.config))
+                if pool not in self._flush_only:  # a pool's flush: the others keep their time
+                    self._schedule.put(queue_id, status.next_attempt)
+                    continue
             if site in skip:
                 self._schedule.put(queue_id, now)
                 continue
@@ -537,7 +601,19 @@ class QueueRunner:
             return
         config = self.config
         login = site.relay_login
-        relay = _Channel(lambda: open_session(config.relays, login, config.hostname, site_name))
+
+        async def opener(pool: str, active: tuple[Relay, ...]) -> Session:
+            if not active and any(r.pool == pool for r in config.relays):
+                raise RelaysUnavailable(Outcome.network(
+                    f"pool {pool} has no active relay (every relay of it is burned): the mail "
+                    "waits; see 'sendmail-shim-admin relay list', then 'relay restore NAME'"))
+            if not active and config.relays:
+                raise RelaysUnavailable(Outcome.network(
+                    f"pool {pool} has no relays (no relay names it in relays[].pool): the "
+                    "mail waits; add a relay to the pool"))
+            return await open_session(active, login, config.hostname, site_name)
+
+        relay = _Pools(opener)
         transport = config.local_transport
         local = _Channel(lambda: open_local_session(transport, config.hostname)) \
             if transport is not None else None
@@ -567,7 +643,7 @@ class QueueRunner:
             if local is not None:
                 await local.close()
 
-    async def _deliver_one(self, site: Site, state: str, queue_id: str, relay: _Channel,
+    async def _deliver_one(self, site: Site, state: str, queue_id: str, pools: _Pools,
                            local: _Channel | None) -> None:
         """One attempt for one message: read, route, send, record."""
         try:
@@ -578,12 +654,21 @@ class QueueRunner:
         except (OSError, ValueError) as exc:  # also a status that cannot be read as a file
             self._corrupt(queue_id, state, str(exc))
             return
+        config = self.config
+        pool, why = choose_pool(config, site.name, status.score, unscored_pool(config))
+        if is_hold(config, pool):
+            await asyncio.to_thread(self._hold_for_pool, state, queue_id, site.name, pool, why)
+            return
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
         results, to_relay, to_local = await self._route(pending)
-        results.update(await relay.send(env, message, to_relay))
+        if to_relay:
+            relay = await pools.channel(pool, active_relays(config, self.state.relay_marks(),
+                                                            pool))
+            results.update(await relay.send(env, message, to_relay))
         if local is not None:
             results.update(await local.send(env, message, to_local))
         relayed = {r: results[r] for r in to_relay}
+        self.relay_stats.note(list(relayed.values()))
 
         def settle() -> bool:  # in a thread: the loop never waits on the state or the disk
             queued_bounce = self._after_attempt(state, queue_id, (env, message), results, None,
@@ -593,6 +678,19 @@ class QueueRunner:
 
         if await asyncio.to_thread(settle):
             self.poke()  # a bounce was queued: deliver it in the next run
+
+    def _hold_for_pool(self, state: str, queue_id: str, site_name: str, pool: str,
+                       why: str) -> None:
+        """A message routed to a hold-only pool goes to hold for the operator (in a thread)."""
+        try:
+            spool.move(self.config.layout, queue_id, state, spool.HOLD)
+        except FileNotFoundError:
+            return  # held or deleted by the operator meanwhile
+        log.warning("held queue_id=%s site=%s pool=%s reason=%r action='pool %s is hold-only: "
+                    "inspect it with sendmail-shim-admin queue show %s, then queue delete "
+                    "it, or route it to a sending pool (sites.pool, pools:) and queue "
+                    "release it'", queue_id, printable(site_name), pool, why, pool, queue_id,
+                    )
 
     async def _record(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
                       results: dict[str, Outcome], trouble: Outcome | None,

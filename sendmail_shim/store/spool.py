@@ -64,6 +64,7 @@ class Status:
     failed: dict[str, str] = field(default_factory=dict)  # recipient -> permanent reason
     delayed: dict[str, str] = field(default_factory=dict)  # recipient -> temporary reason
     internal_failures: int = 0  # attempts in a row that ended in an exception (delivery.py)
+    score: float | None = None
 
     def valid(self) -> bool:
         return (isinstance(self.attempts, int) and isinstance(self.next_attempt, (int, float))

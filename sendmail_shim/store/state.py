@@ -25,10 +25,11 @@ Minute buckets are pruned after :data:`MINUTE_SPAN`, hour buckets and the rest
 after :data:`RETENTION`.  A state file of the previous version (an ``events``
 table) has its events folded into buckets once, at open.
 
-Suspensions and quota overrides are also kept in memory, in step with their
-tables (changed after the write succeeds, or after the transaction commits):
-:meth:`State.suspension` and :meth:`State.overrides` take neither the lock nor
-SQLite, so the event loop may call them.
+Suspensions, quota overrides and relay marks (burned relays) are also kept in
+memory, in step with their tables (changed after the write succeeds, or after
+the transaction commits): :meth:`State.suspension`, :meth:`State.overrides` and
+:meth:`State.relay_marks` take neither the lock nor SQLite, so the event loop
+may call them.
 
 Submission ids (``subid``, chosen at random by the front end and sent on
 both roads) are remembered per uid for :data:`SUBMISSION_RETENTION`, with the
@@ -181,6 +182,7 @@ class State:
                         "SELECT site, key, value FROM quota_overrides"):
                     self._overrides.setdefault(str(site), {})[str(key)] = \
                         None if value is None else int(value)
+            self._open_relay_marks()
         except BaseException:
             self._db.close()  # a full disk at start: the caller says why and retries
             raise
@@ -454,3 +456,37 @@ class State:
                                     "committed = 0").fetchall()
         return [(int(u), str(s), str(q)) for u, s, q in rows
                 if (int(u), str(s)) not in self._in_flight]
+
+    # -- relay marks (burned relays; policy/relays.py) ---------------------------
+    # Self-contained: its table, its in-memory copy (changed after the write, read
+    # without the lock, like suspensions) and the three calls the state backends share.
+    def _open_relay_marks(self) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS relay_marks (name TEXT PRIMARY KEY, "
+                         "since REAL, reason TEXT, actor TEXT)")
+        self._relay_marks = {
+            str(name): (float(since), str(reason), str(actor)) for name, since, reason, actor
+            in self._db.execute("SELECT name, since, reason, actor FROM relay_marks")}
+
+    def relay_marks(self) -> dict[str, tuple[float, str, str]]:
+        """Burned relays: name -> (since, reason, actor); from memory, no lock, no SQL."""
+        return dict(self._relay_marks)
+
+    def burn_relay(self, name: str, reason: str, actor: str) -> bool:
+        """Mark relay ``name`` burned; True when it was not burned before."""
+        since = time.time()
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO relay_marks VALUES (?, ?, ?, ?)",
+                                   (name, since, reason, actor))
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: self._relay_marks.__setitem__(name, (since, reason, actor)))
+            return True
+
+    def restore_relay(self, name: str) -> bool:
+        """Forget relay ``name``'s burn mark; True when it was burned."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM relay_marks WHERE name = ?", (name,))
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: self._relay_marks.pop(name, None))
+            return True

@@ -85,7 +85,7 @@ ERRORS: list[tuple[Any, str]] = [
      "sites.a.test.outbreak.new_script.count: expected a whole number >= 1, got 0"),
     ({"default_site": {"uids": [5]}}, "default_site: unknown key 'uids' (known keys: docroots, "
                                       "domains, sender, relay_login, quota, sender_policy, "
-                                      "outbreak, dkim_selectors, allow_submission)"),
+                                      "outbreak, dkim_selectors, allow_submission, pool)"),
     ({"outbreak": {"relay_5xx_share": {"share": 2}}},
      "outbreak.relay_5xx_share.share: expected 0 < share <= 1, got 2"),
     ({"outbreak": {"relay_5xx_share": {"share": 0}}},

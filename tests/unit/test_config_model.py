@@ -11,22 +11,22 @@ from sendmail_shim import config
 from sendmail_shim.config import manpage, model, schema
 
 MAN = os.path.join(os.path.dirname(__file__), "..", "..", "man", "sendmail-shim.yaml.5")
-CLASSES = (model.Config, model.Relay, model.RetryPolicy, model.Site, model.Quota,
+CLASSES = (model.Config, model.Relay, model.Pool, model.RetryPolicy, model.Site, model.Quota,
            model.OutbreakRules, model.RelayLogin, model.Admin, model.Firewall)
 UNDECLARED = {"Config.path", "Site.name"}  # set by the loader, not read from a key
 
 
 def test_key_tuples_are_derived_in_schema_order() -> None:
     assert config.TOP_KEYS == (
-        "spool", "message_size_limit", "hostname", "log", "metrics", "relays", "retry",
+        "spool", "message_size_limit", "hostname", "log", "metrics", "relays", "pools", "retry",
         "queue_scan_interval", "connections_per_uid", "sites", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
         "local_transport", "routing", "resolver", "firewall")
     assert config.RELAY_KEYS == ("host", "port", "tls", "verify", "ca_file", "timeout",
-                                 "allow_plaintext", "sessions")
+                                 "allow_plaintext", "sessions", "name", "pool", "standby")
     assert config.SITE_KEYS == ("uids", "docroots", "domains", "sender", "relay_login",
                                 "quota", "sender_policy", "outbreak", "dkim_selectors",
-                                "allow_submission")
+                                "allow_submission", "pool")
     assert config.QUOTA_KEYS == ("per_hour", "per_day", "recipients_per_message",
                                  "recipients_per_hour")
     assert config.OUTBREAK_KEYS == ("quota_refusals", "recipient_domains_per_hour",
