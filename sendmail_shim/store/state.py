@@ -108,6 +108,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     uid INTEGER NOT NULL, subid TEXT NOT NULL, queue_id TEXT NOT NULL, ts REAL NOT NULL,
     committed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (uid, subid));
 CREATE INDEX IF NOT EXISTS submissions_ts ON submissions(ts);
+CREATE TABLE IF NOT EXISTS relay_marks (
+    name TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL);
 """
 
 # A state file of the previous version: its events folded into buckets, once.
@@ -181,6 +183,9 @@ class State:
                         "SELECT site, key, value FROM quota_overrides"):
                     self._overrides.setdefault(str(site), {})[str(key)] = \
                         None if value is None else int(value)
+                self._relay_marks = {
+                    str(name): (float(since), str(reason), str(actor)) for name, since, reason,
+                    actor in self._db.execute("SELECT name, since, reason, actor FROM relay_marks")}
         except BaseException:
             self._db.close()  # a full disk at start: the caller says why and retries
             raise
@@ -454,3 +459,28 @@ class State:
                                     "committed = 0").fetchall()
         return [(int(u), str(s), str(q)) for u, s, q in rows
                 if (int(u), str(s)) not in self._in_flight]
+
+    # -- relay marks (burned relays; minimal, for the reputation watch) -----------
+    def relay_marks(self) -> dict[str, tuple[float, str, str]]:
+        """Burned relays: name -> (since, reason, actor), from memory, no lock, no SQL."""
+        return dict(self._relay_marks)
+
+    def burn_relay(self, name: str, reason: str, actor: str) -> bool:
+        """Mark relay ``name`` burned; True when it was not burned before."""
+        since = time.time()
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO relay_marks VALUES (?, ?, ?, ?)",
+                                   (name, since, reason, actor))
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: self._relay_marks.__setitem__(name, (since, reason, actor)))
+            return True
+
+    def restore_relay(self, name: str) -> bool:
+        """Take the burned mark off relay ``name``; True when it was burned."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM relay_marks WHERE name = ?", (name,))
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: self._relay_marks.pop(name, None))
+            return True
