@@ -319,6 +319,19 @@ def route_explain(config_path: str | None, address: str) -> None:
     click.echo(f"  goes to {target}")
 
 
+@cli.group("relay")
+def relay_group() -> None:
+    """The relays: their reputation in DNS blocklists."""
+
+
+@relay_group.command("check")
+@config_option
+@click.argument("name", required=False)
+def relay_check(config_path: str | None, name: str | None) -> None:
+    """Look up each relay's public_ip (or NAME's) in reputation.zones now and report."""
+    operate(config_path, "relay-check", relay=name)
+
+
 @cli.group("dns")
 def dns_group() -> None:
     """Check a site's DNS for mail: MX, SPF, DKIM, DMARC."""

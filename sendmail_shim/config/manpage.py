@@ -26,10 +26,14 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("TOP-LEVEL KEYS", model.Config), ("RELAYS", model.Relay), ("RETRY", model.RetryPolicy),
     ("SITES", model.Site), ("QUOTA", model.Quota), ("OUTBREAK", model.OutbreakRules),
     ("RELAY LOGIN", model.RelayLogin), ("ADMIN", model.Admin), ("FIREWALL", model.Firewall),
+    ("REPUTATION", model.Reputation), ("REPUTATION ZONES", model.Zone),
 )
 INTROS = {
     "SITES": "Each entry of sites; default_site takes the same keys but uids.",
     "QUOTA": "The keys of quota, default_quota and accounts.USER.quota; null is unlimited.",
+    "REPUTATION ZONES": "Each entry of reputation.zones.  The defaults ship none; see "
+                        "sendmail-shim(8), REPUTATION WATCH, for well-known zones and their "
+                        "usage terms.",
     "OUTBREAK": "A rule that trips suspends the site: its new mail is refused, its queued "
                 "mail is held, and admin.notify is told.",
 }

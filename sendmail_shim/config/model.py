@@ -22,6 +22,7 @@ from typing import Any
 
 from sendmail_shim.config import schema
 from sendmail_shim.config.schema import (
+    Checked,
     Choice,
     Deferred,
     Domain,
@@ -106,10 +107,67 @@ class Relay:
                         doc="parallel sessions one site may hold to this relay while its "
                             "queue drains (one per 4 messages waiting; as Postfix's 20 per "
                             "destination); lower it if the relay limits connections per login")
+    public_ip: str | None = key(None, kind=Optional(IPAddress()),
+                                doc="the address receivers see this relay's mail come from "
+                                    "(IPv4 or IPv6): the reputation watch looks it up in "
+                                    "reputation.zones", default_text="not watched")
 
     @property
     def label(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+_ZONE_NAME = re.compile(r"^(?=.{1,200}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)+"
+                        r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_ZONE_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Zone:
+    """One DNS blocklist the relays' public_ip is looked up in (the reputation watch)."""
+
+    zone: str = key(kind=Checked(lambda t: bool(_ZONE_NAME.match(t.lower().rstrip("."))),
+                                 "expected a DNS zone like bl.spamcop.net, got {text!r}",
+                                 "a DNS zone name"),
+                    required=True, doc="the zone, such as bl.spamcop.net or zen.dq.spamhaus.net")
+    access_key: str | None = key(
+        None, kind=Optional(Checked(lambda t: bool(_ZONE_WORD.match(t)),
+                                    "expected letters and digits, got {text!r}", "an access key")),
+        name="key", doc="an access key placed before the zone, as Spamhaus DQS wants: "
+                        "<reversed ip>.<key>.zen.dq.spamhaus.net; keep the file unreadable to "
+                        "sites", default_text="none")
+    label: str | None = key(None, kind=Optional(Checked(
+        lambda t: bool(_ZONE_WORD.match(t)), "expected letters, digits, '.', '-' or '_', got "
+        "{text!r}", "a short name")), doc="the zone's name in logs, notices and metrics",
+        default_text="the zone")
+
+    @property
+    def name(self) -> str:
+        """What logs, notices and metrics call this zone (never the access key)."""
+        return self.label or self.zone.lower().rstrip(".")
+
+    @property
+    def query_suffix(self) -> str:
+        """The name queried under the reversed address (with the key when there is one)."""
+        zone = self.zone.lower().rstrip(".")
+        return f"{self.access_key}.{zone}" if self.access_key else zone
+
+
+@dataclass(frozen=True)
+class Reputation:
+    """The reputation watch: the relays' public_ip looked up in DNS blocklists."""
+
+    zones: tuple[Zone, ...] = key(
+        (), kind=Section(Zone, "REPUTATION ZONES", many=True,
+                         error="expected a list of zones, each {zone: NAME}"),
+        doc="the blocklists to look in; none (the default): the watch is off",
+        default_text="none")
+    interval: float = key(3600.0, kind=Duration(floor=1.0),
+                          doc="how often the daemon looks (and once at start); public zones "
+                              "limit how often one may ask")
+    auto_burn: bool = key(False, kind=Flag(),
+                          doc="true: a new listing also burns the relay (a standby takes "
+                              "over); it is never restored by itself: relay restore")
 
 
 @dataclass(frozen=True)
@@ -369,6 +427,9 @@ class Config:
                                   doc="how long a lookup may take")
     firewall: Firewall = key(Firewall(), kind=Section(Firewall, "FIREWALL"),
                              doc="who may send out on port 25, 465 and 587")
+    reputation: Reputation = key(Reputation(), kind=Section(Reputation, "REPUTATION"),
+                                 doc="the DNS blocklists the relays' public_ip is watched in "
+                                     "(the resolver is resolver.*)")
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -430,3 +491,5 @@ FIREWALL_KEYS = top_names(Firewall)
 RESOLVER_KEYS = tuple(k.name.split(".")[1] for _, k in keys_of(Config)
                       if k.name.startswith("resolver."))
 LOGIN_KEYS = top_names(RelayLogin)
+REPUTATION_KEYS = top_names(Reputation)
+ZONE_KEYS = top_names(Zone)

@@ -13,7 +13,8 @@ returns it piece by piece (streamed, never whole in memory).
 
 Actions (``perform``): site-list, site-show, site-suspend, site-resume,
 quota-show, quota-set, quota-reset, top, queue-list, queue-show, queue-hold,
-queue-release, queue-delete.
+queue-release, queue-delete, relay-check (``delivery.reputation``: asks the
+DNS blocklists now and reports; it sends no notice and burns nothing).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from sendmail_shim.config import QUOTA_KEYS, Config
 from sendmail_shim.daemon import listing
+from sendmail_shim.delivery import reputation
 from sendmail_shim.policy import quota
 from sendmail_shim.policy.sanctions import (
     OperationError,
@@ -206,6 +208,11 @@ def queue_show(config: Config, state: State, args: Args) -> str:
             f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
 
 
+def relay_check(config: Config, state: State, args: Args) -> str:
+    """``relay check [NAME]``: what each zone says of each relay's public_ip, now."""
+    return reputation.check_text(config, state, _first(args, "relay"))
+
+
 def perform(config: Config, state: State, action: str, args: Args,
             actor: str) -> str | Iterator[str]:
     """Run one action; the operator's text.  Raises OperationError.
@@ -236,7 +243,8 @@ def perform(config: Config, state: State, action: str, args: Args,
         return resume_site(config, state, _required(args, "site"), actor) + "\n"
     readers: dict[str, Callable[[Config, State, Args], str | Iterator[str]]] = {
         "site-list": site_list, "site-show": site_show, "quota-show": quota_show,
-        "top": top, "queue-list": queue_list, "queue-show": queue_show}
+        "top": top, "queue-list": queue_list, "queue-show": queue_show,
+        "relay-check": relay_check}
     if action in readers:
         return readers[action](config, state, args)
     if action == "quota-set":
