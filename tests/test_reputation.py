@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Relay, Shim, free_port, wait_until
-from dnsserver import DnsServer, Zone, free_udp_tcp_port
+from dnsserver import DnsServer, serving
 
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths
@@ -35,10 +35,8 @@ RECORDS = {
 
 @pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
-    server = DnsServer(Zone(RECORDS), free_udp_tcp_port())
-    server.start()
-    yield server
-    server.stop()
+    with serving(RECORDS) as server:
+        yield server
 
 
 def watched_system(shim_factory: Any, server: DnsServer, auto_burn: bool = False,
@@ -88,7 +86,7 @@ def test_relay_check_reports_listed_clean_and_refused(shim_factory: Any,
     assert clean in one and listed not in one
     wrong = shim.admin("relay", "check", "nope:25")
     assert wrong.returncode != 0
-    assert f"no relay 'nope:25'" in wrong.stderr.decode() and listed in wrong.stderr.decode()
+    assert "no relay 'nope:25'" in wrong.stderr.decode() and listed in wrong.stderr.decode()
 
 
 def test_the_watch_notices_a_listing_once_and_logs_the_delisting(

@@ -32,8 +32,8 @@ INTROS = {
     "SITES": "Each entry of sites; default_site takes the same keys but uids.",
     "QUOTA": "The keys of quota, default_quota and accounts.USER.quota; null is unlimited.",
     "REPUTATION ZONES": "Each entry of reputation.zones.  The defaults ship none; see "
-                        "sendmail-shim(8), REPUTATION WATCH, for well-known zones and their "
-                        "usage terms.",
+                        "REPUTATION WATCH below for what the answers mean and for "
+                        "well-known zones and their usage terms.",
     "OUTBREAK": "A rule that trips suspends the site: its new mail is refused, its queued "
                 "mail is held, and admin.notify is told.",
 }

@@ -160,7 +160,7 @@ class Reputation:
     zones: tuple[Zone, ...] = key(
         (), kind=Section(Zone, "REPUTATION ZONES", many=True,
                          error="expected a list of zones, each {zone: NAME}"),
-        doc="the blocklists to look in; none (the default): the watch is off",
+        doc="the blocklists to look in; without any the watch is off",
         default_text="none")
     interval: float = key(3600.0, kind=Duration(floor=1.0),
                           doc="how often the daemon looks (and once at start); public zones "

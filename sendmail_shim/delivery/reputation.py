@@ -12,8 +12,7 @@ reason when it is listed.  What the answer means:
   world" answer of URIBL and others): **unknown**, never a listing: a warning naming the
   zone and what to do;
 * an address outside 127.0.0.0/8: **unknown**, never a listing: a resolver that
-  rewrites NXDOMAIN, or a zone whose domain expired (SpamCop's once answered
-  everything through a parking service);
+  rewrites NXDOMAIN, or a zone whose domain expired and now answers every name;
 * a timeout, SERVFAIL or any other resolver trouble: **unknown**, never a listing.
 
 So only a clean 127/8 code is a listing, and only a listing can burn a relay.

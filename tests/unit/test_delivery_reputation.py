@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dnsserver import DnsServer, Zone, free_udp_tcp_port
+from dnsserver import DnsServer, serving
 
 from sendmail_shim.config import Config, ConfigError
 from sendmail_shim.config.model import Zone as BlockList
@@ -52,10 +52,8 @@ RECORDS = {
 
 @pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
-    server = DnsServer(Zone(RECORDS), free_udp_tcp_port())
-    server.start()
-    yield server
-    server.stop()
+    with serving(RECORDS) as server:
+        yield server
 
 
 def watch_config(make_config: MakeConfig, server: DnsServer, zones: list[str],
