@@ -5,13 +5,17 @@ The routing tests' DNS server (tests/dnsserver.py) serves ``bl.test``, in which
 ``refused.test``, which answers every query 127.255.255.254 (Spamhaus's "query via a
 public resolver").  A real daemon (its own user) watches two relays: the first, a
 capture relay that also receives the admin notices, has the listed address; the
-second (never contacted) has the clean one.  Mail to another relay after a burn needs
-the pools branch (standbys); here the burn is seen in the State.
+second (never contacted) has the clean one.  Microsoft SNDS's ipStatus file, the
+optional second signal, comes from an HTTP server on loopback.  Mail to another relay
+after a burn needs the pools branch (standbys); here the burn is seen in the State.
 """
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -41,13 +45,14 @@ def dns_server() -> Iterator[DnsServer]:
 
 def watched_system(shim_factory: Any, server: DnsServer, auto_burn: bool = False,
                    zones: str = "[{zone: bl.test}, {zone: refused.test, label: refusing}]",
-                   extra: str = "") -> tuple[Shim, Relay, str, str]:
+                   extra: str = "", snds: str = "") -> tuple[Shim, Relay, str, str]:
     """A running daemon watching two relays (the first one running), as described above."""
     make_relay, make_shim = shim_factory
     port, spare = free_port(), free_port()
     shim = make_shim([port, spare], extra=(
         f"resolver: {{nameservers: [127.0.0.1], port: {server.port}, timeout: 1}}\n"
-        f"reputation: {{interval: 1s, auto_burn: {str(auto_burn).lower()}, zones: {zones}}}\n"
+        f"reputation: {{interval: 1s, auto_burn: {str(auto_burn).lower()}, zones: {zones}"
+        + (f", snds_url: '{snds}'" if snds else "") + "}\n"
         + extra))
     shim.edit_config(f"    port: {port}\n", f"    port: {port}\n    public_ip: {LISTED_IP}\n")
     shim.edit_config(f"    port: {spare}\n", f"    port: {spare}\n    public_ip: {CLEAN_IP}\n")
@@ -70,9 +75,24 @@ def relay_marks(shim: Shim) -> dict[str, tuple[float, str, str]]:
         state.close()
 
 
-def test_relay_check_reports_listed_clean_and_refused(shim_factory: Any,
-                                                      dns_server: DnsServer) -> None:
-    shim, _relay, listed, clean = watched_system(shim_factory, dns_server)
+@pytest.fixture
+def snds_url(workdir: str) -> Iterator[str]:
+    """SNDS's ipStatus file (192.0.2.96-103 blocked) from an HTTP server on loopback."""
+    os.makedirs(os.path.join(workdir, "snds"))
+    with open(os.path.join(workdir, "snds", "ipStatus.aspx"), "w") as fh:
+        fh.write("192.0.2.96,192.0.2.103,Yes,Blocked due to user complaints or other "
+                 "evidence of spamming\r\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=workdir)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/snds/ipStatus.aspx?key=abc-123"
+    server.shutdown()
+    server.server_close()
+
+
+def test_relay_check_reports_listed_clean_and_refused(shim_factory: Any, dns_server: DnsServer,
+                                                      snds_url: str) -> None:
+    shim, _relay, listed, clean = watched_system(shim_factory, dns_server, snds=snds_url)
     out = shim.admin("relay", "check")
     text = out.stdout.decode()
     assert out.returncode == 0, out.stderr
@@ -82,6 +102,8 @@ def test_relay_check_reports_listed_clean_and_refused(shim_factory: Any,
     assert "  refusing                 unknown  127.255.255.254  the zone refused the query " \
            "(127.255.255.254: the query came through a public or open resolver)" in text
     assert f"relay {clean} (public_ip {CLEAN_IP}):\n  bl.test                  clean\n" in text
+    assert "  snds                     listed   Yes  Blocked due to user complaints" in text
+    assert text.count("snds                     clean") == 1  # the clean relay
     one = shim.admin("relay", "check", clean).stdout.decode()
     assert clean in one and listed not in one
     wrong = shim.admin("relay", "check", "nope:25")

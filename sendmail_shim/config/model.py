@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import urllib.parse
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -153,6 +154,14 @@ class Zone:
         return f"{self.access_key}.{zone}" if self.access_key else zone
 
 
+def _secure_url(text: str) -> bool:
+    """https://, or http:// to a loopback host (a URL that carries a key)."""
+    if text.startswith("https://"):
+        return True
+    host = urllib.parse.urlsplit(text).hostname if text.startswith("http://") else None
+    return host is not None and schema.is_loopback(host)
+
+
 @dataclass(frozen=True)
 class Reputation:
     """The reputation watch: the relays' public_ip looked up in DNS blocklists."""
@@ -165,6 +174,13 @@ class Reputation:
     interval: float = key(3600.0, kind=Duration(floor=1.0),
                           doc="how often the daemon looks (and once at start); public zones "
                               "limit how often one may ask")
+    snds_url: str | None = key(
+        None, kind=Optional(Checked(_secure_url, "expected an https:// URL (http:// only to "
+                                                 "loopback), got {text!r}", "an https:// URL"),
+                            falsy=True),
+        doc="Microsoft SNDS automated access: the ipStatus URL with your key "
+            "(https://sendersupport.olc.protection.outlook.com/snds/ipStatus.aspx?key=...); "
+            "its blocked IPv4 ranges are a second signal, zone snds", default_text="none")
     auto_burn: bool = key(False, kind=Flag(),
                           doc="true: a new listing also burns the relay (a standby takes "
                               "over); it is never restored by itself: relay restore")

@@ -17,6 +17,14 @@ reason when it is listed.  What the answer means:
 
 So only a clean 127/8 code is a listing, and only a listing can burn a relay.
 
+Microsoft SNDS (optional, ``reputation.snds_url``: the automated-access ipStatus URL
+with the operator's key) is a second signal under the zone name ``snds``.  The file
+is CSV, one blocked range a line, ``first ip,last ip,blocked,details`` (as the SNDS
+automated-access tools that read it parse it; IPv4 only): an IPv4 relay inside a range
+whose third column is not ``No`` is listed (code: that column, reason: the details),
+else clean; a fetch that fails is unknown for every relay.  Clean only means "not
+blocked among the ranges this SNDS account covers": register the relays there.
+
 The watch (:class:`Watch`, a background task of the daemon) asks every relay with a
 ``public_ip`` in every zone at start and then every ``reputation.interval``, without
 blocking the loop (async DNS; notices and the State in a worker thread).  A listing not
@@ -35,18 +43,23 @@ A relay's name is the pools branch's ``name`` when the Relay has one, else its
 ``host:port`` label (:func:`relay_name`): the name ``relay burn`` and ``relay restore``
 take.
 
-Trusts: the configuration, and DNS answers only as far as the rules above (an answer
-can make a relay unknown or listed, never crash the daemon or burn on a refusal).
-Guarantees: a check never raises for DNS trouble; the watch survives any failure of one
-round (logged, tried again next interval) and stops at once when asked.
+Trusts: the configuration, and DNS answers and the SNDS file only as far as the rules
+above (an answer can make a relay unknown or listed, never crash the daemon or burn on
+a refusal; their text is cut and made printable before it is logged or mailed).
+Guarantees: a check never raises for DNS or HTTP trouble; the watch survives any
+failure of one round (logged, tried again next interval) and stops when asked, after
+its lookups in flight (an SNDS fetch: at most SNDS_TIMEOUT).
 """
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import ipaddress
 import logging
 import sqlite3
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +82,9 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 ERROR_CODES = ipaddress.ip_network("127.255.255.0/24")
 REFUSED_ANSWER = ipaddress.ip_address("127.0.0.1")
 PARALLEL = 8  # queries in flight at once
+SNDS = "snds"  # the zone name of Microsoft SNDS's results
+SNDS_TIMEOUT = 10.0  # the fetch runs in a thread: a stop waits for it at most this long
+SNDS_MAX_BYTES = 4 << 20  # an ipStatus file larger than this is cut
 ERROR_MEANINGS = {
     "127.255.255.252": "the zone name is mistyped",
     "127.255.255.254": "the query came through a public or open resolver",
@@ -214,16 +230,76 @@ async def check(config: Config, name: str | None = None) -> list[Result]:
         async with gate:
             return await check_one(resolver, relay, ip, zone)
 
-    return list(await asyncio.gather(*(one(relay, ip, zone)
-                                       for relay, ip in watched(config, name)
-                                       for zone in config.reputation.zones)))
+    pairs = watched(config, name)
+    results = list(await asyncio.gather(*(one(relay, ip, zone) for relay, ip in pairs
+                                          for zone in config.reputation.zones)))
+    if config.reputation.snds_url:
+        results += await asyncio.to_thread(snds_results, config.reputation.snds_url, pairs)
+    return results
+
+
+def watching(config: Config) -> bool:
+    """Whether there is anything to watch: a zone or SNDS, and a relay with a public_ip."""
+    return bool(config.reputation.zones or config.reputation.snds_url) and bool(
+        watched(config))
+
+
+def snds_ranges(text: str) -> list[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, str,
+                                         str]]:
+    """The rows of SNDS's ipStatus file: (first ip, last ip, blocked, details).
+
+    One range a line, ``first,last,blocked,details`` (no header); lines that do not
+    start with two IPv4 addresses are skipped.
+    """
+    rows = []
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2:
+            continue
+        try:
+            first, last = ipaddress.IPv4Address(row[0].strip()), ipaddress.IPv4Address(
+                row[1].strip())
+        except ValueError:
+            continue
+        rows.append((first, last, row[2].strip() if len(row) > 2 else "",
+                     row[3].strip() if len(row) > 3 else ""))
+    return rows
+
+
+def snds_results(url: str, pairs: list[tuple[str, str]]) -> list[Result]:
+    """Each IPv4 relay against SNDS's blocked ranges (blocking I/O: run it in a thread).
+
+    A relay inside a range whose blocked column is not "No" is listed (code: that
+    column, reason: the details); outside every range it is clean; a fetch that fails
+    makes every relay unknown.  SNDS has no IPv6 data: IPv6 relays get no result.
+    """
+    pairs = [(relay, ip) for relay, ip in pairs if ipaddress.ip_address(ip).version == 4]
+    if not pairs:
+        return []
+    try:
+        with urllib.request.urlopen(url, timeout=SNDS_TIMEOUT) as response:  # noqa: S310
+            rows = snds_ranges(response.read(SNDS_MAX_BYTES).decode("utf-8", "replace"))
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        why = (f"the SNDS ipStatus file could not be fetched ({exc}); never a listing; "
+               "check reputation.snds_url and that automated access is enabled")
+        return [Result(relay, ip, SNDS, UNKNOWN, text=why) for relay, ip in pairs]
+    results = []
+    for relay, ip in pairs:
+        address = ipaddress.IPv4Address(ip)
+        hits = [r for r in rows if r[0] <= address <= r[1] and r[2].lower() != "no"]
+        if hits:
+            results.append(Result(relay, ip, SNDS, LISTED, (hits[0][2] or "blocked",),
+                                  _printable(hits[0][3])))
+        else:
+            results.append(Result(relay, ip, SNDS, CLEAN))
+    return results
 
 
 def check_text(config: Config, state: State, name: str | None = None) -> str:
     """``relay check [NAME]``: ask now and say what each zone answered (reports only)."""
-    if not config.reputation.zones:
-        return ("no reputation.zones configured: nothing to check (see REPUTATION WATCH in "
-                "sendmail-shim(8) for zones and their usage terms)\n")
+    if not (config.reputation.zones or config.reputation.snds_url):
+        return ("no reputation.zones (nor reputation.snds_url) configured: nothing to check "
+                "(see REPUTATION WATCH in sendmail-shim.yaml(5) for zones and their usage "
+                "terms)\n")
     pairs = watched(config, name)
     if not pairs:
         return "no relay has a public_ip: set relays[].public_ip to watch it\n"
@@ -262,7 +338,7 @@ class Watch:
     async def run(self) -> None:
         while not self._stopping:
             config = self._config()
-            if config.reputation.zones and watched(config):
+            if watching(config):
                 try:
                     results = await check(config)
                     if self._stopping:

@@ -3,13 +3,16 @@
 Lookups go to a real DNS server on loopback in this process (tests/dnsserver.py, as
 test_delivery_route.py does); timeouts are names the server never answers, with a
 resolver timeout of a fraction of a second.  The watch's actions use a real State and
-spool in tmp_path (notices are queued there; nothing is sent).
+spool in tmp_path (notices are queued there; nothing is sent).  SNDS's ipStatus file
+comes from an HTTP server on loopback in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -295,3 +298,65 @@ def test_the_watch_runs_at_start_and_stops_at_once(make_config: MakeConfig,
 
     asyncio.run(scenario())
     assert len(notices(config)) == 1
+
+
+# -- Microsoft SNDS (a loopback HTTP server serves the ipStatus file) ---------------------
+SNDS_FILE = ("192.0.2.96,192.0.2.103,Yes,Blocked due to user complaints or other evidence "
+             "of spamming\r\n192.0.2.1,192.0.2.1,No,Not blocked\r\nnot,a row\r\n")
+
+
+class SndsHandler(http.server.BaseHTTPRequestHandler):
+    body = SNDS_FILE
+    status = 200
+    seen: list[str] = []  # noqa: RUF012 -- the paths asked, for the test
+
+    def do_GET(self) -> None:
+        self.seen.append(self.path)
+        data = self.body.encode()
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def snds() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SndsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    SndsHandler.status, SndsHandler.seen = 200, []
+    yield f"http://127.0.0.1:{server.server_address[1]}/snds/ipStatus.aspx?key=k-1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_snds_rows() -> None:
+    rows = reputation.snds_ranges(SNDS_FILE)
+    assert [(str(a), str(b), c) for a, b, c, _d in rows] == [
+        ("192.0.2.96", "192.0.2.103", "Yes"), ("192.0.2.1", "192.0.2.1", "No")]
+
+
+def test_snds_is_a_second_signal(make_config: MakeConfig, dns_server: DnsServer,
+                                 snds: str) -> None:
+    config = watch_config(make_config, dns_server, ["bl.test"], snds_url=snds)
+    found = results_of(config)
+    listed = found[("127.0.0.1:2525", "snds")]
+    assert (listed.status, listed.codes) == (LISTED, ("Yes",))
+    assert listed.text.startswith("Blocked due to user complaints")
+    assert found[("127.0.0.1:2526", "snds")].status == CLEAN  # "No" is no block
+    assert found[("127.0.0.1:2525", "bl.test")].status == LISTED  # the zones still count
+    assert SndsHandler.seen == ["/snds/ipStatus.aspx?key=k-1"]
+    SndsHandler.status = 403
+    failed = results_of(config)[("127.0.0.1:2525", "snds")]
+    assert failed.status == UNKNOWN and "HTTP Error 403" in failed.text
+    assert "k-1" not in failed.text  # the key stays out of logs and notices
+
+
+def test_snds_has_no_ipv6_and_the_url_is_checked(make_config: MakeConfig, snds: str) -> None:
+    assert reputation.snds_results(snds, [("r:25", V6_IP)]) == []
+    with pytest.raises(ConfigError, match="expected an https:// URL"):
+        make_config(reputation={"snds_url": "http://snds.example/ipStatus.aspx?key=1"})
+    assert make_config(reputation={"snds_url": "https://x.example/i?key=1"}).reputation.snds_url
