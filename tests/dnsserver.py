@@ -7,6 +7,7 @@ names not in the zone answer NXDOMAIN with an SOA in the authority section.
 "servfail" | "refused" | "timeout"}`` (real nameservers that answer A and
 fail AAAA).
 Counts queries per name so tests can see the cache at work.
+``serving(records)`` runs one on a free port for the length of a ``with`` block.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import socket
 import socketserver
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dns.message
 import dns.name
@@ -116,3 +119,14 @@ def free_udp_tcp_port() -> int:
                 except OSError:
                     continue
                 return port
+
+
+@contextmanager
+def serving(records: dict[tuple[str, str], list[str]], ttl: int = 300) -> Iterator[DnsServer]:
+    """A server of ``records`` on a free loopback port, stopped at the end of the block."""
+    server = DnsServer(Zone(records, ttl), free_udp_tcp_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -306,7 +306,7 @@ def quota_reset(config_path: str | None, name: str) -> None:
 
 @cli.group()
 def relay() -> None:
-    """Relays: list their pools and states, burn one (standby takes over), restore it."""
+    """Relays: pools and states, burn one (standby takes over), restore, check blocklists."""
 
 
 @relay.command("list")
@@ -410,6 +410,14 @@ def _pool_target(config: Config, site_name: str | None, score: float | None) -> 
     through = ", ".join(f"{r.ident} ({r.label})" for r in active) or \
         "no active relay: the mail waits in the queue"
     return f"pool {pool}: {through}\n  pool    {why}"
+
+
+@relay.command("check")
+@config_option
+@click.argument("name", required=False)
+def relay_check(config_path: str | None, name: str | None) -> None:
+    """Look up each relay's public_ip (or NAME's) in reputation.zones now and report."""
+    operate(config_path, "relay-check", relay=name)
 
 
 @cli.group("dns")

@@ -27,11 +27,15 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("RETRY", model.RetryPolicy),
     ("SITES", model.Site), ("QUOTA", model.Quota), ("OUTBREAK", model.OutbreakRules),
     ("RELAY LOGIN", model.RelayLogin), ("ADMIN", model.Admin), ("FIREWALL", model.Firewall),
+    ("REPUTATION", model.Reputation), ("REPUTATION ZONES", model.Zone),
 )
 INTROS = {
     "POOLS": "Each entry of pools; without pools, every relay is in the pool default.",
     "SITES": "Each entry of sites; default_site takes the same keys but uids.",
     "QUOTA": "The keys of quota, default_quota and accounts.USER.quota; null is unlimited.",
+    "REPUTATION ZONES": "Each entry of reputation.zones.  The defaults ship none; see "
+                        "REPUTATION WATCH below for what the answers mean and for "
+                        "well-known zones and their usage terms.",
     "OUTBREAK": "A rule that trips suspends the site: its new mail is refused, its queued "
                 "mail is held, and admin.notify is told.",
 }

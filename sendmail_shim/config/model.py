@@ -18,11 +18,13 @@ import math
 import os
 import re
 import socket
+import urllib.parse
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from sendmail_shim.config import schema
 from sendmail_shim.config.schema import (
+    Checked,
     Choice,
     Deferred,
     Domain,
@@ -117,6 +119,10 @@ class Relay:
     standby: bool = key(False, kind=Flag(),
                         doc="a cold standby: never contacted while its pool has an active "
                             "relay; promoted one for one when a relay of its pool is burned")
+    public_ip: str | None = key(None, kind=Optional(IPAddress()),
+                                doc="the address receivers see this relay's mail come from "
+                                    "(IPv4 or IPv6): the reputation watch looks it up in "
+                                    "reputation.zones", default_text="not watched")
 
     @property
     def label(self) -> str:
@@ -145,6 +151,74 @@ class Pool:
         """True when ``score`` lies in [min_score, max_score)."""
         return ((self.min_score is None or score >= self.min_score)
                 and (self.max_score is None or score < self.max_score))
+
+
+_ZONE_NAME = re.compile(r"^(?=.{1,200}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)+"
+                        r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_ZONE_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Zone:
+    """One DNS blocklist the relays' public_ip is looked up in (the reputation watch)."""
+
+    zone: str = key(kind=Checked(lambda t: bool(_ZONE_NAME.match(t.lower().rstrip("."))),
+                                 "expected a DNS zone like bl.spamcop.net, got {text!r}",
+                                 "a DNS zone name"),
+                    required=True, doc="the zone, such as bl.spamcop.net or zen.dq.spamhaus.net")
+    access_key: str | None = key(
+        None, kind=Optional(Checked(lambda t: bool(_ZONE_WORD.match(t)),
+                                    "expected letters and digits, got {text!r}", "an access key")),
+        name="key", doc="an access key placed before the zone, as Spamhaus DQS wants: "
+                        "<reversed ip>.<key>.zen.dq.spamhaus.net; keep the file unreadable to "
+                        "sites", default_text="none")
+    label: str | None = key(None, kind=Optional(Checked(
+        lambda t: bool(_ZONE_WORD.match(t)), "expected letters, digits, '.', '-' or '_', got "
+        "{text!r}", "a short name")), doc="the zone's name in logs, notices and metrics",
+        default_text="the zone")
+
+    @property
+    def name(self) -> str:
+        """What logs, notices and metrics call this zone (never the access key)."""
+        return self.label or self.zone.lower().rstrip(".")
+
+    @property
+    def query_suffix(self) -> str:
+        """The name queried under the reversed address (with the key when there is one)."""
+        zone = self.zone.lower().rstrip(".")
+        return f"{self.access_key}.{zone}" if self.access_key else zone
+
+
+def _secure_url(text: str) -> bool:
+    """https://, or http:// to a loopback host (a URL that carries a key)."""
+    if text.startswith("https://"):
+        return True
+    host = urllib.parse.urlsplit(text).hostname if text.startswith("http://") else None
+    return host is not None and schema.is_loopback(host)
+
+
+@dataclass(frozen=True)
+class Reputation:
+    """The reputation watch: the relays' public_ip looked up in DNS blocklists."""
+
+    zones: tuple[Zone, ...] = key(
+        (), kind=Section(Zone, "REPUTATION ZONES", many=True,
+                         error="expected a list of zones, each {zone: NAME}"),
+        doc="the blocklists to look in; without any the watch is off",
+        default_text="none")
+    interval: float = key(3600.0, kind=Duration(floor=1.0),
+                          doc="how often the daemon looks (and once at start); public zones "
+                              "limit how often one may ask")
+    snds_url: str | None = key(
+        None, kind=Optional(Checked(_secure_url, "expected an https:// URL (http:// only to "
+                                                 "loopback), got {text!r}", "an https:// URL"),
+                            falsy=True),
+        doc="Microsoft SNDS automated access: the ipStatus URL with your key "
+            "(https://sendersupport.olc.protection.outlook.com/snds/ipStatus.aspx?key=...); "
+            "its blocked IPv4 ranges are a second signal, zone snds", default_text="none")
+    auto_burn: bool = key(False, kind=Flag(),
+                          doc="true: a new listing also burns the relay (a standby takes "
+                              "over); it is never restored by itself: relay restore")
 
 
 @dataclass(frozen=True)
@@ -411,6 +485,9 @@ class Config:
                                   doc="how long a lookup may take")
     firewall: Firewall = key(Firewall(), kind=Section(Firewall, "FIREWALL"),
                              doc="who may send out on port 25, 465 and 587")
+    reputation: Reputation = key(Reputation(), kind=Section(Reputation, "REPUTATION"),
+                                 doc="the DNS blocklists the relays' public_ip is watched in "
+                                     "(the resolver is resolver.*)")
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -473,3 +550,5 @@ RESOLVER_KEYS = tuple(k.name.split(".")[1] for _, k in keys_of(Config)
                       if k.name.startswith("resolver."))
 LOGIN_KEYS = top_names(RelayLogin)
 POOL_KEYS = top_names(Pool)
+REPUTATION_KEYS = top_names(Reputation)
+ZONE_KEYS = top_names(Zone)

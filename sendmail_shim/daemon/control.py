@@ -13,7 +13,9 @@ returns it piece by piece (streamed, never whole in memory).
 
 Actions (``perform``): site-list, site-show, site-suspend, site-resume,
 quota-show, quota-set, quota-reset, top, queue-list, queue-show, queue-hold,
-queue-release, queue-delete, relay-list, relay-burn, relay-restore.
+queue-release, queue-delete, relay-list, relay-burn, relay-restore, relay-check
+(``delivery.reputation``: asks the DNS blocklists now and reports; it sends no
+notice and burns nothing).
 
 ``relay-list`` shows each relay's state from the state backend and, given the
 running daemon's :class:`~sendmail_shim.policy.relays.RelayStats`, its last
@@ -31,6 +33,7 @@ from typing import Any
 
 from sendmail_shim.config import QUOTA_KEYS, Config
 from sendmail_shim.daemon import listing
+from sendmail_shim.delivery import reputation
 from sendmail_shim.policy import quota, relays
 from sendmail_shim.policy.sanctions import (
     OperationError,
@@ -266,6 +269,11 @@ def relay_list(config: Config, state: State, args: Args,
     return "\n".join(out) + "\n"
 
 
+def relay_check(config: Config, state: State, args: Args) -> str:
+    """``relay check [NAME]``: what each zone says of each relay's public_ip, now."""
+    return reputation.check_text(config, state, _first(args, "relay"))
+
+
 def perform(config: Config, state: State, action: str, args: Args,
             actor: str, stats: relays.RelayStats | None = None) -> str | Iterator[str]:
     """Run one action; the operator's text.  Raises OperationError.
@@ -306,7 +314,8 @@ def perform(config: Config, state: State, action: str, args: Args,
         return relay_list(config, state, args, stats)
     readers: dict[str, Callable[[Config, State, Args], str | Iterator[str]]] = {
         "site-list": site_list, "site-show": site_show, "quota-show": quota_show,
-        "top": top, "queue-list": queue_list, "queue-show": queue_show}
+        "top": top, "queue-list": queue_list, "queue-show": queue_show,
+        "relay-check": relay_check}
     if action in readers:
         return readers[action](config, state, args)
     if action == "quota-set":

@@ -2,7 +2,8 @@
 
 What runs inside: the hand-off socket (``submission``), the control socket
 (``control_server``), the capture listener (``capture``), the pickup scan of
-drop files (``pickup``) and the queue runner (``delivery.runner``).
+drop files (``pickup``), the queue runner (``delivery.runner``) and the
+reputation watch of the relays (``delivery.reputation``).
 
 Trusts: its configuration (checked whole by ``config``) and the kernel; it
 reads nothing from callers itself.
@@ -26,10 +27,11 @@ daemon serves it instead of binding the path, and leaves it in place on exit.
 
 Shutdown (SIGTERM, SIGINT), in this order: stop accepting; let in-flight
 submissions finish (30 s, then they are cancelled); tell the pickup scan
-(between two drop files) and the queue runner (between two messages) to
-stop, and wait for them (STOP_TIMEOUT, then they are cancelled); join every
-worker thread of the loop's executor, since cancelling a task that awaits
-``asyncio.to_thread`` does not stop the thread; only then close the state
+(between two drop files), the queue runner (between two messages) and the
+reputation watch (after its lookups in flight) to stop, and wait for them
+(STOP_TIMEOUT, then they are cancelled); join every worker thread of the
+loop's executor, since cancelling a task that awaits ``asyncio.to_thread``
+does not stop the thread; only then close the state
 (SQLite) and release the lock.  So no thread ever uses a closed database, a
 drop file is never left both queued and in ``maildrop/``, and a message
 accepted by the relay is recorded before the daemon exits.  The signal
@@ -57,6 +59,7 @@ from sendmail_shim.daemon.control_server import ControlServer
 from sendmail_shim.daemon.logsetup import metrics_enabled
 from sendmail_shim.daemon.sockets import raise_fd_limit
 from sendmail_shim.daemon.submission import SubmissionServer
+from sendmail_shim.delivery.reputation import Watch
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import settle_submissions, storage_trouble
 from sendmail_shim.store import spool
@@ -83,6 +86,7 @@ class Daemon:
         self.config = config
         self.state: State | None = None
         self.runner: QueueRunner | None = None
+        self.watch: Watch | None = None  # the reputation watch (delivery/reputation.py)
         self.unavailable: str | None = None  # why submissions are refused (state not open)
         self.pickup_wake = asyncio.Event()
         self.submission = SubmissionServer(self)
@@ -93,6 +97,7 @@ class Daemon:
         self._halt = threading.Event()  # seen by worker threads: stop between two items
         self._pickup = pickup.Pickup(self._halt)
         self._lock: filelock.BaseFileLock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by serve()
 
     # -- start and stop -------------------------------------------------------
     def _take_lock(self) -> None:
@@ -107,7 +112,7 @@ class Daemon:
 
     async def serve(self) -> None:
         layout = self.config.layout
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         spool.prepare_spool(layout)
@@ -177,6 +182,8 @@ class Daemon:
         self.pickup_wake.set()
         if self.runner is not None:
             self.runner.stop()
+        if self.watch is not None:
+            self.watch.stop()
         _done, late = await asyncio.wait(background, timeout=STOP_TIMEOUT)
         for task in late:
             log.warning("stopping: %s did not finish within %gs; cancelled", task.get_name(),
@@ -203,6 +210,13 @@ class Daemon:
             return False
         self.state = state
         self.runner = QueueRunner(self.config, state)
+        loop, runner = self._loop, self.runner  # may run in a worker thread (a retry)
+        assert loop is not None, "serve() sets the loop before opening the state"
+
+        def burned(pool: str) -> None:  # an auto-burn: retry the pool's mail there now
+            loop.call_soon_threadsafe(lambda: runner.poke(force=True, pool=pool))
+
+        self.watch = Watch(lambda: self.config, state, burned)
         if self.unavailable is not None:
             log.info("state database open again: accepting mail")
         self.unavailable = None
@@ -221,7 +235,9 @@ class Daemon:
             self._captures = await start_capture(self.config, self._state(),
                                                  self.config.firewall.capture_port,
                                                  self._capture_handlers)
-        await asyncio.gather(self._runner().run_forever(), self._pickup_forever())
+        assert self.watch is not None, "_open_state creates the watch"
+        await asyncio.gather(self._runner().run_forever(), self._pickup_forever(),
+                             self.watch.run())
 
     async def _pickup_forever(self) -> None:
         while not self._halt.is_set():
@@ -258,6 +274,8 @@ class Daemon:
             self.runner.reconfigure(new)
         for handler in self._capture_handlers:
             handler.config = new
+        if self.watch is not None:
+            self.watch.poke()  # the zones or relays may have changed
         log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
                  ",".join(r.label for r in new.relays) or "none")
 

@@ -8,7 +8,9 @@ Three parts, each cheap and off the message path:
   its log line is written, so metrics and logs never disagree and intake,
   delivery and policy make no metric calls.  Durations come from ``ms=``
   fields: ``accepted`` (the daemon's accept→250 time), ``relay_connected``
-  and ``relay_transaction`` (debug lines of ``delivery/relay.py``).
+  and ``relay_transaction`` (debug lines of ``delivery/relay.py``).  The
+  reputation watch's gauges (listed, known; per relay and zone) are set by its
+  ``reputation_checked`` debug lines the same way.
 - :class:`QueueCollector` is evaluated at scrape time: the queue size by state
   and the oldest message's age come from one listing per queue directory
   (the queue id starts with its arrival time in milliseconds, so the oldest is
@@ -56,6 +58,7 @@ from socketserver import BaseServer
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -168,6 +171,13 @@ class EventMetrics(logging.Handler):
                                ["kind"], registry=registry)
         self.errors = Counter(f"{p}_errors", "Trouble that needs the operator, by event",
                               ["event"], registry=registry)
+        self.listed = Gauge(f"{p}_relay_listed", "1 while the relay's public_ip is listed in "
+                            "the DNS blocklist zone (the reputation watch's last answer)",
+                            ["relay", "zone"], registry=registry)
+        self.reputation_known = Gauge(
+            f"{p}_relay_reputation_known", "1 when the zone's last answer about the relay "
+            "was a listing or clean, 0 when unknown (timeout, refused query, bad resolver)",
+            ["relay", "zone"], registry=registry)
         self._site_lock = threading.Lock()
         self.site_counts: dict[tuple[str, str], int] = {}
         self.site_volume: dict[str, int] = {}
@@ -240,12 +250,22 @@ class EventMetrics(logging.Handler):
             self.busy.inc()
         elif name in ("bounce_queued", "notice_queued"):
             self.notices.labels(name.split("_")[0]).inc()
+        elif name == "reputation_checked":
+            self._reputation(event)
         elif name in ("pickup_retry", "dropped"):
             self.pickups.labels("retry" if name == "pickup_retry" else "refused").inc()
         if name in ERROR_EVENTS and level in ("warning", "error", "critical"):
             self.errors.labels(name).inc()
             if name == "corrupt" and "drop_file" in event.fields:
                 self.pickups.labels("corrupt").inc()
+
+    def _reputation(self, event: Event) -> None:
+        """A ``reputation_checked`` line: an unknown answer keeps the listing gauge as it was."""
+        labels = (event.get("relay"), event.get("zone"))
+        result = event.get("result")
+        self.reputation_known.labels(*labels).set(0.0 if result == "unknown" else 1.0)
+        if result in ("listed", "clean"):
+            self.listed.labels(*labels).set(1.0 if result == "listed" else 0.0)
 
     def site_snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
         with self._site_lock:

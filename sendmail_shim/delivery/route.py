@@ -88,16 +88,21 @@ def machine_addresses() -> set[str]:
     return found
 
 
+def resolver_of(config: Config) -> dns.asyncresolver.Resolver:
+    """The resolver of ``resolver.*`` (the system's when no nameservers are named)."""
+    resolver = dns.asyncresolver.Resolver(configure=not config.resolver_nameservers)
+    if config.resolver_nameservers:
+        resolver.nameservers = list(config.resolver_nameservers)
+    resolver.port = config.resolver_port
+    resolver.timeout = config.resolver_timeout
+    resolver.lifetime = config.resolver_timeout
+    return resolver
+
+
 class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
-        resolver = dns.asyncresolver.Resolver(configure=not config.resolver_nameservers)
-        if config.resolver_nameservers:
-            resolver.nameservers = list(config.resolver_nameservers)
-        resolver.port = config.resolver_port
-        resolver.timeout = config.resolver_timeout
-        resolver.lifetime = config.resolver_timeout
-        self.resolver = resolver
+        self.resolver = resolver_of(config)
         self.local_names = {normalize_domain(n) for n in (*config.local_mx, config.hostname)}
         self.local_addrs = machine_addresses() | set(config.local_addresses)
         self._cache: dict[str, tuple[float, Route]] = {}
