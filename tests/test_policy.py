@@ -247,6 +247,21 @@ class TestAdminCommand:
         assert send(shim, "shimsite1").returncode == 0
         assert "/5" in shim.admin("quota", "show", "site1.test").stdout.decode()
 
+    def test_a_notice_queued_while_the_daemon_is_stopped_is_sent(
+            self, system: tuple[Shim, Relay]) -> None:
+        """Root's admin command queues the notice; the daemon's user must own and send it."""
+        shim, relay = system
+        shim.stop()
+        assert shim.admin("site", "suspend", "site1.test", "--reason", "test").returncode == 0
+        incoming = os.path.join(shim.spool, "incoming")
+        daemon_uid = os.stat(shim.spool).st_uid
+        assert os.listdir(incoming)
+        assert {os.stat(os.path.join(incoming, n)).st_uid for n in os.listdir(incoming)} \
+            == {daemon_uid}
+        shim.start()
+        [(meta, body)] = relay.wait(1)
+        assert meta["login"] == Shim.ADMIN_LOGIN and b"site1.test suspended" in body
+
 
 class TestTwoUsers:
     """Site A cannot act as site B, nor reach what only the daemon and root may."""

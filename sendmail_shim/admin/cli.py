@@ -68,7 +68,9 @@ def _fix_ownership(config: Config) -> None:
     if os.geteuid() != 0:
         return
     owner = os.stat(config.spool)
-    for directory in (config.layout.status, state_dir(config.layout)):
+    # status/ and state/: what the action wrote; incoming/: a notice it queued (notify).
+    for directory in (config.layout.status, state_dir(config.layout),
+                      config.layout.state_dir("incoming")):
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
             if os.lstat(path).st_uid != owner.st_uid:
