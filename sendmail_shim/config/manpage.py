@@ -26,10 +26,13 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("TOP-LEVEL KEYS", model.Config), ("RELAYS", model.Relay), ("RETRY", model.RetryPolicy),
     ("SITES", model.Site), ("QUOTA", model.Quota), ("OUTBREAK", model.OutbreakRules),
     ("RELAY LOGIN", model.RelayLogin), ("ADMIN", model.Admin), ("FIREWALL", model.Firewall),
+    ("SCAN", model.Scan),
 )
 INTROS = {
     "SITES": "Each entry of sites; default_site takes the same keys but uids.",
     "QUOTA": "The keys of quota, default_quota and accounts.USER.quota; null is unlimited.",
+    "SCAN": "The keys of scan: each message is scored by spamd after it is queued, before "
+            "its first delivery attempt (the hand-off never waits for it).",
     "OUTBREAK": "A rule that trips suspends the site: its new mail is refused, its queued "
                 "mail is held, and admin.notify is told.",
 }

@@ -51,6 +51,7 @@ LOG_TARGETS = ("stderr", "syslog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 ROUTES = ("local", "remote", "auto")
+SCAN_FAILURE = ("defer", "deliver")
 ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 _COUNT = Optional(Whole(1))  # a rule's threshold; null disables the rule
@@ -67,6 +68,9 @@ GROUP_DOCS = {
     "new_script": "a script first seen within the window sent that many messages; "
                   "without count: off",
     "capture": "redirect site uids' port 25 to the daemon",
+    "spam_score": "the site's mean content score (scan:, each score counted from 0 up to 20) "
+                  "over the window reached this, once enough messages were scanned; "
+                  "without mean: off",
 }
 
 
@@ -153,6 +157,14 @@ class OutbreakRules:
     new_script_count: int | None = key(50, kind=_COUNT, name="new_script.count",
                                        doc="how many messages")
     new_script_window: float = key(3600.0, kind=Duration(), name="new_script.window",
+                                   doc="within this window")
+    spam_score_mean: float | None = key(
+        5.0, kind=Optional(Fraction(lambda x: 0 < x <= 20, "0 < mean <= 20",
+                                    "a number above 0, at most 20")),
+        name="spam_score.mean", doc="the mean score")
+    spam_score_min_messages: int = key(10, kind=Whole(1), name="spam_score.min_messages",
+                                       doc="once this many messages were scanned")
+    spam_score_window: float = key(3600.0, kind=Duration(), name="spam_score.window",
                                    doc="within this window")
 
 
@@ -284,6 +296,37 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Scan:
+    """Content scoring with SpamAssassin's spamd, after the durable commit (delivery/scan.py)."""
+
+    enabled: bool = key(False, kind=Flag(),
+                        doc="score each message with spamd before its first delivery attempt")
+    host: str = key("127.0.0.1", kind=Text(), doc="spamd's address (spamc -d)")
+    port: int = key(783, kind=Whole(1, 65535), doc="spamd's port (spamc -p)")
+    socket: str | None = key(None, kind=Optional(schema.absolute_path(), falsy=True),
+                             doc="spamd's Unix socket instead of host and port (spamc -U)",
+                             default_text="none")
+    spamc: str = key("/usr/bin/spamc", kind=schema.absolute_path(),
+                     doc="the spamc program (Debian package spamc)")
+    timeout: float = key(30.0, kind=Duration(floor=1.0),
+                         doc="how long one scan may take (spamc -t); longer is a failure")
+    max_score: float = key(5.0, kind=Fraction(lambda x: True, "a number", "a number"),
+                           doc="a message scoring above this is held for the operator and "
+                               "admin.notify is told")
+    max_size: int = key(512000, kind=Whole(1, 256 * 1024 * 1024),
+                        doc="larger messages are not scanned and go on unscored (spamc -s)")
+    on_failure: str = key("defer", kind=Choice(SCAN_FAILURE),
+                          doc="when spamd is down or slow: defer (retried with the queue's "
+                              "backoff) or deliver unscored to unscored_pool")
+    unscored_pool: str | None = key(None, kind=Optional(Text(), falsy=True),
+                                    doc="the relay pool of mail delivered unscored",
+                                    default_text="the default relays")
+    notify_every: float = key(3600.0, kind=Duration(),
+                              doc="at most one admin.notify notice per site in this time for "
+                                  "held mail; the others are logged")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration (``path``: the file it came from, None for defaults)."""
 
@@ -369,6 +412,8 @@ class Config:
                                   doc="how long a lookup may take")
     firewall: Firewall = key(Firewall(), kind=Section(Firewall, "FIREWALL"),
                              doc="who may send out on port 25, 465 and 587")
+    scan: Scan = key(Scan(), kind=Section(Scan, "SCAN"),
+                     doc="content scoring with spamd (off by default)")
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -430,3 +475,4 @@ FIREWALL_KEYS = top_names(Firewall)
 RESOLVER_KEYS = tuple(k.name.split(".")[1] for _, k in keys_of(Config)
                       if k.name.startswith("resolver."))
 LOGIN_KEYS = top_names(RelayLogin)
+SCAN_KEYS = top_names(Scan)

@@ -79,6 +79,7 @@ from sendmail_shim.delivery import bounce
 from sendmail_shim.delivery.local import Session, open_local_session
 from sendmail_shim.delivery.relay import RelaysUnavailable, SessionBroken, open_session
 from sendmail_shim.delivery.route import FAIL, LOCAL, REMOTE, Router
+from sendmail_shim.delivery.scan import Scanner
 from sendmail_shim.policy import outbreak
 from sendmail_shim.policy.sanctions import suspend_site
 from sendmail_shim.store import spool
@@ -247,6 +248,7 @@ class QueueRunner:
         self.state = state
         # DNS routing matters only where there is somewhere local to deliver to.
         self.router = Router(config) if config.local_transport is not None else None
+        self.scanner = Scanner(config, state)  # content scoring (scan.py), if scan.enabled
         self.wake = asyncio.Event()
         self._poked = asyncio.Event()  # an arrival during a run: look at incoming/ again
         self._force = False
@@ -271,6 +273,7 @@ class QueueRunner:
         """A reloaded configuration: new sites, relays and routing from the next run on."""
         self.config = config
         self.router = Router(config) if config.local_transport is not None else None
+        self.scanner.reconfigure(config)
 
     def poke(self, force: bool = False) -> None:
         """Run soon; ``force`` also retries deferred mail before its time (flush)."""
@@ -578,6 +581,12 @@ class QueueRunner:
         except (OSError, ValueError) as exc:  # also a status that cannot be read as a file
             self._corrupt(queue_id, state, str(exc))
             return
+        if self.config.scan.enabled:  # content score first (scan.py): hold, defer or go on
+            verdict = await self.scanner.check(site, state, queue_id, env, message, status)
+            if verdict.trouble is not None:
+                await self._record(state, queue_id, (env, message), {}, verdict.trouble, status)
+            if not verdict.deliver:
+                return
         pending = [r for r in env.recipients if r not in status.done and r not in status.failed]
         results, to_relay, to_local = await self._route(pending)
         results.update(await relay.send(env, message, to_relay))
