@@ -155,7 +155,7 @@ def queue() -> None:
 @json_option
 @site_option
 def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None:
-    """List queued messages: id, size, age, site, sender, recipients, last error."""
+    """List queued messages: id, size, age, site, sender, recipients, last error, score."""
     operate(config_path, "queue-list", json=as_json, site=site)
 
 
@@ -163,7 +163,7 @@ def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None
 @config_option
 @click.argument("queue_id")
 def queue_show(config_path: str | None, queue_id: str) -> None:
-    """One message: envelope, delivery state and headers."""
+    """One message: envelope, delivery state, content score and headers."""
     operate(config_path, "queue-show", id=[queue_id])
 
 
