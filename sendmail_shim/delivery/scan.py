@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -234,16 +235,25 @@ class Scanner:
 
     def _settle(self, site: Site, state: str, queue_id: str, env: Envelope,
                 status: spool.Status, action: str) -> None:
-        """Count the score for the spam_score rule; hold and notify (in a thread)."""
+        """Hold and notify; count the score for the spam_score rule (in a thread).
+
+        The hold comes first: a state database that cannot be written (full
+        disk) skips the rule, logged, and never lets a held message go out.
+        """
         assert status.score is not None
-        now = time.time()
-        self.state.record(site.name, env.uid, outbreak.SCANNED,
-                          n=outbreak.score_weight(status.score), ts=now)
         if action == "hold":
             self._hold(site, state, queue_id, env, status)
-        rule = outbreak.after_scan(self.state, site, now)
-        if rule is not None and self.state.suspension(site.name) is None:
-            suspend_site(self.config, self.state, site.name, rule, "outbreak rule")
+        now = time.time()
+        try:
+            self.state.record(site.name, env.uid, outbreak.SCANNED,
+                              n=outbreak.score_weight(status.score), ts=now)
+            rule = outbreak.after_scan(self.state, site, now)
+            if rule is not None and self.state.suspension(site.name) is None:
+                suspend_site(self.config, self.state, site.name, rule, "outbreak rule")
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("outbreak_rules_skipped queue_id=%s site=%s reason=%r action='the "
+                        "state database cannot be written; free space on the spool disk'",
+                        queue_id, printable(site.name), str(exc))
 
     def _hold(self, site: Site, state: str, queue_id: str, env: Envelope,
               status: spool.Status) -> None:
@@ -252,7 +262,15 @@ class Scanner:
                   f"{scan.max_score:g}: held for the operator")
         if not hold_message(self.config, queue_id, state, status, site.name, reason, "scan"):
             return
-        name = site.name
+        try:
+            self._notify(site, queue_id, env, status)
+        except (sqlite3.Error, OSError) as exc:  # the hold stands; the log line tells
+            log.warning("notice_failed queue_id=%s site=%s reason=%r action='the message is "
+                        "held; free space on the spool disk'", queue_id, printable(site.name),
+                        str(exc))
+
+    def _notify(self, site: Site, queue_id: str, env: Envelope, status: spool.Status) -> None:
+        scan, name = self.config.scan, site.name
         notify_admin_limited(
             self.config, self.state, name, "scan_hold", scan.notify_every,
             f"site {name}: message {queue_id} held (spam score {status.score:.1f})", (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from typing import Any
 
 import pytest
@@ -145,6 +146,20 @@ class TestCheck:
         assert f"message {first.queue_id} held (spam score 1003.3)".encode() in notice
         assert f"queue release {first.queue_id}".encode() in notice
         assert SITE1.encode() in notice
+
+    def test_a_failing_state_database_never_lets_a_held_message_go(
+            self, config: Config, state: State, queue_message: QueueMessage,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        env = queue_message()
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(state, "record", full)
+        monkeypatch.setattr(state, "count", full)
+        verdict, _ = check(FakeScanner(config, state, [30.0]), config, env.queue_id)
+        assert verdict == scan.HELD
+        assert spool.queue_ids(config.layout, spool.HOLD) == [env.queue_id]
 
     def test_released_message_is_not_scanned_again(
             self, config: Config, state: State, queue_message: QueueMessage) -> None:
