@@ -47,6 +47,9 @@ Guarantees:
   login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
   DNS trouble defers.  Without a local transport there is nowhere local to
   deliver, so everything goes to the relay and no DNS is asked;
+* with ``scan.enabled``, a message is scored by spamd before its first attempt
+  (scan.py): held above the maximum, deferred or sent unscored when spamd is
+  down (``scan.on_failure``), never scored twice;
 * one message's failure is that message's alone: any exception while reading,
   routing, sending or recording one message is caught, the message is deferred
   with ``last_error`` naming the exception (and logged with its queue id, site

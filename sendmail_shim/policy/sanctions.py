@@ -10,7 +10,10 @@ Guarantees: queue ids are validated before use; a missing site or message is an
 :class:`OperationError` naming it, never a crash; a message delivered or moved
 meanwhile is skipped, not an error; suspending a site holds its queued mail and
 queues one notice to ``admin.notify`` listing the site's scripts of the last
-hour and what to do next.
+hour and what to do next; :func:`hold_message` holds one message with its
+reason (the content scanner's hold); :func:`notify_admin_limited` sends at most
+one notice per site and topic in a period, counted in the state so the limit
+survives restarts.
 """
 
 from __future__ import annotations
