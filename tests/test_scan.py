@@ -196,3 +196,25 @@ def test_spam_score_rule_suspends_the_site(shim_factory: Any, spamd: Spamd) -> N
     send(shim, PLAIN, user="shimsite2")  # another site keeps sending, scored
     wait_until(lambda: site_mail(relay, "site2.test"), 30, "site2's mail")
     assert len(shim.queue_files("hold")) == 2 and not site_mail(relay)
+
+
+def test_before_ack_refuses_above_the_maximum(shim_factory: Any, spamd: Spamd) -> None:
+    """scan.mode before_ack: the caller waits for spamd; GTUBE exits 77 / 550 5.7.1."""
+    from test_bs import Dialogue
+
+    shim, relay = started(shim_factory, extra=scan_config(spamd.port, "mode: before_ack"))
+    refused = shim.sendmail(["-i", "someone@example.net"], SPAM, user="shimsite1")
+    assert refused.returncode == 77, refused.stderr
+    assert b"scored 100" in refused.stderr and b"nothing was queued" in refused.stderr
+    d = Dialogue(shim)
+    d.reply()
+    d.cmd("HELO [127.0.0.1]")
+    code, reply = d.send("app@site1.test", ["a@example.net"], SPAM.replace(b"\n", b"\r\n"))
+    assert code == 550 and "5.7.1" in reply[-1]
+    assert d.close()[0] == 0
+    assert not shim.queue_files("incoming") and not shim.queue_files("hold")
+    send(shim, PLAIN)
+    wait_until(lambda: site_mail(relay), 30, "the plain message delivered")
+    lines = scanned_lines(shim)
+    assert sum("action=refuse" in line for line in lines) == 2
+    assert sum("action=deliver" in line for line in lines) == 1  # scored once, not again

@@ -52,6 +52,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 ROUTES = ("local", "remote", "auto")
 SCAN_FAILURE = ("defer", "deliver")
+SCAN_MODES = ("after_commit", "before_ack")
 ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 _COUNT = Optional(Whole(1))  # a rule's threshold; null disables the rule
@@ -321,6 +322,11 @@ class Scan:
     unscored_pool: str | None = key(None, kind=Optional(Text(), falsy=True),
                                     doc="the relay pool of mail delivered unscored",
                                     default_text="the default relays")
+    mode: str = key("after_commit", kind=Choice(SCAN_MODES),
+                    doc="after_commit: the runner scores queued mail, the hand-off never "
+                        "waits; before_ack: a caller on the socket waits for spamd and a "
+                        "message above max_score is refused (exit 77, 550 5.7.1), which adds "
+                        "spamd's time to every mail() (see README, Content scoring)")
     notify_every: float = key(3600.0, kind=Duration(),
                               doc="at most one admin.notify notice per site in this time for "
                                   "held mail; the others are logged")

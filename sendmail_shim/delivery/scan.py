@@ -5,6 +5,10 @@ attempt.  The hand-off (front end, socket, intake, commit) does not change at
 all: a site's ``mail()`` never waits for a scanner, and with ``scan.enabled``
 false (the default) nothing here runs.
 
+The spamc command line and the parsing of its answer live in
+``policy/content.py`` (shared with the optional ``before_ack`` mode of
+intake); this module is the asynchronous scan and what follows from a score.
+
 Client: Debian's ``spamc``, run as a process (``asyncio`` subprocess), not
 aiospamc.  aiospamc would pull loguru and typer into the daemon (two more
 Debian packages, typer's import alone costs more than the whole client), while
@@ -53,13 +57,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sqlite3
 import time
 from dataclasses import dataclass
 
 from sendmail_shim.config import Config, Site
 from sendmail_shim.policy import outbreak
+from sendmail_shim.policy.content import KILL_GRACE, ScanError, command, decide, parse_spamc
 from sendmail_shim.policy.sanctions import hold_message, notify_admin_limited, suspend_site
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
@@ -70,43 +74,6 @@ from sendmail_shim.store.state import State
 log = logging.getLogger(__name__)
 
 PROBE_EVERY = 5.0  # seconds: while spamd is down, one message tries it this often
-KILL_GRACE = 5.0  # seconds past scan.timeout before a hanging spamc is killed
-_RESULT = re.compile(rb"(-?[0-9]+(?:\.[0-9]+)?)/(-?[0-9]+(?:\.[0-9]+)?)\n?")
-# spamc -x exit codes (sysexits) worth naming in a log line
-_EXITS = {64: "usage", 65: "data error", 66: "no input", 68: "no host", 69: "unavailable",
-          70: "software", 71: "os error", 74: "io error", 75: "temporary failure",
-          76: "protocol error", 77: "no permission", 78: "config error"}
-
-
-class ScanError(Exception):
-    """spamc did not produce a score; the text says why (for logs and last_error)."""
-
-
-def parse_spamc(returncode: int, stdout: bytes) -> float:
-    """The score from ``spamc -c -x``: exit 0 (ham) or 1 (spam) and ``score/threshold``.
-
-    Anything else is a :class:`ScanError`, never a score: with ``-x`` spamc
-    exits with a sysexits code on failure, and its ``0/0`` must not pass as 0.
-    """
-    if returncode not in (0, 1):
-        what = _EXITS.get(returncode, "signal" if returncode < 0 else "error")
-        raise ScanError(f"spamc exited {returncode} ({what})")
-    match = _RESULT.fullmatch(stdout)
-    if match is None:
-        raise ScanError(f"spamc printed {printable(stdout[:80].decode('ascii', 'replace'))!r}, "
-                        "not score/threshold")
-    score, threshold = float(match.group(1)), float(match.group(2))
-    if threshold == 0 and score == 0:
-        raise ScanError("spamc printed 0/0 (its fallback after a failure)")
-    return score
-
-
-def command(config: Config) -> list[str]:
-    """spamc's argv for ``config.scan`` (fixed by the operator; no message data in it)."""
-    scan = config.scan
-    where = ["-U", scan.socket] if scan.socket else ["-d", scan.host, "-p", str(scan.port)]
-    return [scan.spamc, *where, "-c", "-x", "-t", str(max(1, round(scan.timeout))),
-            "-s", str(scan.max_size)]
 
 
 @dataclass(frozen=True)
@@ -119,11 +86,6 @@ class Verdict:
 
 DELIVER = Verdict(True)
 HELD = Verdict(False)
-
-
-def decide(config: Config, score: float) -> str:
-    """``hold`` above ``scan.max_score``, else ``deliver``."""
-    return "hold" if score > config.scan.max_score else "deliver"
 
 
 class Scanner:

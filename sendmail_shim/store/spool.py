@@ -231,6 +231,11 @@ def remove_delivered(layout: paths.SpoolLayout, queue_id: str, state: str) -> No
     _forget_status(layout, queue_id)
 
 
+def forget_status(layout: paths.SpoolLayout, queue_id: str) -> None:
+    """Unlink a status written for a message whose commit then failed (before_ack scan)."""
+    _forget_status(layout, queue_id)
+
+
 def _forget_status(layout: paths.SpoolLayout, queue_id: str) -> None:
     """Unlink a removed message's status file, if it had one (after the queue file)."""
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -17,8 +18,9 @@ import pytest
 from sendmail_shim.config import ADMIN_SITE, Config, ConfigError
 from sendmail_shim.daemon import events, listing
 from sendmail_shim.delivery import scan
-from sendmail_shim.delivery.scan import ScanError, Scanner, parse_spamc
-from sendmail_shim.policy import outbreak
+from sendmail_shim.delivery.scan import Scanner
+from sendmail_shim.policy import content, outbreak
+from sendmail_shim.policy.content import ScanError, parse_spamc
 from sendmail_shim.policy.sanctions import release_messages
 from sendmail_shim.store import spool
 from sendmail_shim.store.state import State
@@ -58,10 +60,10 @@ class TestConfig:
     def test_command(self, make_config: MakeConfig) -> None:
         config = make_config(scan={"enabled": True, "port": 7830, "timeout": "10s",
                                    "max_size": 1000})
-        assert scan.command(config) == ["/usr/bin/spamc", "-d", "127.0.0.1", "-p", "7830",
+        assert content.command(config) == ["/usr/bin/spamc", "-d", "127.0.0.1", "-p", "7830",
                                         "-c", "-x", "-t", "10", "-s", "1000"]
         config = make_config(scan={"socket": "/run/spamd.sock"})
-        assert scan.command(config)[1:3] == ["-U", "/run/spamd.sock"]
+        assert content.command(config)[1:3] == ["-U", "/run/spamd.sock"]
 
     @pytest.mark.parametrize("bad", [{"on_failure": "drop"}, {"socket": "relative"},
                                      {"max_score": "high"}, {"port": 0}])
@@ -71,9 +73,9 @@ class TestConfig:
 
     def test_decide(self, make_config: MakeConfig) -> None:
         config = make_config(scan=SCAN)
-        assert scan.decide(config, 5.0) == "deliver"  # at the maximum: still delivered
-        assert scan.decide(config, 5.1) == "hold"
-        assert scan.decide(config, -3) == "deliver"
+        assert content.decide(config, 5.0) == "deliver"  # at the maximum: still delivered
+        assert content.decide(config, 5.1) == "hold"
+        assert content.decide(config, -3) == "deliver"
 
 
 class FakeScanner(Scanner):
@@ -278,3 +280,57 @@ def test_status_with_a_bad_score_is_reset(config: Config, queue_message: QueueMe
         fh.write('{"score": "high", "scanned": "ok"}')
     status = spool.read_status(config.layout, env.queue_id)
     assert status.score is None and "damaged" in status.last_error
+
+
+class TestBeforeAck:
+    """scan.mode before_ack: intake scores the message and refuses above the maximum."""
+
+    @pytest.fixture
+    def config(self, make_config: MakeConfig) -> Config:
+        return make_config(scan={**SCAN, "mode": "before_ack"})
+
+    def test_only_in_before_ack_mode_and_for_a_waiting_caller(
+            self, make_config: MakeConfig, config: Config,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(content, "scan_blocking", lambda config, message: 7.5)
+        after = make_config(scan=SCAN)
+        assert content.score_before_ack(after, SITE1, MESSAGE, "socket") == (None,
+                                                                              "after_commit")
+        assert content.score_before_ack(config, SITE1, MESSAGE, "maildrop")[0] is None
+        assert content.score_before_ack(config, SITE1, MESSAGE, "socket") == (7.5, "")
+
+    def test_a_failing_or_busy_scanner_leaves_it_to_the_runner(
+            self, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+        def down(config: Config, message: bytes) -> float:
+            raise ScanError("spamc exited 69 (unavailable)")
+
+        monkeypatch.setattr(content, "scan_blocking", down)
+        assert content.score_before_ack(config, SITE1, MESSAGE, "socket") == (
+            None, "spamc exited 69 (unavailable)")
+        monkeypatch.setattr(content, "_sites", {SITE1})  # a scan of site1 runs already
+        monkeypatch.setattr(content, "scan_blocking", lambda config, message: 1.0)
+        assert content.score_before_ack(config, SITE1, MESSAGE, "socket") == (None, "busy")
+        assert content.score_before_ack(config, SITE2, MESSAGE, "socket") == (1.0, "")
+
+    def test_refused_above_the_maximum_scored_below(
+            self, config: Config, state: State, spool_layout: paths.SpoolLayout,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        from sendmail_shim.intake.accept import accept_submission
+        from sendmail_shim.policy.identity import Caller
+        from sendmail_shim.wire import protocol
+
+        fields = [(protocol.MODE, protocol.SUBMIT), (protocol.RCPT, "someone@example.net")]
+        caller = Caller(uid=MY_UID, gid=0, pid=None)
+        monkeypatch.setattr(content, "scan_blocking", lambda config, message: 1000.0)
+        verdict = accept_submission(config, state, fields, MESSAGE, caller, "socket")
+        assert (verdict.code, verdict.enhanced, verdict.status) == (550, "5.7.1", 77)
+        assert "scored 1000.0 with SpamAssassin" in verdict.text
+        assert not spool.queue_ids(spool_layout, spool.INCOMING)
+        monkeypatch.setattr(content, "scan_blocking", lambda config, message: 0.5)
+        verdict = accept_submission(config, state, fields, MESSAGE, caller, "socket")
+        assert verdict.code == 250
+        (queue_id,) = spool.queue_ids(spool_layout, spool.INCOMING)
+        status = spool.read_status(spool_layout, queue_id)
+        assert (status.score, status.scanned) == (0.5, spool.SCANNED_OK)
+        # both count toward spam_score: 1000 as 20.0, 0.5 as 0.5 (in tenths)
+        assert state.count(outbreak.SCANNED, 3600, time.time(), site=SITE1) == (2, 205)
