@@ -181,7 +181,7 @@ def queue() -> None:
 @json_option
 @site_option
 def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None:
-    """List queued messages: id, size, age, site, sender, recipients, last error."""
+    """List queued messages: id, size, age, site, sender, recipients, last error, score."""
     operate(config_path, "queue-list", json=as_json, site=site)
 
 
@@ -189,7 +189,7 @@ def queue_list(config_path: str | None, as_json: bool, site: str | None) -> None
 @config_option
 @click.argument("queue_id")
 def queue_show(config_path: str | None, queue_id: str) -> None:
-    """One message: envelope, its relay pool and why, delivery state and headers."""
+    """One message: envelope, relay pool and why, delivery state, content score, headers."""
     operate(config_path, "queue-show", id=[queue_id])
 
 

@@ -34,6 +34,7 @@ from sendmail_shim.config.model import (
     Relay,
     RelayLogin,
     RetryPolicy,
+    Scan,
     Site,
 )
 
@@ -43,5 +44,5 @@ __all__ = [
     "OUTBREAK_KEYS", "QUOTA_KEYS", "RELAY_KEYS", "RESOLVER_KEYS", "RETRY_KEYS",
     "SENDER_ACTIONS", "SITE_KEYS", "TLS_MODES", "TOP_KEYS", "Admin", "Config", "ConfigError",
     "Firewall", "LocalTransport", "OutbreakRules", "Pool", "Quota", "Relay", "RelayLogin",
-    "RetryPolicy", "Site", "load_config", "parse_config",
+    "RetryPolicy", "Scan", "Site", "load_config", "parse_config",
 ]

@@ -134,7 +134,8 @@ def _finish_outbreak(r: _Reader, values: dict[str, Any], data: dict[str, Any],
     """A rule given without its threshold is off (``quota_refusals: {window: 5m}``)."""
     for group, field_name in (("quota_refusals", "quota_refusals"),
                               ("relay_5xx_share", "relay_5xx_share"),
-                              ("new_script", "new_script_count")):
+                              ("new_script", "new_script_count"),
+                              ("spam_score", "spam_score_mean")):
         if group in data:
             values.setdefault(field_name, None)
 

@@ -28,6 +28,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("SITES", model.Site), ("QUOTA", model.Quota), ("OUTBREAK", model.OutbreakRules),
     ("RELAY LOGIN", model.RelayLogin), ("ADMIN", model.Admin), ("FIREWALL", model.Firewall),
     ("REPUTATION", model.Reputation), ("REPUTATION ZONES", model.Zone),
+    ("SCAN", model.Scan),
 )
 INTROS = {
     "POOLS": "Each entry of pools; without pools, every relay is in the pool default.",
@@ -36,6 +37,8 @@ INTROS = {
     "REPUTATION ZONES": "Each entry of reputation.zones.  The defaults ship none; see "
                         "REPUTATION WATCH below for what the answers mean and for "
                         "well-known zones and their usage terms.",
+    "SCAN": "The keys of scan: each message is scored by spamd after it is queued, before "
+            "its first delivery attempt (the hand-off never waits for it).",
     "OUTBREAK": "A rule that trips suspends the site: its new mail is refused, its queued "
                 "mail is held, and admin.notify is told.",
 }

@@ -54,6 +54,8 @@ LOG_TARGETS = ("stderr", "syslog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 ROUTES = ("local", "remote", "auto")
+SCAN_FAILURE = ("defer", "deliver")
+SCAN_MODES = ("after_commit", "before_ack")
 ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 _COUNT = Optional(Whole(1))  # a rule's threshold; null disables the rule
@@ -72,6 +74,9 @@ GROUP_DOCS = {
     "new_script": "a script first seen within the window sent that many messages; "
                   "without count: off",
     "capture": "redirect site uids' port 25 to the daemon",
+    "spam_score": "the site's mean content score (scan:, each score counted from 0 up to 20) "
+                  "over the window reached this, once enough messages were scanned; "
+                  "without mean: off",
 }
 
 
@@ -263,6 +268,14 @@ class OutbreakRules:
                                        doc="how many messages")
     new_script_window: float = key(3600.0, kind=Duration(), name="new_script.window",
                                    doc="within this window")
+    spam_score_mean: float | None = key(
+        5.0, kind=Optional(Fraction(lambda x: 0 < x <= 20, "0 < mean <= 20",
+                                    "a number above 0, at most 20")),
+        name="spam_score.mean", doc="the mean score")
+    spam_score_min_messages: int = key(10, kind=Whole(1), name="spam_score.min_messages",
+                                       doc="once this many messages were scanned")
+    spam_score_window: float = key(3600.0, kind=Duration(), name="spam_score.window",
+                                   doc="within this window")
 
 
 @dataclass(frozen=True)
@@ -396,6 +409,42 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Scan:
+    """Content scoring with SpamAssassin's spamd, after the durable commit (delivery/scan.py)."""
+
+    enabled: bool = key(False, kind=Flag(),
+                        doc="score each message with spamd before its first delivery attempt")
+    host: str = key("127.0.0.1", kind=Text(), doc="spamd's address (spamc -d)")
+    port: int = key(783, kind=Whole(1, 65535), doc="spamd's port (spamc -p)")
+    socket: str | None = key(None, kind=Optional(schema.absolute_path(), falsy=True),
+                             doc="spamd's Unix socket instead of host and port (spamc -U)",
+                             default_text="none")
+    spamc: str = key("/usr/bin/spamc", kind=schema.absolute_path(),
+                     doc="the spamc program (Debian package spamc)")
+    timeout: float = key(30.0, kind=Duration(floor=1.0),
+                         doc="how long one scan may take (spamc -t); longer is a failure")
+    max_score: float = key(5.0, kind=Fraction(lambda x: True, "a number", "a number"),
+                           doc="a message scoring above this is held for the operator and "
+                               "admin.notify is told")
+    max_size: int = key(512000, kind=Whole(1, 256 * 1024 * 1024),
+                        doc="larger messages are not scanned and go on unscored (spamc -s)")
+    on_failure: str = key("defer", kind=Choice(SCAN_FAILURE),
+                          doc="when spamd is down or slow: defer (retried with the queue's "
+                              "backoff) or deliver unscored to unscored_pool")
+    unscored_pool: str | None = key(None, kind=Optional(Text(), falsy=True),
+                                    doc="the relay pool of mail delivered unscored",
+                                    default_text="the default relays")
+    mode: str = key("after_commit", kind=Choice(SCAN_MODES),
+                    doc="after_commit: the runner scores queued mail, the hand-off never "
+                        "waits; before_ack: a caller on the socket waits for spamd and a "
+                        "message above max_score is refused (exit 77, 550 5.7.1), which adds "
+                        "spamd's time to every mail() (see README, Content scoring)")
+    notify_every: float = key(3600.0, kind=Duration(),
+                              doc="at most one admin.notify notice per site in this time for "
+                                  "held mail; the others are logged")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration (``path``: the file it came from, None for defaults)."""
 
@@ -488,6 +537,8 @@ class Config:
     reputation: Reputation = key(Reputation(), kind=Section(Reputation, "REPUTATION"),
                                  doc="the DNS blocklists the relays' public_ip is watched in "
                                      "(the resolver is resolver.*)")
+    scan: Scan = key(Scan(), kind=Section(Scan, "SCAN"),
+                     doc="content scoring with spamd (off by default)")
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -552,3 +603,4 @@ LOGIN_KEYS = top_names(RelayLogin)
 POOL_KEYS = top_names(Pool)
 REPUTATION_KEYS = top_names(Reputation)
 ZONE_KEYS = top_names(Zone)
+SCAN_KEYS = top_names(Scan)

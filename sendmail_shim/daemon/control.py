@@ -194,6 +194,7 @@ def queue_list(config: Config, state: State, args: Args) -> Iterator[str]:
         "recipients": e.envelope.recipients, "done": e.status.done,
         "failed": e.status.failed, "attempts": e.status.attempts,
         "last_error": e.status.last_error, "script": e.envelope.script,
+        "score": e.status.score, "scanned": e.status.scanned,
     }) + "\n" for e in entries)
 
 
@@ -217,7 +218,8 @@ def queue_show(config: Config, state: State, args: Args) -> str:
             f"recipients: {printable(', '.join(envelope.recipients), 2000)}\n"
             f"delivered:  {printable(', '.join(status.done), 2000) or '-'}\n"
             f"attempts:   {status.attempts}\n"
-            f"last error: {printable(status.last_error) or '-'}\n\n{head}\n")
+            f"last error: {printable(status.last_error) or '-'}\n"
+            f"content:    {listing.score_text(status) or 'not scanned'}\n\n{head}\n")
 
 
 def _answered(answers: relays.Answers) -> str:

@@ -19,7 +19,11 @@ policy) needs no metric calls and no dependency on prometheus_client, and a
 new event needs no second edit.  The price is one parse per record (a few
 microseconds, measured in the report of issue 15) and a contract: a log line
 that a metric reads keeps its event name and field names; tests/unit/
-test_daemon_events.py and tests/test_metrics.py pin the ones used.
+test_daemon_events.py and tests/test_metrics.py pin the ones used.  Content
+scoring (delivery/scan.py) reports as ``scanned queue_id=... site=...
+score=... max_score=... action=deliver|hold`` and, once per spamd outage,
+``scan_unavailable`` / ``scan_available``: the JSON log carries ``score`` as
+a field (tests/unit/test_delivery_scan.py pins it).
 
 Trusts: the daemon's own log lines (``printable`` values; ``%r`` values are
 Python string literals, read with :func:`ast.literal_eval`).  A line that does

@@ -5,7 +5,9 @@ Guarantees: the text is produced entry by entry (:func:`queue_text`) and sent
 in chunks (:func:`chunks`), so memory does not grow with the queue.  Postfix's
 mailq layout, widened with the site, the age and the last error; a marker
 after the id tells the state (``!`` hold, ``#`` corrupt, ``~`` deferred, blank
-incoming); "Mail queue is empty" when there is nothing.
+incoming); "Mail queue is empty" when there is nothing.  A scanned message
+(delivery/scan.py) gets a line ``[score 3.3]`` (``[unscored: scanner
+unavailable]``, ``[unscored: too large to scan]``); an unscanned one none.
 Every string from a queue file (site, sender, recipients, last error) is shown
 through ``address.printable``: invalid UTF-8 and controls appear escaped
 (``\\xff``), so one odd entry can never break the listing.
@@ -17,7 +19,15 @@ import time
 from collections.abc import Iterable, Iterator
 
 from sendmail_shim.store.address import printable
-from sendmail_shim.store.spool import CORRUPT, DEFERRED, HOLD, QueueEntry
+from sendmail_shim.store.spool import (
+    CORRUPT,
+    DEFERRED,
+    HOLD,
+    SCANNED_OK,
+    SCANNED_SKIPPED,
+    QueueEntry,
+    Status,
+)
 from sendmail_shim.wire import protocol
 
 MARKERS = {HOLD: "!", CORRUPT: "#", DEFERRED: "~"}
@@ -34,6 +44,17 @@ def format_age(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def score_text(status: Status) -> str:
+    """The content score as the listing and ``queue show`` print it; "" when not scanned."""
+    if status.scanned is None:
+        return ""
+    if status.scanned == SCANNED_OK and status.score is not None:
+        return f"score {status.score:.1f}"
+    if status.scanned == SCANNED_SKIPPED:
+        return "unscored: too large to scan"
+    return "unscored: scanner unavailable"
 
 
 HEADER = "-Queue ID-------- --Size-- ---Age--- -Site---------------- -Sender/Recipient-------\n"
@@ -60,6 +81,8 @@ def queue_text(entries: Iterable[QueueEntry], now: float | None = None) -> Itera
         status = entry.status
         if status.last_error:
             lines.append(f"{RCPT_INDENT}({printable(status.last_error)})")
+        if status.scanned is not None:
+            lines.append(f"{RCPT_INDENT}[{score_text(status)}]")
         lines.extend(f"{RCPT_INDENT}{printable(rcpt)}" for rcpt in env.recipients
                      if rcpt not in status.done and rcpt not in status.failed)
         lines.append("\n")

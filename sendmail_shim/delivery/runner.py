@@ -57,6 +57,9 @@ Guarantees:
   without an active relay defers its mail (never another pool's relays).
   ``poke(force=True, pool=...)`` flushes one pool's deferred mail (a burn or
   restore).  Each relay's answers are counted in :attr:`QueueRunner.relay_stats`;
+* with ``scan.enabled``, a message is scored by spamd before its first attempt
+  (scan.py): held above the maximum, deferred or sent unscored when spamd is
+  down (``scan.on_failure``), never scored twice; its score then picks the pool;
 * one message's failure is that message's alone: any exception while reading,
   routing, sending or recording one message is caught, the message is deferred
   with ``last_error`` naming the exception (and logged with its queue id, site
@@ -89,6 +92,7 @@ from sendmail_shim.delivery import bounce
 from sendmail_shim.delivery.local import Session, open_local_session
 from sendmail_shim.delivery.relay import RelaysUnavailable, SessionBroken, open_session
 from sendmail_shim.delivery.route import FAIL, LOCAL, REMOTE, Router
+from sendmail_shim.delivery.scan import Scanner
 from sendmail_shim.policy import outbreak
 from sendmail_shim.policy.relays import (
     RelayStats,
@@ -290,6 +294,7 @@ class QueueRunner:
         self.state = state
         # DNS routing matters only where there is somewhere local to deliver to.
         self.router = Router(config) if config.local_transport is not None else None
+        self.scanner = Scanner(config, state)  # content scoring (scan.py), if scan.enabled
         self.wake = asyncio.Event()
         self._poked = asyncio.Event()  # an arrival during a run: look at incoming/ again
         self._force = False
@@ -317,6 +322,7 @@ class QueueRunner:
         """A reloaded configuration: new sites, relays and routing from the next run on."""
         self.config = config
         self.router = Router(config) if config.local_transport is not None else None
+        self.scanner.reconfigure(config)
 
     def poke(self, force: bool = False, pool: str | None = None) -> None:
         """Run soon; ``force`` also retries deferred mail before its time (flush): all of
@@ -655,6 +661,13 @@ class QueueRunner:
             self._corrupt(queue_id, state, str(exc))
             return
         config = self.config
+        if config.scan.enabled:  # content score first (scan.py): hold, defer or go on
+            verdict = await self.scanner.check(site, state, queue_id, env, message, status)
+            if verdict.trouble is not None:
+                await self._record(state, queue_id, (env, message), {}, verdict.trouble, status)
+            if not verdict.deliver:
+                return
+        # The score (or its absence: scan.unscored_pool) picks the pool.
         pool, why = choose_pool(config, site.name, status.score, unscored_pool(config))
         if is_hold(config, pool):
             await asyncio.to_thread(self._hold_for_pool, state, queue_id, site.name, pool, why)

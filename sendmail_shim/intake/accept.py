@@ -3,8 +3,10 @@
 Trusts: the :class:`~sendmail_shim.policy.identity.Caller` it is given, whose uid the
 kernel vouched for (peer credentials or drop-file owner); nothing else.
 Guarantees, in this order: identify (uid + hints -> site) -> compose ->
-suspended? -> sender policy -> policy checks -> quota (checked and reserved in
-one transaction) -> spool commit -> "accepted".  The verdict is "accepted"
+suspended? -> sender policy -> policy checks -> content score (only with
+``scan.mode: before_ack``, policy/content.py: above ``scan.max_score``
+refused, nothing queued) -> quota (checked and reserved in one transaction)
+-> spool commit -> "accepted".  The verdict is "accepted"
 only after ``spool.commit`` returned, so the message is on disk; a failed
 commit gives its quota reservation back.  Outbreak rules run after a quota
 refusal and after an acceptance, and suspend the site when they trip.  Every
@@ -42,8 +44,8 @@ from collections.abc import Callable
 
 from sendmail_shim.config import Config, Site
 from sendmail_shim.intake.compose import CompositionError, Submission, compose
+from sendmail_shim.policy import content, outbreak
 from sendmail_shim.policy import limits as policy
-from sendmail_shim.policy import outbreak
 from sendmail_shim.policy.identity import Caller, identify
 from sendmail_shim.policy.quota import check_quota
 from sendmail_shim.policy.sanctions import suspend_site
@@ -148,6 +150,12 @@ def accept_submission(
                     envelope.sender, len(envelope.recipients), verdict.code, verdict.enhanced,
                     verdict.text)
         return verdict
+    score, unscored = content.score_before_ack(config, site.name, final, origin)
+    if score is not None and content.decide(config, score) == "hold":
+        return _refuse_content(config, state, site, facts, envelope.uid, score, now)
+    if unscored not in ("", "after_commit"):
+        log.info("scan_deferred %s reason=%r action='scored by the queue runner after the "
+                 "commit'", facts, unscored)
     nrcpt = len(envelope.recipients)
     subid = protocol.submission_id(fields)
     known: tuple[str, bool] | None = None
@@ -193,8 +201,13 @@ def accept_submission(
                                     outbreak.after_quota_refusal(state, site, now)))
         return verdict
     try:
+        if score is not None:  # before_ack scored it: the runner does not score it again
+            spool.write_status(config.layout, queue_id,
+                               spool.Status(score=score, scanned=spool.SCANNED_OK))
         spool.commit(config.layout, envelope, final)
     except OSError as exc:
+        if score is not None:
+            _after(facts, lambda: spool.forget_status(config.layout, queue_id))
         _after(facts, lambda: state.forget(reservation))
         if subid is not None:
             _after(facts, lambda: state.end_submission(caller.uid, subid, committed=False))
@@ -213,7 +226,30 @@ def accept_submission(
              else "", "".join(" " + n for n in notes), (time.monotonic() - started) * 1000)
     _after(facts, lambda: _trip(config, state, site,
                                 outbreak.after_accept(state, site, envelope.script, now)))
+    if score is not None:
+        log.info("scanned queue_id=%s site=%s score=%.1f max_score=%g action=deliver",
+                 queue_id, site.name, score, config.scan.max_score)
+        _after(facts, lambda: _count_score(config, state, site, envelope.uid, score, now))
     return outcome.accepted(f"Ok: queued as {queue_id}")
+
+
+def _count_score(config: Config, state: State, site: Site, uid: int, score: float,
+                 now: float) -> None:
+    """A before_ack score counts toward the spam_score rule as the runner's do."""
+    state.record(site.name, uid, outbreak.SCANNED, n=outbreak.score_weight(score), ts=now)
+    _trip(config, state, site, outbreak.after_scan(state, site, now))
+
+
+def _refuse_content(config: Config, state: State, site: Site, facts: str, uid: int,
+                    score: float, now: float) -> outcome.Verdict:
+    """scan.mode before_ack: a message above scan.max_score is refused, nothing queued."""
+    limit = config.scan.max_score
+    log.warning("scanned %s score=%.1f max_score=%g action=refuse", facts, score, limit)
+    _after(facts, lambda: _count_score(config, state, site, uid, score, now))
+    return outcome.refused(
+        f"site {site.name}: the message scored {score:.1f} with SpamAssassin, above the "
+        f"limit {limit:g}; nothing was queued. Change the message, or ask the operator "
+        "(scan.max_score)")
 
 
 def _after(facts: str, step: Callable[[], object]) -> None:

@@ -15,12 +15,26 @@ Rules (config ``outbreak:``, per site or as defaults):
   recipient_domains_per_hour   more distinct recipient domains in an hour
   relay_5xx_share       share of 5xx relay answers, once there are enough answers
   new_script            a script first seen within the window sends N messages
+  spam_score            the site's mean content score over the window reaches a limit
+
+spam_score (decided here; issue 14 leaves "mean or top" open): the *mean*, not
+the top score.  A single message above ``scan.max_score`` is already held by
+itself; what the rule adds is "this site's mail as a whole is spam", which a
+mean says and a top score does not (one contact-form abuse among a thousand
+clean messages must not suspend a shop).  Each scanned message counts with its
+score clipped to 0..:data:`SCORE_CAP` (so one GTUBE test, 1000 points, weighs
+like 20) and in tenths, as a counter of the state (kind :data:`SCANNED`: the
+events are the messages, the sum is the scores); the rule waits for
+``spam_score.min_messages`` scanned messages in the window.
 """
 
 from __future__ import annotations
 
 from sendmail_shim.config import Site
 from sendmail_shim.store.state import REFUSED_QUOTA, RELAY_5XX, RELAY_OK, State
+
+SCANNED = "scanned"  # a state counter: one event per scanned message, n = score in tenths
+SCORE_CAP = 20.0  # a score counts from 0 up to this toward the mean
 
 
 def _window(seconds: float) -> str:
@@ -70,4 +84,25 @@ def after_relay_results(state: State, site: Site, now: float) -> str | None:
     if total >= rules.relay_5xx_min_results and bad / total >= rules.relay_5xx_share:
         return (f"rule relay_5xx_share: {bad} of {total} relay answers were 5xx within "
                 f"{_window(rules.relay_5xx_window)} (limit {rules.relay_5xx_share:.0%})")
+    return None
+
+
+def score_weight(score: float) -> int:
+    """How a score counts toward the mean: clipped to 0..SCORE_CAP, in tenths."""
+    return round(min(max(score, 0.0), SCORE_CAP) * 10)
+
+
+def after_scan(state: State, site: Site, now: float) -> str | None:
+    """The spam_score rule, after a scanned message of ``site`` was counted (SCANNED)."""
+    rules = site.outbreak
+    if rules is None or rules.spam_score_mean is None:
+        return None
+    messages, tenths = state.count(SCANNED, rules.spam_score_window, now, site=site.name)
+    if messages < rules.spam_score_min_messages:
+        return None
+    mean = tenths / 10 / messages
+    if mean >= rules.spam_score_mean:
+        return (f"rule spam_score: mean content score {mean:.1f} over {messages} scanned "
+                f"messages within {_window(rules.spam_score_window)} (limit "
+                f"{rules.spam_score_mean:g})")
     return None

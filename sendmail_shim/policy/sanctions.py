@@ -10,7 +10,10 @@ Guarantees: queue ids are validated before use; a missing site or message is an
 :class:`OperationError` naming it, never a crash; a message delivered or moved
 meanwhile is skipped, not an error; suspending a site holds its queued mail and
 queues one notice to ``admin.notify`` listing the site's scripts of the last
-hour and what to do next.
+hour and what to do next; :func:`hold_message` holds one message with its
+reason (the content scanner's hold); :func:`notify_admin_limited` sends at most
+one notice per site and topic in a period, counted in the state so the limit
+survives restarts.
 """
 
 from __future__ import annotations
@@ -76,6 +79,21 @@ def hold_messages(config: Config, queue_ids: list[str], site: str | None, actor:
     return moved
 
 
+def hold_message(config: Config, queue_id: str, state: str, status: spool.Status,
+                 site: str, reason: str, actor: str) -> bool:
+    """Hold one message with its reason (kept as the status's last error, which ``queue
+    show`` and the listing print): the status first, then the move.  False when the
+    message was delivered, held or deleted meanwhile."""
+    status.last_error = reason
+    spool.write_status(config.layout, queue_id, status)
+    try:
+        spool.move(config.layout, queue_id, state, spool.HOLD)
+    except FileNotFoundError:
+        return False
+    log.warning("held queue_id=%s site=%s actor=%s reason=%r", queue_id, site, actor, reason)
+    return True
+
+
 def release_messages(config: Config, queue_ids: list[str], site: str | None,
                      actor: str) -> int:
     moved = 0
@@ -122,6 +140,27 @@ def notify_admin(config: Config, subject: str, body: str) -> str | None:
     log.info("notice_queued queue_id=%s to=%s subject=%r", queue_id,
              ",".join(config.admin.notify), subject)
     return queue_id
+
+
+NOTICE = "notice_"  # state counter kinds of rate-limited notices: notice_<topic>
+
+
+def notify_admin_limited(config: Config, state: State, site: str, topic: str, every: float,
+                         subject: str, body: str) -> str | None:
+    """:func:`notify_admin`, at most once per ``every`` seconds per site and topic.
+
+    The limit is a counter of the state (kind ``notice_<topic>``), so it holds
+    across restarts.  None when a notice went out recently (or nobody is
+    notified); the caller's log line is then the only report.
+    """
+    if not config.admin.notify:
+        return None
+    kind = NOTICE + topic
+    now = time.time()
+    if every > 0 and state.count(kind, every, now, site=site)[0]:
+        return None
+    state.record(site, 0, kind, ts=now)
+    return notify_admin(config, subject, body)
 
 
 def suspend_site(config: Config, state: State, name: str, reason: str, actor: str) -> str:

@@ -33,6 +33,10 @@ QUEUE_MAGIC = b"SMSHIMQ1\n"
 QUEUE_ID = re.compile(r"[0-9A-F]{16}")  # always fullmatch: "$" would allow a newline
 INCOMING, DEFERRED, HOLD, CORRUPT = "incoming", "deferred", "hold", "corrupt"
 STATES = (INCOMING, DEFERRED, HOLD, CORRUPT)
+# What scanning found (Status.scanned): scored; spamd down or slow and the message went on
+# unscored (scan.on_failure: deliver); larger than scan.max_size, so not scanned.
+SCANNED_OK, SCANNED_UNAVAILABLE, SCANNED_SKIPPED = "ok", "unavailable", "skipped"
+SCAN_RESULTS = (SCANNED_OK, SCANNED_UNAVAILABLE, SCANNED_SKIPPED)
 TMP_MAX_AGE = 3600.0  # a tmp file older than this belongs to no live writer
 
 
@@ -64,14 +68,18 @@ class Status:
     failed: dict[str, str] = field(default_factory=dict)  # recipient -> permanent reason
     delayed: dict[str, str] = field(default_factory=dict)  # recipient -> temporary reason
     internal_failures: int = 0  # attempts in a row that ended in an exception (delivery.py)
-    score: float | None = None
+    score: float | None = None  # spamd's content score (delivery/scan.py); None: unscored
+    scanned: str | None = None  # None: not scanned yet; else one of SCAN_RESULTS
 
     def valid(self) -> bool:
         return (isinstance(self.attempts, int) and isinstance(self.next_attempt, (int, float))
                 and isinstance(self.last_error, str) and isinstance(self.done, list)
                 and all(isinstance(r, str) for r in self.done)
                 and isinstance(self.failed, dict) and isinstance(self.delayed, dict)
-                and isinstance(self.internal_failures, int))
+                and isinstance(self.internal_failures, int)
+                and (self.score is None or (isinstance(self.score, (int, float))
+                                            and not isinstance(self.score, bool)))
+                and (self.scanned is None or self.scanned in SCAN_RESULTS))
 
 
 @dataclass
@@ -229,6 +237,11 @@ def remove_delivered(layout: paths.SpoolLayout, queue_id: str, state: str) -> No
     :func:`remove`, which is durable.
     """
     os.unlink(queue_path(layout, state, queue_id))
+    _forget_status(layout, queue_id)
+
+
+def forget_status(layout: paths.SpoolLayout, queue_id: str) -> None:
+    """Unlink a status written for a message whose commit then failed (before_ack scan)."""
     _forget_status(layout, queue_id)
 
 

@@ -367,7 +367,7 @@ def test_status_file_is_plain_json(spool_layout: paths.SpoolLayout) -> None:
     with open(spool.status_path(spool_layout, qid), encoding="utf-8") as fh:
         data = json.load(fh)
     assert set(data) == {"attempts", "next_attempt", "last_error", "done", "failed", "delayed",
-                         "internal_failures", "score"}
+                         "internal_failures", "score", "scanned"}
 
 
 class TestListingReads:
