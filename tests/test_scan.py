@@ -174,12 +174,42 @@ def test_scanner_down_defers_then_back_delivers_scored(
 
 
 def test_scanner_down_with_deliver_sends_unscored(shim_factory: Any) -> None:
-    shim, relay = started(shim_factory, extra=scan_config(free_port(), "on_failure: deliver",
-                                                          "unscored_pool: unscored"))
+    """Unscored mail takes scan.unscored_pool: here default, not the band of low scores."""
+    from test_pools import pooled
+
+    shim, relays = pooled(
+        shim_factory, [("good1", "good", False), ("plain1", "default", False)],
+        extra="pools:\n  - {name: good, max_score: 5}\nrouting:\n  example.net: remote\n"
+              + scan_config(free_port(), "on_failure: deliver", "unscored_pool: default"))
+    shim.start()
     send(shim, SPAM)
-    wait_until(lambda: site_mail(relay), 30, "delivered unscored")
-    assert logged(shim, "scan_failed") and logged(shim, "action=deliver_unscored pool=unscored")
+    wait_until(lambda: site_mail(relays["plain1"]), 30, "delivered unscored")
+    assert not relays["good1"].messages()
+    assert logged(shim, "scan_failed") and logged(shim, "action=deliver_unscored pool=default")
     assert not scanned_lines(shim)
+
+
+def test_the_score_picks_the_pool(shim_factory: Any, spamd: Spamd) -> None:
+    """A plain message scores low and goes to the good pool; GTUBE is held, sent nowhere."""
+    from test_pools import pooled
+
+    shim, relays = pooled(
+        shim_factory, [("good1", "good", False), ("fair1", "fair", False),
+                       ("other1", "default", False)],
+        extra="pools:\n  - {name: good, max_score: 5}\n  - {name: fair, min_score: 5}\n"
+              "routing:\n  example.net: remote\n" + scan_config(spamd.port))
+    shim.start()
+    send(shim, PLAIN)
+    wait_until(lambda: site_mail(relays["good1"]), 30, "the plain message at the good pool")
+    send(shim, SPAM)
+    wait_until(lambda: shim.queue_files("hold"), 30, "the GTUBE message held")
+    (held,) = shim.queue_files("hold")
+    assert not site_mail(relays["fair1"]) and not site_mail(relays["other1"])
+    shown = shim.admin("queue", "show", held).stdout.decode()
+    assert "score 100" in shown
+    explained = shim.admin("route", "explain", "--site", "site1.test", "--score", "1",
+                           "a@example.net").stdout.decode()
+    assert "pool good" in explained and "good1" in explained
 
 
 def test_spam_score_rule_suspends_the_site(shim_factory: Any, spamd: Spamd) -> None:

@@ -223,6 +223,8 @@ def _check_pools(config: Config) -> None:
     wanted += [(f"sites.{s.name}.pool", s.pool) for s in config.sites.values() if s.pool]
     if config.default_site is not None and config.default_site.pool:
         wanted.append(("default_site.pool", config.default_site.pool))
+    if config.scan.unscored_pool:
+        wanted.append(("scan.unscored_pool", config.scan.unscored_pool))
     for where, name in wanted:
         if name not in known:
             raise Problem(where, f"no pool {name!r} in pools: (pools: "

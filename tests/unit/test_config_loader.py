@@ -335,3 +335,13 @@ def test_a_routing_domain_idna_cannot_encode_is_a_config_error(domain: str) -> N
     with pytest.raises(ConfigError, match=r"routing\..*not a valid domain name"):
         parse_config({"local_transport": "lmtp://127.0.0.1:24",
                       "routing": {domain: "local"}}, "/etc/x.yaml")
+
+
+def test_scan_unscored_pool_must_name_a_pool(tmp_path: Any) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("scan: {enabled: true, on_failure: deliver, unscored_pool: grey}\n")
+    with pytest.raises(ConfigError, match=r"scan.unscored_pool: no pool 'grey'"):
+        load_config(str(path))
+    path.write_text("pools: [{name: grey}]\nrelays: [{host: 127.0.0.1, pool: grey}]\n"
+                    "scan: {enabled: true, on_failure: deliver, unscored_pool: grey}\n")
+    assert load_config(str(path)).scan.unscored_pool == "grey"

@@ -192,7 +192,8 @@ class TestCheck:
 
     def test_scanner_down_with_deliver_goes_on_unscored(
             self, make_config: MakeConfig, state: State, queue_message: QueueMessage) -> None:
-        config = make_config(scan={**SCAN, "on_failure": "deliver", "unscored_pool": "grey"})
+        config = make_config(scan={**SCAN, "on_failure": "deliver", "unscored_pool": "grey"},
+                             pools=[{"name": "grey"}])
         env = queue_message()
         verdict, status = check(FakeScanner(config, state, [ScanError("x")]), config,
                                 env.queue_id)
