@@ -1,7 +1,7 @@
 """The key list of man/sendmail-shim.yaml.5, printed from the schema.
 
 Trusts: the model's declarations.  Guarantees: the man page's sections from
-TOP-LEVEL KEYS to FIREWALL name every key the loader accepts, with its doc,
+TOP-LEVEL KEYS to POLICY SERVICE name every key the loader accepts, with its doc,
 what it accepts and its default, in the model's order; tests/test_manpages.py
 fails when the page and the schema differ.
 
@@ -26,6 +26,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("TOP-LEVEL KEYS", model.Config), ("RELAYS", model.Relay), ("RETRY", model.RetryPolicy),
     ("SITES", model.Site), ("QUOTA", model.Quota), ("OUTBREAK", model.OutbreakRules),
     ("RELAY LOGIN", model.RelayLogin), ("ADMIN", model.Admin), ("FIREWALL", model.Firewall),
+    ("POLICY SERVICE", model.PolicyService),
 )
 INTROS = {
     "SITES": "Each entry of sites; default_site takes the same keys but uids.",

@@ -283,6 +283,49 @@ class RetryPolicy:
                         doc="each wait varies by up to this share")
 
 
+POLICY_CHOICES = ("dunno", "defer", "reject")
+SUSPENDED_CHOICES = ("defer", "hold", "reject")
+
+
+class PolicyListen(Kind):
+    what = "unix:/PATH or inet:HOST:PORT (an IP address; [::1]:PORT for IPv6)"
+
+    def read(self, value: Any, where: str, owner: str) -> str:
+        text = Text().read(value, where, owner)
+        if text.startswith("unix:"):
+            if not os.path.isabs(text[5:]):
+                raise Problem(where, f"expected an absolute socket path, got {text[5:]!r}")
+            return text
+        if text.startswith("inet:"):
+            ListenAddress().read(text[5:], where, owner)
+            return text
+        raise Problem(where, f"expected {self.what}, got {text!r}")
+
+
+@dataclass(frozen=True)
+class PolicyService:
+    """The relay's policy service (sendmail-shim-admin policy serve)."""
+
+    listen: str = key("inet:127.0.0.1:10031", kind=PolicyListen(),
+                      doc="where Postfix's check_policy_service connects; a Unix socket is "
+                          "made mode 0660 (add postfix to the service's group)")
+    unknown_login: str = key("dunno", kind=Choice(POLICY_CHOICES),
+                             doc="for a SASL login that is no site's relay_login (or several "
+                                 "sites'): dunno leaves it to Postfix's other rules")
+    unauthenticated: str = key("dunno", kind=Choice(POLICY_CHOICES),
+                               doc="for a client without SASL login (empty sasl_username)")
+    suspended: str = key("defer", kind=Choice(SUSPENDED_CHOICES),
+                         doc="for a suspended site's mail: defer keeps it queued at the "
+                             "sender, hold accepts it into the relay's hold queue, reject "
+                             "bounces it")
+    idle_timeout: float = key(330.0, kind=Duration(floor=1.0),
+                              doc="close a connection idle this long (Postfix closes its own "
+                                  "after smtpd_policy_service_max_idle, 300s)")
+    max_connections: int = key(1000, kind=Whole(1),
+                               doc="connections served at once; more wait in the listen "
+                                   "queue")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration (``path``: the file it came from, None for defaults)."""
@@ -369,6 +412,9 @@ class Config:
                                   doc="how long a lookup may take")
     firewall: Firewall = key(Firewall(), kind=Section(Firewall, "FIREWALL"),
                              doc="who may send out on port 25, 465 and 587")
+    policy_service: PolicyService = key(
+        PolicyService(), kind=Section(PolicyService, "POLICY SERVICE"),
+        doc="the relay's Postfix policy service (sendmail-shim-admin policy serve)")
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -430,3 +476,4 @@ FIREWALL_KEYS = top_names(Firewall)
 RESOLVER_KEYS = tuple(k.name.split(".")[1] for _, k in keys_of(Config)
                       if k.name.startswith("resolver."))
 LOGIN_KEYS = top_names(RelayLogin)
+POLICY_SERVICE_KEYS = top_names(PolicyService)

@@ -21,7 +21,8 @@ def test_key_tuples_are_derived_in_schema_order() -> None:
         "spool", "message_size_limit", "hostname", "log", "metrics", "relays", "retry",
         "queue_scan_interval", "connections_per_uid", "sites", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
-        "local_transport", "routing", "resolver", "firewall")
+        "local_transport", "routing", "resolver", "firewall",
+        "policy_service")
     assert config.RELAY_KEYS == ("host", "port", "tls", "verify", "ca_file", "timeout",
                                  "allow_plaintext", "sessions")
     assert config.SITE_KEYS == ("uids", "docroots", "domains", "sender", "relay_login",
