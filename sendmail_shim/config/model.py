@@ -312,6 +312,11 @@ class PolicyService:
     unknown_login: str = key("dunno", kind=Choice(POLICY_CHOICES),
                              doc="for a SASL login that is no site's relay_login (or several "
                                  "sites'): dunno leaves it to Postfix's other rules")
+    login_realm: str | None = key(
+        None, kind=Optional(Text(), falsy=True),
+        doc="the SASL realm the relay appends (Cyrus reports user@realm, the realm being "
+            "smtpd_sasl_local_domain): sasl_username user@this realm is relay_login user",
+        default_text="none: sasl_username must equal relay_login.user")
     unauthenticated: str = key("dunno", kind=Choice(POLICY_CHOICES),
                                doc="for a client without SASL login (empty sasl_username)")
     suspended: str = key("defer", kind=Choice(SUSPENDED_CHOICES),

@@ -4,7 +4,9 @@ Trusts: Postfix's attributes (``sasl_username`` is what the relay's SASL
 checked; a client cannot choose it without the password), the configuration
 (``sites``: each site's ``relay_login.user``) and the state.
 Guarantees:
-- a login maps to the one site whose ``relay_login.user`` it is; an empty
+- a login maps to the one site whose ``relay_login.user`` it is (``user@realm``
+  too when the realm is ``policy_service.login_realm``, as Cyrus SASL reports
+  it, never any other realm); an empty
   ``sasl_username`` (unauthenticated client) gets ``policy_service.unauthenticated``,
   a login of no site (or of several) ``policy_service.unknown_login``;
 - suspension is checked at every stage and answered with
@@ -148,6 +150,9 @@ class Decider:
                                "this relay's policy requires SMTP AUTH with the site's "
                                "relay login", attrs)
         site = self.logins.get(login)
+        realm = self.settings.login_realm
+        if site is None and realm and login.endswith("@" + realm):
+            site = self.logins.get(login[:-len(realm) - 1])
         if site is None:
             return self._other("unknown_login", self.settings.unknown_login,
                                f"relay login {_shown(login)} belongs to no site of this "
