@@ -227,3 +227,17 @@ def test_messages_in_progress_are_bounded(decider: Decider,
     assert len(decider.messages) == 10
     decider.decide(request("RCPT", instance="late", recipient="a@x.example"), NOW + 7200)
     assert list(decider.messages) == ["late"]  # older than an hour: forgotten
+
+
+def test_login_realm_is_stripped_only_when_it_is_the_configured_one(
+        make_config: MakeConfig) -> None:
+    config = make_config(policy_service={"login_realm": "relay.test", "unknown_login": "reject"})
+    state = State(config.layout)
+    try:
+        decider = Decider(config, state)
+        assert decider.decide(request("RCPT", login=f"{SITE1}@relay.test"), NOW) == "DUNNO"
+        assert decider.decide(request("RCPT", login=SITE1), NOW) == "DUNNO"
+        assert decider.decide(request("RCPT", login=f"{SITE1}@other.test"),
+                              NOW).startswith("REJECT 5.7.1 relay login")
+    finally:
+        state.close()
