@@ -194,6 +194,8 @@ class Decider:
         message = self.messages.get(instance)
         if message is None or message.site != site.name:
             message = Message(site.name, now)
+            if not instance:  # nothing ties it to other requests: counted on its own
+                return message
             self.messages[instance] = message
             while self.messages and (len(self.messages) > MAX_MESSAGES or next(
                     iter(self.messages.values())).started < now - MESSAGE_TTL):
@@ -206,7 +208,7 @@ class Decider:
     def _rcpt(self, site: Site, attrs: dict[str, str], now: float) -> str:
         message = self._message(site, attrs, now)
         recipient = attrs.get("recipient", "").lower()
-        if len(message.recipients) < MAX_RECIPIENTS_KEPT:
+        if recipient and len(message.recipients) < MAX_RECIPIENTS_KEPT:
             message.recipients.add(recipient)
         limits = quota.effective_quota(self.config, self.state, site)
         if (limits.recipients_per_message is not None

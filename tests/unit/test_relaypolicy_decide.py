@@ -241,3 +241,11 @@ def test_login_realm_is_stripped_only_when_it_is_the_configured_one(
                               NOW).startswith("REJECT 5.7.1 relay login")
     finally:
         state.close()
+
+
+def test_end_of_message_without_instance_is_counted_each_time(decider: Decider,
+                                                              state: State) -> None:
+    eom = request("END-OF-MESSAGE", instance="", recipient_count="1")
+    assert decider.decide(eom, NOW) == decider.decide(eom, NOW) == "DUNNO"
+    assert state.count(RELAY_ACCEPTED, 3600, NOW, site=SITE1) == (2, 2)
+    assert decider.messages == {}
