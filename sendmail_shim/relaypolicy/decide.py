@@ -244,12 +244,15 @@ class Decider:
                 f"recipients_per_message {limits.recipients_per_message} (counts recipients); "
                 f"send it as several messages")), attrs)
         with self.state.transaction():
+            counted: dict[float, tuple[int, int]] = {}  # window -> (messages, recipients)
             for limit in RATE_LIMITS:
                 allowed = getattr(limits, limit.key)
                 if allowed is None:
                     continue
-                messages, recipients = self.state.count(RELAY_ACCEPTED, limit.window, now,
-                                                        site=site.name)
+                if limit.window not in counted:
+                    counted[limit.window] = self.state.count(RELAY_ACCEPTED, limit.window, now,
+                                                             site=site.name)
+                messages, recipients = counted[limit.window]
                 used, adding = ((messages, 1) if limit.counts == "messages"
                                 else (recipients, nrcpt))
                 if used + adding > allowed:
