@@ -50,6 +50,7 @@ Decisions (README "More than one web server"):
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -67,11 +68,16 @@ MAX_MESSAGES = 50_000  # messages in progress remembered (oldest forgotten first
 MESSAGE_TTL = 3600.0  # a message with no END-OF-MESSAGE within this long is forgotten
 MAX_RECIPIENTS_KEPT = 2_000  # distinct recipients remembered per message
 DUNNO = "DUNNO"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 END_OF_MESSAGE = "END-OF-MESSAGE"
 
 
 def action(choice: str, text: str) -> str:
-    """The Postfix action of a configured choice (dunno, defer, reject, hold)."""
+    """The Postfix action of a configured choice (dunno, defer, reject, hold).
+
+    The text is made one line (an operator's reason may hold a newline).
+    """
+    text = _CONTROL.sub(" ", text)
     if choice == "dunno":
         return DUNNO
     if choice == "hold":

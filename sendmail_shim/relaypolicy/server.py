@@ -118,13 +118,13 @@ class PolicyServer:
                         return
                     self.refresh()
                     try:
-                        answer = self.decider.decide(attrs)
+                        reply = codec.encode_reply(self.decider.decide(attrs))
                     except Exception:
                         log.exception("policy_error peer=%s: no answer; Postfix applies its "
                                       "default_action", peer)
                         return
                     self.served += 1
-                    writer.write(codec.encode_reply(answer))
+                    writer.write(reply)
                     await writer.drain()
             except (ConnectionError, OSError) as exc:
                 log.debug("policy_connection_lost peer=%s error=%r", peer, exc)

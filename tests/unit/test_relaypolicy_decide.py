@@ -249,3 +249,9 @@ def test_end_of_message_without_instance_is_counted_each_time(decider: Decider,
     assert decider.decide(eom, NOW) == decider.decide(eom, NOW) == "DUNNO"
     assert state.count(RELAY_ACCEPTED, 3600, NOW, site=SITE1) == (2, 2)
     assert decider.messages == {}
+
+
+def test_a_reason_with_a_newline_stays_one_line(decider: Decider, state: State) -> None:
+    state.suspend(SITE1, "spam\naction=OK", "operator")
+    answer = decider.decide(request("RCPT"), NOW)
+    assert "\n" not in answer and "(spam action=OK)" in answer
