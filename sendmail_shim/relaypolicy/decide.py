@@ -66,6 +66,7 @@ RELAY_ACCEPTED = "relay_accepted"  # the relay's own counter kind: one event per
 HOUR, DAY = 3600.0, 86400.0
 MAX_MESSAGES = 50_000  # messages in progress remembered (oldest forgotten first)
 MESSAGE_TTL = 3600.0  # a message with no END-OF-MESSAGE within this long is forgotten
+MAX_ANSWERS = 10_000  # END-OF-MESSAGE answers remembered (a repeat comes at once)
 MAX_RECIPIENTS_KEPT = 2_000  # distinct recipients remembered per message
 DUNNO = "DUNNO"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -99,7 +100,6 @@ class Message:
     site: str
     started: float
     recipients: set[str] = field(default_factory=set)
-    answer: str | None = None  # the END-OF-MESSAGE answer, once given
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,10 @@ class Decider:
         self.config = config
         self.state = state
         self.settings = config.policy_service
+        # Messages between their first request and END-OF-MESSAGE, then only their answer:
+        # few objects for the garbage collector to walk, however busy the relay.
         self.messages: OrderedDict[str, Message] = OrderedDict()
+        self.answered: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.logins: dict[str, Site] = {}
         shared: set[str] = set()
         sites = list(config.sites.values())
@@ -228,17 +231,24 @@ class Decider:
         return DUNNO
 
     def _end_of_message(self, site: Site, attrs: dict[str, str], now: float) -> str:
+        instance = attrs.get("instance", "")
+        done = self.answered.get(instance)
+        if done is not None and done[0] == site.name:
+            return done[1]  # counted once per message
         message = self._message(site, attrs, now)
-        if message.answer is not None:
-            return message.answer  # counted once per message
         try:
             count = int(attrs.get("recipient_count", "0"))
         except ValueError:
             count = 0
         if count <= 0:  # Postfix always sends it here; without it, what RCPT saw
             count = max(1, len(message.recipients))
-        message.answer = self._count(site, message, count, attrs, now)
-        return message.answer
+        answer = self._count(site, message, count, attrs, now)
+        if instance:
+            self.messages.pop(instance, None)
+            self.answered[instance] = (site.name, answer)
+            if len(self.answered) > MAX_ANSWERS:
+                self.answered.popitem(last=False)
+        return answer
 
     def _count(self, site: Site, message: Message, nrcpt: int, attrs: dict[str, str],
                now: float) -> str:

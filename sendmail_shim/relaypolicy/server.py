@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -150,6 +151,7 @@ class PolicyServer:
         log.info("policy_service_listening listen=%s sites_with_login=%d", self.listen,
                  len(self.decider.logins))
         self.sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
+        gc.freeze()  # the configuration and the modules: never garbage, never walked again
         return server
 
     async def run(self) -> None:

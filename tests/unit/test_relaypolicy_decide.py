@@ -248,10 +248,19 @@ def test_end_of_message_without_instance_is_counted_each_time(decider: Decider,
     eom = request("END-OF-MESSAGE", instance="", recipient_count="1")
     assert decider.decide(eom, NOW) == decider.decide(eom, NOW) == "DUNNO"
     assert state.count(RELAY_ACCEPTED, 3600, NOW, site=SITE1) == (2, 2)
-    assert decider.messages == {}
+    assert decider.messages == {} and decider.answered == {}
 
 
 def test_a_reason_with_a_newline_stays_one_line(decider: Decider, state: State) -> None:
     state.suspend(SITE1, "spam\naction=OK", "operator")
     answer = decider.decide(request("RCPT"), NOW)
     assert "\n" not in answer and "(spam action=OK)" in answer
+
+
+def test_a_message_is_forgotten_at_end_of_message_but_its_answer_kept(
+        decider: Decider, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sendmail_shim.relaypolicy.decide.MAX_ANSWERS", 5)
+    for _ in range(8):
+        send(decider, ["a@x.example"])
+    assert decider.messages == {}
+    assert len(decider.answered) == 5
