@@ -327,8 +327,8 @@ class PolicyService:
                               doc="close a connection idle this long (Postfix closes its own "
                                   "after smtpd_policy_service_max_idle, 300s)")
     max_connections: int = key(1000, kind=Whole(1),
-                               doc="connections served at once; more wait in the listen "
-                                   "queue")
+                               doc="connections served at once; more are accepted and wait "
+                                   "for a free slot")
 
 
 @dataclass(frozen=True)
