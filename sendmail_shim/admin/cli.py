@@ -344,6 +344,39 @@ def top(config_path: str | None) -> None:
     operate(config_path, "top")
 
 
+@cli.group("policy")
+def policy_group() -> None:
+    """The relay's Postfix policy service (check_policy_service)."""
+
+
+@policy_group.command("serve")
+@config_option
+@click.option("--listen", default=None, metavar="unix:/PATH|inet:HOST:PORT",
+              help="Where to listen (default: policy_service.listen of the configuration).")
+def policy_serve(config_path: str | None, listen: str | None) -> None:
+    """Answer the relay's policy requests: site limits and suspensions per relay login."""
+    from sendmail_shim.config.model import PolicyListen
+    from sendmail_shim.config.schema import Problem
+    from sendmail_shim.daemon.logsetup import setup_logging
+    from sendmail_shim.relaypolicy.server import serve as serve_policy
+    from sendmail_shim.store.state import state_dir
+
+    config = _load(config_path)
+    if listen is not None:
+        try:
+            PolicyListen().read(listen, "--listen", "")
+        except Problem as exc:
+            raise click.BadParameter(str(exc), param_hint="--listen") from None
+    setup_logging(config)
+    try:
+        sys.exit(serve_policy(config, listen))
+    except OSError as exc:
+        click.echo(f"sendmail-shim-admin: policy serve: cannot listen on "
+                   f"{listen or config.policy_service.listen} or open the state in "
+                   f"{state_dir(config.layout)}: {exc}", err=True)
+        sys.exit(sysexits.EX_OSERR if exc.errno != errno.EACCES else sysexits.EX_NOPERM)
+
+
 @cli.group()
 def route() -> None:
     """Where mail for an address goes, and why."""

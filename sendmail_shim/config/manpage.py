@@ -1,7 +1,7 @@
 """The key list of man/sendmail-shim.yaml.5, printed from the schema.
 
 Trusts: the model's declarations.  Guarantees: the man page's sections from
-TOP-LEVEL KEYS to FIREWALL name every key the loader accepts, with its doc,
+TOP-LEVEL KEYS to POLICY SERVICE name every key the loader accepts, with its doc,
 what it accepts and its default, in the model's order; tests/test_manpages.py
 fails when the page and the schema differ.
 
@@ -29,6 +29,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("RELAY LOGIN", model.RelayLogin), ("ADMIN", model.Admin), ("FIREWALL", model.Firewall),
     ("REPUTATION", model.Reputation), ("REPUTATION ZONES", model.Zone),
     ("SCAN", model.Scan),
+    ("POLICY SERVICE", model.PolicyService),
 )
 INTROS = {
     "POOLS": "Each entry of pools; without pools, every relay is in the pool default.",

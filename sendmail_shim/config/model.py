@@ -408,6 +408,54 @@ class RetryPolicy:
                         doc="each wait varies by up to this share")
 
 
+POLICY_CHOICES = ("dunno", "defer", "reject")
+SUSPENDED_CHOICES = ("defer", "hold", "reject")
+
+
+class PolicyListen(Kind):
+    what = "unix:/PATH or inet:HOST:PORT (an IP address; [::1]:PORT for IPv6)"
+
+    def read(self, value: Any, where: str, owner: str) -> str:
+        text = Text().read(value, where, owner)
+        if text.startswith("unix:"):
+            if not os.path.isabs(text[5:]):
+                raise Problem(where, f"expected an absolute socket path, got {text[5:]!r}")
+            return text
+        if text.startswith("inet:"):
+            ListenAddress().read(text[5:], where, owner)
+            return text
+        raise Problem(where, f"expected {self.what}, got {text!r}")
+
+
+@dataclass(frozen=True)
+class PolicyService:
+    """The relay's policy service (sendmail-shim-admin policy serve)."""
+
+    listen: str = key("inet:127.0.0.1:10031", kind=PolicyListen(),
+                      doc="where Postfix's check_policy_service connects; a Unix socket is "
+                          "made mode 0660 (add postfix to the service's group)")
+    unknown_login: str = key("dunno", kind=Choice(POLICY_CHOICES),
+                             doc="for a SASL login that is no site's relay_login (or several "
+                                 "sites'): dunno leaves it to Postfix's other rules")
+    login_realm: str | None = key(
+        None, kind=Optional(Text(), falsy=True),
+        doc="the SASL realm the relay appends (Cyrus reports user@realm, the realm being "
+            "smtpd_sasl_local_domain): sasl_username user@this realm is relay_login user",
+        default_text="none: sasl_username must equal relay_login.user")
+    unauthenticated: str = key("dunno", kind=Choice(POLICY_CHOICES),
+                               doc="for a client without SASL login (empty sasl_username)")
+    suspended: str = key("defer", kind=Choice(SUSPENDED_CHOICES),
+                         doc="for a suspended site's mail: defer keeps it queued at the "
+                             "sender, hold accepts it into the relay's hold queue, reject "
+                             "bounces it")
+    idle_timeout: float = key(330.0, kind=Duration(floor=1.0),
+                              doc="close a connection idle this long (Postfix closes its own "
+                                  "after smtpd_policy_service_max_idle, 300s)")
+    max_connections: int = key(1000, kind=Whole(1),
+                               doc="connections served at once; more are accepted and wait "
+                                   "for a free slot")
+
+
 @dataclass(frozen=True)
 class Scan:
     """Content scoring with SpamAssassin's spamd, after the durable commit (delivery/scan.py)."""
@@ -539,6 +587,9 @@ class Config:
                                      "(the resolver is resolver.*)")
     scan: Scan = key(Scan(), kind=Section(Scan, "SCAN"),
                      doc="content scoring with spamd (off by default)")
+    policy_service: PolicyService = key(
+        PolicyService(), kind=Section(PolicyService, "POLICY SERVICE"),
+        doc="the relay's Postfix policy service (sendmail-shim-admin policy serve)")
 
     @property
     def layout(self) -> paths.SpoolLayout:
@@ -604,3 +655,4 @@ POOL_KEYS = top_names(Pool)
 REPUTATION_KEYS = top_names(Reputation)
 ZONE_KEYS = top_names(Zone)
 SCAN_KEYS = top_names(Scan)
+POLICY_SERVICE_KEYS = top_names(PolicyService)
