@@ -22,7 +22,7 @@ import filelock
 from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import control
 from sendmail_shim.policy import sanctions
-from sendmail_shim.store.state import State, state_dir
+from sendmail_shim.store.state import open_state, state_dir
 from sendmail_shim.wire import client, paths, protocol, sysexits
 
 
@@ -86,7 +86,7 @@ def _direct(config: Config, action: str, args: control.Args) -> None:
             f"the daemon holds {config.layout.lock} but its control socket "
             f"{config.layout.control_socket} does not answer; check the daemon's log") from None
     try:
-        state = State(config.layout)
+        state = open_state(config)
         try:
             text = control.perform(config, state, action, args,
                                    f"operator uid {os.getuid()} (daemon stopped)")
@@ -441,9 +441,15 @@ def config_check(config_path: str | None) -> None:
                             f"{exc.strerror}")
     if not config.relays:
         problems.append("no relays configured: every message will wait in the queue")
+    if config.state_backend == "redis":
+        from sendmail_shim.store.state_redis import check_backend  # lazy
+        problem = check_backend(config.state_url, config.state_prefix)
+        problems += [problem] if problem else []
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
-               f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")
+               f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}, "
+               f"state {config.state_backend}"
+               + (f" (node {config.node})" if config.state_backend == "redis" else ""))
     for problem in problems:
         click.echo(f"problem: {problem}")
     for warning in warnings:

@@ -51,6 +51,7 @@ LOG_TARGETS = ("stderr", "syslog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 ROUTES = ("local", "remote", "auto")
+STATE_BACKENDS = ("sqlite", "redis")
 ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 _COUNT = Optional(Whole(1))  # a rule's threshold; null disables the rule
@@ -67,6 +68,8 @@ GROUP_DOCS = {
     "new_script": "a script first seen within the window sent that many messages; "
                   "without count: off",
     "capture": "redirect site uids' port 25 to the daemon",
+    "state": "where quota windows, suspensions, overrides and outbreak counters live: "
+             "this node's SQLite file, or a Redis or Valkey server the nodes share",
 }
 
 
@@ -297,6 +300,20 @@ class Config:
     hostname: str = key(kind=Text(), factory=socket.gethostname,
                         doc="this host's name for Message-Id, Received and bounces",
                         default_text="the machine's name")
+    node: str = key(kind=Text(), factory=socket.gethostname,
+                    doc="this node's name in shared state: quota show, site show and top say "
+                        "which node sent what", default_text="the machine's name")
+    state_backend: str = key("sqlite", kind=Choice(STATE_BACKENDS), name="state.backend",
+                             doc="sqlite (embedded, one node) or redis (shared by the nodes; "
+                                 "Redis 6 or later, or Valkey)")
+    state_url: str = key("redis://127.0.0.1:6379/0", kind=schema.Checked(
+        lambda text: text.startswith(("redis://", "rediss://", "unix://")),
+        "expected a redis://, rediss:// or unix:// URL, got {text!r}", "a Redis URL"),
+        name="state.url",
+        doc="the Redis server of state.backend redis, with its database number (and password: "
+            "keep the file unreadable to sites)")
+    state_prefix: str = key("sendmail-shim:", kind=Text(), name="state.prefix",
+                            doc="prefix of every Redis key, so fleets can share one server")
     log_target: str = key("stderr", kind=Choice(LOG_TARGETS), name="log.target",
                           doc="stderr, or syslog (the mail facility)")
     log_level: str = key("info", kind=Choice(LOG_LEVELS), name="log.level",

@@ -60,7 +60,7 @@ from sendmail_shim.daemon.submission import SubmissionServer
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import settle_submissions, storage_trouble
 from sendmail_shim.store import spool
-from sendmail_shim.store.state import State
+from sendmail_shim.store.state import State, open_state
 from sendmail_shim.wire import sysexits
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class Daemon:
     def _open_state(self) -> bool:
         """Open the state database; on failure (a full disk) say why and keep refusing."""
         try:
-            state = State(self.config.layout)
+            state = open_state(self.config)
             settle_submissions(self.config, state)
         except (sqlite3.Error, OSError) as exc:
             why = storage_trouble(self.config.layout.root, exc) or (
