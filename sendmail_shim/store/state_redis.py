@@ -38,7 +38,10 @@ never reaches the caller: no message is refused or lost for it.  The price is
 bounded over-sending: during an outage or a partition each node enforces each
 limit alone against its own share, so a site sends at most N times its limit
 per window with N nodes (2 nodes: twice ``per_hour``).  Counts made during
-the outage are not copied to Redis afterwards.
+the outage are not copied to Redis afterwards.  A Redis found empty (new, or
+restarted without persistence) is seeded with the node's copy of the
+suspensions, overrides and relay marks, so a lost server loses no suspension;
+run Redis with persistence (appendonly) to keep the counters too.
 """
 
 from __future__ import annotations
@@ -209,8 +212,8 @@ class RedisState(State):
             self._last_error = now
             log.error("state: the shared Redis state %s cannot be reached (%s); FAILING OPEN: "
                       "this node %s counts quotas alone in its own state file and keeps the "
-                      "suspensions last seen, so each site may send up to once its limit per "
-                      "node; start the Redis or Valkey server or fix state.url; retrying every "
+                      "suspensions last seen, so a site may send up to its limit on each node; "
+                      "start the Redis or Valkey server or fix state.url; retrying every "
                       "%gs", _safe(self.url), exc, self.node, RETRY)
 
     def _connect(self) -> bool:
@@ -218,6 +221,8 @@ class RedisState(State):
         try:
             self._client.ping()
             with self._lock:
+                if self._client.get(self.prefix + "gen") is None:
+                    self._seed()
                 for op, args in self._pending:
                     getattr(self, "_shared_" + op)(*args)
                 self._pending.clear()
@@ -231,6 +236,23 @@ class RedisState(State):
             self._last_error = 0.0
         self._up = True
         return True
+
+    def _seed(self) -> None:
+        """An empty Redis (new, or restarted without its data): push this node's copy of
+        the suspensions, overrides and relay marks, so none is lost with the server."""
+        pipe = self._client.pipeline(transaction=True)
+        for table, marks in (("suspensions", self._suspended), ("relay_marks", self._relay_marks)):
+            for name, mark in marks.items():
+                pipe.hsetnx(self.prefix + table, name, json.dumps(mark))
+        for site, values in self._overrides.items():
+            for key, value in values.items():
+                pipe.hsetnx(self.prefix + "overrides", _key(site, key), json.dumps(value))
+        self._bump(pipe)
+        pipe.execute()
+        log.warning("state: the shared Redis state %s was empty; node %s wrote its copy of "
+                    "%d suspensions, %d relay marks and the quota overrides of %d sites there",
+                    _safe(self.url), self.node, len(self._suspended), len(self._relay_marks),
+                    len(self._overrides))
 
     def _watch(self) -> None:
         """Poll the generation counter (reload on a change); reconnect while Redis is away."""
