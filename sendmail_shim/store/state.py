@@ -195,9 +195,15 @@ def open_state(config: Config, layout: paths.SpoolLayout | None = None,
     nodes (falling back to the SQLite file while Redis cannot be reached)."""
     layout = config.layout if layout is None else layout
     if config.state_backend == "redis":
-        from sendmail_shim.store.state_redis import RedisState  # lazy: redis
-        return RedisState(layout, create, node=config.node, url=config.state_url,
-                          prefix=config.state_prefix)
+        try:
+            from sendmail_shim.store.state_redis import RedisState  # lazy: redis
+        except ImportError as exc:
+            log.error("state: state.backend is redis but the redis client cannot be imported "
+                      "(%s); FAILING OPEN to this node's own state file: install python3-redis "
+                      "(or pip install redis) and restart the daemon", exc)
+        else:
+            return RedisState(layout, create, node=config.node, url=config.state_url,
+                              prefix=config.state_prefix)
     return State(layout, create, node=config.node)
 
 
@@ -456,21 +462,30 @@ class State:
     # -- suspensions ----------------------------------------------------------
     def suspend(self, site: str, reason: str, actor: str) -> bool:
         """True when the site was not suspended before."""
-        since = time.time()
-        with self._lock:
-            cur = self._db.execute("INSERT OR IGNORE INTO suspensions VALUES (?, ?, ?, ?)",
-                                   (site, since, reason, actor))
-            if cur.rowcount != 1:
-                return False
-            self._in_step(lambda: self._suspended.__setitem__(site, (since, reason, actor)))
-            return True
+        return self._set_mark("suspensions", "_suspended", site, reason, actor)
 
     def resume(self, site: str) -> bool:
+        return self._drop_mark("suspensions", "_suspended", site)
+
+    def _set_mark(self, table: str, memory: str, name: str, reason: str, actor: str) -> bool:
+        """Insert a mark (suspension, relay mark) and, once written, its in-memory copy."""
+        since = time.time()
         with self._lock:
-            cur = self._db.execute("DELETE FROM suspensions WHERE site = ?", (site,))
+            cur = self._db.execute(
+                f"INSERT OR IGNORE INTO {table} VALUES (?, ?, ?, ?)",  # noqa: S608
+                (name, since, reason, actor))
             if cur.rowcount != 1:
                 return False
-            self._in_step(lambda: self._suspended.pop(site, None))
+            self._in_step(lambda: getattr(self, memory).__setitem__(name, (since, reason, actor)))
+            return True
+
+    def _drop_mark(self, table: str, memory: str, name: str) -> bool:
+        with self._lock:
+            column = "site" if table == "suspensions" else "name"
+            cur = self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))  # noqa: S608
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: getattr(self, memory).pop(name, None))
             return True
 
     def suspension(self, site: str) -> tuple[float, str, str] | None:
@@ -504,23 +519,11 @@ class State:
 
     def burn_relay(self, name: str, reason: str, actor: str) -> bool:
         """Mark a relay login burned; True if it was not before."""
-        since = time.time()
-        with self._lock:
-            cur = self._db.execute("INSERT OR IGNORE INTO relay_marks VALUES (?, ?, ?, ?)",
-                                   (name, since, reason, actor))
-            if cur.rowcount != 1:
-                return False
-            self._in_step(lambda: self._relay_marks.__setitem__(name, (since, reason, actor)))
-            return True
+        return self._set_mark("relay_marks", "_relay_marks", name, reason, actor)
 
     def restore_relay(self, name: str) -> bool:
         """Lift a relay login's burn mark; True if it was burned."""
-        with self._lock:
-            cur = self._db.execute("DELETE FROM relay_marks WHERE name = ?", (name,))
-            if cur.rowcount != 1:
-                return False
-            self._in_step(lambda: self._relay_marks.pop(name, None))
-            return True
+        return self._drop_mark("relay_marks", "_relay_marks", name)
 
     def mirror(self, suspended: Marks, overrides: dict[str, dict[str, int | None]],
                relay_marks: Marks) -> None:

@@ -87,21 +87,41 @@ local p, site, kind, node, uid, script = ARGV[1], ARGV[8], ARGV[9], ARGV[10], AR
 local sign, n = tonumber(ARGV[6]), tonumber(ARGV[7])
 local t = '\\t'
 local result, ok = {0}, true
+-- Limits sharing a range of buckets are read together: one HMGET per bucket.
+local groups, order, limits = {}, {}, {}
 local i = 13
 while i + 5 <= #ARGV do
-  local scope, res, first, last = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
-  local total, limit = ARGV[i+4] == '1', tonumber(ARGV[i+5])
+  local scope, total = ARGV[i], ARGV[i+4] == '1'
   local field
   if scope == 's' then field = (total and 'st' or 'se') .. t .. site .. t .. kind
   else field = (total and 'ut' or 'ue') .. t .. uid .. t .. kind end
-  local sum = 0
-  for b = first, last do
-    local v = redis.call('HGET', p .. 'b:' .. res .. ':' .. b, field)
-    if v then sum = sum + tonumber(v) end
+  local range = ARGV[i+1] .. ':' .. ARGV[i+2] .. ':' .. ARGV[i+3]
+  if not groups[range] then
+    groups[range] = {res = ARGV[i+1], first = tonumber(ARGV[i+2]), last = tonumber(ARGV[i+3]),
+                     fields = {}, members = {}}
+    order[#order + 1] = range
   end
-  result[#result + 1] = sum
-  if limit >= 0 and sum + (total and n or 1) > limit then ok = false end
+  local group = groups[range]
+  group.fields[#group.fields + 1] = field
+  group.members[#group.members + 1] = #limits + 1
+  limits[#limits + 1] = {sum = 0, add = total and n or 1, limit = tonumber(ARGV[i+5])}
   i = i + 6
+end
+for _, range in ipairs(order) do
+  local group = groups[range]
+  for b = group.first, group.last do
+    local values = redis.call('HMGET', p .. 'b:' .. group.res .. ':' .. b, unpack(group.fields))
+    for j, value in ipairs(values) do
+      if value then
+        local limit = limits[group.members[j]]
+        limit.sum = limit.sum + tonumber(value)
+      end
+    end
+  end
+end
+for _, limit in ipairs(limits) do
+  result[#result + 1] = limit.sum
+  if limit.limit >= 0 and limit.sum + limit.add > limit.limit then ok = false end
 end
 if not ok then return result end
 result[1] = 1
@@ -144,7 +164,11 @@ return events
 
 def check_backend(url: str, prefix: str) -> str | None:
     """None when the Redis server answers (and runs Lua), else what is wrong and what to do."""
-    import redis  # lazy: only the redis backend needs it
+    try:
+        import redis  # lazy: only the redis backend needs it
+    except ImportError as exc:
+        return (f"state.backend redis: the redis client cannot be imported ({exc}); install "
+                "python3-redis")
 
     client = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
     try:
@@ -249,6 +273,8 @@ class RedisState(State):
                 pipe.hsetnx(self.prefix + "overrides", _key(site, key), json.dumps(value))
         self._bump(pipe)
         pipe.execute()
+        if not (self._suspended or self._relay_marks or self._overrides):
+            return
         log.warning("state: the shared Redis state %s was empty; node %s wrote its copy of "
                     "%d suspensions, %d relay marks and the quota overrides of %d sites there",
                     _safe(self.url), self.node, len(self._suspended), len(self._relay_marks),
@@ -317,28 +343,31 @@ class RedisState(State):
             res, first = buckets(limit.window, ts)
             args += ["s" if limit.scope == "site" else "u", res, first, int(ts // res),
                      1 if limit.total else 0, -1 if limit.limit is None else limit.limit]
-        result = self._shared("reserve", self._reserve, [], args)
-        if result is None:
-            return super().reserve(site, uid, kind, n, script, ts, limits)
-        used = [int(value) for value in result[1:]]
-        if not result[0]:
-            return None, used
-        self._counted(probe)
-        super().record(site, uid, kind, n, script, ts)  # this node's own share
-        return probe, used
+        with self._lock:  # a transaction holds it: _undo is this thread's
+            result = self._shared("reserve", self._reserve, [], args)
+            if result is None:
+                return super().reserve(site, uid, kind, n, script, ts, limits)
+            used = [int(value) for value in result[1:]]
+            if not result[0]:
+                return None, used
+            self._counted(probe)
+            super().record(site, uid, kind, n, script, ts)  # this node's own share
+            return probe, used
 
     def _counted(self, reservation: Reservation) -> None:
+        """Note a count made in Redis inside a transaction (held lock), to undo on rollback."""
         if self._undo is not None:
             self._undo.append(reservation)
 
     def record(self, site: str, uid: int, kind: str, n: int = 1, script: str | None = None,
                ts: float | None = None) -> Reservation:
-        local = super().record(site, uid, kind, n, script, ts)
-        shared = Reservation(site, uid, kind, n, script, local.ts, shared=True)
-        if self._shared("record", self._reserve, [], self._script_args(shared, 1)) is None:
-            return local
-        self._counted(shared)
-        return shared
+        with self._lock:
+            local = super().record(site, uid, kind, n, script, ts)
+            shared = Reservation(site, uid, kind, n, script, local.ts, shared=True)
+            if self._shared("record", self._reserve, [], self._script_args(shared, 1)) is None:
+                return local
+            self._counted(shared)
+            return shared
 
     def forget(self, reservation: Reservation) -> None:
         super().forget(reservation)
