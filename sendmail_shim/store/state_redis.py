@@ -142,6 +142,20 @@ end
 return result
 """
 
+# Sums of fields over a range of buckets, in one call.  ARGV: prefix, resolution, first
+# bucket, last bucket, fields...  Returns each field's sum.
+SUM = """
+local fields, sums = {}, {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i]; sums[#sums + 1] = 0 end
+for b = tonumber(ARGV[3]), tonumber(ARGV[4]) do
+  local values = redis.call('HMGET', ARGV[1] .. 'b:' .. ARGV[2] .. ':' .. b, unpack(fields))
+  for j, value in ipairs(values) do
+    if value then sums[j] = sums[j] + tonumber(value) end
+  end
+end
+return sums
+"""
+
 # reset_usage: delete every field of one site from the given bucket keys; the events
 # forgotten (hour buckets).  KEYS: bucket keys.  ARGV: site.
 RESET = """
@@ -212,6 +226,7 @@ class RedisState(State):
                                             decode_responses=True)
         self._reserve = self._client.register_script(RESERVE)
         self._reset = self._client.register_script(RESET)
+        self._sum_script = self._client.register_script(SUM)
         self._up = False
         self._generation: str | None = None
         self._last_error = 0.0
@@ -393,19 +408,11 @@ class RedisState(State):
         res, first = buckets(window, now)
         return res, [f"{self.prefix}b:{res}:{b}" for b in range(first, int(now // res) + 1)]
 
-    def _sum(self, keys: list[str], fields: Sequence[str]) -> list[int] | None:
-        """Each field summed over the bucket keys; None when Redis is away."""
-        def read() -> list[int]:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hmget(key, list(fields))
-            sums = [0] * len(fields)
-            for values in pipe.execute():
-                for i, value in enumerate(values):
-                    sums[i] += int(value or 0)
-            return sums
-        result: list[int] | None = self._shared("count", read)
-        return result
+    def _sum(self, res: int, first: int, last: int, fields: Sequence[str]) -> list[int] | None:
+        """Each field summed over the buckets first..last; None when Redis is away."""
+        result = self._shared("count", self._sum_script, [],
+                              [self.prefix, res, first, last, *fields])
+        return None if result is None else [int(value) for value in result]
 
     def _hashes(self, keys: list[str]) -> list[dict[str, str]] | None:
         def read() -> list[dict[str, str]]:
@@ -418,18 +425,17 @@ class RedisState(State):
 
     def count(self, kind: str, window: float, now: float, site: str | None = None,
               uid: int | None = None) -> tuple[int, int]:
-        _, keys = self._bucket_keys(window, now)
+        res, first = buckets(window, now)
         head = ("s", site) if site is not None else ("u", uid)
-        sums = self._sum(keys, [_key(head[0] + "e", head[1], kind),
-                                _key(head[0] + "t", head[1], kind)])
+        sums = self._sum(res, first, int(now // res), [_key(head[0] + "e", head[1], kind),
+                                                       _key(head[0] + "t", head[1], kind)])
         if sums is None:
             return super().count(kind, window, now, site, uid)
         return sums[0], sums[1]
 
     def count_script(self, site: str, script: str, since: float, now: float) -> int:
         res = MINUTE if now - since <= MINUTE_SPAN else HOUR
-        keys = [f"{self.prefix}b:{res}:{b}" for b in range(int(since // res), int(now // res) + 1)]
-        sums = self._sum(keys, [_key("xe", site, script)])
+        sums = self._sum(res, int(since // res), int(now // res), [_key("xe", site, script)])
         return super().count_script(site, script, since, now) if sums is None else sums[0]
 
     def _fields(self, window: float, now: float, tag: str) -> dict[tuple[str, ...], list[int]]:
