@@ -21,6 +21,10 @@ buckets beyond), shared by every node that names the same server and prefix:
   second.  :meth:`suspension`, :meth:`overrides` and :meth:`relay_marks` read
   the in-memory copy, never Redis (the event loop calls them);
 * recipient domains (a sorted set per site) and scripts' first sighting.
+  To spare round trips on the hand-off path, :meth:`record_domains` also
+  counts the site's domains, and a :meth:`distinct_domains` within
+  :data:`NOTE_FRESH` seconds uses that count; a script's first sighting,
+  which never changes, is remembered once read.
 
 Submission ids (``claim_submission`` and the rest) stay in the node's SQLite
 file: they are about the node's own spool and its two roads (socket, drop
@@ -75,6 +79,8 @@ REFRESH = 0.25  # seconds between two looks at the generation counter
 RETRY = 3.0  # seconds between two connection attempts while Redis is away
 LOG_EVERY = 60.0  # at most one ERROR line a minute while Redis is away
 TIMEOUT = 1.0  # connect and command timeout: a hung server costs a message at most this
+NOTE_FRESH = 0.1  # seconds: distinct_domains right after record_domains uses its count
+FIRST_SEEN_CACHE = 100_000  # (site, script) first sightings remembered in memory
 TTL = {MINUTE: MINUTE_SPAN + 2 * MINUTE, HOUR: int(RETENTION) + 2 * HOUR}
 SEP = "\t"
 
@@ -232,6 +238,8 @@ class RedisState(State):
         self._last_error = 0.0
         self._pending: list[tuple[str, tuple[Any, ...]]] = []  # mark changes made while down
         self._undo: list[Reservation] | None = None
+        self._domains_counted: dict[str, tuple[int, int, float]] = {}  # site: minute, count, when
+        self._first_seen: dict[tuple[str, str], float] = {}
         self._closed = threading.Event()
         self._connect()
         self._thread = threading.Thread(target=self._watch, name="state-redis", daemon=True)
@@ -477,6 +485,7 @@ class RedisState(State):
 
     def reset_usage(self, site: str) -> int:
         local = super().reset_usage(site)
+        self._domains_counted.pop(site, None)
 
         def reset() -> int:
             keys = [key for pattern in (f"{self.prefix}b:60:*", f"{self.prefix}b:3600:*")
@@ -494,25 +503,32 @@ class RedisState(State):
         minute = int(ts // MINUTE)
 
         def add() -> None:
-            if not domains:
-                return
             key = self.prefix + "d:" + site
             pipe = self._client.pipeline(transaction=False)
             pipe.zadd(key, dict.fromkeys(domains, minute))
             pipe.zremrangebyscore(key, "-inf", minute - DOMAIN_WINDOW)
             pipe.expire(key, (DOMAIN_WINDOW + 1) * MINUTE)
-            pipe.execute()
-        self._shared("record_domains", add)
+            pipe.zcount(key, minute - DOMAIN_WINDOW + 1, "+inf")
+            counted = int(pipe.execute()[-1])
+            self._domains_counted[site] = (minute, counted, time.monotonic())
+        if domains:
+            self._shared("record_domains", add)
 
     def distinct_domains(self, site: str, now: float, cap: int) -> int:
-        first = int(now // MINUTE) - DOMAIN_WINDOW + 1
+        minute = int(now // MINUTE)
+        noted = self._domains_counted.pop(site, None)
+        if noted is not None and noted[0] == minute and time.monotonic() - noted[2] < NOTE_FRESH:
+            return min(noted[1], cap)  # counted with the note just made: no second round trip
         found = self._shared("distinct_domains", self._client.zcount,
-                             self.prefix + "d:" + site, first, "+inf")
+                             self.prefix + "d:" + site, minute - DOMAIN_WINDOW + 1, "+inf")
         if found is None:
             return super().distinct_domains(site, now, cap)
         return min(int(found), cap)
 
     def script_first_seen(self, site: str, script: str, now: float) -> float:
+        known = self._first_seen.get((site, script))
+        if known is not None:
+            return known  # a first sighting never changes: asked once per process
         local = super().script_first_seen(site, script, now)
 
         def seen() -> float:
@@ -521,7 +537,12 @@ class RedisState(State):
             pipe.hget(self.prefix + "scripts", _key(site, script))
             return float(pipe.execute()[1])
         shared: float | None = self._shared("script_first_seen", seen)
-        return local if shared is None else shared
+        if shared is None:
+            return local
+        if len(self._first_seen) >= FIRST_SEEN_CACHE:
+            self._first_seen.clear()
+        self._first_seen[(site, script)] = shared
+        return shared
 
     # -- suspensions, overrides, relay marks ----------------------------------------------
     def _change(self, op: str, *args: Any) -> Any:

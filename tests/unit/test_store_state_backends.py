@@ -259,6 +259,16 @@ class TestShared:
             SITE1: {"web1": (1, 2), "web2": (1, 1)}}
         assert web2.top(HOUR, NOW, by_script=True) == [(SITE1, "a.php", 2, 3)]
 
+    def test_domains_and_scripts_are_the_fleets(self, open_node: Opener) -> None:
+        web1, web2 = open_node("web1"), open_node("web2")
+        web1.record_domains(SITE1, ["a.example", "b.example"], NOW)
+        web2.record_domains(SITE1, ["b.example", "c.example"], NOW)
+        assert web2.distinct_domains(SITE1, NOW, cap=100) == 3
+        time.sleep(0.15)
+        assert web1.distinct_domains(SITE1, NOW, cap=100) == 3
+        assert web1.script_first_seen(SITE1, "a.php", NOW) == NOW
+        assert web2.script_first_seen(SITE1, "a.php", NOW + 9) == NOW
+
     def test_a_suspension_reaches_the_other_node_within_a_second(
             self, open_node: Opener) -> None:
         web1, web2 = open_node("web1"), open_node("web2")
