@@ -202,8 +202,12 @@ def open_state(config: Config, layout: paths.SpoolLayout | None = None,
                       "(%s); FAILING OPEN to this node's own state file: install python3-redis "
                       "(or pip install redis) and restart the daemon", exc)
         else:
-            return RedisState(layout, create, node=config.node, url=config.state_url,
-                              prefix=config.state_prefix)
+            try:
+                return RedisState(layout, create, node=config.node, url=config.state_url,
+                                  prefix=config.state_prefix)
+            except ValueError as exc:
+                log.error("state: state.url cannot be used (%s); FAILING OPEN to this node's "
+                          "own state file: fix state.url and restart the daemon", exc)
     return State(layout, create, node=config.node)
 
 

@@ -190,7 +190,11 @@ def check_backend(url: str, prefix: str) -> str | None:
         return (f"state.backend redis: the redis client cannot be imported ({exc}); install "
                 "python3-redis")
 
-    client = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT,
+                                      socket_connect_timeout=TIMEOUT)
+    except ValueError as exc:
+        return f"state.url {_safe(url)} cannot be used ({exc}); fix state.url"
     try:
         client.ping()
         client.eval("return 1", 0)
@@ -224,12 +228,12 @@ class RedisState(State):
                  url: str = "redis://127.0.0.1:6379/0", prefix: str = "sendmail-shim:") -> None:
         import redis  # lazy: the redis client is not on the sqlite path
 
+        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT,  # a bad URL: ValueError
+                                      socket_connect_timeout=TIMEOUT, decode_responses=True)
         super().__init__(layout, create, node)
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.url, self.prefix = url, prefix
-        self._client = redis.Redis.from_url(url, socket_timeout=TIMEOUT,
-                                            socket_connect_timeout=TIMEOUT,
-                                            decode_responses=True)
+        self._client = client
         self._reserve = self._client.register_script(RESERVE)
         self._reset = self._client.register_script(RESET)
         self._sum_script = self._client.register_script(SUM)

@@ -353,3 +353,17 @@ def test_sqlite_is_the_default(make_config: MakeConfig,
         assert type(state) is State and not state.shared
     finally:
         state.close()
+
+
+def test_a_bad_redis_url_fails_open_to_the_local_file(
+        make_config: MakeConfig, spool_layout: paths.SpoolLayout,
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(state={"backend": "redis", "url": "redis://127.0.0.1:notaport/0"})
+    state = open_state(config, spool_layout)
+    try:
+        assert type(state) is State
+        assert "FAILING OPEN" in caplog.text and "fix state.url" in caplog.text
+    finally:
+        state.close()
+    problem = state_redis.check_backend(config.state_url, config.state_prefix)
+    assert problem is not None and "cannot be used" in problem
