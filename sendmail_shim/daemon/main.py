@@ -242,7 +242,8 @@ class Daemon:
         """SIGHUP: read the configuration again; keep the old one if the new one is bad.
 
         Sites, quotas, policies, relays, routing and logins change at once; the
-        spool, the capture port and the admin group need a restart.
+        spool, the capture port, the admin group, the node name and the state backend
+        need a restart.
         """
         try:
             new = load_config(self.config.path)
@@ -251,8 +252,8 @@ class Daemon:
             return
         if _restart_keys(new) != _restart_keys(self.config):
             log.warning("reload: spool, firewall.capture, admin.group, log.format, "
-                        "log.target or metrics.listen/textfile changed; restart the daemon "
-                        "for those")
+                        "log.target, metrics.listen/textfile, node or state changed; restart "
+                        "the daemon for those")
         self.config = new
         if self.runner is not None:
             self.runner.reconfigure(new)
@@ -273,7 +274,8 @@ class Daemon:
 def _restart_keys(config: Config) -> tuple[object, ...]:
     """The settings a reload cannot change (the daemon must restart for them)."""
     return (config.spool, config.firewall.capture_port, config.admin.group, config.log_format,
-            config.log_target, config.metrics_listen, config.metrics_textfile)
+            config.log_target, config.metrics_listen, config.metrics_textfile, config.node,
+            config.state_backend, config.state_url, config.state_prefix)
 
 
 def run_daemon(config: Config) -> int:
