@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -310,32 +311,43 @@ class RedisState(State):
     def _watch(self) -> None:
         """Poll the generation counter (reload on a change); reconnect while Redis is away."""
         while not self._closed.wait(REFRESH if self._up else RETRY):
-            if not self._up:
-                self._connect()
-                continue
             try:
-                self._reload()
+                if self._up:
+                    self._reload()
+                else:
+                    self._connect()
             except self._redis_errors as exc:
                 self._down(exc)
-            except Exception:
+            except Exception:  # the watcher must outlive any one failure
                 log.exception("state: reading the shared suspensions failed; retrying")
 
     def _reload(self, force: bool = False) -> None:
-        """Load suspensions, overrides and relay marks when their generation changed."""
+        """Load suspensions, overrides and relay marks when their generation changed.
+
+        Under the lock, so a change this node makes (which holds it too) is never
+        overwritten by a copy read before it; the in-memory copy is swapped in even
+        when the local file cannot be written.
+        """
         generation = self._client.get(self.prefix + "gen")
         if not force and generation == self._generation:
             return
-        pipe = self._client.pipeline(transaction=True)
-        pipe.get(self.prefix + "gen")
-        for name in ("suspensions", "overrides", "relay_marks"):
-            pipe.hgetall(self.prefix + name)
-        generation, suspended, raw_overrides, relay = pipe.execute()
-        overrides: dict[str, dict[str, int | None]] = {}
-        for field, value in raw_overrides.items():
-            site, _, key = field.partition(SEP)
-            overrides.setdefault(site, {})[key] = json.loads(value)
-        self.mirror(_marks(suspended), overrides, _marks(relay))
-        self._generation = generation
+        with self._lock:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.get(self.prefix + "gen")
+            for name in ("suspensions", "overrides", "relay_marks"):
+                pipe.hgetall(self.prefix + name)
+            generation, suspended, raw_overrides, relay = pipe.execute()
+            overrides: dict[str, dict[str, int | None]] = {}
+            for field, value in raw_overrides.items():
+                site, _, key = field.partition(SEP)
+                overrides.setdefault(site, {})[key] = json.loads(value)
+            self._replace(_marks(suspended), overrides, _marks(relay))
+            self._generation = generation
+            try:
+                self.mirror(_marks(suspended), overrides, _marks(relay))
+            except sqlite3.Error as exc:
+                log.warning("state: the copy of the shared suspensions could not be written "
+                            "to the local state file (%s); free space on the spool disk", exc)
 
     def close(self) -> None:
         self._closed.set()
@@ -590,17 +602,19 @@ class RedisState(State):
         pipe.execute()
 
     def _mark(self, table: str, name: str, reason: str, actor: str) -> bool:
-        local = (super().suspend(name, reason, actor) if table == "suspensions"
-                 else super().burn_relay(name, reason, actor))
-        mark = (self._suspended if table == "suspensions" else self._relay_marks).get(name)
-        shared = self._change("set_mark", table, name, mark or (time.time(), reason, actor))
-        return local if shared is None else bool(shared)
+        with self._lock:  # no reload in between: see _reload
+            local = (super().suspend(name, reason, actor) if table == "suspensions"
+                     else super().burn_relay(name, reason, actor))
+            mark = (self._suspended if table == "suspensions" else self._relay_marks).get(name)
+            shared = self._change("set_mark", table, name, mark or (time.time(), reason, actor))
+            return local if shared is None else bool(shared)
 
     def _unmark(self, table: str, name: str) -> bool:
-        local = (super().resume(name) if table == "suspensions"
-                 else super().restore_relay(name))
-        shared = self._change("drop_mark", table, name)
-        return local if shared is None else bool(shared)
+        with self._lock:
+            local = (super().resume(name) if table == "suspensions"
+                     else super().restore_relay(name))
+            shared = self._change("drop_mark", table, name)
+            return local if shared is None else bool(shared)
 
     def suspend(self, site: str, reason: str, actor: str) -> bool:
         return self._mark("suspensions", site, reason, actor)
@@ -615,12 +629,14 @@ class RedisState(State):
         return self._unmark("relay_marks", name)
 
     def set_override(self, site: str, key: str, value: int | None) -> None:
-        super().set_override(site, key, value)
-        self._change("override", site, key, value)
+        with self._lock:
+            super().set_override(site, key, value)
+            self._change("override", site, key, value)
 
     def clear_overrides(self, site: str) -> None:
-        super().clear_overrides(site)
-        self._change("clear_overrides", site)
+        with self._lock:
+            super().clear_overrides(site)
+            self._change("clear_overrides", site)
 
 
 def _marks(raw: dict[str, str]) -> Marks:
