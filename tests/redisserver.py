@@ -5,6 +5,7 @@ Usage::
     server = RedisServer(tmp_path / "redis")
     server.start()          # waits until it answers PING
     server.url              # redis://127.0.0.1:<port>/0
+    server.freeze()         # SIGSTOP: a hung server (freeze(False) thaws it)
     server.kill()           # SIGKILL: the outage of a crash
     server.start()          # again on the same port (empty: --save '')
     server.stop()
@@ -83,6 +84,7 @@ class RedisServer:
         if self.process is None:
             return
         if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen server obeys SIGTERM too
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=10)
@@ -93,6 +95,11 @@ class RedisServer:
 
     def stop(self) -> None:
         self._signal(signal.SIGTERM)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (a hung server: connections open, no answers), or SIGCONT."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: a crash; the data is gone (no persistence)."""

@@ -326,6 +326,26 @@ class TestShared:
         finally:
             server.stop()
 
+    def test_a_hung_server_costs_one_timeout_then_the_local_file(
+            self, tmp_path: Path, make_config: MakeConfig) -> None:
+        server = RedisServer(tmp_path / "hung-redis")
+        server.start()
+        config = make_config(node="web1", state={"backend": "redis", "url": server.url})
+        state = open_state(config, prepare(config.layout))
+        try:
+            assert isinstance(state, state_redis.RedisState) and state.up
+            server.freeze()
+            started = time.monotonic()
+            for _ in range(5):
+                assert state.reserve(SITE1, 1000, ACCEPTED, 1, None, NOW,
+                                     [Limit("site", HOUR, 10)])[0] is not None
+            assert time.monotonic() - started < 2 * state_redis.TIMEOUT + 0.5
+            assert not state.up
+            server.freeze(False)
+        finally:
+            state.close()
+            server.stop()
+
     def test_redis_away_at_start_opens_on_the_local_file(
             self, tmp_path: Path, make_config: MakeConfig) -> None:
         from redisserver import free_port
