@@ -38,17 +38,22 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(64).startswith(b"+PONG")
+            auth = f"AUTH {password}\r\n".encode() if password else b""
+            conn.sendall(auth + b"PING\r\n")
+            answer = conn.recv(64)
+            if password:
+                answer = answer.split(b"\r\n", 1)[-1] or conn.recv(64)
+            return answer.startswith(b"+PONG")
     except OSError:
         return False
 
 
 class RedisServer:
-    def __init__(self, directory: Path | str, port: int | None = None) -> None:
+    def __init__(self, directory: Path | str, port: int | None = None,
+                 password: str | None = None) -> None:
         self.binary = shutil.which("redis-server") or (
             "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
         if self.binary is None:
@@ -56,6 +61,7 @@ class RedisServer:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.password = password  # requirepass: clients must AUTH
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,10 +75,11 @@ class RedisServer:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "", "--appendonly", "no",
              "--daemonize", "no", "--protected-mode", "yes",
-             "--logfile", str(self.directory / "redis.log")],
+             "--logfile", str(self.directory / "redis.log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while not _ping(self.port):
+        while not _ping(self.port, self.password):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 log = (self.directory / "redis.log")
                 text = log.read_text()[-2000:] if log.exists() else ""

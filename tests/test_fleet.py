@@ -25,15 +25,21 @@ EX_NOPERM = 77
 
 class Fleet:
     def __init__(self, workdir: str, accounts: dict[str, pwd.struct_passwd]) -> None:
-        self.redis = RedisServer(os.path.join(workdir, "redis"))
+        self.redis = RedisServer(os.path.join(workdir, "redis"), password="fleet-" + "r" * 12)
         self.port = free_port()
         self.nodes: list[Shim] = []
         for name in ("node-a", "node-b"):
             home = os.path.join(workdir, name)
             os.makedirs(home, mode=0o755)
-            extra = (f"node: {name}\n"
-                     f"state: {{backend: redis, url: '{self.redis.url}', prefix: 'fleet:'}}\n")
-            shim = Shim(home, accounts, [self.port], extra=extra)
+            shim = Shim(home, accounts, [self.port])
+            secret = os.path.join(home, "secrets", "redis")  # the daemon's, not the sites'
+            with open(secret, "w") as fh:
+                fh.write(f"{self.redis.password}\n")
+            os.chown(secret, 0, accounts["shimd"].pw_gid)
+            os.chmod(secret, 0o640)
+            with open(shim.config, "a") as fh:
+                fh.write(f"node: {name}\nstate: {{backend: redis, url: '{self.redis.url}', "
+                         f"prefix: 'fleet:', password_file: {secret}}}\n")
             with_site_keys(shim, "site1.test", "quota: {per_hour: 3}")
             self.nodes.append(shim)
         self.relay = Relay(workdir, self.nodes[0].logins, self.port)
@@ -71,6 +77,7 @@ def test_config_check_connects_to_redis(fleet: Fleet) -> None:
     checked = a.admin("config", "check")
     assert b"state redis (node node-a)" in checked.stdout
     assert b"does not answer" not in checked.stdout
+    assert b"state.password_file" not in checked.stdout  # no warning: it is set
     fleet.redis.stop()
     checked = a.admin("config", "check")
     assert checked.returncode != 0

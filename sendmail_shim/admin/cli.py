@@ -442,10 +442,13 @@ def config_check(config_path: str | None) -> None:
     if not config.relays:
         problems.append("no relays configured: every message will wait in the queue")
     if config.state_backend == "redis":
-        from sendmail_shim.store.state_redis import check_backend  # lazy
-        problem = check_backend(config.state_url, config.state_prefix)
+        from sendmail_shim.store.state_redis import check_backend, insecure  # lazy
+        problem = check_backend(config.state_url, config.state_prefix,
+                                config.state_password_file)
         problems += [problem] if problem else []
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    if config.state_backend == "redis":
+        warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
                f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}, "
                f"state {config.state_backend}"

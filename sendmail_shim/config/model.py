@@ -310,8 +310,12 @@ class Config:
         lambda text: text.startswith(("redis://", "rediss://", "unix://")),
         "expected a redis://, rediss:// or unix:// URL, got {text!r}", "a Redis URL"),
         name="state.url",
-        doc="the Redis server of state.backend redis, with its database number (and password: "
-            "keep the file unreadable to sites)")
+        doc="the Redis server of state.backend redis, with its database number")
+    state_password_file: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True), name="state.password_file",
+        doc="file with the Redis password (requirepass) on its first line; readable by the "
+            "daemon, not by sites: sites read this configuration file, so never put the "
+            "password in state.url", default_text="none")
     state_prefix: str = key("sendmail-shim:", kind=Text(), name="state.prefix",
                             doc="prefix of every Redis key, so fleets can share one server")
     log_target: str = key("stderr", kind=Choice(LOG_TARGETS), name="log.target",

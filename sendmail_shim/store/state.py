@@ -204,10 +204,12 @@ def open_state(config: Config, layout: paths.SpoolLayout | None = None,
         else:
             try:
                 return RedisState(layout, create, node=config.node, url=config.state_url,
-                                  prefix=config.state_prefix)
-            except ValueError as exc:
-                log.error("state: state.url cannot be used (%s); FAILING OPEN to this node's "
-                          "own state file: fix state.url and restart the daemon", exc)
+                                  prefix=config.state_prefix,
+                                  password_file=config.state_password_file)
+            except (ValueError, OSError) as exc:
+                log.error("state: state.url or state.password_file cannot be used (%s); "
+                          "FAILING OPEN to this node's own state file: fix them and restart "
+                          "the daemon", exc)
     return State(layout, create, node=config.node)
 
 

@@ -1,7 +1,10 @@
 """The state shared by the nodes of a fleet, in Redis (6 or later) or Valkey.
 
-Trusts: the Redis server of ``state.url`` and everyone who can write to it (keep
-it on a private network, with a password; the prefix ``state.prefix`` is ours);
+Trusts: the Redis server of ``state.url`` and everyone who can write to it.
+Sites can read the configuration file and reach the network, so the server
+must require a password, read from ``state.password_file`` (the daemon's, not
+the sites'); ``config check`` warns when there is none or when it sits in
+``state.url``.  The keys under ``state.prefix`` are ours;
 the node's own SQLite state (``store.state``), which this class extends.
 Guarantees: the same interface and the same sliding windows as the SQLite
 :class:`~sendmail_shim.store.state.State` (minute buckets up to two hours, hour
@@ -183,7 +186,27 @@ return events
 """
 
 
-def check_backend(url: str, prefix: str) -> str | None:
+def read_password(password_file: str | None) -> str | None:
+    """The first line of ``password_file`` (None without one); OSError when unreadable."""
+    if password_file is None:
+        return None
+    with open(password_file, encoding="utf-8") as fh:
+        return fh.readline().rstrip("\r\n")
+
+
+def insecure(url: str, password_file: str | None) -> str | None:
+    """Why this Redis set-up lets sites change the shared state; None when it does not."""
+    if "@" in url.partition("://")[2].split("/", 1)[0]:
+        return ("state.url holds a password, but every site can read the configuration "
+                "file (the sendmail front end reads it): move it to state.password_file")
+    if password_file is None:
+        return ("no state.password_file: unless the Redis server is out of every site's "
+                "reach, a site can connect to it and lift its own suspension or quota; set "
+                "requirepass (or an ACL user) and state.password_file")
+    return None
+
+
+def check_backend(url: str, prefix: str, password_file: str | None = None) -> str | None:
     """None when the Redis server answers (and runs Lua), else what is wrong and what to do."""
     try:
         import redis  # lazy: only the redis backend needs it
@@ -192,7 +215,11 @@ def check_backend(url: str, prefix: str) -> str | None:
                 "python3-redis")
 
     try:
-        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT,
+        password = read_password(password_file)
+    except OSError as exc:
+        return f"state.password_file {password_file}: {exc.strerror}"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT, password=password,
                                       socket_connect_timeout=TIMEOUT)
     except ValueError as exc:
         return f"state.url {_safe(url)} cannot be used ({exc}); fix state.url"
@@ -226,11 +253,14 @@ class RedisState(State):
     shared = True
 
     def __init__(self, layout: paths.SpoolLayout, create: bool = True, node: str | None = None,
-                 url: str = "redis://127.0.0.1:6379/0", prefix: str = "sendmail-shim:") -> None:
+                 url: str = "redis://127.0.0.1:6379/0", prefix: str = "sendmail-shim:",
+                 password_file: str | None = None) -> None:
         import redis  # lazy: the redis client is not on the sqlite path
 
+        password = read_password(password_file)  # unreadable: OSError
         client = redis.Redis.from_url(url, socket_timeout=TIMEOUT,  # a bad URL: ValueError
-                                      socket_connect_timeout=TIMEOUT, decode_responses=True)
+                                      socket_connect_timeout=TIMEOUT, decode_responses=True,
+                                      password=password)
         super().__init__(layout, create, node)
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.url, self.prefix = url, prefix

@@ -346,6 +346,29 @@ class TestShared:
             state.close()
             server.stop()
 
+    def test_password_file(self, tmp_path: Path, make_config: MakeConfig) -> None:
+        server = RedisServer(tmp_path / "locked-redis", password="s3cret-" + "p" * 10)
+        server.start()
+        secret = tmp_path / "redis-password"
+        try:
+            for written, up in ((server.password, True), ("wrong", False)):
+                secret.write_text(f"{written}\n")
+                config = make_config(node="web1", state={
+                    "backend": "redis", "url": server.url, "password_file": str(secret)})
+                state = open_state(config, prepare(config.layout))
+                try:
+                    assert isinstance(state, state_redis.RedisState) and state.up is up
+                finally:
+                    state.close()
+                problem = state_redis.check_backend(server.url, "x:", str(secret))
+                assert (problem is None) is up
+            assert state_redis.insecure(server.url, str(secret)) is None
+            assert "state.password_file" in (state_redis.insecure(server.url, None) or "")
+            assert "holds a password" in (state_redis.insecure(
+                "redis://:pw@127.0.0.1:1/0", str(secret)) or "")
+        finally:
+            server.stop()
+
     def test_redis_away_at_start_opens_on_the_local_file(
             self, tmp_path: Path, make_config: MakeConfig) -> None:
         from redisserver import free_port
@@ -382,7 +405,7 @@ def test_a_bad_redis_url_fails_open_to_the_local_file(
     state = open_state(config, spool_layout)
     try:
         assert type(state) is State
-        assert "FAILING OPEN" in caplog.text and "fix state.url" in caplog.text
+        assert "FAILING OPEN" in caplog.text and "state.url" in caplog.text
     finally:
         state.close()
     problem = state_redis.check_backend(config.state_url, config.state_prefix)
