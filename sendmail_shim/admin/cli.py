@@ -86,7 +86,7 @@ def _direct(config_path: str | None, action: str, args: Args) -> None:
 
     from sendmail_shim.daemon import control
     from sendmail_shim.policy import sanctions
-    from sendmail_shim.store.state import State
+    from sendmail_shim.store.state import open_state
 
     config = _load(config_path)
     if not os.path.isdir(config.layout.status):
@@ -100,7 +100,7 @@ def _direct(config_path: str | None, action: str, args: Args) -> None:
             f"the daemon holds {config.layout.lock} but its control socket "
             f"{config.layout.control_socket} does not answer; check the daemon's log") from None
     try:
-        state = State(config.layout)
+        state = open_state(config)
         try:
             text = control.perform(config, state, action, args,
                                    f"operator uid {os.getuid()} (daemon stopped)")
@@ -424,7 +424,7 @@ def _pool_target(config: Config, site_name: str | None, score: float | None) -> 
     import sqlite3
 
     from sendmail_shim.policy import relays
-    from sendmail_shim.store.state import State
+    from sendmail_shim.store.state import open_state
 
     pool, why = relays.choose_pool(config, site_name or "", score,
                                    relays.unscored_pool(config))
@@ -432,7 +432,7 @@ def _pool_target(config: Config, site_name: str | None, score: float | None) -> 
         return f"pool {pool}, held for the operator (hold-only pool)\n  pool    {why}"
     marks: dict[str, tuple[float, str, str]] = {}
     try:
-        state = State(config.layout, create=False)
+        state = open_state(config, create=False)
     except (OSError, sqlite3.Error):
         pass  # no state yet (or not readable): nothing is burned as far as we know
     else:
@@ -586,9 +586,18 @@ def config_check(config_path: str | None) -> None:
     elif config.pools and not any(r.pool == "default" for r in config.relays):
         problems.append("pools are declared but no relay is in pool default: operator notices "
                         "and unscored mail of unpinned sites would wait in the queue")
+    if config.state_backend == "redis":
+        from sendmail_shim.store.state_redis import check_backend, insecure  # lazy
+        problem = check_backend(config.state_url, config.state_prefix,
+                                config.state_password_file)
+        problems += [problem] if problem else []
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    if config.state_backend == "redis":
+        warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
-               f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}")
+               f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}, "
+               f"state {config.state_backend}"
+               + (f" (node {config.node})" if config.state_backend == "redis" else ""))
     for problem in problems:
         click.echo(f"problem: {problem}")
     for warning in warnings:

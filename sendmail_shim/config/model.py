@@ -56,6 +56,7 @@ LOG_FORMATS = ("text", "json")
 ROUTES = ("local", "remote", "auto")
 SCAN_FAILURE = ("defer", "deliver")
 SCAN_MODES = ("after_commit", "before_ack")
+STATE_BACKENDS = ("sqlite", "redis")
 ADMIN_SITE = "_admin"  # the pseudo-site of the operator's notices
 
 _COUNT = Optional(Whole(1))  # a rule's threshold; null disables the rule
@@ -77,6 +78,8 @@ GROUP_DOCS = {
     "spam_score": "the site's mean content score (scan:, each score counted from 0 up to 20) "
                   "over the window reached this, once enough messages were scanned; "
                   "without mean: off",
+    "state": "where quota windows, suspensions, overrides and outbreak counters live: "
+             "this node's SQLite file, or a Redis or Valkey server the nodes share",
 }
 
 
@@ -506,6 +509,24 @@ class Config:
     hostname: str = key(kind=Text(), factory=socket.gethostname,
                         doc="this host's name for Message-Id, Received and bounces",
                         default_text="the machine's name")
+    node: str = key(kind=Text(), factory=socket.gethostname,
+                    doc="this node's name in shared state: quota show, site show and top say "
+                        "which node sent what", default_text="the machine's name")
+    state_backend: str = key("sqlite", kind=Choice(STATE_BACKENDS), name="state.backend",
+                             doc="sqlite (embedded, one node) or redis (shared by the nodes; "
+                                 "Redis 6 or later, or Valkey)")
+    state_url: str = key("redis://127.0.0.1:6379/0", kind=schema.Checked(
+        lambda text: text.startswith(("redis://", "rediss://", "unix://")),
+        "expected a redis://, rediss:// or unix:// URL, got {text!r}", "a Redis URL"),
+        name="state.url",
+        doc="the Redis server of state.backend redis, with its database number")
+    state_password_file: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True), name="state.password_file",
+        doc="file with the Redis password (requirepass) on its first line; readable by the "
+            "daemon, not by sites: sites read this configuration file, so never put the "
+            "password in state.url", default_text="none")
+    state_prefix: str = key("sendmail-shim:", kind=Text(), name="state.prefix",
+                            doc="prefix of every Redis key, so fleets can share one server")
     log_target: str = key("stderr", kind=Choice(LOG_TARGETS), name="log.target",
                           doc="stderr, or syslog (the mail facility)")
     log_level: str = key("info", kind=Choice(LOG_LEVELS), name="log.level",

@@ -48,7 +48,7 @@ from sendmail_shim.policy.sanctions import (
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
 from sendmail_shim.store.headers import mail_date
-from sendmail_shim.store.state import State
+from sendmail_shim.store.state import ACCEPTED, State
 from sendmail_shim.wire.protocol import ControlArgs
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,23 @@ def _quota_rows(config: Config, state: State, names: list[str],
         suspended = state.suspension(name)
         rows.append({"site": name, "limits": limits, "usage": used,
                      "suspended": suspended[1] if suspended else None})
+        if state.shared:
+            rows[-1]["nodes"] = _by_node(state, now, name)
     return rows
+
+
+def _by_node(state: State, now: float, site: str | None = None
+             ) -> dict[str, dict[str, dict[str, int]]]:
+    """site -> node -> messages and recipients accepted in the last hour (shared state)."""
+    return {name: {node: {"messages": events, "recipients": total}
+                   for node, (events, total) in sorted(nodes.items())}
+            for name, nodes in state.by_node(ACCEPTED, quota.HOUR, now, site).items()}
+
+
+def _nodes_text(nodes: dict[str, dict[str, int]]) -> str:
+    """'web1 3 (5 rcpt), web2 1 (1 rcpt)': who sent what in the last hour."""
+    return ", ".join(f"{node} {use['messages']} ({use['recipients']} rcpt)"
+                     for node, use in nodes.items()) or "-"
 
 
 def _fmt_limit(value: object) -> str:
@@ -110,6 +126,9 @@ def quota_show(config: Config, state: State, args: Args) -> str:
             f"{use['recipients_per_hour']:>6}/{_fmt_limit(lim['recipients_per_hour']):<6} "
             f"{_fmt_limit(lim['recipients_per_message']):>8}  "
             f"{'suspended: ' + str(row['suspended']) if row['suspended'] else 'active'}")
+        if "nodes" in row:
+            by_node = _nodes_text(row["nodes"].get(row["site"], {}))
+            out.append(f"{'':<24} last hour by node: {by_node}")
     return "\n".join(out) + "\n"
 
 
@@ -135,18 +154,23 @@ def quota_reset(config: Config, state: State, args: Args, actor: str) -> str:
 
 def site_list(config: Config, state: State, args: Args) -> str:
     rows: list[dict[str, Any]] = []
+    nodes = _by_node(state, time.time()) if state.shared else None
     for site in config.sites.values():
         suspended = state.suspension(site.name)
         rows.append({"site": site.name, "uids": list(site.uids), "domains": list(site.domains),
                      "login": site.relay_login.user if site.relay_login else None,
                      "suspended": suspended[1] if suspended else None})
+        if nodes is not None:
+            rows[-1]["nodes"] = nodes.get(site.name, {})
     if args.get("json"):
         return "".join(json.dumps(r) + "\n" for r in rows)
-    out = [f"{'SITE':<24} {'UIDS':<12} {'LOGIN':<20} STATE"]
+    out = [f"{'SITE':<24} {'UIDS':<12} {'LOGIN':<20} STATE"
+           + ("  (LAST HOUR BY NODE)" if nodes is not None else "")]
     for r in rows:
         uids = ",".join(map(str, r["uids"]))
         state_text = f"suspended: {r['suspended']}" if r["suspended"] else "active"
-        out.append(f"{r['site']!s:<24} {uids:<12} {r['login'] or '-'!s:<20} {state_text}")
+        out.append(f"{r['site']!s:<24} {uids:<12} {r['login'] or '-'!s:<20} {state_text}"
+                   + (f"  ({_nodes_text(r['nodes'])})" if "nodes" in r else ""))
     return "\n".join(out) + "\n"
 
 
@@ -176,6 +200,12 @@ def top(config: Config, state: State, args: Args) -> str:
         out.append(f"-- {label}: messages, recipients, site, script")
         for site, script, count, rcpts in state.top(window, now, by_script=True)[:20]:
             out.append(f"{count:8d} {rcpts:8d}  {site:<24} {script or '-'}")
+    if state.shared:
+        out.append("-- last hour by node: messages, recipients, site, node")
+        rows = [(use["messages"], use["recipients"], site, node)
+                for site, nodes in _by_node(state, now).items() for node, use in nodes.items()]
+        for count, rcpts, site, node in sorted(rows, key=lambda r: (-r[0], r[2], r[3]))[:40]:
+            out.append(f"{count:8d} {rcpts:8d}  {site:<24} {node}")
     return "\n".join(out) + "\n"
 
 

@@ -63,7 +63,7 @@ from sendmail_shim.delivery.reputation import Watch
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import settle_submissions, storage_trouble
 from sendmail_shim.store import spool
-from sendmail_shim.store.state import State
+from sendmail_shim.store.state import State, open_state
 from sendmail_shim.wire import sysexits
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class Daemon:
     def _open_state(self) -> bool:
         """Open the state database; on failure (a full disk) say why and keep refusing."""
         try:
-            state = State(self.config.layout)
+            state = open_state(self.config)
             settle_submissions(self.config, state)
         except (sqlite3.Error, OSError) as exc:
             why = storage_trouble(self.config.layout.root, exc) or (
@@ -258,7 +258,8 @@ class Daemon:
         """SIGHUP: read the configuration again; keep the old one if the new one is bad.
 
         Sites, quotas, policies, relays, routing and logins change at once; the
-        spool, the capture port and the admin group need a restart.
+        spool, the capture port, the admin group, the node name and the state backend
+        need a restart.
         """
         try:
             new = load_config(self.config.path)
@@ -267,8 +268,8 @@ class Daemon:
             return
         if _restart_keys(new) != _restart_keys(self.config):
             log.warning("reload: spool, firewall.capture, admin.group, log.format, "
-                        "log.target or metrics.listen/textfile changed; restart the daemon "
-                        "for those")
+                        "log.target, metrics.listen/textfile, node or state changed; restart "
+                        "the daemon for those")
         self.config = new
         if self.runner is not None:
             self.runner.reconfigure(new)
@@ -291,7 +292,8 @@ class Daemon:
 def _restart_keys(config: Config) -> tuple[object, ...]:
     """The settings a reload cannot change (the daemon must restart for them)."""
     return (config.spool, config.firewall.capture_port, config.admin.group, config.log_format,
-            config.log_target, config.metrics_listen, config.metrics_textfile)
+            config.log_target, config.metrics_listen, config.metrics_textfile, config.node,
+            config.state_backend, config.state_url, config.state_prefix)
 
 
 def run_daemon(config: Config) -> int:

@@ -47,12 +47,12 @@ from sendmail_shim.intake.compose import CompositionError, Submission, compose
 from sendmail_shim.policy import content, outbreak
 from sendmail_shim.policy import limits as policy
 from sendmail_shim.policy.identity import Caller, identify
-from sendmail_shim.policy.quota import check_quota
+from sendmail_shim.policy.quota import reserve_quota
 from sendmail_shim.policy.sanctions import suspend_site
 from sendmail_shim.policy.sender import apply_sender_policy
 from sendmail_shim.store import outcome, spool
 from sendmail_shim.store.headers import mail_date
-from sendmail_shim.store.state import ACCEPTED, REFUSED_QUOTA, State
+from sendmail_shim.store.state import REFUSED_QUOTA, State
 from sendmail_shim.wire import protocol, sysexits
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,13 @@ def accept_submission(
             if subid is not None:
                 known = _known_submission(config, state, caller.uid, subid)
             if known is None:
-                verdict = check_quota(config, state, site, caller.uid, nrcpt, now)
-                if verdict is not None:
+                verdict, reserved = reserve_quota(config, state, site, caller.uid, nrcpt,
+                                                  envelope.script, now)
+                if reserved is None:
                     state.record(site.name, caller.uid, REFUSED_QUOTA, nrcpt, envelope.script,
                                  ts=now)
                 else:
-                    reservation = state.record(site.name, caller.uid, ACCEPTED, nrcpt,
-                                               envelope.script, ts=now)
+                    reservation = reserved
                     if subid is not None:
                         state.claim_submission(caller.uid, subid, queue_id, now)
                         claimed = True

@@ -9,6 +9,10 @@ check, so concurrent submissions cannot slip past a limit together.  The
 windows are the state's buckets: "the last hour" is the current minute and the
 previous 59, "the last day" the current hour and the previous 23; a check reads
 at most 84 bucket rows per site or account, however much it sent.
+:func:`reserve_quota` checks and counts in one step of the state
+(:meth:`State.reserve`): one SQLite transaction, or one Lua script in the
+Redis that the nodes of a fleet share, so two nodes cannot both take the last
+message of a site's hour.
 
 Exit status: a quota refusal exits 77 (EX_NOPERM), not 75: PHP 8.5's mail()
 returns true for 75, and a site over its quota must see false.  In ``-bs``
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from sendmail_shim.config import QUOTA_KEYS, Config, Quota, Site
 from sendmail_shim.store.outcome import Verdict
-from sendmail_shim.store.state import ACCEPTED, State
+from sendmail_shim.store.state import ACCEPTED, Limit, Reservation, State
 from sendmail_shim.wire import sysexits
 
 HOUR, DAY = 3600.0, 86400.0
@@ -74,6 +78,43 @@ def check_quota(config: Config, state: State, site: Site, uid: int, nrcpt: int,
         who = f"account uid {uid}"
     if problem is None:
         return None
+    return _refusal(site, who, problem, nrcpt)
+
+
+def _limits(scope: str, limits: Quota) -> list[Limit]:
+    """The windowed limits of a quota, in the order of :class:`Usage`'s fields."""
+    return [Limit(scope, HOUR, limits.per_hour), Limit(scope, DAY, limits.per_day),
+            Limit(scope, HOUR, limits.recipients_per_hour, total=True)]
+
+
+def reserve_quota(config: Config, state: State, site: Site, uid: int, nrcpt: int,
+                  script: str | None, now: float) -> tuple[Verdict | None, Reservation | None]:
+    """Check the message against every quota and count it, atomically: (refusal, reservation).
+
+    Exactly one of the two is None; a refused message is not counted as accepted.
+    """
+    site_limits = effective_quota(config, state, site)
+    account = config.accounts.get(uid)
+    limits = _limits("site", site_limits) + (_limits("uid", account) if account else [])
+    reservation = None
+    used = [0] * len(limits)
+    too_many = (site_limits.recipients_per_message is not None
+                and nrcpt > site_limits.recipients_per_message) or (
+        account is not None and account.recipients_per_message is not None
+        and nrcpt > account.recipients_per_message)
+    if not too_many:
+        reservation, used = state.reserve(site.name, uid, ACCEPTED, nrcpt, script, now, limits)
+        if reservation is not None:
+            return None, reservation
+    problem = _over(site_limits, Usage(*used[:3]), nrcpt)
+    who = f"site {site.name}"
+    if problem is None and account is not None:
+        problem = _over(account, Usage(*used[3:6]), nrcpt)
+        who = f"account uid {uid}"
+    return _refusal(site, who, problem or "the quota was reached meanwhile", nrcpt), None
+
+
+def _refusal(site: Site, who: str, problem: str, nrcpt: int) -> Verdict:
     text = (f"{who} is over its quota: {problem}; nothing was queued. The operator can "
             f"see it with 'sendmail-shim-admin quota show {site.name}'")
     if problem.startswith(f"{nrcpt} recipients exceed"):

@@ -17,7 +17,8 @@ Guarantees:
 - END-OF-MESSAGE: ``recipient_count`` against ``recipients_per_message``, then
   messages in the last hour and day (``per_hour``, ``per_day``) and recipients
   in the last hour (``recipients_per_hour``) against the site's limits with its
-  ``quota set`` overrides: checked and counted in ONE state transaction, so two
+  ``quota set`` overrides: checked and counted in ONE step (``State.reserve``: an
+  SQLite transaction, or one Lua script on the shared Redis), so two
   relays (or two connections) cannot both pass the last free slot; a rate limit
   is DEFER_IF_PERMIT 4.7.1 (the sender keeps the message and retries);
 - each message is counted once: at END-OF-MESSAGE only, once per ``instance``
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 from sendmail_shim.config import Config, Site
 from sendmail_shim.policy import outbreak, quota
 from sendmail_shim.store.headers import mail_date
+from sendmail_shim.store.state import Limit as StateLimit
 from sendmail_shim.store.state import State
 
 log = logging.getLogger(__name__)
@@ -259,34 +261,33 @@ class Decider:
                 f"site {site.name}: {nrcpt} recipients in one message exceed "
                 f"recipients_per_message {limits.recipients_per_message} (counts recipients); "
                 f"send it as several messages")), attrs)
-        with self.state.transaction():
-            counted: dict[float, tuple[int, int]] = {}  # window -> (messages, recipients)
-            for limit in RATE_LIMITS:
-                allowed = getattr(limits, limit.key)
-                if allowed is None:
-                    continue
-                if limit.window not in counted:
-                    counted[limit.window] = self.state.count(RELAY_ACCEPTED, limit.window, now,
-                                                             site=site.name)
-                messages, recipients = counted[limit.window]
-                used, adding = ((messages, 1) if limit.counts == "messages"
-                                else (recipients, nrcpt))
-                if used + adding > allowed:
+        rates = [(limit, allowed) for limit in RATE_LIMITS
+                 if (allowed := getattr(limits, limit.key)) is not None]
+        # Check and count in one step (State.reserve: one SQLite transaction, or one Lua
+        # script with Redis), so two relays sharing the state cannot both pass the last slot.
+        reservation, used = self.state.reserve(
+            site.name, -1, RELAY_ACCEPTED, nrcpt, None, now,
+            [StateLimit("site", limit.window, allowed, total=limit.counts == "recipients")
+             for limit, allowed in rates])
+        if reservation is None:
+            for (limit, allowed), value in zip(rates, used, strict=True):
+                adding = 1 if limit.counts == "messages" else nrcpt
+                if value + adding > allowed:
                     return self._refuse(site, limit.key, action("defer", (
-                        f"site {site.name}: {used} {limit.counts} {limit.label} at this relay "
-                        f"(shim and direct mail) + {adding} would exceed {limit.key} "
+                        f"site {site.name}: {value} {limit.counts} {limit.label} at this "
+                        f"relay (shim and direct mail) + {adding} would exceed {limit.key} "
                         f"{allowed} (counts {limit.counts}); retry later, or the operator "
                         f"raises it: sendmail-shim-admin quota set {site.name} "
                         f"{limit.option} N")), attrs)
-            domains = {r.rpartition("@")[2] for r in message.recipients if "@" in r}
-            if attrs.get("recipient"):
-                domains.add(attrs["recipient"].lower().rpartition("@")[2])
-            reason = None
-            if domains and site.outbreak is not None:
-                self.state.record_domains(site.name, domains, now)
-                reason = outbreak.after_accept(self.state, site, None, now)
-            if reason is None:
-                self.state.record(site.name, -1, RELAY_ACCEPTED, nrcpt, ts=now)
+        domains = {r.rpartition("@")[2] for r in message.recipients if "@" in r}
+        if attrs.get("recipient"):
+            domains.add(attrs["recipient"].lower().rpartition("@")[2])
+        reason = None
+        if domains and site.outbreak is not None:
+            self.state.record_domains(site.name, domains, now)
+            reason = outbreak.after_accept(self.state, site, None, now)
+        if reason is not None and reservation is not None:
+            self.state.forget(reservation)  # refused: the message does not stay counted
         if reason is not None:
             self.state.suspend(site.name, reason, "policy service (outbreak rule)")
             log.warning("suspended site=%s actor=policy_service reason=%r", site.name, reason)

@@ -14,7 +14,8 @@ transaction), so a check and its reservation are never interleaved with another
 request's of this process; across processes and relays the state's transaction
 makes them atomic.
 
-The state is built in one function, :func:`open_state`.  The SQLite state keeps
+The state is built in one function, :func:`open_state` (the ``state:`` backend).
+With Redis the nodes' changes are followed by the state itself.  The SQLite state keeps
 suspensions and overrides in memory as read at open, so the service opens it
 afresh every :data:`REFRESH` seconds: a ``site suspend`` or ``quota set`` made
 through another process (the shim's daemon on the same spool, the admin
@@ -34,6 +35,7 @@ import time
 from sendmail_shim.config import Config
 from sendmail_shim.relaypolicy import codec
 from sendmail_shim.relaypolicy.decide import Decider
+from sendmail_shim.store import state as state_backends
 from sendmail_shim.store.state import State
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ SOCKET_MODE = 0o660
 
 
 def open_state(config: Config) -> State:
-    """The state the service checks and counts in (the one place it is built)."""
-    return State(config.layout)
+    """The state the service checks and counts in (the one place it is built): the
+    backend of ``state:``, so with Redis every relay and web node shares it."""
+    return state_backends.open_state(config)
 
 
 class PolicyServer:
@@ -78,8 +81,12 @@ class PolicyServer:
                     writer.close()
 
     def refresh(self) -> None:
-        """Open the state afresh when it is older than :data:`REFRESH` (between requests)."""
-        if time.monotonic() - self.opened < REFRESH:
+        """Open the state afresh when it is older than :data:`REFRESH` (between requests).
+
+        Only SQLite needs it: the Redis state follows the other nodes' changes itself
+        (a generation counter polled every quarter second, store/state_redis.py).
+        """
+        if self.config.state_backend == "redis" or time.monotonic() - self.opened < REFRESH:
             return
         try:
             fresh = open_state(self.config)

@@ -31,6 +31,13 @@ the transaction commits): :meth:`State.suspension`, :meth:`State.overrides` and
 :meth:`State.relay_marks` take neither the lock nor SQLite, so the event loop
 may call them.
 
+A quota check and its record are one step, :meth:`State.reserve`: the usage of
+every :class:`Limit` is read and, only when each stays within its limit, the
+event is counted, under the lock and in one SQLite transaction.  With the Redis
+backend (``store.state_redis``) the same method is one Lua script, so the nodes
+of a fleet cannot slip past a limit together.  Build a state with
+:func:`open_state`, which picks the backend from the configuration.
+
 Submission ids (``subid``, chosen at random by the front end and sent on
 both roads) are remembered per uid for :data:`SUBMISSION_RETENTION`, with the
 queue id they were given: a row is written (``committed`` 0) in the quota
@@ -45,14 +52,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sendmail_shim.wire import paths
+
+if TYPE_CHECKING:
+    from sendmail_shim.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +112,8 @@ CREATE TABLE IF NOT EXISTS domains (
 CREATE INDEX IF NOT EXISTS domains_age ON domains(site, minute);
 CREATE TABLE IF NOT EXISTS suspensions (
     site TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS relay_marks (
+    name TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS quota_overrides (
     site TEXT NOT NULL, key TEXT NOT NULL, value INTEGER, PRIMARY KEY (site, key));
 CREATE TABLE IF NOT EXISTS scripts (
@@ -153,10 +167,55 @@ class Reservation:
     n: int
     script: str | None
     ts: float
+    shared: bool = False  # also counted in the shared (Redis) state
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit of :meth:`State.reserve`: the events of the reserved kind in the window
+    (or, with ``total``, their sum of n) of the site (``scope`` "site") or of the uid
+    ("uid"), plus what this event adds (1, or n), must stay within ``limit``
+    (None: read and reported only)."""
+
+    scope: str
+    window: float
+    limit: int | None
+    total: bool = False
+
+
+Marks = dict[str, tuple[float, str, str]]
+
+
+def open_state(config: Config, layout: paths.SpoolLayout | None = None,
+               create: bool = True) -> State:
+    """The state of ``config``'s backend: this node's SQLite file, or Redis shared by the
+    nodes (falling back to the SQLite file while Redis cannot be reached)."""
+    layout = config.layout if layout is None else layout
+    if config.state_backend == "redis":
+        try:
+            from sendmail_shim.store.state_redis import RedisState  # lazy: redis
+        except ImportError as exc:
+            log.error("state: state.backend is redis but the redis client cannot be imported "
+                      "(%s); FAILING OPEN to this node's own state file: install python3-redis "
+                      "(or pip install redis) and restart the daemon", exc)
+        else:
+            try:
+                return RedisState(layout, create, node=config.node, url=config.state_url,
+                                  prefix=config.state_prefix,
+                                  password_file=config.state_password_file)
+            except (ValueError, OSError) as exc:
+                log.error("state: state.url or state.password_file cannot be used (%s); "
+                          "FAILING OPEN to this node's own state file: fix them and restart "
+                          "the daemon", exc)
+    return State(layout, create, node=config.node)
 
 
 class State:
-    def __init__(self, layout: paths.SpoolLayout, create: bool = True) -> None:
+    shared = False  # True for a backend the nodes of a fleet share
+
+    def __init__(self, layout: paths.SpoolLayout, create: bool = True,
+                 node: str | None = None) -> None:
+        self.node = node or socket.gethostname()
         directory = state_dir(layout)
         if create:
             os.makedirs(directory, mode=paths.MODE_PRIVATE_DIR, exist_ok=True)
@@ -174,19 +233,22 @@ class State:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(SCHEMA)
                 self._fold_events(time.time())
-                self._suspended = {
-                    str(site): (float(since), str(reason), str(actor)) for site, since, reason,
-                    actor in self._db.execute("SELECT site, since, reason, actor FROM suspensions")}
+                self._suspended = self._marks("suspensions")
+                self._relay_marks = self._marks("relay_marks")
                 self._overrides: dict[str, dict[str, int | None]] = {}
                 for site, key, value in self._db.execute(
                         "SELECT site, key, value FROM quota_overrides"):
                     self._overrides.setdefault(str(site), {})[str(key)] = \
                         None if value is None else int(value)
-            self._open_relay_marks()
         except BaseException:
             self._db.close()  # a full disk at start: the caller says why and retries
             raise
         self._inserts = 0
+
+    def _marks(self, table: str) -> Marks:
+        """(since, reason, actor) by name: the rows of suspensions or relay_marks."""
+        return {str(name): (float(since), str(reason), str(actor)) for name, since, reason, actor
+                in self._db.execute(f"SELECT * FROM {table}")}  # noqa: S608
 
     def _fold_events(self, now: float) -> None:
         """Fold the events table of the previous version into buckets, then drop it."""
@@ -300,6 +362,40 @@ class State:
                 (value, kind, res, first)).fetchone()
         return int(row[0]), int(row[1])
 
+    def reserve(self, site: str, uid: int, kind: str, n: int, script: str | None, ts: float,
+                limits: Sequence[Limit]) -> tuple[Reservation | None, list[int]]:
+        """Count the event only if every limit holds, atomically; (reservation, usage).
+
+        The usage is each limit's count before this event; the reservation is
+        None (and nothing was counted) when one limit would be exceeded.
+        """
+        with self._atomically():
+            used = [(self.count(kind, limit.window, ts, site=site) if limit.scope == "site"
+                     else self.count(kind, limit.window, ts, uid=uid))[1 if limit.total else 0]
+                    for limit in limits]
+            if not within(limits, used, n):
+                return None, used
+            return self.record(site, uid, kind, n, script, ts), used
+
+    @contextmanager
+    def _atomically(self) -> Iterator[None]:
+        """The caller's transaction if one is open, else one of its own."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+            else:
+                with self.transaction():
+                    yield
+
+    def by_node(self, kind: str, window: float, now: float,
+                site: str | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+        """site -> node -> (events, sum of n) of ``kind`` in the window: here, this node's."""
+        if site is not None:
+            events, total = self.count(kind, window, now, site=site)
+            return {site: {self.node: (events, total)}} if events or total else {}
+        rows = self.top(window, now) if kind == ACCEPTED else []
+        return {name: {self.node: (events, total)} for name, _, events, total in rows}
+
     def count_script(self, site: str, script: str, since: float, now: float) -> int:
         """Messages ``script`` of ``site`` sent from the bucket of ``since`` on."""
         res = MINUTE if now - since <= MINUTE_SPAN else HOUR
@@ -369,21 +465,30 @@ class State:
     # -- suspensions ----------------------------------------------------------
     def suspend(self, site: str, reason: str, actor: str) -> bool:
         """True when the site was not suspended before."""
-        since = time.time()
-        with self._lock:
-            cur = self._db.execute("INSERT OR IGNORE INTO suspensions VALUES (?, ?, ?, ?)",
-                                   (site, since, reason, actor))
-            if cur.rowcount != 1:
-                return False
-            self._in_step(lambda: self._suspended.__setitem__(site, (since, reason, actor)))
-            return True
+        return self._set_mark("suspensions", "_suspended", site, reason, actor)
 
     def resume(self, site: str) -> bool:
+        return self._drop_mark("suspensions", "_suspended", site)
+
+    def _set_mark(self, table: str, memory: str, name: str, reason: str, actor: str) -> bool:
+        """Insert a mark (suspension, relay mark) and, once written, its in-memory copy."""
+        since = time.time()
         with self._lock:
-            cur = self._db.execute("DELETE FROM suspensions WHERE site = ?", (site,))
+            cur = self._db.execute(
+                f"INSERT OR IGNORE INTO {table} VALUES (?, ?, ?, ?)",  # noqa: S608
+                (name, since, reason, actor))
             if cur.rowcount != 1:
                 return False
-            self._in_step(lambda: self._suspended.pop(site, None))
+            self._in_step(lambda: getattr(self, memory).__setitem__(name, (since, reason, actor)))
+            return True
+
+    def _drop_mark(self, table: str, memory: str, name: str) -> bool:
+        with self._lock:
+            column = "site" if table == "suspensions" else "name"
+            cur = self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))  # noqa: S608
+            if cur.rowcount != 1:
+                return False
+            self._in_step(lambda: getattr(self, memory).pop(name, None))
             return True
 
     def suspension(self, site: str) -> tuple[float, str, str] | None:
@@ -409,6 +514,43 @@ class State:
         with self._lock:
             self._db.execute("DELETE FROM quota_overrides WHERE site = ?", (site,))
             self._in_step(lambda: self._overrides.pop(site, None))
+
+    # -- relay marks (issue 14) ----------------------------------------------------
+    def relay_marks(self) -> dict[str, tuple[float, str, str]]:
+        """name -> (since, reason, actor) of the burned relay logins: from memory, no lock."""
+        return dict(self._relay_marks)
+
+    def burn_relay(self, name: str, reason: str, actor: str) -> bool:
+        """Mark a relay login burned; True if it was not before."""
+        return self._set_mark("relay_marks", "_relay_marks", name, reason, actor)
+
+    def restore_relay(self, name: str) -> bool:
+        """Lift a relay login's burn mark; True if it was burned."""
+        return self._drop_mark("relay_marks", "_relay_marks", name)
+
+    def mirror(self, suspended: Marks, overrides: dict[str, dict[str, int | None]],
+               relay_marks: Marks) -> None:
+        """Replace the suspensions, overrides and relay marks (file and memory) with these:
+        the shared backend's copy, kept here for when it cannot be reached."""
+        with self._atomically():
+            for table in ("suspensions", "quota_overrides", "relay_marks"):
+                self._db.execute(f"DELETE FROM {table}")  # noqa: S608
+            self._db.executemany("INSERT INTO suspensions VALUES (?, ?, ?, ?)",
+                                 [(k, *v) for k, v in suspended.items()])
+            self._db.executemany("INSERT INTO relay_marks VALUES (?, ?, ?, ?)",
+                                 [(k, *v) for k, v in relay_marks.items()])
+            self._db.executemany("INSERT INTO quota_overrides VALUES (?, ?, ?)",
+                                 [(site, key, value) for site, values in overrides.items()
+                                  for key, value in values.items()])
+            self._in_step(lambda: self._replace(suspended, overrides, relay_marks))
+
+    def _replace(self, suspended: Marks, overrides: dict[str, dict[str, int | None]],
+                 relay_marks: Marks) -> None:
+        """New in-memory copies, each swapped in whole (readers take no lock)."""
+        self._suspended = dict(suspended)
+        self._overrides = {site: dict(values) for site, values in overrides.items()}
+        self._relay_marks = dict(relay_marks)
+
     # -- submission ids (de-duplication of the socket and drop-file roads) ------
     def submission(self, uid: int, subid: str) -> tuple[str, bool] | None:
         """(queue id, committed) of a submission id this uid used before."""
@@ -457,36 +599,8 @@ class State:
         return [(int(u), str(s), str(q)) for u, s, q in rows
                 if (int(u), str(s)) not in self._in_flight]
 
-    # -- relay marks (burned relays; policy/relays.py) ---------------------------
-    # Self-contained: its table, its in-memory copy (changed after the write, read
-    # without the lock, like suspensions) and the three calls the state backends share.
-    def _open_relay_marks(self) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS relay_marks (name TEXT PRIMARY KEY, "
-                         "since REAL, reason TEXT, actor TEXT)")
-        self._relay_marks = {
-            str(name): (float(since), str(reason), str(actor)) for name, since, reason, actor
-            in self._db.execute("SELECT name, since, reason, actor FROM relay_marks")}
 
-    def relay_marks(self) -> dict[str, tuple[float, str, str]]:
-        """Burned relays: name -> (since, reason, actor); from memory, no lock, no SQL."""
-        return dict(self._relay_marks)
-
-    def burn_relay(self, name: str, reason: str, actor: str) -> bool:
-        """Mark relay ``name`` burned; True when it was not burned before."""
-        since = time.time()
-        with self._lock:
-            cur = self._db.execute("INSERT OR IGNORE INTO relay_marks VALUES (?, ?, ?, ?)",
-                                   (name, since, reason, actor))
-            if cur.rowcount != 1:
-                return False
-            self._in_step(lambda: self._relay_marks.__setitem__(name, (since, reason, actor)))
-            return True
-
-    def restore_relay(self, name: str) -> bool:
-        """Forget relay ``name``'s burn mark; True when it was burned."""
-        with self._lock:
-            cur = self._db.execute("DELETE FROM relay_marks WHERE name = ?", (name,))
-            if cur.rowcount != 1:
-                return False
-            self._in_step(lambda: self._relay_marks.pop(name, None))
-            return True
+def within(limits: Sequence[Limit], used: Sequence[int], n: int) -> bool:
+    """True when adding one event of ``n`` keeps every limit (usage ``used``) within bounds."""
+    return all(limit.limit is None or value + (n if limit.total else 1) <= limit.limit
+               for limit, value in zip(limits, used, strict=True))

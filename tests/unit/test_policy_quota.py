@@ -186,3 +186,24 @@ def test_concurrent_submissions_cannot_slip_past_a_limit(config: Config, state: 
     for thread in threads:
         thread.join(timeout=30)
     assert len(accepted) == SITE1_QUOTA["per_hour"]
+
+
+class TestReserveQuota:
+    """reserve_quota: check_quota's verdicts, and the message counted in the same step."""
+
+    def test_same_verdicts_as_check_quota_and_counts_only_what_passes(
+            self, make_config: MakeConfig, state: State) -> None:
+        config = make_config(accounts={MY_UID: {"quota": {"recipients_per_hour": 5}}})
+        site = config.sites[SITE1]
+        for nrcpt in (1, 2, 3, 2, 1, 1, 1):
+            expected = quota.check_quota(config, state, site, MY_UID, nrcpt, NOW)
+            before = state.count(ACCEPTED, HOUR, NOW, site=SITE1)
+            verdict, reservation = quota.reserve_quota(config, state, site, MY_UID, nrcpt,
+                                                       "a.php", NOW)
+            after = state.count(ACCEPTED, HOUR, NOW, site=SITE1)
+            assert verdict == expected
+            if verdict is None:
+                assert reservation is not None and after == (before[0] + 1, before[1] + nrcpt)
+            else:
+                assert reservation is None and after == before
+        assert state.count(ACCEPTED, HOUR, NOW, uid=MY_UID) == (3, 5)  # the account's limit

@@ -1,0 +1,141 @@
+"""Two web nodes sharing one Redis: two real daemons (own spools and configs), one real
+redis-server on loopback started by the test, one capture relay.
+
+Shows: a site's ``per_hour`` holds across both nodes combined; ``site suspend`` on
+node A stops the site on node B within a second; Redis killed mid-run leaves mail
+accepted (fail-open, logged loudly) and, Redis back, the nodes share again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Relay, Shim, free_port, wait_until, with_site_keys
+from redisserver import RedisServer
+
+MESSAGE = b"From: Web <noreply@site1.test>\nTo: someone@example.net\nSubject: fleet\n\nbody\n"
+EX_NOPERM = 77
+
+
+class Fleet:
+    def __init__(self, workdir: str, accounts: dict[str, pwd.struct_passwd]) -> None:
+        self.redis = RedisServer(os.path.join(workdir, "redis"), password="fleet-" + "r" * 12)
+        self.port = free_port()
+        self.nodes: list[Shim] = []
+        for name in ("node-a", "node-b"):
+            home = os.path.join(workdir, name)
+            os.makedirs(home, mode=0o755)
+            shim = Shim(home, accounts, [self.port])
+            secret = os.path.join(home, "secrets", "redis")  # the daemon's, not the sites'
+            with open(secret, "w") as fh:
+                fh.write(f"{self.redis.password}\n")
+            os.chown(secret, 0, accounts["shimd"].pw_gid)
+            os.chmod(secret, 0o640)
+            with open(shim.config, "a") as fh:
+                fh.write(f"node: {name}\nstate: {{backend: redis, url: '{self.redis.url}', "
+                         f"prefix: 'fleet:', password_file: {secret}}}\n")
+            with_site_keys(shim, "site1.test", "quota: {per_hour: 3}")
+            self.nodes.append(shim)
+        self.relay = Relay(workdir, self.nodes[0].logins, self.port)
+
+    def start(self) -> None:
+        self.redis.start()
+        self.relay.start()
+        for shim in self.nodes:
+            shim.start()
+
+    def stop(self) -> None:
+        for thing in (*self.nodes, self.relay, self.redis):
+            try:
+                thing.stop()
+            except Exception as exc:  # cleanup goes on
+                print(f"cleanup: {exc}")
+
+
+@pytest.fixture
+def fleet(workdir: str, accounts: dict[str, pwd.struct_passwd]) -> Iterator[Fleet]:
+    made = Fleet(workdir, accounts)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.stop()
+
+
+def send(shim: Shim) -> Any:
+    return shim.sendmail(["-t", "-i"], MESSAGE)
+
+
+def test_config_check_connects_to_redis(fleet: Fleet) -> None:
+    a = fleet.nodes[0]
+    checked = a.admin("config", "check")
+    assert b"state redis (node node-a)" in checked.stdout
+    assert b"does not answer" not in checked.stdout
+    assert b"state.password_file" not in checked.stdout  # no warning: it is set
+    fleet.redis.stop()
+    checked = a.admin("config", "check")
+    assert checked.returncode != 0
+    assert f"{fleet.redis.url} does not answer".encode() in checked.stdout, checked.stdout
+
+
+def test_per_hour_holds_across_both_nodes(fleet: Fleet) -> None:
+    a, b = fleet.nodes
+    results = [send(a).returncode, send(b).returncode, send(a).returncode]
+    assert results == [0, 0, 0]
+    for shim in (a, b, a, b):
+        refused = send(shim)
+        assert refused.returncode == EX_NOPERM, refused.stderr
+        assert b"per_hour 3" in refused.stderr
+    fleet.relay.wait(3)
+    shown = a.admin("quota", "show", "site1.test")
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    assert "    3/3" in text
+    assert "node-a 2 (2 rcpt), node-b 1 (1 rcpt)" in text, text
+    [row] = [json.loads(line) for line in b.admin("quota", "show", "site1.test",
+                                                   "--json").stdout.splitlines()]
+    assert row["nodes"]["site1.test"] == {"node-a": {"messages": 2, "recipients": 2},
+                                          "node-b": {"messages": 1, "recipients": 1}}
+    top = b.admin("top").stdout.decode()
+    assert "site1.test" in top and "node-b" in top
+
+
+def test_suspend_on_one_node_stops_the_other_within_a_second(fleet: Fleet) -> None:
+    a, b = fleet.nodes
+    assert send(b).returncode == 0
+    suspended = a.admin("site", "suspend", "site1.test", "--reason", "fleet test")
+    assert suspended.returncode == 0, suspended.stderr
+    time.sleep(1.0)
+    refused = send(b)
+    assert refused.returncode != 0
+    assert b"suspended" in refused.stderr
+    assert b"suspended: fleet test" in b.admin("site", "list").stdout
+    assert a.admin("site", "resume", "site1.test").returncode == 0
+    time.sleep(1.0)
+    assert send(b).returncode == 0
+
+
+def test_redis_killed_mid_run_fails_open_then_shares_again(fleet: Fleet) -> None:
+    a, b = fleet.nodes
+    assert send(a).returncode == 0
+    fleet.redis.kill()
+    accepted = send(a)
+    assert accepted.returncode == 0, accepted.stderr  # fail-open: mail still accepted
+    assert send(b).returncode == 0
+    wait_until(lambda: "FAILING OPEN" in a.daemon_log(), 10, "the fail-open error in A's log")
+    assert fleet.redis.url in a.daemon_log()
+    fleet.relay.wait(3)
+    fleet.redis.start()
+    for shim in (a, b):
+        wait_until(lambda shim=shim: "answers again" in shim.daemon_log(), 15,  # type: ignore
+                   "the shared state back in the log")
+    assert a.admin("site", "suspend", "site1.test", "--reason", "after").returncode == 0
+    time.sleep(1.0)
+    refused = send(b)
+    assert refused.returncode != 0 and b"suspended" in refused.stderr
