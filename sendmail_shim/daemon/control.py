@@ -48,7 +48,7 @@ from sendmail_shim.policy.sanctions import (
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
 from sendmail_shim.store.headers import mail_date
-from sendmail_shim.store.state import ACCEPTED, State
+from sendmail_shim.store.state import ACCEPTED, RELAY_ACCEPTED, State
 from sendmail_shim.wire.protocol import ControlArgs
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,13 @@ def _quota_rows(config: Config, state: State, names: list[str],
         site = site_named(config, name)
         limits = quota.describe(quota.effective_quota(config, state, site))
         used = quota.usage(state, now, site=name).as_dict()
+        at_relays = quota.usage(state, now, site=name, kind=RELAY_ACCEPTED).as_dict()
         suspended = state.suspension(name)
         rows.append({"site": name, "limits": limits, "usage": used,
+                     "overridden": sorted(state.overrides(name)),
                      "suspended": suspended[1] if suspended else None})
+        if any(at_relays.values()):  # the relays' policy service counts in this state too
+            rows[-1]["usage_at_relays"] = at_relays
         if state.shared:
             rows[-1]["nodes"] = _by_node(state, now, name)
     return rows
@@ -108,8 +112,8 @@ def _nodes_text(nodes: dict[str, dict[str, int]]) -> str:
                      for node, use in nodes.items()) or "-"
 
 
-def _fmt_limit(value: object) -> str:
-    return "-" if value is None else str(value)
+def _fmt_limit(value: object, overridden: bool = False) -> str:
+    return ("-" if value is None else str(value)) + ("*" if overridden else "")
 
 
 def quota_show(config: Config, state: State, args: Args) -> str:
@@ -118,17 +122,32 @@ def quota_show(config: Config, state: State, args: Args) -> str:
     if args.get("json"):
         return "".join(json.dumps(row) + "\n" for row in rows)
     out = [f"{'SITE':<24} {'HOUR':>11} {'DAY':>11} {'RCPT/HOUR':>13} {'RCPT/MSG':>8}  STATE"]
+    starred = False
     for row in rows:
-        lim, use = row["limits"], row["usage"]
+        lim, use, over = row["limits"], row["usage"], row["overridden"]
+        starred = starred or bool(over)
+
+        def limit(key: str, width: int, lim: dict[str, Any] = lim,
+                  over: list[str] = over) -> str:
+            return f"{_fmt_limit(lim[key], key in over):<{width}}"
+
         out.append(
-            f"{row['site']!s:<24} {use['per_hour']:>5}/{_fmt_limit(lim['per_hour']):<5} "
-            f"{use['per_day']:>5}/{_fmt_limit(lim['per_day']):<5} "
-            f"{use['recipients_per_hour']:>6}/{_fmt_limit(lim['recipients_per_hour']):<6} "
-            f"{_fmt_limit(lim['recipients_per_message']):>8}  "
+            f"{row['site']!s:<24} {use['per_hour']:>5}/{limit('per_hour', 5)} "
+            f"{use['per_day']:>5}/{limit('per_day', 5)} "
+            f"{use['recipients_per_hour']:>6}/{limit('recipients_per_hour', 6)} "
+            f"{limit('recipients_per_message', 0):>8}  "
             f"{'suspended: ' + str(row['suspended']) if row['suspended'] else 'active'}")
         if "nodes" in row:
             by_node = _nodes_text(row["nodes"].get(row["site"], {}))
             out.append(f"{'':<24} last hour by node: {by_node}")
+        if "usage_at_relays" in row:
+            relayed = row["usage_at_relays"]
+            out.append(f"{'':<24} at the relays (policy service; shim and direct mail): "
+                       f"{relayed['per_hour']} in the last hour, {relayed['per_day']} in the "
+                       f"last day, {relayed['recipients_per_hour']} recipients in the last hour")
+    if starred:
+        out.append("* set by 'quota set' (kept in the state); 'quota set SITE --clear' goes "
+                   "back to the configuration file")
     return "\n".join(out) + "\n"
 
 

@@ -47,9 +47,12 @@ class Usage:
                 "recipients_per_hour": self.recipients_hour}
 
 
-def usage(state: State, now: float, site: str | None = None, uid: int | None = None) -> Usage:
-    hour_count, hour_rcpts = state.count(ACCEPTED, HOUR, now, site=site, uid=uid)
-    day_count, _ = state.count(ACCEPTED, DAY, now, site=site, uid=uid)
+def usage(state: State, now: float, site: str | None = None, uid: int | None = None,
+          kind: str = ACCEPTED) -> Usage:
+    """What counts against the limits: accepted here (``kind`` ACCEPTED), or counted
+    at the relays by the policy service (RELAY_ACCEPTED)."""
+    hour_count, hour_rcpts = state.count(kind, HOUR, now, site=site, uid=uid)
+    day_count, _ = state.count(kind, DAY, now, site=site, uid=uid)
     return Usage(hour_count, day_count, hour_rcpts)
 
 

@@ -59,12 +59,11 @@ from dataclasses import dataclass, field
 from sendmail_shim.config import Config, Site
 from sendmail_shim.policy import outbreak, quota
 from sendmail_shim.store.headers import mail_date
+from sendmail_shim.store.state import RELAY_ACCEPTED, State
 from sendmail_shim.store.state import Limit as StateLimit
-from sendmail_shim.store.state import State
 
 log = logging.getLogger(__name__)
 
-RELAY_ACCEPTED = "relay_accepted"  # the relay's own counter kind: one event per message
 HOUR, DAY = 3600.0, 86400.0
 MAX_MESSAGES = 50_000  # messages in progress remembered (oldest forgotten first)
 MESSAGE_TTL = 3600.0  # a message with no END-OF-MESSAGE within this long is forgotten

@@ -76,6 +76,9 @@ DOMAIN_WINDOW = 60  # minutes: distinct recipient domains are counted over the l
 PRUNE_EVERY = 1000  # records between two prunes
 ACCEPTED, REFUSED_QUOTA, RELAY_OK, RELAY_5XX = (
     "accepted", "refused_quota", "relay_ok", "relay_5xx")
+# What the relay's policy service (relaypolicy/) counted: one event per message, n =
+# recipients; all of a login's mail at the relays, through a shim or straight.
+RELAY_ACCEPTED = "relay_accepted"
 
 # Bucketed counters: name -> (key columns before the bucket, key columns after it).
 COUNTER_TABLES = {

@@ -20,7 +20,7 @@ from sendmail_shim.daemon import control
 from sendmail_shim.policy.sanctions import OperationError
 from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
-from sendmail_shim.store.state import ACCEPTED, State
+from sendmail_shim.store.state import ACCEPTED, RELAY_ACCEPTED, State
 
 ACTOR = "operator uid 0 (test)"
 
@@ -158,8 +158,12 @@ def test_quota_show_set_reset(config: Config, state: State) -> None:
     table = run(config, state, "quota-show")
     lines = table.splitlines()
     assert lines[0].split() == ["SITE", "HOUR", "DAY", "RCPT/HOUR", "RCPT/MSG", "STATE"]
-    assert [line.split()[0] for line in lines[1:]] == ["alpha.example", "beta.example"]
-    assert "    2/5    " in lines[1] and "active" in lines[1]
+    assert [line.split()[0] for line in lines[1:-1]] == ["alpha.example", "beta.example"]
+    assert "    2/5*   " in lines[1] and "active" in lines[1]  # * a 'quota set' limit
+    assert "*" not in lines[2]
+    assert lines[-1].startswith("* set by 'quota set'") and "--clear" in lines[-1]
+    assert quota_row(config, state, "alpha.example")["overridden"] == [
+        "per_day", "per_hour", "recipients_per_message"]
 
     assert run(config, state, "quota-reset", site=["alpha.example"]) == (
         "site alpha.example: usage reset (3 events forgotten)\n")
@@ -171,6 +175,21 @@ def test_quota_show_set_reset(config: Config, state: State) -> None:
     assert quota_row(config, state, "alpha.example")["limits"] == {
         "per_hour": 10, "per_day": 100, "recipients_per_message": None,
         "recipients_per_hour": None}
+    assert "*" not in run(config, state, "quota-show")
+
+
+def test_quota_show_reports_what_the_relays_counted(config: Config, state: State) -> None:
+    """The policy service counts at the relays (shim and direct mail) in its own kind."""
+    now = time.time()
+    assert "usage_at_relays" not in quota_row(config, state, "alpha.example")
+    state.record("alpha.example", -1, RELAY_ACCEPTED, n=3, ts=now - 60)
+    state.record("alpha.example", -1, RELAY_ACCEPTED, n=1, ts=now - 7200)
+    row = quota_row(config, state, "alpha.example")
+    assert row["usage_at_relays"] == {"per_hour": 1, "per_day": 2, "recipients_per_hour": 3}
+    assert row["usage"]["per_hour"] == 0  # not this node's acceptances
+    text = run(config, state, "quota-show", site=["alpha.example"])
+    assert ("at the relays (policy service; shim and direct mail): 1 in the last hour, 2 in "
+            "the last day, 3 recipients in the last hour") in text
 
 
 # -- the queue ------------------------------------------------------------------------
