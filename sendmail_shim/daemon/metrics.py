@@ -86,7 +86,8 @@ RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 SITE_STATUSES = ("accepted", "refused", "sent", "deferred", "bounced")
 # Errors worth an alert: each is a log line at warning or error that means trouble.
 ERROR_EVENTS = ("tempfail", "internal_error", "paused", "bookkeeping_failed",
-                "outbreak_rules_skipped", "corrupt", "cannot")
+                "outbreak_rules_skipped", "corrupt", "cannot", "scan_unavailable")
+SCORE_BUCKETS = (-5.0, 0.0, 2.0, 5.0, 10.0, 20.0, 100.0, 1000.0)  # spamd's content scores
 
 
 def refusal_reason(event: Event) -> str:
@@ -178,6 +179,15 @@ class EventMetrics(logging.Handler):
             f"{p}_relay_reputation_known", "1 when the zone's last answer about the relay "
             "was a listing or clean, 0 when unknown (timeout, refused query, bad resolver)",
             ["relay", "zone"], registry=registry)
+        self.scanned = Counter(f"{p}_content_scans", "Messages the content scanner decided "
+                               "on (delivery/scan.py), by action: deliver, hold, "
+                               "deliver_unscored (spamd down, scan.on_failure: deliver)",
+                               ["action"], registry=registry)
+        self.scores = Histogram(f"{p}_content_score", "spamd's content scores of scanned "
+                                "messages", registry=registry, buckets=SCORE_BUCKETS)
+        self.scanner_up = Gauge(f"{p}_scanner_up", "1 while spamd answers, 0 from a failed "
+                                "scan until it answers again (absent until the first scan)",
+                                registry=registry)
         self._site_lock = threading.Lock()
         self.site_counts: dict[tuple[str, str], int] = {}
         self.site_volume: dict[str, int] = {}
@@ -252,6 +262,19 @@ class EventMetrics(logging.Handler):
             self.notices.labels(name.split("_")[0]).inc()
         elif name == "reputation_checked":
             self._reputation(event)
+        elif name == "scanned":
+            self.scanned.labels(event.get("action", "deliver")).inc()
+            self.scanner_up.set(1)
+            try:
+                self.scores.observe(float(event.get("score", "")))
+            except ValueError:
+                pass
+        elif name == "scan_failed":
+            self.scanned.labels(event.get("action", "deliver_unscored")).inc()
+        elif name == "scan_unavailable":
+            self.scanner_up.set(0)
+        elif name == "scan_available":
+            self.scanner_up.set(1)
         elif name in ("pickup_retry", "dropped"):
             self.pickups.labels("retry" if name == "pickup_retry" else "refused").inc()
         if name in ERROR_EVENTS and level in ("warning", "error", "critical"):

@@ -244,3 +244,23 @@ def test_queue_scan_lists_again_only_after_a_change(tmp_path: Path) -> None:
     os.utime(tmp_path, ns=(old, old))  # the same mtime as cached: the cached listing stands
     assert scan(str(tmp_path))[0] == 2
     assert scan(str(tmp_path / "missing")) == (0, None)
+
+
+def test_content_scan_events() -> None:
+    """The scanner's log lines (delivery/scan.py) as counters, a score histogram, up/down."""
+    registry, _ = fed(
+        ("info", "scanned queue_id=Q site=s1 score=1.5 max_score=5 action=deliver"),
+        ("info", "scanned queue_id=R site=s1 score=1000.0 max_score=5 action=hold"),
+        ("error", "scan_unavailable spamd=127.0.0.1:783 reason='refused' on_failure=deliver "
+                  "action='start spamd'"),
+        ("info", "scan_failed queue_id=S site=s1 action=deliver_unscored pool=default"),
+    )
+    assert value(registry, f"{P}_content_scans_total", action="deliver") == 1
+    assert value(registry, f"{P}_content_scans_total", action="hold") == 1
+    assert value(registry, f"{P}_content_scans_total", action="deliver_unscored") == 1
+    assert value(registry, f"{P}_content_score_bucket", le="2.0") == 1
+    assert value(registry, f"{P}_content_score_count") == 2
+    assert value(registry, f"{P}_scanner_up") == 0
+    assert value(registry, f"{P}_errors_total", event="scan_unavailable") == 1
+    registry, _ = fed(("warning", "scan_available after=12s: spamd answers again"))
+    assert value(registry, f"{P}_scanner_up") == 1
