@@ -127,7 +127,9 @@ class SubmissionServer(DaemonServer):
                 return
             self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
             self._connections += 1
-            slots = self._uid_slots.setdefault(uid, asyncio.Semaphore(limit))
+            slots = self._uid_slots.get(uid)
+            if slots is None:
+                slots = self._uid_slots[uid] = asyncio.Semaphore(limit)
             try:
                 async with slots:
                     await respond(writer, self._handle_safely(reader, pid, uid, gid),
@@ -215,8 +217,8 @@ class SubmissionServer(DaemonServer):
                 f"message of {size} bytes exceeds message_size_limit "
                 f"{self.config.message_size_limit}; nothing was queued")
         try:
-            tail = await asyncio.wait_for(reader.readexactly(size + len(protocol.TRAILER)),
-                                          READ_TIMEOUT + size / 1e6)
+            async with asyncio.timeout(READ_TIMEOUT + size / 1e6):  # no extra task, unlike wait_for
+                tail = await reader.readexactly(size + len(protocol.TRAILER))
         except asyncio.IncompleteReadError:
             log.warning("incomplete request uid=%d pid=%d: nothing queued", uid, pid)
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, "incomplete request")
@@ -234,8 +236,10 @@ class SubmissionServer(DaemonServer):
                                         f"4.3.0 {self._unavailable}; nothing was queued, "
                                         "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
-        verdict: Verdict = await asyncio.to_thread(
-            accept_submission, self.config, self.state, fields, message, caller)
+        # One hop to a worker thread of the loop's default executor (which the daemon's
+        # shutdown joins) for the whole hand-off: state, compose, commit, bookkeeping.
+        verdict: Verdict = await asyncio.get_running_loop().run_in_executor(
+            None, accept_submission, self.config, self.state, fields, message, caller)
         if verdict.accepted:
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,

@@ -32,6 +32,11 @@ Storage trouble (ENOSPC, quota, SQLite "database or disk is full" or
 "disk I/O error") never escapes as an exception: it is a 451 / exit 75 that
 names the spool's disk.  Bookkeeping after the commit (recipient domains,
 outbreak rules) cannot turn an accepted message into a failure.
+
+SQLite work per accepted message: two write transactions, the quota one
+before the commit and one after it for the submission id's confirmation and
+the recipient domains (when that one fails, the claimed row is settled as
+above and the domains are not counted), then the outbreak rules' reads.
 """
 
 from __future__ import annotations
@@ -160,7 +165,8 @@ def accept_submission(
     subid = protocol.submission_id(fields)
     known: tuple[str, bool] | None = None
     claimed = False
-    root = config.layout.root
+    layout = config.layout  # built once: the property makes a new SpoolLayout each time
+    root = layout.root
     try:
         with state.transaction():
             if subid is not None:
@@ -202,12 +208,12 @@ def accept_submission(
         return verdict
     try:
         if score is not None:  # before_ack scored it: the runner does not score it again
-            spool.write_status(config.layout, queue_id,
+            spool.write_status(layout, queue_id,
                                spool.Status(score=score, scanned=spool.SCANNED_OK))
-        spool.commit(config.layout, envelope, final)
+        spool.commit(layout, envelope, final)
     except OSError as exc:
         if score is not None:
-            _after(facts, lambda: spool.forget_status(config.layout, queue_id))
+            _after(facts, lambda: spool.forget_status(layout, queue_id))
         _after(facts, lambda: state.forget(reservation))
         if subid is not None:
             _after(facts, lambda: state.end_submission(caller.uid, subid, committed=False))
@@ -216,11 +222,16 @@ def accept_submission(
         log.error("tempfail %s reason=%r", facts, f"spool write failed: {why}")
         return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later")
     # The message is on disk: from here on nothing may turn it into a failure.
-    if subid is not None:
-        _after(facts, lambda: state.end_submission(caller.uid, subid, committed=True))
-
     domains = sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients})
-    _after(facts, lambda: state.record_domains(site.name, domains, now))
+
+    def confirm() -> None:
+        """The id's confirmation and the recipient domains: one SQLite write, not two."""
+        with state.transaction():
+            if subid is not None:
+                state.end_submission(caller.uid, subid, committed=True)
+            state.record_domains(site.name, domains, now)
+
+    _after(facts, confirm)
     log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r%s%s ms=%.1f", facts,
              envelope.sender, nrcpt, envelope.size, ident.reason, f" subid={subid}" if subid
              else "", "".join(" " + n for n in notes), (time.monotonic() - started) * 1000)
