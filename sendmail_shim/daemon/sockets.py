@@ -28,7 +28,7 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -118,12 +118,46 @@ class Streamed:
     body: Iterator[bytes]
 
 
+class Released:
+    """A body that calls ``release`` once when it ends, fails or is closed, even unstarted.
+
+    (A generator's ``finally`` does not run when it is closed before its first step.)
+    """
+
+    def __init__(self, body: Iterator[bytes], release: Callable[[], None]) -> None:
+        self._body = body
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Released:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._body)
+        except BaseException:  # the end (StopIteration) or a failure: the slot is free
+            self._free()
+            raise
+
+    def _free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def close(self) -> None:
+        self._free()
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
 BODY_FAILED = (b"\nsendmail-shim: the listing stopped early: internal error in the daemon "
                b"(the operator finds the cause in its log)\n")
 
 
-async def _send_body(writer: asyncio.StreamWriter, body: Iterator[bytes], who: str) -> None:
+async def _send_body(writer: asyncio.StreamWriter, line: bytes, body: Iterator[bytes],
+                     who: str) -> None:
     try:
+        writer.write(line)
         while True:
             try:
                 piece = await asyncio.to_thread(next, body, None)
@@ -157,8 +191,7 @@ async def respond(writer: asyncio.StreamWriter, reply: Awaitable[bytes | Streame
             log.exception("internal error answering a %s; replied with an error", who)
             data = on_error
         if isinstance(data, Streamed):
-            writer.write(data.line)
-            await _send_body(writer, data.body, who)
+            await _send_body(writer, data.line, data.body, who)
         else:
             writer.write(data)
         await writer.drain()

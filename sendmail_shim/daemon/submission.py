@@ -31,6 +31,11 @@ site's correspondents.  Texts are encoded with escapes, so an odd queue entry
 cannot break ``mailq``.  The mailq listing is streamed: read entry by entry
 (only each queue file's envelope line and its status) and written in pieces
 as the client reads, so the daemon's memory does not grow with the queue.
+A listing reads the whole queue whoever asks (about 20 µs of CPU per queued
+message), so a site uid gets one listing at a time: a second ``mailq`` of the
+same uid while its first is still being sent is answered ``451`` at once
+(exit 75), and a site looping on ``mailq`` cannot take the worker threads
+that other sites' hand-offs need.  Root and the daemon's user are not limited.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from sendmail_shim.daemon import listing
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
     DaemonServer,
+    Released,
     Running,
     Streamed,
     peer_credentials,
@@ -81,6 +87,7 @@ class SubmissionServer(DaemonServer):
         self._uid_slots: dict[int, asyncio.Semaphore] = {}  # connections_per_uid each
         self._connections = 0
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
+        self._listing: set[int] = set()  # site uids with a mailq listing being sent
 
     @property
     def _pickup_wake(self) -> asyncio.Event:
@@ -203,8 +210,7 @@ class SubmissionServer(DaemonServer):
             log.info("flush requested uid=%d pid=%d", uid, pid)
             return protocol.format_reply(250, 0, "queue run started")
         if mode == protocol.MAILQ:
-            return Streamed(protocol.format_reply(250, 0, "queue follows"),
-                            listing.chunks(self._mailq_text(uid)))
+            return self._mailq(uid, pid)
         if mode != protocol.SUBMIT:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"unknown mode {mode!r}")
         try:
@@ -244,6 +250,21 @@ class SubmissionServer(DaemonServer):
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,
                                     f"{verdict.enhanced} {verdict.text}")
+
+    def _mailq(self, uid: int, pid: int) -> bytes | Streamed:
+        """The listing for ``uid``; a site uid gets one at a time (see the module docstring)."""
+        body = listing.chunks(self._mailq_text(uid))
+        if uid in (0, os.getuid()):
+            return Streamed(protocol.format_reply(250, 0, "queue follows"), body)
+        if uid in self._listing:
+            log.info("mailq refused uid=%d pid=%d reason='a listing for this uid is still "
+                     "being sent'", uid, pid)
+            return protocol.format_reply(451, sysexits.EX_TEMPFAIL, (
+                f"4.3.2 a mailq listing for uid {uid} is still being sent; one at a time, "
+                "try again when it has finished"))
+        self._listing.add(uid)
+        return Streamed(protocol.format_reply(250, 0, "queue follows"),
+                        Released(body, lambda: self._listing.discard(uid)))
 
     def _mailq_text(self, uid: int) -> Iterator[str]:
         """The listing for ``uid``, made as it is sent: root and the daemon see every entry."""
