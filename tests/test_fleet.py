@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Relay, Shim, free_port, wait_until, with_site_keys
+from conftest import ADMIN, DAEMON_USER, Relay, Shim, free_port, wait_until, with_site_keys
 from redisserver import RedisServer
 
 MESSAGE = b"From: Web <noreply@site1.test>\nTo: someone@example.net\nSubject: fleet\n\nbody\n"
@@ -139,3 +142,53 @@ def test_redis_killed_mid_run_fails_open_then_shares_again(fleet: Fleet) -> None
     time.sleep(1.0)
     refused = send(b)
     assert refused.returncode != 0 and b"suspended" in refused.stderr
+
+
+def ask_policy(port: int, instance: str) -> str:
+    """One RCPT request as Postfix sends it; the service's action."""
+    request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=site1.test\n"
+               f"instance={instance}\nrecipient=someone@example.net\n\n").encode()
+    with socket.create_connection(("127.0.0.1", port), 5) as conn:
+        conn.sendall(request)
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            piece = conn.recv(4096)
+            assert piece, reply
+            reply += piece
+    assert reply.startswith(b"action="), reply
+    return reply[len(b"action="):].decode().strip()
+
+
+def test_suspend_on_a_node_reaches_the_relays_policy_service_within_a_second(
+        fleet: Fleet) -> None:
+    """The policy service on the relay shares the nodes' Redis: a suspension made on node A
+    is answered at the relay within a second, and lifted as fast."""
+    a, b = fleet.nodes
+    port = free_port()
+    with open(b.config, "a") as fh:  # the relay runs the service with the fleet's config
+        fh.write(f"policy_service: {{listen: 'inet:127.0.0.1:{port}'}}\n")
+    log = os.path.join(os.path.dirname(b.config), "policy.log")
+    with open(log, "ab") as out:
+        service = subprocess.Popen(["runuser", "-u", DAEMON_USER, "--", ADMIN, "policy",
+                                    "serve", "--config", b.config], stdout=out, stderr=out,
+                                   env=b.env())
+    try:
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(listening, 20, "the policy service")
+        assert ask_policy(port, "i1") == "DUNNO"
+        assert a.admin("site", "suspend", "site1.test", "--reason", "relay test").returncode == 0
+        time.sleep(1.0)
+        answer = ask_policy(port, "i2")
+        assert answer.startswith("DEFER_IF_PERMIT 4.7.1") and "site1.test" in answer, answer
+        assert a.admin("site", "resume", "site1.test").returncode == 0
+        time.sleep(1.0)
+        assert ask_policy(port, "i3") == "DUNNO"
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(15)

@@ -90,12 +90,13 @@ def world(shim_factory: Any, workdir: str) -> Iterator[World]:
     shim.start()  # creates the spool and its state as the daemon's user
     log = os.path.join(workdir, "policy.log")
     service = start_service(shim, log, policy_port)
+    world = World(shim, sink, postfix, service, policy_port, log)
     try:
         postfix.start()
-        yield World(shim, sink, postfix, service, policy_port, log)
+        yield world
     finally:
         postfix.stop()
-        stop_service(service)
+        stop_service(world.service)  # a test may have restarted it
 
 
 def test_direct_login_is_held_to_per_hour(world: World) -> None:
