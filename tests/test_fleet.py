@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ADMIN, DAEMON_USER, Relay, Shim, free_port, wait_until, with_site_keys
+from conftest import Relay, Shim, free_port, wait_until, with_site_keys
 from redisserver import RedisServer
+from test_policy_service import start_service, stop_service
 
 MESSAGE = b"From: Web <noreply@site1.test>\nTo: someone@example.net\nSubject: fleet\n\nbody\n"
 EX_NOPERM = 77
@@ -167,20 +166,8 @@ def test_suspend_on_a_node_reaches_the_relays_policy_service_within_a_second(
     port = free_port()
     with open(b.config, "a") as fh:  # the relay runs the service with the fleet's config
         fh.write(f"policy_service: {{listen: 'inet:127.0.0.1:{port}'}}\n")
-    log = os.path.join(os.path.dirname(b.config), "policy.log")
-    with open(log, "ab") as out:
-        service = subprocess.Popen(["runuser", "-u", DAEMON_USER, "--", ADMIN, "policy",
-                                    "serve", "--config", b.config], stdout=out, stderr=out,
-                                   env=b.env())
+    service = start_service(b, os.path.join(os.path.dirname(b.config), "policy.log"), port)
     try:
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(listening, 20, "the policy service")
         assert ask_policy(port, "i1") == "DUNNO"
         assert a.admin("site", "suspend", "site1.test", "--reason", "relay test").returncode == 0
         time.sleep(1.0)
@@ -190,5 +177,4 @@ def test_suspend_on_a_node_reaches_the_relays_policy_service_within_a_second(
         time.sleep(1.0)
         assert ask_policy(port, "i3") == "DUNNO"
     finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(15)
+        stop_service(service)
