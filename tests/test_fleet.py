@@ -86,6 +86,23 @@ def test_config_check_connects_to_redis(fleet: Fleet) -> None:
     assert f"{fleet.redis.url} does not answer".encode() in checked.stdout, checked.stdout
 
 
+def test_config_check_refuses_a_redis_password_file_sites_can_read(fleet: Fleet) -> None:
+    """A site that reads state.password_file can AUTH to Redis and lift its own
+    suspension: config check must call a world-readable one a problem."""
+    a = fleet.nodes[0]
+    secret = os.path.join(a.workdir, "secrets", "redis")
+    os.chmod(os.path.dirname(secret), 0o755)  # as /etc/sendmail-shim/ often is
+    os.chmod(secret, 0o644)
+    stolen = a.run(["cat", secret], user="shimsite1", prog="env")
+    assert stolen.stdout.strip() == fleet.redis.password.encode()  # what the mode allows
+    checked = a.admin("config", "check")
+    assert checked.returncode == 78, checked.stdout
+    assert f"state.password_file {secret} is readable by every user".encode() in \
+        checked.stdout, checked.stdout
+    os.chmod(secret, 0o640)
+    assert a.admin("config", "check").returncode == 0
+
+
 def test_per_hour_holds_across_both_nodes(fleet: Fleet) -> None:
     a, b = fleet.nodes
     results = [send(a).returncode, send(b).returncode, send(a).returncode]

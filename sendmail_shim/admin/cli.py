@@ -591,6 +591,11 @@ def config_check(config_path: str | None) -> None:
         problem = check_backend(config.state_url, config.state_prefix,
                                 config.state_password_file)
         problems += [problem] if problem else []
+        secret = config.state_password_file
+        if secret is not None and os.path.exists(secret) and os.stat(secret).st_mode & 0o007:
+            problems.append(f"state.password_file {secret} is readable by every user: a site "
+                            "could reach Redis with it and lift its own suspension or quota; "
+                            "chmod 0640 and chown root:<daemon group>")
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     if config.state_backend == "redis":
         warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
