@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import pwd
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ RECORDS = {
     (LISTED_NAME, "TXT"): ['"Listed for spam: see https://bl.test/99"'],
     ("99.2.0.192.refused.test", "A"): ["127.255.255.254"],
     ("1.2.0.192.refused.test", "A"): ["127.255.255.254"],
+    ("99.2.0.192.dqkey7.dq.test", "A"): ["127.0.0.2"],  # a keyed zone (Spamhaus DQS style)
 }
 
 
@@ -173,3 +175,42 @@ def test_auto_burn_burns_a_listed_relay_never_a_refused_query(shim_factory: Any,
     shim.stop()
     assert shim.daemon_log().count("relay_burned") == 1
     assert os.path.exists(shim.spool)
+
+
+def test_access_keys_stay_out_of_the_file_every_site_reads(
+        shim_factory: Any, dns_server: DnsServer, snds_url: str, workdir: str,
+        accounts: dict[str, pwd.struct_passwd]) -> None:
+    """The front end makes config.yaml readable by every site: a DQS key or an SNDS URL
+    there is the operator's paid access handed to each site.  In key_file and
+    snds_url_file (root:<daemon group> 0640) the daemon reads them and the sites do not."""
+    keys = os.path.join(workdir, "keys")
+    os.makedirs(keys, mode=0o755)
+    files = {"dq": "dqkey7", "snds": snds_url}
+    for name, secret in files.items():
+        path = os.path.join(keys, name)
+        with open(path, "w") as fh:
+            fh.write(secret + "\n")
+        os.chown(path, 0, accounts["shimd"].pw_gid)
+        os.chmod(path, 0o640)
+    zones = (f"[{{zone: dq.test, label: dq, key_file: {keys}/dq}}], "
+             f"snds_url_file: {keys}/snds")
+    shim, _relay, listed, _clean = watched_system(shim_factory, dns_server, zones=zones)
+    as_site = shim.run(["cat", shim.config], user="shimsite1", prog="env")
+    assert as_site.returncode == 0 and b"key_file" in as_site.stdout  # sites read it
+    assert b"dqkey7" not in as_site.stdout and b"abc-123" not in as_site.stdout
+    assert shim.run(["cat", f"{keys}/dq"], user="shimsite1", prog="env").returncode != 0
+    text = shim.admin("relay", "check", listed).stdout.decode()
+    assert "  dq                       listed   127.0.0.2" in text, text
+    assert "  snds                     listed   Yes" in text, text
+    checked = shim.admin("config", "check")
+    assert checked.returncode == 0 and b"warning: reputation" not in checked.stdout
+    os.chmod(f"{keys}/dq", 0o644)
+    checked = shim.admin("config", "check")
+    assert checked.returncode == 78
+    assert f"reputation.zones[].key_file {keys}/dq is readable by every user".encode() \
+        in checked.stdout, checked.stdout
+    shim.edit_config(f"key_file: {keys}/dq", "key: dqkey7")
+    shim.edit_config(f"snds_url_file: {keys}/snds", f"snds_url: '{snds_url}'")
+    checked = shim.admin("config", "check").stdout.decode()
+    assert "warning: reputation zone dq has its access key in 'key'" in checked, checked
+    assert "warning: reputation.snds_url holds the SNDS key" in checked, checked

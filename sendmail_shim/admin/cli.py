@@ -591,14 +591,24 @@ def config_check(config_path: str | None) -> None:
         problem = check_backend(config.state_url, config.state_prefix,
                                 config.state_password_file)
         problems += [problem] if problem else []
-        secret = config.state_password_file
-        if secret is not None and os.path.exists(secret) and os.stat(secret).st_mode & 0o007:
-            problems.append(f"state.password_file {secret} is readable by every user: a site "
-                            "could reach Redis with it and lift its own suspension or quota; "
-                            "chmod 0640 and chown root:<daemon group>")
+        problems += _open_secret("state.password_file", config.state_password_file,
+                                 "could reach Redis with it and lift its own suspension or "
+                                 "quota")
+    rep = config.reputation
+    for zone in rep.zones:
+        problems += _open_secret("reputation.zones[].key_file", zone.key_file,
+                                 "could use the operator's blocklist access key")
+    problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
+                             "could use the operator's SNDS key")
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     if config.state_backend == "redis":
         warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
+    readable = "but every site can read the configuration file (the sendmail front end reads it)"
+    warnings += [f"reputation zone {zone.name} has its access key in 'key', {readable}: move "
+                 "it to key_file" for zone in rep.zones if zone.access_key]
+    if rep.snds_url:
+        warnings.append(f"reputation.snds_url holds the SNDS key, {readable}: move the URL "
+                        "to snds_url_file")
     click.echo(f"configuration {config.path or '(built-in defaults)'}: "
                f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}, "
                f"state {config.state_backend}"
@@ -608,6 +618,14 @@ def config_check(config_path: str | None) -> None:
     for warning in warnings:
         click.echo(f"warning: {warning}")
     sys.exit(sysexits.EX_CONFIG if problems else 0)
+
+
+def _open_secret(name: str, path: str | None, harm: str) -> list[str]:
+    """A problem when the secret file ``path`` is readable by every user (a site)."""
+    if path is None or not os.path.exists(path) or not os.stat(path).st_mode & 0o004:
+        return []
+    return [f"{name} {path} is readable by every user: a site {harm}; chmod 0640 and chown "
+            "root:<daemon group>"]
 
 
 PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"

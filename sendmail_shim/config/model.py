@@ -178,8 +178,12 @@ class Zone:
         None, kind=Optional(Checked(lambda t: bool(_ZONE_WORD.match(t)),
                                     "expected letters and digits, got {text!r}", "an access key")),
         name="key", doc="an access key placed before the zone, as Spamhaus DQS wants: "
-                        "<reversed ip>.<key>.zen.dq.spamhaus.net; keep the file unreadable to "
-                        "sites", default_text="none")
+                        "<reversed ip>.<key>.zen.dq.spamhaus.net; every site reads this "
+                        "configuration file, so prefer key_file", default_text="none")
+    key_file: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True),
+        doc="file with the access key on its first line, instead of key (readable by the "
+            "daemon, not by sites; read at each look)", default_text="none")
     label: str | None = key(None, kind=Optional(Checked(
         lambda t: bool(_ZONE_WORD.match(t)), "expected letters, digits, '.', '-' or '_', got "
         "{text!r}", "a short name")), doc="the zone's name in logs, notices and metrics",
@@ -192,9 +196,25 @@ class Zone:
 
     @property
     def query_suffix(self) -> str:
-        """The name queried under the reversed address (with the key when there is one)."""
+        """The name queried under the reversed address (with the key when there is one).
+
+        ``key_file`` is read now (rotating it needs no reload); an unreadable one is an
+        OSError, a line that is no key a ValueError (neither names the key).
+        """
         zone = self.zone.lower().rstrip(".")
-        return f"{self.access_key}.{zone}" if self.access_key else zone
+        access_key = self.access_key
+        if self.key_file is not None:
+            access_key = read_secret(self.key_file)
+            if not _ZONE_WORD.match(access_key):
+                raise ValueError(f"{self.key_file}: its first line is not an access key "
+                                 "(letters and digits)")
+        return f"{access_key}.{zone}" if access_key else zone
+
+
+def read_secret(path: str) -> str:
+    """The first line of a secret file (a key, a URL with a key); OSError when unreadable."""
+    with open(path, encoding="utf-8") as fh:
+        return fh.readline().strip()
 
 
 def _secure_url(text: str) -> bool:
@@ -224,9 +244,28 @@ class Reputation:
         doc="Microsoft SNDS automated access: the ipStatus URL with your key "
             "(https://sendersupport.olc.protection.outlook.com/snds/ipStatus.aspx?key=...); "
             "its blocked IPv4 ranges are a second signal, zone snds", default_text="none")
+    snds_url_file: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True),
+        doc="file with the SNDS ipStatus URL (and its key) on its first line, instead of "
+            "snds_url, which every site can read here", default_text="none")
     auto_burn: bool = key(False, kind=Flag(),
                           doc="true: a new listing also burns the relay (a standby takes "
                               "over); it is never restored by itself: relay restore")
+
+    @property
+    def snds(self) -> bool:
+        """Whether SNDS is watched (snds_url or snds_url_file)."""
+        return bool(self.snds_url or self.snds_url_file)
+
+    def read_snds_url(self) -> str:
+        """The SNDS URL, ``snds_url_file`` read now; OSError or ValueError (never the URL)."""
+        if self.snds_url_file is None:
+            return self.snds_url or ""
+        url = read_secret(self.snds_url_file)
+        if not _secure_url(url):
+            raise ValueError(f"{self.snds_url_file}: its first line is not an https:// URL "
+                             "(http:// only to loopback)")
+        return url
 
 
 @dataclass(frozen=True)

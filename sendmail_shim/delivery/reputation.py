@@ -17,7 +17,7 @@ reason when it is listed.  What the answer means:
 
 So only a clean 127/8 code is a listing, and only a listing can burn a relay.
 
-Microsoft SNDS (optional, ``reputation.snds_url``: the automated-access ipStatus URL
+Microsoft SNDS (optional, ``reputation.snds_url_file`` or ``snds_url``: the ipStatus URL
 with the operator's key) is a second signal under the zone name ``snds``.  The file
 is CSV, one blocked range a line, ``first ip,last ip,blocked,details`` (as the SNDS
 automated-access tools that read it parse it; IPv4 only): an IPv4 relay inside a range
@@ -180,7 +180,13 @@ def _printable(text: str, limit: int = 300) -> str:
 async def check_one(resolver: dns.asyncresolver.Resolver, relay: str, ip: str,
                     zone: Zone) -> Result:
     """Ask ``zone`` about ``ip`` (see the module docstring); never raises for DNS trouble."""
-    name = query_name(ip, zone)
+    try:
+        name = query_name(ip, zone)
+    except (OSError, ValueError) as exc:  # key_file
+        return Result(relay, ip, zone.name, UNKNOWN,
+                      text=f"reputation.zones[].key_file cannot be used "
+                           f"({_secret_problem(exc)}); never a listing; make it readable by "
+                           "the daemon's user, the key on its first line")
     try:
         answers = await _lookup(resolver, name, "A")
     except dns.exception.Timeout:
@@ -233,14 +239,28 @@ async def check(config: Config, name: str | None = None) -> list[Result]:
     pairs = watched(config, name)
     results = list(await asyncio.gather(*(one(relay, ip, zone) for relay, ip in pairs
                                           for zone in config.reputation.zones)))
-    if config.reputation.snds_url:
-        results += await asyncio.to_thread(snds_results, config.reputation.snds_url, pairs)
+    if config.reputation.snds:
+        try:
+            url = config.reputation.read_snds_url()
+        except (OSError, ValueError) as exc:
+            why = (f"reputation.snds_url_file cannot be used ({_secret_problem(exc)}); never a "
+                   "listing; make it readable by the daemon's user, the URL on its first line")
+            return results + [Result(relay, ip, SNDS, UNKNOWN, text=why) for relay, ip in pairs
+                              if ipaddress.ip_address(ip).version == 4]
+        results += await asyncio.to_thread(snds_results, url, pairs)
     return results
+
+
+def _secret_problem(exc: BaseException) -> str:
+    """What is wrong with a secret file, without its content."""
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 def watching(config: Config) -> bool:
     """Whether there is anything to watch: a zone or SNDS, and a relay with a public_ip."""
-    return bool(config.reputation.zones or config.reputation.snds_url) and bool(
+    return bool(config.reputation.zones or config.reputation.snds) and bool(
         watched(config))
 
 
@@ -296,7 +316,7 @@ def snds_results(url: str, pairs: list[tuple[str, str]]) -> list[Result]:
 
 def check_text(config: Config, state: State, name: str | None = None) -> str:
     """``relay check [NAME]``: ask now and say what each zone answered (reports only)."""
-    if not (config.reputation.zones or config.reputation.snds_url):
+    if not (config.reputation.zones or config.reputation.snds):
         return ("no reputation.zones (nor reputation.snds_url) configured: nothing to check "
                 "(see REPUTATION WATCH in sendmail-shim.yaml(5) for zones and their usage "
                 "terms)\n")

@@ -371,3 +371,37 @@ def test_auto_burn_asks_the_daemon_to_retry_the_pool_at_once(make_config: MakeCo
     watch.observe(config, [listed(code="127.0.0.2")])
     watch.observe(config, [listed(zone="other.test")])  # already burned: no second retry
     assert pools == ["default"]
+
+
+# -- secrets out of the configuration file (every site reads it) -------------------------------
+def test_the_dqs_key_can_live_in_a_file_sites_cannot_read(make_config: MakeConfig,
+                                                          dns_server: DnsServer,
+                                                          tmp_path: Any) -> None:
+    key_file = tmp_path / "dqs"
+    key_file.write_text("secret1\n")
+    config = make_config(relays=[{"host": "127.0.0.1", "port": 2525, "tls": "none",
+                                  "public_ip": LISTED_IP}],
+                         resolver={"nameservers": ["127.0.0.1"], "port": dns_server.port,
+                                   "timeout": 0.3},
+                         reputation={"zones": [{"zone": "dq.test", "label": "dq",
+                                                "key_file": str(key_file)}]})
+    assert results_of(config)[("127.0.0.1:2525", "dq")].status == LISTED
+    key_file.write_text("not a key!\n")  # read at each look: neither crash nor key shown
+    bad = results_of(config)[("127.0.0.1:2525", "dq")]
+    assert bad.status == UNKNOWN and "key_file" in bad.text and "not a key" not in bad.text
+    key_file.unlink()
+    gone = results_of(config)[("127.0.0.1:2525", "dq")]
+    assert gone.status == UNKNOWN and "No such file" in gone.text
+
+
+def test_the_snds_url_can_live_in_a_file(make_config: MakeConfig, dns_server: DnsServer,
+                                         snds: str, tmp_path: Any) -> None:
+    url_file = tmp_path / "snds"
+    url_file.write_text(snds + "\n")
+    config = watch_config(make_config, dns_server, [], snds_url_file=str(url_file))
+    assert reputation.watching(config)
+    assert results_of(config)[("127.0.0.1:2525", "snds")].status == LISTED
+    assert SndsHandler.seen == ["/snds/ipStatus.aspx?key=k-1"]
+    url_file.write_text(snds.replace("http://127.0.0.1", "http://snds.example") + "\n")
+    refused = results_of(config)[("127.0.0.1:2525", "snds")]
+    assert refused.status == UNKNOWN and "k-1" not in refused.text
