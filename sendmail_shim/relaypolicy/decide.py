@@ -69,6 +69,11 @@ MAX_MESSAGES = 50_000  # messages in progress remembered (oldest forgotten first
 MESSAGE_TTL = 3600.0  # a message with no END-OF-MESSAGE within this long is forgotten
 MAX_ANSWERS = 10_000  # END-OF-MESSAGE answers remembered (a repeat comes at once)
 MAX_RECIPIENTS_KEPT = 2_000  # distinct recipients remembered per message
+# ... and over all messages in progress: a site with its relay login can open many
+# transactions of up to smtpd_recipient_limit recipients and never send DATA; without
+# this bound 50,000 of them would hold gigabytes.  The oldest messages are forgotten
+# first (their END-OF-MESSAGE is still held to recipients_per_message by recipient_count).
+MAX_RECIPIENTS_TOTAL = 200_000
 DUNNO = "DUNNO"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 END_OF_MESSAGE = "END-OF-MESSAGE"
@@ -133,6 +138,7 @@ class Decider:
         # few objects for the garbage collector to walk, however busy the relay.
         self.messages: OrderedDict[str, Message] = OrderedDict()
         self.answered: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.kept_recipients = 0  # over self.messages (bounded by MAX_RECIPIENTS_TOTAL)
         self.logins: dict[str, Site] = {}
         shared: set[str] = set()
         sites = list(config.sites.values())
@@ -206,24 +212,39 @@ class Decider:
             message = Message(site.name, now)
             if not instance:  # nothing ties it to other requests: counted on its own
                 return message
+            self._drop(instance)  # another site's message of that instance
             self.messages[instance] = message
             while self.messages and (len(self.messages) > MAX_MESSAGES or next(
                     iter(self.messages.values())).started < now - MESSAGE_TTL):
-                self.messages.popitem(last=False)
+                self._drop(next(iter(self.messages)))
         return message
 
+    def _drop(self, instance: str) -> None:
+        """Forget a message in progress (and what it kept)."""
+        message = self.messages.pop(instance, None)
+        if message is not None:
+            self.kept_recipients -= len(message.recipients)
+
     def _forget(self, attrs: dict[str, str]) -> None:
-        self.messages.pop(attrs.get("instance", ""), None)
+        self._drop(attrs.get("instance", ""))
 
     def _rcpt(self, site: Site, attrs: dict[str, str], now: float) -> str:
         message = self._message(site, attrs, now)
         recipient = attrs.get("recipient", "").lower()
-        if recipient and len(message.recipients) < MAX_RECIPIENTS_KEPT:
+        if (recipient and len(message.recipients) < MAX_RECIPIENTS_KEPT
+                and recipient not in message.recipients):
             message.recipients.add(recipient)
+            if self.messages.get(attrs.get("instance", "")) is message:
+                self.kept_recipients += 1
+                while self.kept_recipients > MAX_RECIPIENTS_TOTAL:  # the oldest go first
+                    self._drop(next(iter(self.messages)))
         limits = quota.effective_quota(self.config, self.state, site)
         if (limits.recipients_per_message is not None
                 and len(message.recipients) > limits.recipients_per_message):
-            message.recipients.discard(recipient)  # refused: not one of the message's
+            if recipient in message.recipients:  # refused: not one of the message's
+                message.recipients.discard(recipient)
+                if self.messages.get(attrs.get("instance", "")) is message:
+                    self.kept_recipients -= 1
             return self._refuse(site, "recipients_per_message", action("reject", (
                 f"site {site.name}: more than recipients_per_message "
                 f"{limits.recipients_per_message} recipients in one message (counts "
@@ -245,7 +266,7 @@ class Decider:
             count = max(1, len(message.recipients))
         answer = self._count(site, message, count, attrs, now)
         if instance:
-            self.messages.pop(instance, None)
+            self._drop(instance)
             self.answered[instance] = (site.name, answer)
             if len(self.answered) > MAX_ANSWERS:
                 self.answered.popitem(last=False)

@@ -229,6 +229,27 @@ def test_messages_in_progress_are_bounded(decider: Decider,
     assert list(decider.messages) == ["late"]  # older than an hour: forgotten
 
 
+def test_recipients_kept_in_memory_are_bounded_in_total(decider: Decider,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site with its relay login opens many transactions and gives each up to Postfix's
+    smtpd_recipient_limit (1000) long recipients, never sending DATA: 50,000 messages of
+    1,000 kept recipients would be gigabytes and take the service (every site's relay
+    mail) down.  The total kept is bounded; the oldest messages are forgotten first."""
+    monkeypatch.setattr("sendmail_shim.relaypolicy.decide.MAX_RECIPIENTS_TOTAL", 5000,
+                        raising=False)
+    long = "x" * 200
+    for j in range(400):  # round robin: messages opened first, then filled
+        for i in range(20):
+            decider.decide(request("RCPT", SITE2, instance=f"open{i}",  # no per-message cap
+                                   recipient=f"{long}{j}@d{i}.example"), NOW)
+        kept = sum(len(m.recipients) for m in decider.messages.values())
+        assert kept <= 5000, (j, kept)
+    assert kept == decider.kept_recipients
+    assert decider.messages  # the newest are still tracked
+    assert send(decider, ["r@x.example"]) == ["DUNNO"] * 2  # the site's next message
+    assert decider.kept_recipients == sum(len(m.recipients) for m in decider.messages.values())
+
+
 def test_login_realm_is_stripped_only_when_it_is_the_configured_one(
         make_config: MakeConfig) -> None:
     config = make_config(policy_service={"login_realm": "relay.test", "unknown_login": "reject"})
