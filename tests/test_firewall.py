@@ -29,7 +29,7 @@ def serve(family, addr, port):
     while True:
         c, _ = s.accept(); c.sendall(b"220 far ESMTP\r\n"); c.close()
 for fam, addr in ((socket.AF_INET, "10.201.0.2"), (socket.AF_INET6, "fd00:201::2")):
-    for port in (25, 587):
+    for port in (25, 587, 6379):  # 6379: stands in for the fleet's Redis
         threading.Thread(target=serve, args=(fam, addr, port), daemon=True).start()
 threading.Event().wait()
 """
@@ -108,6 +108,24 @@ class TestBlocking:
         assert connect(near, "shimsite1", FAR4, 587)
         assert not connect(near, "shimsite2", FAR4, 587)
         assert not connect(near, "shimsite1", FAR6, 587)  # only the listed address
+
+    def test_site_uids_cannot_reach_the_redis_state_the_daemon_can(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        """Redis keeps unauthenticated connections up to maxclients: a site that can reach
+        it can fill them, and the nodes fail open (each counts the site's quota alone)."""
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        fw_config(shim)
+        with open(shim.config, "a") as fh:
+            fh.write(f"state: {{backend: redis, url: 'redis://{FAR4}:6379/0'}}\n")
+        assert connect(near, "shimsite1", FAR4, 6379)  # before: the hole
+        apply(near, shim)
+        assert not connect(near, "shimsite1", FAR4, 6379)
+        assert not connect(near, "shimsite2", FAR4, 6379)
+        assert connect(near, "shimd", FAR4, 6379)
+        assert connect(near, None, FAR4, 6379)  # root
+        assert connect(near, "shimsite1", FAR4, 587)  # other ports: as before
 
     def test_rules_are_idempotent(self, netns: tuple[str, str], shim_factory: Any) -> None:
         near, _far = netns
@@ -328,6 +346,16 @@ def test_render_formats() -> None:
     assert "-A SENDMAIL_SHIM -d 127.0.0.1 -j RETURN" in ipt and "REDIRECT --to-ports 10025" \
         in ipt
     assert "-d ::1" in render_iptables(config, 6)
+    assert "state_out" not in nft and "STATE" not in ipt  # no shared state: no rule
+    redis = parse_config({"relays": [{"host": "127.0.0.1", "port": 2525, "tls": "none"}],
+                          "state": {"backend": "redis", "url": "redis://[::1]:6380/0"},
+                          "spool": "/nonexistent"}, None)
+    assert "ip6 daddr { ::1 } tcp dport 6380 ct state new jump state_out" in render_nft(redis)
+    ipt6 = render_iptables(redis, 6).splitlines()
+    assert ipt6[2:4] == [":SENDMAIL_SHIM - [0:0]", ":SENDMAIL_SHIM_STATE - [0:0]"]
+    assert ("-I OUTPUT -p tcp -d ::1 --dport 6380 -m conntrack --ctstate NEW -j "
+            "SENDMAIL_SHIM_STATE") in ipt6 and ipt6[-1] == "COMMIT"
+    assert "STATE" not in render_iptables(redis, 4)
     assert os.path.basename(ADMIN) == "sendmail-shim-admin"
 
 

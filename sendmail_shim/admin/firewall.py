@@ -6,7 +6,11 @@ Guarantees: the nftables ruleset (table ``inet sendmail_shim``, IPv4 and IPv6)
 lets new outbound TCP to ports 25, 465 and 587 through only for root, the
 daemon's user and ``firewall.exempt_users``, to the configured relays, and to
 each site's ``allow_submission`` hosts on 465/587 for that site's uids;
-everything else is logged (rate-limited) and dropped.  With
+everything else is logged (rate-limited) and dropped.  With ``state.backend:
+redis`` over TCP, new connections to the Redis server's address and port are
+let through only for the same exempt uids: a site could otherwise fill its
+``maxclients`` with idle connections (Redis keeps them before any AUTH), so
+that the nodes fail open and each one counts the site's quota alone.  With
 ``firewall.capture.listen_port`` set, port-25 traffic of every other uid is
 redirected to the daemon's capture listener instead (capture.py).  The file
 is idempotent (it deletes and recreates only its own table).  ``check``
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 
@@ -52,6 +57,20 @@ class Plan:
     site_rules: list[tuple[str, list[int], list[str], list[str]]]  # site, uids, v4, v6
     capture_port: int | None
     log_rate: str
+    state4: list[str]  # the Redis state server (state.backend redis over TCP)
+    state6: list[str]
+    state_port: int | None
+
+
+def state_server(config: Config) -> tuple[list[str], list[str], int | None]:
+    """The shared state's TCP address: (IPv4s, IPv6s, port); no port without one."""
+    if config.state_backend != "redis":
+        return [], [], None
+    url = urllib.parse.urlsplit(config.state_url)
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        return [], [], None  # unix://: the socket file's mode guards it
+    v4, v6 = resolve(url.hostname)
+    return v4, v6, url.port or 6379
 
 
 def plan(config: Config) -> Plan:
@@ -72,7 +91,7 @@ def plan(config: Config) -> Plan:
                 v6s.update(v6)
             site_rules.append((site.name, sorted(set(site.uids)), sorted(v4s), sorted(v6s)))
     return Plan(exempt_uids(config), sorted(relays4), sorted(relays6), site_rules,
-                config.firewall.capture_port, config.firewall.log_rate)
+                config.firewall.capture_port, config.firewall.log_rate, *state_server(config))
 
 
 def _elements(values: list[str] | list[int]) -> str:
@@ -95,6 +114,8 @@ def render_nft(config: Config) -> str:
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy accept;",
         f"\t\ttcp dport {{ {ports} }} ct state new jump smtp_out",
+        *(f"\t\t{family} daddr {{ {', '.join(addrs)} }} tcp dport {p.state_port} ct state new "
+          "jump state_out" for family, addrs in (("ip", p.state4), ("ip6", p.state6)) if addrs),
         "\t}",
         "\tchain smtp_out {",
         "\t\tmeta skuid @exempt_uids accept",
@@ -115,6 +136,14 @@ def render_nft(config: Config) -> str:
         "\t\tdrop",
         "\t}",
     ]
+    if p.state4 or p.state6:
+        lines += [
+            "\tchain state_out {",
+            "\t\tmeta skuid @exempt_uids accept",
+            f'\t\tlimit rate {p.log_rate} log prefix "sendmail-shim blocked state: " level warn',
+            "\t\tdrop",
+            "\t}",
+        ]
     if p.capture_port:
         lines += [
             "\tchain capture {",
@@ -147,7 +176,17 @@ def render_iptables(config: Config, family: int = 4) -> str:
                              f"--dports {sub_ports} -d {addr} -j RETURN "
                              f"-m comment --comment \"site {site}\"")
     lines += [f"-A {chain} -m limit --limit {p.log_rate} -j LOG --log-prefix "
-              "\"sendmail-shim blocked: \"", f"-A {chain} -j DROP", "COMMIT"]
+              "\"sendmail-shim blocked: \"", f"-A {chain} -j DROP"]
+    state = p.state4 if family == 4 else p.state6
+    if state:
+        lines[3:3] = [f":{chain}_STATE - [0:0]"]  # every chain declared before the rules
+        lines += [f"-F {chain}_STATE"]
+        lines += [f"-I OUTPUT -p tcp -d {addr} --dport {p.state_port} -m conntrack --ctstate "
+                  f"NEW -j {chain}_STATE" for addr in state]
+        lines += [f"-A {chain}_STATE -m owner --uid-owner {uid} -j RETURN" for uid in p.exempt]
+        lines += [f"-A {chain}_STATE -m limit --limit {p.log_rate} -j LOG --log-prefix "
+                  "\"sendmail-shim blocked state: \"", f"-A {chain}_STATE -j DROP"]
+    lines.append("COMMIT")
     if p.capture_port:
         lines += ["*nat", f":{chain}_CAPTURE - [0:0]", f"-F {chain}_CAPTURE",
                   f"-I OUTPUT -p tcp --dport 25 -j {chain}_CAPTURE"]
