@@ -103,6 +103,32 @@ def test_config_check_refuses_a_redis_password_file_sites_can_read(fleet: Fleet)
     assert a.admin("config", "check").returncode == 0
 
 
+STAND_IN = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(4)
+s.settimeout(20)
+conn, _ = s.accept()
+conn.settimeout(5)
+sys.stdout.write(repr(conn.recv(4096)))
+"""
+
+
+def test_a_site_listening_on_the_redis_port_gets_the_password(fleet: Fleet) -> None:
+    """Redis on a port of this host above 1023: while it is down any site may listen
+    there, and the daemon's reconnect hands it the password (AUTH).  config check says so."""
+    a = fleet.nodes[0]
+    checked = a.admin("config", "check").stdout.decode()
+    assert (f"warning: state.url: Redis on 127.0.0.1:{fleet.redis.port}, a port of this host "
+            "that any user may listen on") in checked, checked
+    fleet.redis.stop()
+    caught = a.run(["-c", STAND_IN, str(fleet.redis.port)], user="shimsite1",
+                   prog="/usr/bin/python3")
+    assert fleet.redis.password in caught.stdout.decode(), caught  # what the warning is for
+
+
 def test_per_hour_holds_across_both_nodes(fleet: Fleet) -> None:
     a, b = fleet.nodes
     results = [send(a).returncode, send(b).returncode, send(a).returncode]

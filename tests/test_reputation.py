@@ -214,3 +214,5 @@ def test_access_keys_stay_out_of_the_file_every_site_reads(
     checked = shim.admin("config", "check").stdout.decode()
     assert "warning: reputation zone dq has its access key in 'key'" in checked, checked
     assert "warning: reputation.snds_url holds the SNDS key" in checked, checked
+    # The test's DNS server listens on a port any user may take while it is down.
+    assert f"warning: resolver: 127.0.0.1 port {dns_server.port}, a port any user" in checked

@@ -601,6 +601,7 @@ def config_check(config_path: str | None) -> None:
     problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
                              "could use the operator's SNDS key")
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    warnings += stand_in_problems(config)
     if config.state_backend == "redis":
         warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
     readable = "but every site can read the configuration file (the sendmail front end reads it)"
@@ -629,6 +630,64 @@ def _open_secret(name: str, path: str | None, harm: str) -> list[str]:
 
 
 PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
+
+
+UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+
+
+def site_can_listen(host: str, port: int, start_file: str = UNPRIVILEGED_PORT_START) -> bool:
+    """Whether any user may listen on ``host``:``port``: an address of this machine and a
+    port at or above ip_unprivileged_port_start (1024)."""
+    import socket
+
+    try:
+        with open(start_file) as fh:
+            start = int(fh.read().strip())
+    except (OSError, ValueError):
+        start = 1024
+    if port < start:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, *_rest, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))  # binds only to this machine's addresses
+            except OSError:
+                continue
+            return True
+    return False
+
+
+def stand_in_problems(config: Config) -> list[str]:
+    """Servers the daemon trusts on a port of this host that any site may listen on while
+    the real one is down (a restart, a crash): the site's server then answers instead."""
+    import urllib.parse
+
+    found = []
+    if config.state_backend == "redis":
+        url = urllib.parse.urlsplit(config.state_url)
+        if url.scheme in ("redis", "rediss") and url.hostname and site_can_listen(
+                url.hostname, url.port or 6379):
+            found.append(f"state.url: Redis on {url.hostname}:{url.port or 6379}, a port of "
+                         "this host that any user may listen on: while Redis is down a site can "
+                         "take it, receive the daemon's password (AUTH) and answer for the "
+                         "shared state; use a unix:// socket in a directory sites cannot write "
+                         "to, or a port below 1024")
+    scan = config.scan
+    if scan.enabled and not scan.socket and site_can_listen(scan.host, scan.port):
+        found.append(f"scan: spamd on {scan.host}:{scan.port}, a port any user may listen on: "
+                     "while spamd is down a site can score its own mail 0 and other sites' "
+                     "mail high; use scan.socket or a port below 1024 (spamd's 783)")
+    local = [ns for ns in config.resolver_nameservers
+             if site_can_listen(ns, config.resolver_port)]
+    if local:
+        found.append(f"resolver: {', '.join(local)} port {config.resolver_port}, a port any "
+                     "user may listen on: while the resolver is down a site can answer the "
+                     "daemon's MX and blocklist queries (and burn relays); use port 53")
+    return found
 
 
 def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
