@@ -41,8 +41,11 @@ Guarantees:
   crashes the runner), ``deliver`` sends it unscored (``scanned:
   unavailable``, to ``scan.unscored_pool`` once pools exist).  An outage is
   logged once (``scan_unavailable``) and its end once (``scan_available``),
-  not per message; while it lasts spamd is probed at most every
-  :data:`PROBE_EVERY` seconds, the other messages fail at once;
+  not per message; while it lasts each site probes spamd at most every
+  :data:`PROBE_EVERY` seconds and its other messages fail at once.  The wait is
+  per site: a failure seen with one site's message (a scan that times out on
+  its content) never makes another site's mail fail unscanned or wait; that
+  site tries spamd itself;
 * one site's scans never delay another site's: at most one scan per site at a
   time (a lock per site), and the runner serves at most ``MAX_PARALLEL_SITES``
   sites at once, so there are never more spamc processes than that;
@@ -98,7 +101,7 @@ class Scanner:
         self._users: dict[str, int] = {}
         self.down_since: float | None = None  # spamd failing since (None: fine)
         self._down_reason = ""
-        self._next_probe = 0.0
+        self._next_probe: dict[str, float] = {}  # site -> its next try while spamd is down
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -134,9 +137,9 @@ class Scanner:
             async with lock:
                 if self.down_since is not None:
                     now = time.monotonic()
-                    if now < self._next_probe:
+                    if now < self._next_probe.get(site, 0.0):
                         raise ScanError(self._down_reason)
-                    self._next_probe = now + PROBE_EVERY
+                    self._next_probe[site] = now + PROBE_EVERY
                 return await self.scan(message)
         finally:
             self._users[site] -= 1
@@ -172,9 +175,10 @@ class Scanner:
         scan = self.config.scan
         where = scan.socket or f"{scan.host}:{scan.port}"
         reason = f"content scanner unavailable: {why}"
+        # This site waits (a failure at once does not push its next try further away).
+        self._next_probe.setdefault(site.name, time.monotonic() + PROBE_EVERY)
         if self.down_since is None:
             self.down_since = time.time()
-            self._next_probe = time.monotonic() + PROBE_EVERY
             action = ("mail is deferred and retried with the queue's backoff" if
                       scan.on_failure == "defer" else "mail is delivered unscored")
             log.error("scan_unavailable spamd=%s reason=%r on_failure=%s action=%r", where,
@@ -194,6 +198,7 @@ class Scanner:
             log.warning("scan_available after=%ds: spamd answers again; deferred mail is "
                         "scanned at its next attempt", int(time.time() - self.down_since))
             self.down_since = None
+            self._next_probe.clear()
 
     def _settle(self, site: Site, state: str, queue_id: str, env: Envelope,
                 status: spool.Status, action: str) -> None:

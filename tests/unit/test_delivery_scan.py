@@ -26,7 +26,7 @@ from sendmail_shim.store import spool
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths
 
-from .conftest import MESSAGE, MY_UID, SITE1, SITE2, MakeConfig, QueueMessage
+from .conftest import MESSAGE, MY_UID, SITE1, SITE2, SPARE_UID, MakeConfig, QueueMessage
 
 SCAN = {"enabled": True, "max_score": 5}
 NOW = 1_800_000_000.0
@@ -185,10 +185,23 @@ class TestCheck:
             assert "content scanner unavailable" in verdict.trouble.describe()
             assert status.scanned is None  # scanned again at the next attempt
         assert scanner.calls == 1  # the second failed at once: no probe due yet
-        scanner._next_probe = 0.0  # the probe interval has passed
+        scanner._next_probe.clear()  # the probe interval has passed
         assert check(scanner, config, envs[2].queue_id)[0] == scan.DELIVER
         names = [events.event_of(r).name for r in caplog.records]
         assert names.count("scan_unavailable") == 1 and names.count("scan_available") == 1
+
+    def test_one_sites_failed_scan_does_not_fail_another_sites_mail(
+            self, config: Config, state: State, queue_message: QueueMessage) -> None:
+        """A site whose messages make spamc time out (content that keeps spamd's network
+        tests waiting) must not put every site's mail into the outage: deferred, or
+        with on_failure deliver sent unscored."""
+        hostile, other = queue_message(), queue_message(site=SITE2, uid=SPARE_UID)
+        slow = ScanError("spamc took longer than 30s")
+        scanner = FakeScanner(config, state, [slow, 1.0])
+        assert not check(scanner, config, hostile.queue_id)[0].deliver
+        verdict, status = check(scanner, config, other.queue_id)
+        assert verdict == scan.DELIVER and status.score == 1.0 and scanner.calls == 2
+        assert scanner.down_since is None  # spamd answered: no outage
 
     def test_scanner_down_with_deliver_goes_on_unscored(
             self, make_config: MakeConfig, state: State, queue_message: QueueMessage) -> None:
