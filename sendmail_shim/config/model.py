@@ -166,6 +166,12 @@ _ZONE_NAME = re.compile(r"^(?=.{1,200}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\
 _ZONE_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+def _secret_file(doc: str) -> Any:
+    """A key naming a file that holds a secret (an absolute path; none by default)."""
+    return key(None, kind=Optional(schema.absolute_path(), falsy=True), doc=doc,
+               default_text="none")
+
+
 @dataclass(frozen=True)
 class Zone:
     """One DNS blocklist the relays' public_ip is looked up in (the reputation watch)."""
@@ -180,10 +186,9 @@ class Zone:
         name="key", doc="an access key placed before the zone, as Spamhaus DQS wants: "
                         "<reversed ip>.<key>.zen.dq.spamhaus.net; every site reads this "
                         "configuration file, so prefer key_file", default_text="none")
-    key_file: str | None = key(
-        None, kind=Optional(schema.absolute_path(), falsy=True),
-        doc="file with the access key on its first line, instead of key (readable by the "
-            "daemon, not by sites; read at each look)", default_text="none")
+    key_file: str | None = _secret_file("file with the access key on its first line, instead "
+                                        "of key (readable by the daemon, not by sites; read "
+                                        "at each look)")
     label: str | None = key(None, kind=Optional(Checked(
         lambda t: bool(_ZONE_WORD.match(t)), "expected letters, digits, '.', '-' or '_', got "
         "{text!r}", "a short name")), doc="the zone's name in logs, notices and metrics",
@@ -244,10 +249,9 @@ class Reputation:
         doc="Microsoft SNDS automated access: the ipStatus URL with your key "
             "(https://sendersupport.olc.protection.outlook.com/snds/ipStatus.aspx?key=...); "
             "its blocked IPv4 ranges are a second signal, zone snds", default_text="none")
-    snds_url_file: str | None = key(
-        None, kind=Optional(schema.absolute_path(), falsy=True),
-        doc="file with the SNDS ipStatus URL (and its key) on its first line, instead of "
-            "snds_url, which every site can read here", default_text="none")
+    snds_url_file: str | None = _secret_file("file with the SNDS ipStatus URL (and its key) on "
+                                             "its first line, instead of snds_url, which every "
+                                             "site can read here")
     auto_burn: bool = key(False, kind=Flag(),
                           doc="true: a new listing also burns the relay (a standby takes "
                               "over); it is never restored by itself: relay restore")
