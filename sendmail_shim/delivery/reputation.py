@@ -194,8 +194,13 @@ async def check_one(resolver: dns.asyncresolver.Resolver, relay: str, ip: str,
                       text="no answer within resolver.timeout; never a listing; check that "
                            "the resolver can reach the zone")
     except dns.exception.DNSException as exc:
+        # The error names the query, whose access key must stay out of logs and notices.
+        shown = f"{reverse_name(ip)}.{zone.zone.lower().rstrip('.')}"
+        if name.rstrip(".") != shown:
+            shown = f"{reverse_name(ip)}.<key>.{zone.zone.lower().rstrip('.')}"
+        why = str(exc).replace(name.rstrip("."), shown)
         return Result(relay, ip, zone.name, UNKNOWN,
-                      text=f"the lookup failed ({exc.__class__.__name__}: {exc}); never a "
+                      text=f"the lookup failed ({exc.__class__.__name__}: {why}); never a "
                            "listing; it is asked again next interval")
     if not answers:
         return Result(relay, ip, zone.name, CLEAN)

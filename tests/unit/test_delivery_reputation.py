@@ -405,3 +405,18 @@ def test_the_snds_url_can_live_in_a_file(make_config: MakeConfig, dns_server: Dn
     url_file.write_text(snds.replace("http://127.0.0.1", "http://snds.example") + "\n")
     refused = results_of(config)[("127.0.0.1:2525", "snds")]
     assert refused.status == UNKNOWN and "k-1" not in refused.text
+
+
+def test_a_failed_lookup_does_not_show_the_access_key(make_config: MakeConfig,
+                                                      dns_server: DnsServer) -> None:
+    """The failure's text goes to the log, admin.notify and relay check: the DNS error
+    names the query, which holds the key."""
+    config = make_config(relays=[{"host": "127.0.0.1", "port": 2525, "tls": "none",
+                                  "public_ip": LISTED_IP}],
+                         resolver={"nameservers": ["127.0.0.1"], "port": dns_server.port,
+                                   "timeout": 0.3},
+                         reputation={"zones": [{"zone": "servfail.test", "key": "secret9"}]})
+    failed = results_of(config)[("127.0.0.1:2525", "servfail.test")]
+    assert failed.status == UNKNOWN and "the lookup failed" in failed.text
+    assert "secret9" not in failed.text, failed.text
+    assert "99.2.0.192.<key>.servfail.test" in failed.text
