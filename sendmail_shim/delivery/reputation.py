@@ -39,9 +39,8 @@ gauges.  Decisions: what was reported lives in memory, so after a restart a rela
 listed is reported once more; ``relay check`` (:func:`check_text`) only reports: it
 sends no notice and burns nothing.
 
-A relay's name is the pools branch's ``name`` when the Relay has one, else its
-``host:port`` label (:func:`relay_name`): the name ``relay burn`` and ``relay restore``
-take.
+A relay is named by :attr:`Relay.ident` (its ``name``, else ``host:port``): the name
+``relay burn`` and ``relay restore`` take.
 
 Trusts: the configuration, and DNS answers and the SNDS file only as far as the rules
 above (an answer can make a relay unknown or listed, never crash the daemon or burn on
@@ -67,7 +66,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from sendmail_shim.config import Config, Relay
+from sendmail_shim.config import Config
 from sendmail_shim.config.model import Zone
 from sendmail_shim.delivery.route import resolver_of
 from sendmail_shim.policy import relays as relay_marks
@@ -109,11 +108,6 @@ class Result:
     @property
     def code(self) -> str:
         return ",".join(self.codes) or "-"
-
-
-def relay_name(relay: Relay) -> str:
-    """The name a relay is burned and restored by (see the module docstring)."""
-    return relay.ident
 
 
 def reverse_name(ip: str) -> str:
@@ -217,11 +211,11 @@ async def check_one(resolver: dns.asyncresolver.Resolver, relay: str, ip: str,
 
 def watched(config: Config, name: str | None = None) -> list[tuple[str, str]]:
     """(relay name, public_ip) of the relays with a public_ip (only ``name`` if given)."""
-    relays = [(relay_name(r), str(ipaddress.ip_address(r.public_ip)))
+    relays = [(r.ident, str(ipaddress.ip_address(r.public_ip)))
               for r in config.relays if r.public_ip]
     if name is None:
         return relays
-    names = [relay_name(r) for r in config.relays]
+    names = [r.ident for r in config.relays]
     if name not in names:
         raise OperationError(f"no relay {name!r} in {config.path} (relays: "
                              f"{', '.join(names) or 'none'})")
