@@ -8,6 +8,16 @@ connecting, TLS, the greeting, EHLO or AUTH fails; each message yields one
 temporary.  A password is read from its file when a session opens and is never
 logged.  One :class:`RelaySession` carries a batch of messages of one site.
 
+When the relay's EHLO offers PIPELINING (RFC 2920; Postfix and smtp-sink do),
+MAIL, every RCPT and DATA go out in one write and their replies are read in
+order; the body only after DATA's 354.  A refused recipient keeps its RCPT
+reply, a refused MAIL is every recipient's reply; a malformed reply, a
+disconnect or a timeout midway closes the session (temporary).  Without
+PIPELINING one command waits for its reply before the next.  The pipelined
+reads use aiosmtplib's protocol object (``write``, ``read_response``, and its
+reply buffer: pipelined replies arrive together); the unit tests prove it
+against a server that records what arrived before it answered.
+
 Addresses go on the wire as address.py's canonical paths (``MAIL FROM:<...>``,
 written here, not by aiosmtplib's parser), so a quoted local part is sent
 quoted, exactly as the door accepted it.  Message data goes through
@@ -21,6 +31,7 @@ is reset (RSET) and the session serves the next message.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -34,6 +45,8 @@ from sendmail_shim.store.outcome import OK, Outcome
 
 log = logging.getLogger(__name__)
 LINE_LENGTH_LIMIT = 998  # octets without CRLF: Postfix's smtp_line_length_limit (RFC 5321)
+_DOT = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2) of CRLF-ended lines
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command (aiosmtplib's check)
 
 
 def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
@@ -63,6 +76,13 @@ def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
             out.append(b" " + rest[: limit - 1])
             rest = rest[limit - 1 :]
     return b"".join(line + b"\r\n" for line in out)
+
+
+def _data_refused(code: int, text: str, relay: str) -> Outcome:
+    """The accepted recipients' outcome when DATA or the message was not taken: a reply
+    that does not say refused (not 354, not 250) is temporary, never success."""
+    done = Outcome.from_reply(code, text, relay)
+    return Outcome.from_reply(451, text, relay) if done.kind == OK else done
 
 
 class RelaysUnavailable(Exception):
@@ -125,16 +145,20 @@ class RelaySession:
                 return {**results, **dict.fromkeys(recipients, failed)}
             options.append("SMTPUTF8")
         encoding = "utf-8" if needs_utf8 else "ascii"
+        mail = b" ".join([b"MAIL FROM:" + sender_path.encode(encoding),
+                          *(option.encode("ascii") for option in options)])
+        rcpts = [b"RCPT TO:" + paths[rcpt].encode(encoding) for rcpt in recipients]
+        if client.supports_extension("pipelining"):
+            return await self._send_pipelined(mail, rcpts, recipients, message, results)
         try:
-            reply = await self._command(b"MAIL", b"FROM:" + sender_path.encode(encoding),
-                                        *(option.encode("ascii") for option in options))
+            reply = await self._command(mail)
             if reply.code != 250:
                 await self._rset()
                 return {**results, **dict.fromkeys(
                     recipients, Outcome.from_reply(reply.code, reply.message, label))}
             accepted = []
-            for rcpt in recipients:
-                reply = await self._command(b"RCPT", b"TO:" + paths[rcpt].encode(encoding))
+            for rcpt, command in zip(recipients, rcpts, strict=True):
+                reply = await self._command(command)
                 if reply.code in (250, 251):
                     accepted.append(rcpt)
                 else:
@@ -146,13 +170,94 @@ class RelaySession:
                 reply = await client.data(smtp_data(message))
                 done = Outcome.from_reply(reply.code, reply.message, label)
             except aiosmtplib.SMTPResponseException as exc:
-                done = Outcome.from_reply(exc.code, exc.message, label)
-                if done.kind == OK:  # defensive: an exception is never success
-                    done = Outcome.from_reply(451, exc.message, label)
+                done = _data_refused(exc.code, exc.message, label)
             results.update(dict.fromkeys(accepted, done))
             return results
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             raise SessionBroken(f"{label}: {exc}") from exc
+
+    async def _send_pipelined(self, mail: bytes, rcpts: list[bytes], recipients: list[str],
+                              message: bytes, results: dict[str, Outcome]
+                              ) -> dict[str, Outcome]:
+        """The transaction with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one
+        write, their replies read in order; the body only after DATA's 354.
+
+        A refused recipient keeps its RCPT reply, all of them refused: DATA's 503/554
+        is nobody's outcome.  A refused MAIL is every recipient's outcome (not the
+        503s after it).  A malformed reply line, a disconnect or a timeout midway leaves
+        the reply stream unknown: the connection is closed (SessionBroken, temporary).
+        """
+        label = self.relay.label
+        commands = [mail, *rcpts, b"DATA"]
+        if any(_CONTROL.search(command) for command in commands):
+            raise ValueError("an SMTP command contains a control character")
+        replies = await self._exchange(b"".join(c + b"\r\n" for c in commands), len(commands))
+        mail_reply, data_reply = replies[0], replies[-1]
+        if mail_reply.code != 250:
+            await self._abandon(data_reply)
+            return {**results, **dict.fromkeys(
+                recipients, Outcome.from_reply(mail_reply.code, mail_reply.message, label))}
+        accepted = []
+        for rcpt, reply in zip(recipients, replies[1:-1], strict=True):
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                results[rcpt] = Outcome.from_reply(reply.code, reply.message, label)
+        if not accepted:
+            await self._abandon(data_reply)
+            return results
+        if data_reply.code != 354:
+            done = _data_refused(data_reply.code, data_reply.message, label)
+            await self._abandon(data_reply)
+        else:
+            body = _DOT.sub(b"..", smtp_data(message)) + b".\r\n"
+            (reply,) = await self._exchange(body, 1)
+            done = (Outcome.from_reply(reply.code, reply.message, label) if reply.code == 250
+                    else _data_refused(reply.code, reply.message, label))
+        results.update(dict.fromkeys(accepted, done))
+        return results
+
+    async def _exchange(self, data: bytes, count: int) -> list[aiosmtplib.SMTPResponse]:
+        """Write ``data`` (``count`` commands, or a body) at once, then read ``count``
+        replies in order, each within the relay's timeout.
+
+        aiosmtplib's protocol parses one reply per :meth:`read_response` and keeps the
+        rest of what arrived in its buffer: replies already there are taken from it
+        before waiting (pipelined replies tend to arrive together).  Nothing awaits
+        between one reply and the next read, so no reply arrives unawaited.
+        """
+        client = self.client
+        protocol = client.protocol
+        label = self.relay.label
+        replies: list[aiosmtplib.SMTPResponse] = []
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("not connected")
+            protocol._response_pending = True  # a reply may come before it is awaited
+            protocol.write(data)
+            while len(replies) < count:
+                reply = protocol._read_response_from_buffer()
+                if reply is None:
+                    reply = await protocol.read_response(timeout=client.timeout)
+                replies.append(reply)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()  # the replies and commands are out of step now
+            raise SessionBroken(f"{label}: {exc}") from exc
+        if any(reply.code == 421 for reply in replies):
+            client.close()  # the relay closes the session (as aiosmtplib does after a 421)
+        return replies
+
+    async def _abandon(self, data_reply: aiosmtplib.SMTPResponse) -> None:
+        """End a pipelined transaction that sends no message: an empty one if the relay
+        said 354 to DATA regardless (nothing is delivered: no recipient was accepted,
+        or MAIL was refused), then RSET.  Trouble here is the next transaction's."""
+        try:
+            if data_reply.code == 354:
+                await self._exchange(b".\r\n", 1)
+            if self.client.is_connected:
+                await self._exchange(b"RSET\r\n", 1)
+        except SessionBroken:
+            pass
 
     async def _command(self, *args: bytes) -> aiosmtplib.SMTPResponse:
         """One command; a malformed reply is a reply too (code -1: temporary)."""

@@ -15,6 +15,7 @@ from sendmail_shim.config import Relay, RelayLogin
 from sendmail_shim.delivery.relay import (
     LINE_LENGTH_LIMIT,
     RelaysUnavailable,
+    SessionBroken,
     open_session,
     smtp_data,
 )
@@ -116,3 +117,218 @@ class TestOutcomes:
         outcome = results["jörg@example.net"]
         assert (outcome.kind, outcome.code) == (PERM, 553) and "SMTPUTF8" in outcome.text
         assert relay.rcpts == []
+
+
+class Recorder:
+    """An SMTP server in the test's own event loop that records what arrived before it
+    answered: each read's complete command lines form one batch, answered together.
+
+    Answers by local part as smtprelay.py does (``busy`` 451, ``nosuch`` 550); a sender
+    ``refused@`` gets 550 to MAIL.  ``data_reply`` answers DATA even when no recipient
+    was accepted (a relay that breaks RFC 2920); ``final`` is the reply after the body;
+    ``malformed``/``hang_up``/``silent`` spoil the reply to that command verb; with
+    ``trickle`` the replies of a batch go out one by one, a pause between them.
+    """
+
+    def __init__(self, pipelining: bool = True, data_reply: str | None = None,
+                 final: str = "250 2.0.0 Ok: queued", malformed: str = "",
+                 hang_up: str = "", silent: str = "", trickle: bool = False) -> None:
+        self.pipelining, self.trickle = pipelining, trickle
+        self.data_reply, self.final = data_reply, final
+        self.malformed, self.hang_up, self.silent = malformed, hang_up, silent
+        self.batches: list[list[str]] = []
+        self.messages: list[tuple[list[str], bytes]] = []
+        self.port = 0
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 recorder ESMTP\r\n")
+        rcpts: list[str]
+        pending, in_body, mail, rcpts = b"", False, False, []
+        data: list[bytes] = []
+        while chunk := await reader.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\r\n")
+            out: list[str] = []
+            batch: list[str] = []
+            for line in lines:
+                if in_body:  # inside the message
+                    if line != b".":
+                        data.append(line[1:] if line.startswith(b".") else line)
+                        continue
+                    batch.append(".")
+                    self.messages.append((rcpts, b"\r\n".join(data)))
+                    out.append(self.final)
+                    in_body, mail, rcpts, data = False, False, [], []
+                    continue
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode()
+                batch.append(verb)
+                if verb == self.hang_up:
+                    writer.close()
+                    return
+                if verb == self.silent:
+                    continue
+                if verb == self.malformed:
+                    out.append("2x0 what")
+                    continue
+                if verb == "EHLO":
+                    extensions = ["8BITMIME", *(["PIPELINING"] if self.pipelining else [])]
+                    out.append("\r\n".join(f"250-{e}" for e in ["recorder", *extensions])
+                               + "\r\n250 HELP")
+                elif verb == "MAIL":
+                    mail = b"<refused@" not in line
+                    out.append("250 2.1.0 Ok" if mail else "550 5.7.1 sender refused")
+                elif verb == "RCPT":
+                    address = line.split(b"<", 1)[1].rstrip(b">").decode()
+                    if not mail:
+                        out.append("503 5.5.1 Error: need MAIL command")
+                    elif address.startswith("busy@"):
+                        out.append("451 4.2.1 mailbox busy, try later")
+                    elif address.startswith("nosuch@"):
+                        out.append("550 5.1.1 User unknown")
+                    else:
+                        rcpts.append(address)
+                        out.append("250 2.1.5 Ok")
+                elif verb == "DATA":
+                    if self.data_reply is not None:
+                        out.append(self.data_reply)
+                        in_body = self.data_reply.startswith("354")
+                    elif not mail:
+                        out.append("503 5.5.1 Error: need MAIL command")
+                    elif not rcpts:
+                        out.append("554 5.5.1 Error: no valid recipients")
+                    else:
+                        out.append("354 End data with <CR><LF>.<CR><LF>")
+                        in_body = True
+                elif verb == "RSET":
+                    mail, rcpts = False, []
+                    out.append("250 2.0.0 Ok")
+                elif verb == "QUIT":
+                    out.append("221 2.0.0 Bye")
+                else:
+                    out.append("502 5.5.2 Error: command not recognized")
+            if batch:
+                self.batches.append(batch)
+            if out and self.trickle:
+                for reply in out:
+                    writer.write(f"{reply}\r\n".encode())
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+            elif out:
+                writer.write("".join(f"{reply}\r\n" for reply in out).encode())
+                await writer.drain()
+        writer.close()
+
+    def deliver(self, *messages: tuple[str, list[str]], timeout: float = 5
+                ) -> list[dict[str, Outcome] | Exception]:
+        """Each (sender, recipients) sent in turn over one session; outcomes or exception."""
+        async def go() -> list[dict[str, Outcome] | Exception]:
+            server = await self.start()
+            relay = Relay("127.0.0.1", self.port, tls="none", timeout=timeout)
+            session = await open_session((relay,), None, "shim.test", "site1.test")
+            out: list[dict[str, Outcome] | Exception] = []
+            try:
+                for sender, rcpts in messages:
+                    env = Envelope(queue_id="0" * 16, site="site1.test", uid=1000,
+                                   sender=sender, recipients=rcpts, arrival=0.0)
+                    try:
+                        out.append(await session.send(env, BODY, rcpts))
+                    except SessionBroken as exc:
+                        out.append(exc)
+            finally:
+                await session.close()
+                server.close()
+            return out
+
+        return asyncio.run(go())
+
+
+BODY = b"Subject: pipelined\n\n.a line that starts with a dot\nbody\n"
+
+
+def codes(results: dict[str, Outcome] | Exception) -> dict[str, tuple[str, int]]:
+    assert isinstance(results, dict), results
+    return {r: (o.kind, o.code) for r, o in results.items()}
+
+
+class TestPipelining:
+    """RFC 2920 when the relay's EHLO offers PIPELINING; one command at a time when not."""
+
+    def test_mail_rcpts_and_data_arrive_together(self) -> None:
+        server = Recorder()
+        (results,) = server.deliver((SENDER, ["a@example.net", "b@example.net"]))
+        assert codes(results) == {"a@example.net": (OK, 250), "b@example.net": (OK, 250)}
+        assert server.batches[1:] == [["MAIL", "RCPT", "RCPT", "DATA"], ["."], ["QUIT"]]
+        assert server.messages == [(["a@example.net", "b@example.net"],
+                                    b"Subject: pipelined\r\n\r\n.a line that starts with a "
+                                    b"dot\r\nbody")]
+
+    @pytest.mark.parametrize("trickle", [False, True])
+    def test_a_refused_recipient_keeps_its_own_reply(self, trickle: bool) -> None:
+        server = Recorder(trickle=trickle)
+        (results,) = server.deliver(
+            (SENDER, ["busy@example.net", "ok@example.net", "nosuch@example.net"]))
+        assert codes(results) == {"busy@example.net": (TEMP, 451), "ok@example.net": (OK, 250),
+                                  "nosuch@example.net": (PERM, 550)}
+        assert [rcpts for rcpts, _ in server.messages] == [["ok@example.net"]]
+
+    def test_every_recipient_refused_keeps_the_rcpt_replies_then_rset(self) -> None:
+        server = Recorder()
+        first, second = server.deliver((SENDER, ["busy@example.net", "nosuch@example.net"]),
+                                       (SENDER, ["ok@example.net"]))
+        assert codes(first) == {"busy@example.net": (TEMP, 451),
+                                "nosuch@example.net": (PERM, 550)}  # not DATA's 554
+        assert codes(second) == {"ok@example.net": (OK, 250)}  # the session goes on
+        assert server.batches[1:] == [["MAIL", "RCPT", "RCPT", "DATA"], ["RSET"],
+                                      ["MAIL", "RCPT", "DATA"], ["."], ["QUIT"]]
+        assert [rcpts for rcpts, _ in server.messages] == [["ok@example.net"]]
+
+    def test_a_refused_mail_is_every_recipients_reply(self) -> None:
+        server = Recorder()
+        first, second = server.deliver(("refused@site1.test", ["a@example.net", "b@x.net"]),
+                                       (SENDER, ["a@example.net"]))
+        assert codes(first) == {"a@example.net": (PERM, 550), "b@x.net": (PERM, 550)}
+        assert isinstance(first, dict) and "sender refused" in first["b@x.net"].text
+        assert codes(second) == {"a@example.net": (OK, 250)}
+        assert server.batches[2] == ["RSET"]
+
+    def test_a_354_without_recipients_sends_an_empty_message_and_nothing_else(self) -> None:
+        server = Recorder(data_reply="354 go ahead")
+        (results,) = server.deliver((SENDER, ["nosuch@example.net"]))
+        assert codes(results) == {"nosuch@example.net": (PERM, 550)}
+        assert server.batches[1:] == [["MAIL", "RCPT", "DATA"], ["."], ["RSET"], ["QUIT"]]
+        assert server.messages == [([], b"")]
+
+    def test_a_refused_data_is_the_accepted_recipients_reply(self) -> None:
+        server = Recorder(data_reply="451 4.3.0 try later")
+        (results,) = server.deliver((SENDER, ["a@example.net", "nosuch@example.net"]))
+        assert codes(results) == {"a@example.net": (TEMP, 451),
+                                  "nosuch@example.net": (PERM, 550)}
+        assert server.messages == []
+
+    def test_a_refused_message_is_the_accepted_recipients_reply(self) -> None:
+        server = Recorder(final="554 5.7.1 spam")
+        (results,) = server.deliver((SENDER, ["a@example.net"]))
+        assert codes(results) == {"a@example.net": (PERM, 554)}
+
+    @pytest.mark.parametrize("spoil", ["malformed", "hang_up"])
+    def test_a_broken_reply_stream_is_a_broken_session(self, spoil: str) -> None:
+        server = Recorder(**{spoil: "RCPT"})  # type: ignore[arg-type]
+        (results,) = server.deliver((SENDER, ["a@example.net", "b@example.net"]))
+        assert isinstance(results, SessionBroken) and server.messages == []
+
+    def test_a_relay_that_stops_answering_is_a_broken_session(self) -> None:
+        server = Recorder(silent="DATA")
+        (results,) = server.deliver((SENDER, ["a@example.net"]), timeout=0.3)
+        assert isinstance(results, SessionBroken) and server.messages == []
+
+    def test_without_pipelining_one_command_at_a_time(self) -> None:
+        server = Recorder(pipelining=False)
+        (results,) = server.deliver((SENDER, ["a@example.net", "nosuch@example.net"]))
+        assert codes(results) == {"a@example.net": (OK, 250), "nosuch@example.net": (PERM, 550)}
+        assert server.batches[1:] == [["MAIL"], ["RCPT"], ["RCPT"], ["DATA"], ["."], ["QUIT"]]
+        assert [rcpts for rcpts, _ in server.messages] == [["a@example.net"]]
