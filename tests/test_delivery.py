@@ -220,3 +220,39 @@ def test_unverifiable_certificate_defers(shim_factory: Any, workdir: str) -> Non
     wait_until(lambda: shim.queue_files("deferred"), 15, "deferral")
     assert "CERTIFICATE_VERIFY_FAILED" in shim.admin("queue", "list").stdout.decode()
     assert relay.messages() == []
+
+
+def test_several_recipients_into_smtp_sink(shim_factory: Any, workdir: str) -> None:
+    """Postfix's smtp-sink offers PIPELINING: MAIL, the RCPTs and DATA go in one write
+    (relay.py; the unit tests show the batching), and the sink takes every recipient."""
+    _make_relay, make_shim = shim_factory
+    port = free_port()
+    shim = make_shim([port])
+    login = shim.sites["site1.test"]
+    shim.edit_config(f"    relay_login: {{user: {login.login}, password_file: "
+                     f"{os.path.join(workdir, 'secrets', login.name)}}}\n", "")  # sink: no AUTH
+    dump = os.path.join(workdir, "sink")
+    os.makedirs(dump)
+    os.chmod(dump, 0o777)  # smtp-sink writes as nobody
+    sink = subprocess.Popen(["/usr/sbin/smtp-sink", "-u", "nobody", "-d", f"{dump}/%M.",
+                             f"127.0.0.1:{port}", "50"])
+    try:
+        wait_until(lambda: subprocess.run(["ss", "-Hltn", f"sport = :{port}"],
+                                          capture_output=True, text=True).stdout.strip(),
+                   10, "smtp-sink listening")
+        shim.start()
+        rcpts = ["a@example.net", "b@example.net", "c@example.org"]
+        sent = shim.sendmail(["-i", *rcpts], b"Subject: sink\n\n.a dot line\nbody\n")
+        assert sent.returncode == 0, sent.stderr
+        files = wait_until(lambda: [os.path.join(root, f) for root, _d, names in os.walk(dump)
+                                    for f in names], 20, "the message at smtp-sink")
+        with open(files[0], "rb") as fh:
+            dumped = fh.read()
+        assert [line.split(b": ", 1)[1] for line in dumped.split(b"\n")
+                if line.startswith(b"X-Rcpt-Args: ")] == [f"<{r}>".encode() for r in rcpts]
+        assert b"\n.a dot line\n" in dumped.replace(b"\r\n", b"\n")
+        wait_until(lambda: shim.daemon_log().count("delivered queue_id=") == 3
+                   and not shim.queue_files("incoming"), 10, "three delivered lines")
+    finally:
+        sink.terminate()
+        sink.wait(10)
