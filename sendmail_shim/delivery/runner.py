@@ -57,6 +57,10 @@ Guarantees:
   without an active relay defers its mail (never another pool's relays).
   ``poke(force=True, pool=...)`` flushes one pool's deferred mail (a burn or
   restore).  Each relay's answers are counted in :attr:`QueueRunner.relay_stats`;
+* the relay's answers feed the ``relay_5xx_share`` rule in groups (:class:`_AnswerBook`):
+  the answers settled while one group is written form the next, written in one
+  state transaction and checked once per site; a message's settling ends only after
+  its answers were written and checked, so a lane never runs ahead of the rule;
 * with ``scan.enabled``, a message is scored by spamd before its first attempt
   (scan.py): held above the maximum, deferred or sent unscored when spamd is
   down (``scan.on_failure``), never scored twice; its score then picks the pool;
@@ -216,6 +220,49 @@ class _Pools:
             await channel.close()
 
 
+_Answer = tuple[Site, int, str, float]  # site, uid, RELAY_OK or RELAY_5XX, time
+
+
+class _AnswerBook:
+    """The relay's answers on their way to the outbreak rules, written in groups.
+
+    A settling thread hands in one message's answers and returns only after a group
+    holding them was written (one state transaction) and the rule checked for its
+    site, so a lane's next message still starts after its last answers were seen.
+    One thread writes at a time; what is handed in meanwhile forms the next group
+    (as ``durable.GroupSync`` does for fsyncs): under load one transaction and one
+    rule check per site for many messages, instead of a write and two counts each.
+    """
+
+    def __init__(self, write: Callable[[list[_Answer]], None]) -> None:
+        self._write = write
+        self._cond = threading.Condition()
+        self._pending: list[_Answer] = []
+        self._handed = 0  # messages handed in
+        self._written = 0  # messages whose group was written (or failed)
+        self._writing = False
+
+    def record(self, answers: list[_Answer]) -> None:
+        with self._cond:
+            self._pending.extend(answers)
+            self._handed += 1
+            mine = self._handed
+            while self._written < mine:
+                if self._writing:
+                    self._cond.wait()
+                    continue
+                group, self._pending, upto = self._pending, [], self._handed
+                self._writing = True
+                self._cond.release()
+                try:
+                    self._write(group)
+                finally:
+                    self._cond.acquire()
+                    self._writing = False
+                    self._written = upto
+                    self._cond.notify_all()
+
+
 class _Schedule:
     """Deferred messages by their next attempt: the runner's in-memory index.
 
@@ -301,6 +348,7 @@ class QueueRunner:
         self._force_only: set[str] | None = None  # a flush of these pools only; None: all
         self._flush_only: frozenset[str] | None = None  # the flush under way
         self.relay_stats = RelayStats()  # each relay's answers, for relay list
+        self._answers = _AnswerBook(self._feed_outbreak_rules)  # for relay_5xx_share
         self._lock = asyncio.Lock()
         self._unsaved: list[_Attempt] = []  # outcomes the disk refused: delivery is paused
         self._stopping = False  # read by the _due thread too: a plain flag is enough
@@ -774,27 +822,33 @@ class QueueRunner:
 
     def _watch_relay_answers(self, site: Site, env: Envelope,
                              results: dict[str, Outcome]) -> None:
-        """Feed the relay's answers to the outbreak rules (relay_5xx_share)."""
+        """Feed the relay's answers to the outbreak rules (relay_5xx_share), in groups."""
         if env.origin in ("bounce", "notice"):
             return
-        try:
-            self._feed_outbreak_rules(site, env, results)
-        except (sqlite3.Error, OSError) as exc:
-            log.warning("outbreak_rules_skipped queue_id=%s site=%s reason=%r action='the state "
-                        "database cannot be written; free space on the spool disk'",
-                        env.queue_id, site.name, str(exc))
-
-    def _feed_outbreak_rules(self, site: Site, env: Envelope,
-                             results: dict[str, Outcome]) -> None:
         now = time.time()
-        for out in results.values():
-            if out.kind == OK:
-                self.state.record(site.name, env.uid, RELAY_OK, ts=now)
-            elif out.kind == PERM and out.code >= 500:
-                self.state.record(site.name, env.uid, RELAY_5XX, ts=now)
-        reason = outbreak.after_relay_results(self.state, site, now)
-        if reason is not None:
-            suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
+        answers = [(site, env.uid, RELAY_OK if out.kind == OK else RELAY_5XX, now)
+                   for out in results.values()
+                   if out.kind == OK or (out.kind == PERM and out.code >= 500)]
+        if answers:
+            self._answers.record(answers)
+
+    def _feed_outbreak_rules(self, group: list[_Answer]) -> None:
+        """Write one group of answers in one state transaction, then check the rule once
+        for each site in it (in the thread of one settling message, _AnswerBook)."""
+        sites = {site.name: site for site, _uid, _kind, _ts in group}
+        try:
+            with self.state.transaction():
+                for site, uid, kind, ts in group:
+                    self.state.record(site.name, uid, kind, ts=ts)
+            now = time.time()
+            for site in sites.values():
+                reason = outbreak.after_relay_results(self.state, site, now)
+                if reason is not None:
+                    suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("outbreak_rules_skipped sites=%s answers=%d reason=%r action='the state "
+                        "database cannot be written; free space on the spool disk'",
+                        ",".join(map(printable, sites)), len(group), str(exc))
 
     def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
                        results: dict[str, Outcome], trouble: Outcome | None,

@@ -15,6 +15,8 @@ import errno
 import logging
 import os
 import random
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +26,12 @@ import pytest
 
 from sendmail_shim.config import Config
 from sendmail_shim.delivery import runner as runner_module
-from sendmail_shim.delivery.runner import MAX_INTERNAL_FAILURES, QueueRunner, backoff
+from sendmail_shim.delivery.runner import (
+    MAX_INTERNAL_FAILURES,
+    QueueRunner,
+    _AnswerBook,
+    backoff,
+)
 from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.outcome import OK, Outcome
@@ -519,3 +526,48 @@ class TestSchedule:
         assert run(runner) == 2
         assert queue(config, spool.CORRUPT) == [odd] and good not in queue(config, spool.INCOMING)
         assert [t.rcpt_tos for t in relay.received] == [["b@example.net"]]
+
+
+class TestAnswerBook:
+    """The relay's answers reach the outbreak rules in groups, each caller after its own."""
+
+    def test_answers_handed_in_during_a_write_form_the_next_group(self) -> None:
+        groups: list[list[Any]] = []
+        written: set[int] = set()
+        first_started = threading.Event()
+
+        def write(group: list[Any]) -> None:
+            groups.append(group)
+            if len(groups) == 1:
+                first_started.set()
+                time.sleep(0.3)  # a slow transaction: the others hand in meanwhile
+            written.update(uid for _site, uid, _kind, _ts in group)
+
+        book = _AnswerBook(write)
+        seen_on_return: dict[int, bool] = {}
+
+        def hand_in(uid: int) -> None:
+            book.record([(None, uid, "relay_ok", 0.0)])  # type: ignore[list-item]
+            seen_on_return[uid] = uid in written
+
+        first = threading.Thread(target=hand_in, args=(0,))
+        first.start()
+        assert first_started.wait(5)
+        others = [threading.Thread(target=hand_in, args=(uid,)) for uid in range(1, 6)]
+        for thread in others:
+            thread.start()
+        for thread in [first, *others]:
+            thread.join(5)
+        assert len(groups) == 2 and [a[1] for a in groups[0]] == [0]
+        assert sorted(a[1] for a in groups[1]) == [1, 2, 3, 4, 5]
+        assert seen_on_return == dict.fromkeys(range(6), True)
+
+    def test_a_failed_write_releases_the_waiters(self) -> None:
+        def write(group: list[Any]) -> None:
+            raise RuntimeError("boom")
+
+        book = _AnswerBook(write)
+        with pytest.raises(RuntimeError):
+            book.record([(None, 1, "relay_ok", 0.0)])  # type: ignore[list-item]
+        with pytest.raises(RuntimeError):  # the next one writes (and fails) on its own
+            book.record([(None, 2, "relay_ok", 0.0)])  # type: ignore[list-item]
