@@ -120,8 +120,8 @@ def _direct(config_path: str | None, action: str, args: Args) -> None:
         _fix_ownership(config)
 
 
-def _control_socket(config_path: str | None) -> str:
-    """The daemon's control socket, found as the front end finds the spool (no YAML parse).
+def _spool_layout(config_path: str | None) -> paths.SpoolLayout:
+    """The spool's layout, found as the front end finds the spool (no YAML parse).
 
     The full loader refuses a file whose ``spool:`` it reads differently, so both agree.
     """
@@ -130,7 +130,12 @@ def _control_socket(config_path: str | None) -> str:
     except paths.SettingsError as exc:
         click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
         sys.exit(sysexits.EX_CONFIG)
-    return paths.SpoolLayout(spool).control_socket
+    return paths.SpoolLayout(spool)
+
+
+def _control_socket(config_path: str | None) -> str:
+    """The daemon's control socket (no YAML parse)."""
+    return _spool_layout(config_path).control_socket
 
 
 def operate(config_path: str | None, action: str, **raw: Any) -> None:
@@ -216,9 +221,9 @@ for _name, _doc in (
 @config_option
 def queue_flush(config_path: str | None) -> None:
     """Ask the daemon to deliver every queued message now, deferred ones included."""
-    config = _load(config_path)
+    socket = _spool_layout(config_path).socket  # no YAML parse: it only asks the daemon
     try:
-        reply = client.ask(config.layout.socket,
+        reply = client.ask(socket,
                            protocol.encode_request([(protocol.MODE, protocol.FLUSH)], b""), 30)
     except client.DaemonUnreachable as exc:
         click.echo(f"sendmail-shim-admin: the daemon is not answering ({exc}); start it with "
