@@ -119,6 +119,7 @@ LANE_BATCH = 4  # a site gets one more session (up to its relay's ``sessions``) 
 LANE_TURN = 20  # messages a session sends before it gives way to a site waiting for one
 REFILL_EVERY = 0.2  # seconds: arrivals during a run are looked for at most this often
 RUN_CHUNK = 5000  # messages taken into one run; the rest in the next (bounded memory)
+FLUSH_STEP = 250  # a flush's messages read at once: the sessions start after the first step
 _ID_MASK = (1 << 64) - 1
 MAX_INTERNAL_FAILURES = 3  # in a row; then the message waits in hold for the operator
 
@@ -324,6 +325,10 @@ class _Run:
             self.queues[site].extend(items)
             self.taken += len(items)
 
+    def queued(self) -> int:
+        """Messages taken into the run and not yet in a session's hands."""
+        return sum(map(len, self.queues.values()))
+
     def active_sites(self) -> int:
         return sum(1 for n in self.lanes.values() if n)
 
@@ -459,11 +464,20 @@ class QueueRunner:
         loop = asyncio.get_running_loop()
         last_refill = loop.time()
         refill_at: float | None = None
+        flushed: asyncio.Future[dict[str, list[tuple[str, str]]]] | None = None
         while True:
             self._start_lanes(run)
-            if not run.tasks:
+            if (flushed is None and self._flushing and not self._stopping
+                    and not self._unsaved and run.taken < RUN_CHUNK
+                    and run.queued() < FLUSH_STEP):
+                # The flush's next step is read while the sessions deliver the last one.
+                flushed = asyncio.ensure_future(asyncio.to_thread(
+                    self._more_flushed, min(FLUSH_STEP, RUN_CHUNK - run.taken)))
+            if not run.tasks and flushed is None:
                 return
             waits: set[asyncio.Future[Any]] = set(run.tasks)
+            if flushed is not None:
+                waits.add(flushed)
             poked: asyncio.Future[Any] | None = None
             if refill_at is None:
                 poked = asyncio.ensure_future(self._poked.wait())
@@ -472,6 +486,9 @@ class QueueRunner:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if poked is not None:
                 poked.cancel()
+            if flushed is not None and flushed.done():
+                run.add(flushed.result())
+                flushed = None
             if refill_at is None and self._poked.is_set():
                 refill_at = max(loop.time(), last_refill + REFILL_EVERY)
             if refill_at is not None and loop.time() >= refill_at:
@@ -540,7 +557,9 @@ class QueueRunner:
 
         ``incoming/`` is listed (its names only: it holds what arrived since the last
         run); deferred messages come from the schedule, never from a scan, except
-        that a flush lists ``deferred/`` once and is worked off chunk by chunk.
+        that a flush lists ``deferred/`` once and is worked off chunk by chunk: a
+        run takes its first :data:`FLUSH_STEP` here, and :meth:`_serve` reads the next
+        step while the sessions deliver (they start without waiting for all).
         What does not fit in this run is left for the next, which follows at once.
         """
         layout = self.config.layout
@@ -567,36 +586,56 @@ class QueueRunner:
         if force:  # a flush: every deferred message, whatever the schedule says
             self._schedule.clear()
             self._flushing = deque(spool.queue_ids(layout, spool.DEFERRED))
-        deferred: list[tuple[str, bool]] = []
-        while self._flushing and not skip and len(deferred) < room:
-            deferred.append((self._flushing.popleft(), True))
-        deferred += [(q, False) for q in self._schedule.take_due(now, room - len(deferred))]
-        for queue_id, flushed in deferred:
+        if not skip:  # the flush's first step; _serve takes the next ones while it delivers
+            room -= self._take_flushed(due, min(room, FLUSH_STEP))
+        for queue_id in self._schedule.take_due(now, room):
             if queue_id in self._taken:
                 continue
             if self._stopping:
                 self._schedule.put(queue_id, now)
                 continue
-            if not flushed:
-                when = spool.read_status(layout, queue_id).next_attempt
-                if when > now:  # rescheduled since this entry was made
-                    self._schedule.put(queue_id, when)
-                    continue
+            when = spool.read_status(layout, queue_id).next_attempt
+            if when > now:  # rescheduled since this entry was made
+                self._schedule.put(queue_id, when)
+                continue
             site = self._site_of(spool.DEFERRED, queue_id)
             if site is None:
                 continue
-            if flushed and self._flush_only is not None:
+            if site in skip:
+                self._schedule.put(queue_id, now)
+                continue
+            self._taken.add(queue_id)
+            due[site].append((spool.DEFERRED, queue_id))
+        return due
+
+    def _take_flushed(self, due: dict[str, list[tuple[str, str]]], most: int) -> int:
+        """Up to ``most`` of a flush's deferred messages into ``due`` (in a thread); how
+        many were looked at.  A pool's flush leaves the other pools' mail to its time."""
+        layout = self.config.layout
+        looked = 0
+        while self._flushing and looked < most and not self._stopping:
+            queue_id = self._flushing.popleft()
+            looked += 1
+            if queue_id in self._taken:
+                continue
+            site = self._site_of(spool.DEFERRED, queue_id)
+            if site is None:
+                continue
+            if self._flush_only is not None:
                 status = spool.read_status(layout, queue_id)
                 pool, _why = choose_pool(self.config, site, status.score,
                                          unscored_pool(self.config))
                 if pool not in self._flush_only:  # a pool's flush: the others keep their time
                     self._schedule.put(queue_id, status.next_attempt)
                     continue
-            if site in skip:
-                self._schedule.put(queue_id, now)
-                continue
             self._taken.add(queue_id)
             due[site].append((spool.DEFERRED, queue_id))
+        return looked
+
+    def _more_flushed(self, most: int) -> dict[str, list[tuple[str, str]]]:
+        """The flush's next step for a run under way (in a thread)."""
+        due: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self._take_flushed(due, most)
         return due
 
     def _site_of(self, state: str, queue_id: str) -> str | None:

@@ -518,6 +518,24 @@ class TestSchedule:
             counts.append(asyncio.run(runner.run_once()))
         assert counts == [3, 3, 1] and len(relay.rcpts) == 14
 
+    def test_a_flush_is_read_step_by_step_while_the_sessions_deliver(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runner_module, "FLUSH_STEP", 2)
+        for _ in range(7):
+            queue_id = enqueue(config, "a@example.net")
+            spool.move(config.layout, queue_id, spool.INCOMING, spool.DEFERRED)
+            spool.write_status(config.layout, queue_id, spool.Status(next_attempt=T0 + 3600))
+        events: list[str] = []
+        read, removed = runner._site_of, spool.remove_delivered
+        monkeypatch.setattr(runner, "_site_of", lambda *a: (events.append("read"), read(*a))[1])
+        monkeypatch.setattr(spool, "remove_delivered",
+                            lambda *a: (events.append("sent"), removed(*a))[1])
+        assert run(runner, force=True) == 7  # one run, one session for all of them
+        assert len(relay.received) == 7 and empty(config) and not runner.wake.is_set()
+        last_read = len(events) - 1 - events[::-1].index("read")
+        assert events.index("sent") < last_read  # the first went before the last was read
+
     def test_a_status_that_cannot_be_read_moves_the_message_to_corrupt(
             self, config: Config, runner: QueueRunner, relay: RelayHandler) -> None:
         odd = enqueue(config, "a@example.net")
