@@ -30,6 +30,8 @@ is reset (RSET) and the session serves the next message.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -78,6 +80,14 @@ def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
     return b"".join(line + b"\r\n" for line in out)
 
 
+@functools.lru_cache(maxsize=1024)
+def _paths_for(sender: str, recipients: tuple[str, ...]
+               ) -> tuple[str, dict[str, str], dict[str, str]]:
+    """address.py's paths_for, remembered: a site's messages mostly repeat their envelope
+    (a contact form: one sender, one recipient).  The dicts are shared: read only."""
+    return paths_for(sender, list(recipients))
+
+
 def _data_refused(code: int, text: str, relay: str) -> Outcome:
     """The accepted recipients' outcome when DATA or the message was not taken: a reply
     that does not say refused (not 354, not 250) is temporary, never success."""
@@ -122,7 +132,7 @@ class RelaySession:
         """One transaction for ``recipients``; an outcome for each of them."""
         label = self.relay.label
         client = self.client
-        sender_path, paths, unsendable = paths_for(envelope.sender, recipients)
+        sender_path, paths, unsendable = _paths_for(envelope.sender, tuple(recipients))
         results: dict[str, Outcome] = {  # queued before the door checked addresses
             r: Outcome.from_reply(553, f"5.1.3 not sent: {why}", label)
             for r, why in unsendable.items()}
@@ -230,16 +240,25 @@ class RelaySession:
         protocol = client.protocol
         label = self.relay.label
         replies: list[aiosmtplib.SMTPResponse] = []
+        loop = asyncio.get_running_loop()
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("not connected")
             protocol._response_pending = True  # a reply may come before it is awaited
             protocol.write(data)
-            while len(replies) < count:
-                reply = protocol._read_response_from_buffer()
-                if reply is None:
-                    reply = await protocol.read_response(timeout=client.timeout)
-                replies.append(reply)
+            # Each reply within the relay's timeout: one deadline, moved on after each reply
+            # (cheaper than read_response's own wait_for per reply).
+            async with asyncio.timeout(client.timeout) as deadline:
+                while len(replies) < count:
+                    reply = protocol._read_response_from_buffer()
+                    if reply is None:
+                        reply = await protocol.read_response(timeout=None)
+                    replies.append(reply)
+                    if client.timeout is not None:
+                        deadline.reschedule(loop.time() + client.timeout)
+        except TimeoutError as exc:
+            client.close()
+            raise SessionBroken(f"{label}: no reply within {client.timeout}s") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()  # the replies and commands are out of step now
             raise SessionBroken(f"{label}: {exc}") from exc

@@ -127,12 +127,12 @@ class Recorder:
     ``refused@`` gets 550 to MAIL.  ``data_reply`` answers DATA even when no recipient
     was accepted (a relay that breaks RFC 2920); ``final`` is the reply after the body;
     ``malformed``/``hang_up``/``silent`` spoil the reply to that command verb; with
-    ``trickle`` the replies of a batch go out one by one, a pause between them.
+    ``trickle`` seconds the replies of a batch go out one by one, that pause before each.
     """
 
     def __init__(self, pipelining: bool = True, data_reply: str | None = None,
                  final: str = "250 2.0.0 Ok: queued", malformed: str = "",
-                 hang_up: str = "", silent: str = "", trickle: bool = False) -> None:
+                 hang_up: str = "", silent: str = "", trickle: float = 0.0) -> None:
         self.pipelining, self.trickle = pipelining, trickle
         self.data_reply, self.final = data_reply, final
         self.malformed, self.hang_up, self.silent = malformed, hang_up, silent
@@ -215,9 +215,9 @@ class Recorder:
                 self.batches.append(batch)
             if out and self.trickle:
                 for reply in out:
+                    await asyncio.sleep(self.trickle)
                     writer.write(f"{reply}\r\n".encode())
                     await writer.drain()
-                    await asyncio.sleep(0.02)
             elif out:
                 writer.write("".join(f"{reply}\r\n" for reply in out).encode())
                 await writer.drain()
@@ -267,8 +267,8 @@ class TestPipelining:
                                     b"Subject: pipelined\r\n\r\n.a line that starts with a "
                                     b"dot\r\nbody")]
 
-    @pytest.mark.parametrize("trickle", [False, True])
-    def test_a_refused_recipient_keeps_its_own_reply(self, trickle: bool) -> None:
+    @pytest.mark.parametrize("trickle", [0.0, 0.02])
+    def test_a_refused_recipient_keeps_its_own_reply(self, trickle: float) -> None:
         server = Recorder(trickle=trickle)
         (results,) = server.deliver(
             (SENDER, ["busy@example.net", "ok@example.net", "nosuch@example.net"]))
@@ -325,6 +325,11 @@ class TestPipelining:
         server = Recorder(silent="DATA")
         (results,) = server.deliver((SENDER, ["a@example.net"]), timeout=0.3)
         assert isinstance(results, SessionBroken) and server.messages == []
+
+    def test_the_timeout_is_for_each_reply_not_the_whole_batch(self) -> None:
+        server = Recorder(trickle=0.15)  # 4 replies, 0.6 s in all, none later than 0.4 s
+        (results,) = server.deliver((SENDER, ["a@example.net", "b@example.net"]), timeout=0.4)
+        assert codes(results) == {"a@example.net": (OK, 250), "b@example.net": (OK, 250)}
 
     def test_without_pipelining_one_command_at_a_time(self) -> None:
         server = Recorder(pipelining=False)
