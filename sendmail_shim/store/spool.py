@@ -142,9 +142,7 @@ def commit(layout: paths.SpoolLayout, envelope: Envelope, message: bytes) -> Non
 def read_entry(layout: paths.SpoolLayout, state: str, queue_id: str) -> tuple[Envelope, bytes]:
     """Envelope and message; ``ValueError`` when the file is damaged."""
     path = queue_path(layout, state, queue_id)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        data = fh.read()
+    data = _read_small(path, os.O_NOFOLLOW)  # raw reads: no file object per message
     if not data.startswith(QUEUE_MAGIC):
         raise ValueError(f"{path}: not a queue file")
     newline = data.find(b"\n", len(QUEUE_MAGIC))
@@ -171,8 +169,8 @@ def status_path(layout: paths.SpoolLayout, queue_id: str) -> str:
     return os.path.join(layout.status, check_queue_id(queue_id) + ".json")
 
 
-def _read_small(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _read_small(path: str, flags: int = 0) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         pieces = []
         while piece := os.read(fd, 1 << 16):
