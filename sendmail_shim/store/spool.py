@@ -311,24 +311,50 @@ def _envelope_line(data: bytes) -> bool:
     return data.find(b"\n", len(QUEUE_MAGIC)) >= 0
 
 
-def _listed(state: str, dir_fd: int, status_fd: int, queue_id: str) -> QueueEntry:
-    """One entry for a listing: the envelope line only (one read for most), then the status.
+LIST_CACHE_MAX = 10_000  # envelopes kept between listings (about 0.8 KB each); none above
+# spool root -> {queue id: (inode, envelope)} of the last whole listing.  A queue file
+# never changes once committed: while the directory names the same file (inode), its
+# envelope is the one read before.
+_listed_envelopes: dict[str, dict[str, tuple[int, Envelope]]] = {}
 
-    Both files are opened relative to their directory's descriptor: no path is built or
-    walked per entry.
-    """
+
+def _read_envelope_at(dir_fd: int, queue_id: str) -> Envelope:
+    """The envelope line of ``queue_id`` (one read for most), relative to ``dir_fd``."""
     head = _read_at(dir_fd, queue_id, ENVELOPE_READ, _envelope_line)
     if not head.startswith(QUEUE_MAGIC):
         raise ValueError(f"{queue_id}: not a queue file")
     end = head.find(b"\n", len(QUEUE_MAGIC))
     if end < 0:
         raise ValueError(f"{queue_id}: no envelope line")
-    envelope = Envelope.from_json(head[len(QUEUE_MAGIC) : end])
+    return Envelope.from_json(head[len(QUEUE_MAGIC) : end])
+
+
+def _listed_files(dir_fd: int, room: int) -> tuple[list[str], dict[str, int] | None]:
+    """The queue ids of a state directory's regular files, oldest first, and their inodes
+    while there are at most ``room`` of them (else None: a large queue keeps nothing).
+
+    One ``getdents`` walk: the kernel gives each name's inode and type with it.
+    """
+    ids: list[str] = []
+    inodes: dict[str, int] | None = {}
+    with os.scandir(dir_fd) as names:
+        for name in names:
+            queue_id = name.name
+            if QUEUE_ID.fullmatch(queue_id) and name.is_file(follow_symlinks=False):
+                ids.append(queue_id)
+                if inodes is not None:
+                    inodes[queue_id] = name.inode()
+                    if len(inodes) > room:
+                        inodes = None
+    ids.sort()
+    return ids, inodes
+
+
+def _listed_status(status_fd: int, queue_id: str) -> Status:
     try:
-        status = _parse_status(_read_at(status_fd, queue_id + ".json", 1 << 16, _never))
+        return _parse_status(_read_at(status_fd, queue_id + ".json", 1 << 16, _never))
     except FileNotFoundError:
-        status = Status()
-    return QueueEntry(state, envelope, status)
+        return Status()
 
 
 def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
@@ -336,7 +362,15 @@ def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iter
 
     A generator: one entry at a time, reading only each queue file's envelope
     line and its status, so a listing's memory does not grow with the queue.
+    Both files are opened relative to their directory's descriptor: no path is
+    built or walked per entry.  The status is read every time.  The envelope,
+    which never changes, is kept from the last whole listing while the queue
+    holds at most :data:`LIST_CACHE_MAX` messages (a listing of a larger queue
+    keeps none): it is used again while the directory names the same regular file
+    (the inode and type ``getdents`` gives with each name, no call per file).
     """
+    known = _listed_envelopes.get(layout.root, {})
+    kept: dict[str, tuple[int, Envelope]] | None = {}
     status_fd = os.open(layout.status, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for state in states:
@@ -346,13 +380,26 @@ def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iter
             except FileNotFoundError:
                 continue
             try:
-                for queue_id in queue_ids(layout, state):
+                ids, inodes = _listed_files(
+                    dir_fd, LIST_CACHE_MAX - len(kept) if kept is not None else -1)
+                if inodes is None and kept is not None:  # too many to keep
+                    kept, known = None, {}
+                    _listed_envelopes.pop(layout.root, None)
+                for queue_id in ids:
+                    inode = inodes[queue_id] if inodes is not None else 0
                     try:
-                        entry = _listed(state, dir_fd, status_fd, queue_id)
+                        was = known.get(queue_id)
+                        envelope = (was[1] if was is not None and was[0] == inode
+                                    else _read_envelope_at(dir_fd, queue_id))
+                        status = _listed_status(status_fd, queue_id)
                     except (OSError, ValueError):
                         continue
-                    yield entry
+                    if kept is not None:
+                        kept[queue_id] = (inode, envelope)
+                    yield QueueEntry(state, envelope, status)
             finally:
                 os.close(dir_fd)
     finally:
         os.close(status_fd)
+    if kept is not None:  # a whole listing: what it read is what the next one may use
+        _listed_envelopes[layout.root] = kept
