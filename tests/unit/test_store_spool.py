@@ -427,6 +427,15 @@ class TestListingKeepsEnvelopes:
         again = list(spool.entries(spool_layout))
         assert read == [] and [e.envelope for e in again] == [first, second]
         assert again[1].status.last_error == "451 later"  # a status is read every time
+        parsed: list[bytes] = []
+        real_parse = spool._parse_status
+        monkeypatch.setattr(spool, "_parse_status",
+                            lambda raw: parsed.append(raw) or real_parse(raw))
+        third = list(spool.entries(spool_layout))
+        assert third[1].status is again[1].status and parsed == []  # the same bytes
+        spool.write_status(spool_layout, second.queue_id, spool.Status(last_error="452 full"))
+        assert list(spool.entries(spool_layout))[1].status.last_error == "452 full"
+        assert len(parsed) == 1
 
     def test_what_changed_is_read_and_what_went_is_forgotten(
             self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
@@ -447,7 +456,7 @@ class TestListingKeepsEnvelopes:
         found = [(e.state, e.envelope) for e in spool.entries(spool_layout)]
         assert found == [(spool.INCOMING, other), (spool.INCOMING, new), (spool.HOLD, moved)]
         assert sorted(read) == sorted([stays.queue_id, new.queue_id])
-        assert set(spool._listed_envelopes[spool_layout.root]) == {
+        assert set(spool._listed_kept[spool_layout.root]) == {
             stays.queue_id, new.queue_id, moved.queue_id}
 
     def test_a_listing_cut_short_or_too_large_keeps_nothing_new(
@@ -458,13 +467,13 @@ class TestListingKeepsEnvelopes:
         listing = spool.entries(spool_layout)
         assert next(listing).envelope == first
         listing.close()
-        assert spool_layout.root not in spool._listed_envelopes
+        assert spool_layout.root not in spool._listed_kept
         list(spool.entries(spool_layout))
-        assert len(spool._listed_envelopes[spool_layout.root]) == 3
+        assert len(spool._listed_kept[spool_layout.root]) == 3
         monkeypatch.setattr(spool, "LIST_CACHE_MAX", 2)  # more queued than may be kept
         read.clear()
         assert len(list(spool.entries(spool_layout))) == 3
-        assert len(read) == 3 and spool_layout.root not in spool._listed_envelopes
+        assert len(read) == 3 and spool_layout.root not in spool._listed_kept
 
     def test_a_symlink_under_a_kept_name_is_not_listed(
             self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
