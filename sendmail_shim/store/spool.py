@@ -311,7 +311,7 @@ def _envelope_line(data: bytes) -> bool:
     return data.find(b"\n", len(QUEUE_MAGIC)) >= 0
 
 
-LIST_CACHE_MAX = 10_000  # entries kept between listings (about 2 KB each); none above
+LIST_CACHE_MAX = 5_000  # entries kept between listings (about 2 KB each); none above
 # spool root -> {queue id: (inode, envelope, status bytes, status)} of the last whole
 # listing.  A queue file never changes once committed: while the directory names the
 # same file (inode), its envelope is the one read before.  A status is read every time,
