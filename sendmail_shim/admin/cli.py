@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sendmail_shim.admin import ask_daemon, control_args, spool_layout
 from sendmail_shim.wire import client, paths, protocol, sysexits
 
 if TYPE_CHECKING:
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
     from sendmail_shim.daemon.control import Args
 
 # What talks to a running daemon (``operate``) needs only click and wire/: the YAML
-# loader, the state, the policy and asyncio are imported by the commands that use them,
-# so ``queue list`` against a running daemon starts as fast as click allows.
+# loader, the state, the policy and asyncio are imported by the commands that use them.
+# The read-only ones of those are answered without click at all by the entry point
+# (sendmail_shim.admin.main, its FAST table) when their command line is plain.
 
 
 def _load(config_path: str | None) -> Config:
@@ -120,56 +122,10 @@ def _direct(config_path: str | None, action: str, args: Args) -> None:
         _fix_ownership(config)
 
 
-def _spool_layout(config_path: str | None) -> paths.SpoolLayout:
-    """The spool's layout, found as the front end finds the spool (no YAML parse).
-
-    The full loader refuses a file whose ``spool:`` it reads differently, so both agree.
-    """
-    try:
-        spool, _ = paths.frontend_spool_and_limit(paths.find_config(config_path))
-    except paths.SettingsError as exc:
-        click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
-        sys.exit(sysexits.EX_CONFIG)
-    return paths.SpoolLayout(spool)
-
-
-def _control_socket(config_path: str | None) -> str:
-    """The daemon's control socket (no YAML parse)."""
-    return _spool_layout(config_path).control_socket
-
-
 def operate(config_path: str | None, action: str, **raw: Any) -> None:
     """Ask the daemon (control socket) to act; when no daemon runs, act directly."""
-    args: Args = {}
-    for key, value in raw.items():
-        if value is None or value is False or value == ():
-            continue
-        if isinstance(value, (list, tuple)):
-            args[key] = [str(v) for v in value]
-        else:
-            args[key] = ["1" if value is True else str(value)]
-    request = protocol.encode_request(protocol.control_fields(action, args), b"")
-    printed: list[int] = []
-
-    def out(piece: bytes) -> None:
-        printed.append(sys.stdout.buffer.write(piece))
-
-    try:
-        reply = client.ask_streaming(_control_socket(config_path), request, out, 120)
-    except client.DaemonUnreachable as exc:
-        if printed:  # the daemon went away in the middle: do not print it all again
-            click.echo(f"\nsendmail-shim-admin: the reply was cut short: {exc}", err=True)
-            sys.exit(sysexits.EX_TEMPFAIL)
-        if exc.errno == errno.EACCES:
-            click.echo(f"sendmail-shim-admin: {exc}: the control socket is for root, the "
-                       "daemon's user and the admin group (admin.group)", err=True)
-            sys.exit(sysexits.EX_NOPERM)
-        _direct(config_path, action, args)
-        return
-    sys.stdout.flush()
-    if reply.code >= 400:
-        click.echo(f"sendmail-shim-admin: {reply.text}", err=True)
-        sys.exit(reply.status or sysexits.EX_SOFTWARE)
+    args = control_args(**raw)
+    ask_daemon(config_path, action, args, lambda: _direct(config_path, action, args))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -221,7 +177,7 @@ for _name, _doc in (
 @config_option
 def queue_flush(config_path: str | None) -> None:
     """Ask the daemon to deliver every queued message now, deferred ones included."""
-    socket = _spool_layout(config_path).socket  # no YAML parse: it only asks the daemon
+    socket = spool_layout(config_path).socket  # no YAML parse: it only asks the daemon
     try:
         reply = client.ask(socket,
                            protocol.encode_request([(protocol.MODE, protocol.FLUSH)], b""), 30)
@@ -750,6 +706,7 @@ def demo(keep_running: bool) -> None:
 
 
 def main() -> None:
+    """Every command through click (``sendmail_shim.admin.main`` sends all but plain reads)."""
     cli(prog_name="sendmail-shim-admin")
 
 

@@ -309,24 +309,57 @@ def _envelope_line(data: bytes) -> bool:
     return data.find(b"\n", len(QUEUE_MAGIC)) >= 0
 
 
-def _listed(state: str, dir_fd: int, status_fd: int, queue_id: str) -> QueueEntry:
-    """One entry for a listing: the envelope line only (one read for most), then the status.
+LIST_CACHE_MAX = 5_000  # entries kept between listings (about 2 KB each); none above
+# spool root -> {queue id: (inode, envelope, status bytes, status)} of the last whole
+# listing.  A queue file never changes once committed: while the directory names the
+# same file (inode), its envelope is the one read before.  A status is read every time,
+# and parsed again only when its bytes differ.
+_Kept = tuple[int, Envelope, bytes | None, Status]
+_listed_kept: dict[str, dict[str, _Kept]] = {}
 
-    Both files are opened relative to their directory's descriptor: no path is built or
-    walked per entry.
-    """
+
+def _read_envelope_at(dir_fd: int, queue_id: str) -> Envelope:
+    """The envelope line of ``queue_id`` (one read for most), relative to ``dir_fd``."""
     head = _read_at(dir_fd, queue_id, ENVELOPE_READ, _envelope_line)
     if not head.startswith(QUEUE_MAGIC):
         raise ValueError(f"{queue_id}: not a queue file")
     end = head.find(b"\n", len(QUEUE_MAGIC))
     if end < 0:
         raise ValueError(f"{queue_id}: no envelope line")
-    envelope = Envelope.from_json(head[len(QUEUE_MAGIC) : end])
+    return Envelope.from_json(head[len(QUEUE_MAGIC) : end])
+
+
+def _listed_files(dir_fd: int, room: int) -> tuple[list[str], dict[str, int] | None]:
+    """The queue ids of a state directory's regular files, oldest first, and their inodes
+    while there are at most ``room`` of them (else None: a large queue keeps nothing).
+
+    One ``getdents`` walk: the kernel gives each name's inode and type with it.
+    """
+    ids: list[str] = []
+    inodes: dict[str, int] | None = {}
+    with os.scandir(dir_fd) as names:
+        for name in names:
+            queue_id = name.name
+            if QUEUE_ID.fullmatch(queue_id) and name.is_file(follow_symlinks=False):
+                ids.append(queue_id)
+                if inodes is not None:
+                    inodes[queue_id] = name.inode()
+                    if len(inodes) > room:
+                        inodes = None
+    ids.sort()
+    return ids, inodes
+
+
+def _listed_status(status_fd: int, queue_id: str, was: _Kept | None
+                   ) -> tuple[bytes | None, Status]:
+    """The status file's bytes (None: there is none) and what they say."""
     try:
-        status = _parse_status(_read_at(status_fd, queue_id + ".json", 1 << 16, _never))
+        raw = _read_at(status_fd, queue_id + ".json", 1 << 16, _never)
     except FileNotFoundError:
-        status = Status()
-    return QueueEntry(state, envelope, status)
+        return None, Status()
+    if was is not None and was[2] == raw:
+        return raw, was[3]
+    return raw, _parse_status(raw)
 
 
 def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
@@ -334,7 +367,17 @@ def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iter
 
     A generator: one entry at a time, reading only each queue file's envelope
     line and its status, so a listing's memory does not grow with the queue.
+    Both files are opened relative to their directory's descriptor: no path is
+    built or walked per entry.  What a whole listing read is kept for the next
+    while the queue holds at most :data:`LIST_CACHE_MAX` messages (a listing of a
+    larger queue keeps nothing): an envelope, which never changes, is used again
+    while the directory names the same regular file (the inode and type
+    ``getdents`` gives with each name, no call per file); a status is read every
+    time and parsed again when its bytes changed.  The entries of a listing are
+    for reading only (a kept status is shared by the next listing).
     """
+    known = _listed_kept.get(layout.root, {})
+    kept: dict[str, _Kept] | None = {}
     status_fd = os.open(layout.status, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for state in states:
@@ -344,13 +387,28 @@ def entries(layout: paths.SpoolLayout, states: tuple[str, ...] = STATES) -> Iter
             except FileNotFoundError:
                 continue
             try:
-                for queue_id in queue_ids(layout, state):
+                ids, inodes = _listed_files(
+                    dir_fd, LIST_CACHE_MAX - len(kept) if kept is not None else -1)
+                if inodes is None and kept is not None:  # too many to keep
+                    kept, known = None, {}
+                    _listed_kept.pop(layout.root, None)
+                for queue_id in ids:
+                    inode = inodes[queue_id] if inodes is not None else 0
+                    was = known.get(queue_id)
+                    if was is not None and was[0] != inode:
+                        was = None
                     try:
-                        entry = _listed(state, dir_fd, status_fd, queue_id)
+                        envelope = (was[1] if was is not None
+                                    else _read_envelope_at(dir_fd, queue_id))
+                        raw, status = _listed_status(status_fd, queue_id, was)
                     except (OSError, ValueError):
                         continue
-                    yield entry
+                    if kept is not None:
+                        kept[queue_id] = (inode, envelope, raw, status)
+                    yield QueueEntry(state, envelope, status)
             finally:
                 os.close(dir_fd)
     finally:
         os.close(status_fd)
+    if kept is not None:  # a whole listing: what it read is what the next one may use
+        _listed_kept[layout.root] = kept

@@ -398,3 +398,91 @@ class TestListingReads:
         for envelope in envelopes:
             assert spool.read_entry(spool_layout, spool.INCOMING, envelope.queue_id) == (
                 envelope, MESSAGE)
+
+
+class TestListingKeepsEnvelopes:
+    """A whole listing keeps the envelopes it read; the next reads only what changed."""
+
+    @staticmethod
+    def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        read: list[str] = []
+        real = spool._read_envelope_at
+
+        def counting(dir_fd: int, queue_id: str) -> Envelope:
+            read.append(queue_id)
+            return real(dir_fd, queue_id)
+
+        monkeypatch.setattr(spool, "_read_envelope_at", counting)
+        return read
+
+    def test_the_second_listing_reads_only_statuses(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        read = self.reads(monkeypatch)
+        first, second = queue_message(), queue_message(state=spool.DEFERRED)
+        assert [e.envelope for e in spool.entries(spool_layout)] == [first, second]
+        assert sorted(read) == sorted([first.queue_id, second.queue_id])
+        read.clear()
+        spool.write_status(spool_layout, second.queue_id, spool.Status(last_error="451 later"))
+        again = list(spool.entries(spool_layout))
+        assert read == [] and [e.envelope for e in again] == [first, second]
+        assert again[1].status.last_error == "451 later"  # a status is read every time
+        parsed: list[bytes] = []
+        real_parse = spool._parse_status
+        monkeypatch.setattr(spool, "_parse_status",
+                            lambda raw: parsed.append(raw) or real_parse(raw))
+        third = list(spool.entries(spool_layout))
+        assert third[1].status is again[1].status and parsed == []  # the same bytes
+        spool.write_status(spool_layout, second.queue_id, spool.Status(last_error="452 full"))
+        assert list(spool.entries(spool_layout))[1].status.last_error == "452 full"
+        assert len(parsed) == 1
+
+    def test_what_changed_is_read_and_what_went_is_forgotten(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
+            make_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch) -> None:
+        read = self.reads(monkeypatch)
+        gone, moved, stays = queue_message(), queue_message(), queue_message()
+        list(spool.entries(spool_layout))
+        read.clear()
+        spool.remove(spool_layout, gone.queue_id, spool.INCOMING)
+        spool.move(spool_layout, moved.queue_id, spool.INCOMING, spool.HOLD)  # same inode
+        new = queue_message()
+        # Another file under a kept name (never done by the spool): another inode, read anew.
+        other = make_envelope(queue_id=stays.queue_id, sender="other@site1.test")
+        path = spool.queue_path(spool_layout, spool.INCOMING, stays.queue_id)
+        with open(path + ".new", "wb") as fh:
+            fh.write(spool.QUEUE_MAGIC + other.to_json() + b"\n" + MESSAGE)
+        os.rename(path + ".new", path)
+        found = [(e.state, e.envelope) for e in spool.entries(spool_layout)]
+        assert found == [(spool.INCOMING, other), (spool.INCOMING, new), (spool.HOLD, moved)]
+        assert sorted(read) == sorted([stays.queue_id, new.queue_id])
+        assert set(spool._listed_kept[spool_layout.root]) == {
+            stays.queue_id, new.queue_id, moved.queue_id}
+
+    def test_a_listing_cut_short_or_too_large_keeps_nothing_new(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        read = self.reads(monkeypatch)
+        first, _second, _third = queue_message(), queue_message(), queue_message()
+        listing = spool.entries(spool_layout)
+        assert next(listing).envelope == first
+        listing.close()
+        assert spool_layout.root not in spool._listed_kept
+        list(spool.entries(spool_layout))
+        assert len(spool._listed_kept[spool_layout.root]) == 3
+        monkeypatch.setattr(spool, "LIST_CACHE_MAX", 2)  # more queued than may be kept
+        read.clear()
+        assert len(list(spool.entries(spool_layout))) == 3
+        assert len(read) == 3 and spool_layout.root not in spool._listed_kept
+
+    def test_a_symlink_under_a_kept_name_is_not_listed(
+            self, spool_layout: paths.SpoolLayout, queue_message: QueueMessage,
+            tmp_path: Path) -> None:
+        real = queue_message()
+        list(spool.entries(spool_layout))
+        path = spool.queue_path(spool_layout, spool.INCOMING, real.queue_id)
+        target = tmp_path / "elsewhere"
+        target.write_bytes(Path(path).read_bytes())
+        os.unlink(path)
+        os.symlink(target, path)
+        assert list(spool.entries(spool_layout)) == []
