@@ -30,6 +30,10 @@ class Session(Protocol):
 
     async def close(self) -> None: ...
 
+    async def usable(self) -> bool:
+        """Still connected and answering (RSET): a kept session is checked before reuse."""
+        ...
+
 
 class LmtpError(Exception):
     pass
@@ -121,6 +125,13 @@ class LmtpSession:
             code, text = await self._reply()
             results[rcpt] = Outcome.from_reply(code, text, self.label)
         return results
+
+    async def usable(self) -> bool:
+        try:
+            code, _text = await self._command("RSET")
+        except (OSError, ConnectionError, TimeoutError, ValueError):
+            return False
+        return code == 250
 
     async def close(self) -> None:
         try:

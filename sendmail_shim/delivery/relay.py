@@ -120,6 +120,17 @@ class RelaySession:
     client: aiosmtplib.SMTP
     relay: Relay
 
+    async def usable(self) -> bool:
+        """Still connected and answering RSET with 250 (a kept session, before reuse:
+        Postfix checks a cached session the same way)."""
+        if not self.client.is_connected:
+            return False
+        try:
+            reply = await self.client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            return False
+        return reply.code == 250
+
     async def close(self) -> None:
         try:
             await self.client.quit()

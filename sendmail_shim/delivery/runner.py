@@ -39,6 +39,16 @@ Guarantees:
   :data:`REFILL_EVERY`; a site's own new mail waits for the next run (it
   would queue behind its backlog anyway).  The messages of one site are
   sent in queue order over its sessions, each session reused for many;
+* a site's relay sessions outlive its lane by :data:`IDLE_SESSION` seconds
+  (:class:`_IdleSessions`, Postfix's connection cache: ``smtp_connection_cache_on_demand``
+  with its 2 s ``smtp_connection_cache_time_limit``): the site's next lane under the same
+  configuration takes one instead of connecting and logging in again, after an RSET shows
+  it still works (as Postfix checks a cached session); a session that fails the check
+  is closed and a new one opened, so no message waits because of it.  Only
+  :meth:`QueueRunner.run_forever` keeps sessions; at most :data:`MAX_SESSIONS` are kept
+  (the oldest closed first), never one whose relay was down, and all are closed on a
+  reload or at shutdown.  A burst of single messages (PHP's mail()) then costs one
+  login per site, not one per message;
 * :meth:`QueueRunner.stop` (daemon shutdown) lets each site finish the
   message in hand, including recording its outcome, and starts no other, so
   a SIGTERM never leaves a message the relay accepted unrecorded;
@@ -119,6 +129,8 @@ LANE_BATCH = 4  # a site gets one more session (up to its relay's ``sessions``) 
 LANE_TURN = 20  # messages a session sends before it gives way to a site waiting for one
 REFILL_EVERY = 0.2  # seconds: arrivals during a run are looked for at most this often
 RUN_CHUNK = 5000  # messages taken into one run; the rest in the next (bounded memory)
+IDLE_SESSION = 2.0  # seconds a relay session is kept after its lane (Postfix: 2 s)
+CLOSE_WAIT = 1.0  # seconds the kept sessions' QUITs may take at shutdown
 FLUSH_STEP = 250  # a flush's messages read at once: the sessions start after the first step
 _ID_MASK = (1 << 64) - 1
 MAX_INTERNAL_FAILURES = 3  # in a row; then the message waits in hold for the operator
@@ -160,6 +172,7 @@ class _Channel:
         self.opener = opener
         self.session: Session | None = None
         self.down: Outcome | None = None
+        self.kept = False  # kept from an earlier lane: checked before its next message
 
     async def send(self, env: Envelope, message: bytes,
                    recipients: list[str]) -> dict[str, Outcome]:
@@ -167,6 +180,10 @@ class _Channel:
             return {}
         if self.down is not None:
             return dict.fromkeys(recipients, self.down)
+        if self.kept:
+            self.kept = False
+            if self.session is not None and not await self.session.usable():
+                await self._drop()  # the relay ended it meanwhile: a new one below
         if self.session is None:
             try:
                 self.session = await self.opener()
@@ -216,9 +233,94 @@ class _Pools:
         self.channels[pool] = (active, channel)
         return channel
 
+    def keepable(self) -> bool:
+        """Ready to be kept for the site's next lane: the channels that have a live
+        session stay (marked to be checked first), the others are forgotten."""
+        live = {pool: held for pool, held in self.channels.items()
+                if held[1].session is not None and held[1].down is None}
+        self.channels = live
+        for _active, channel in live.values():
+            channel.kept = True
+        return bool(live)
+
     async def close(self) -> None:
         for _active, channel in self.channels.values():
             await channel.close()
+
+
+class _IdleSessions:
+    """Relay sessions kept after their lane, per site, for :data:`IDLE_SESSION` seconds.
+
+    A kept entry is a lane's :class:`_Pools` with the configuration it was opened under;
+    :meth:`take` gives it only to a lane of the same site under the same configuration
+    object (a reload changes logins and relays: the old ones are closed).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False  # run_forever's: a lone run_once closes its sessions
+        self.kept: dict[str, list[tuple[_Pools, Config, float]]] = {}
+        self.closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return sum(map(len, self.kept.values()))
+
+    def take(self, site: str, config: Config) -> _Pools | None:
+        entries = self.kept.get(site)
+        found = None
+        while entries and found is None:
+            pools, kept_config, _deadline = entries.pop()
+            if kept_config is config:
+                found = pools
+            else:
+                self._close(pools)
+        if not entries:
+            self.kept.pop(site, None)
+        return found
+
+    def keep(self, site: str, config: Config, pools: _Pools) -> bool:
+        """Keep ``pools`` for the site's next lane; False when it is not kept (the caller
+        closes it)."""
+        if not self.enabled or not pools.keepable():
+            return False
+        loop = asyncio.get_running_loop()
+        self.kept.setdefault(site, []).append((pools, config, loop.time() + IDLE_SESSION))
+        while len(self) > MAX_SESSIONS:
+            oldest = min(self.kept, key=lambda s: self.kept[s][0][2])
+            self._close(self.kept[oldest].pop(0)[0])
+            if not self.kept[oldest]:
+                del self.kept[oldest]
+        loop.call_later(IDLE_SESSION, self.expire)
+        return True
+
+    def expire(self) -> None:
+        """Close the sessions unused for :data:`IDLE_SESSION` seconds."""
+        now = asyncio.get_running_loop().time()
+        for site in list(self.kept):
+            entries = self.kept[site]
+            for entry in [e for e in entries if e[2] <= now]:
+                entries.remove(entry)
+                self._close(entry[0])
+            if not entries:
+                del self.kept[site]
+
+    def _close(self, pools: _Pools) -> None:
+        task = asyncio.get_running_loop().create_task(pools.close())
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def close_all(self) -> None:
+        for entries in self.kept.values():
+            for pools, _config, _deadline in entries:
+                self._close(pools)
+        self.kept.clear()
+        if self.closing:  # QUIT to each; a relay that does not answer does not hold us
+            closing = list(self.closing)
+            try:
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await asyncio.gather(*closing, return_exceptions=True)
+            except TimeoutError:
+                for task in closing:
+                    task.cancel()
 
 
 _Answer = tuple[Site, int, str, float]  # site, uid, RELAY_OK or RELAY_5XX, time
@@ -354,6 +456,7 @@ class QueueRunner:
         self._flush_only: frozenset[str] | None = None  # the flush under way
         self.relay_stats = RelayStats()  # each relay's answers, for relay list
         self._answers = _AnswerBook(self._feed_outbreak_rules)  # for relay_5xx_share
+        self._idle = _IdleSessions()  # relay sessions kept between a site's lanes
         self._lock = asyncio.Lock()
         self._unsaved: list[_Attempt] = []  # outcomes the disk refused: delivery is paused
         self._stopping = False  # read by the _due thread too: a plain flag is enough
@@ -394,6 +497,14 @@ class QueueRunner:
     async def run_forever(self) -> None:
         # The schedule is built in the background: start-up and new mail do not wait for it.
         self._index_task = asyncio.create_task(asyncio.to_thread(self._load_schedule))
+        self._idle.enabled = True
+        try:
+            await self._run_forever()
+        finally:
+            self._idle.enabled = False
+            await self._idle.close_all()
+
+    async def _run_forever(self) -> None:
         while not self._stopping:
             try:
                 await self.run_once()
@@ -706,35 +817,45 @@ class QueueRunner:
                     "mail waits; add a relay to the pool"))
             return await open_session(active, login, config.hostname, site_name)
 
-        relay = _Pools(opener)
+        relay = self._idle.take(site_name, config) or _Pools(opener)
         transport = config.local_transport
         local = _Channel(lambda: open_local_session(transport, config.hostname)) \
             if transport is not None else None
-        served = 0
+        kept = False
         try:
-            while queue:
-                if self._stopping:
-                    return  # shutdown: the message in hand was recorded, the rest waits
-                if self._unsaved:
-                    return  # paused: what was sent is not recorded yet
-                if served and run.full() and run.waiting(site_name) and (
-                        run.lanes[site_name] > 1 or served >= LANE_TURN):
-                    run.order.remove(site_name)  # behind the waiting site(s) now
-                    run.order.append(site_name)
-                    return  # give way to a site that waits for a session
-                state, queue_id = queue.popleft()
-                try:
-                    await self._deliver_one(site, state, queue_id, relay, local)
-                except Exception as exc:  # this message's trouble, not the run's
-                    await asyncio.to_thread(self._internal_failure, state, queue_id,
-                                            site_name, exc)
-                served += 1
-                if self.state.suspension(site_name) is not None:
-                    return  # an outbreak rule tripped: the next lane holds the rest
+            await self._serve_site(run, site, queue, relay, local)
+            kept = not self._stopping and self.config is config and \
+                self._idle.keep(site_name, config, relay)
         finally:
-            await relay.close()
+            if not kept:
+                await relay.close()
             if local is not None:
                 await local.close()
+
+    async def _serve_site(self, run: _Run, site: Site, queue: deque[tuple[str, str]],
+                          relay: _Pools, local: _Channel | None) -> None:
+        """A lane's messages over its channels, until one of the ends _lane names."""
+        site_name = site.name
+        served = 0
+        while queue:
+            if self._stopping:
+                return  # shutdown: the message in hand was recorded, the rest waits
+            if self._unsaved:
+                return  # paused: what was sent is not recorded yet
+            if served and run.full() and run.waiting(site_name) and (
+                    run.lanes[site_name] > 1 or served >= LANE_TURN):
+                run.order.remove(site_name)  # behind the waiting site(s) now
+                run.order.append(site_name)
+                return  # give way to a site that waits for a session
+            state, queue_id = queue.popleft()
+            try:
+                await self._deliver_one(site, state, queue_id, relay, local)
+            except Exception as exc:  # this message's trouble, not the run's
+                await asyncio.to_thread(self._internal_failure, state, queue_id,
+                                        site_name, exc)
+            served += 1
+            if self.state.suspension(site_name) is not None:
+                return  # an outbreak rule tripped: the next lane holds the rest
 
     async def _deliver_one(self, site: Site, state: str, queue_id: str, pools: _Pools,
                            local: _Channel | None) -> None:

@@ -344,6 +344,8 @@ class FakeSessions:
     def __init__(self, on_send: Callable[[int], None] | None = None,
                  pause: float = 0.001) -> None:
         self.pause = pause
+        self.usable = True  # what a kept session answers to the RSET check
+        self.checked = 0
         self.sent: list[str] = []  # the site of each delivered message, in order
         self.open_now = 0
         self.most_open = 0
@@ -364,6 +366,10 @@ class FakeSessions:
                 if fake.on_send is not None:
                     fake.on_send(len(fake.sent))
                 return dict.fromkeys(recipients, Outcome(OK, 250, "2.0.0 Ok", "fake"))
+
+            async def usable(self) -> bool:
+                fake.checked += 1
+                return fake.usable
 
             async def close(self) -> None:
                 fake.open_now -= 1
@@ -451,6 +457,94 @@ class TestParallelSessions:
             enqueue(config, f"r{n}@example.net")
         assert run(QueueRunner(config, state)) == 40
         assert sessions.most_open == 1 and sessions.opened == 1 and empty(config)
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+class TestKeptSessions:
+    """run_forever keeps a site's relay session IDLE_SESSION seconds after its lane."""
+
+    def test_mail_arriving_after_the_lane_ended_reuses_its_session(
+            self, config: Config, runner: QueueRunner, relay: RelayHandler,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runner_module, "IDLE_SESSION", 0.5)
+        opened: list[str] = []
+        real = runner_module.open_session
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            opened.append(args[3])
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(runner_module, "open_session", counting)
+
+        async def scenario() -> None:
+            task = asyncio.create_task(runner.run_forever())
+            for n in range(3):  # one at a time, as PHP's mail() calls arrive
+                enqueue(config, f"r{n}@example.net")
+                runner.poke()
+                await until(lambda n=n: len(relay.received) == n + 1 and empty(config))
+                await until(lambda: len(runner._idle) == 1)  # the lane ended, session kept
+            assert opened == [SITE]  # one login for the three
+            await until(lambda: len(runner._idle) == 0, 3)  # closed after IDLE_SESSION
+            enqueue(config, "late@example.net")
+            runner.poke()
+            await until(lambda: len(relay.received) == 4 and empty(config))
+            runner.stop()
+            await task
+            assert len(runner._idle) == 0 and not runner._idle.closing  # closed at the end
+
+        asyncio.run(scenario())
+        assert opened == [SITE, SITE]
+
+    def test_a_kept_session_that_fails_its_check_is_replaced_not_deferred(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions) -> None:
+        sessions.usable = False  # the relay ended it meanwhile
+
+        async def scenario() -> None:
+            task = asyncio.create_task(runner.run_forever())
+            enqueue(config, "a@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 1 and len(runner._idle) == 1)
+            enqueue(config, "b@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 2 and empty(config))
+            runner.stop()
+            await task
+
+        asyncio.run(scenario())
+        assert sessions.checked == 1 and sessions.opened == 2 and sessions.open_now == 0
+        assert not queue(config, spool.DEFERRED)
+
+    def test_a_reload_closes_kept_sessions_instead_of_reusing_them(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions,
+            make_config: Callable[..., Config]) -> None:
+        async def scenario() -> None:
+            task = asyncio.create_task(runner.run_forever())
+            enqueue(config, "a@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 1 and len(runner._idle) == 1)
+            runner.reconfigure(make_config(relays=[{"host": "127.0.0.1", "port": 2525,
+                                                    "tls": "none"}]))
+            enqueue(runner.config, "b@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 2)
+            await until(lambda: sessions.open_now <= 1)
+            runner.stop()
+            await task
+
+        asyncio.run(scenario())
+        assert sessions.opened == 2 and sessions.checked == 0 and sessions.open_now == 0
+
+    def test_run_once_alone_keeps_nothing(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions) -> None:
+        enqueue(config, "a@example.net")
+        assert run(runner) == 1
+        assert sessions.open_now == 0 and len(runner._idle) == 0
 
 
 class TestSchedule:
