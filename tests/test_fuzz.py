@@ -177,13 +177,16 @@ def _queued(shim: Shim) -> set[str]:
 
 
 def _envelope(shim: Shim, queue_id: str) -> dict[str, Any]:
-    for state in STATES:
-        path = os.path.join(shim.spool, state, queue_id)
-        if os.path.exists(path):
-            with open(path, "rb") as fh:
-                fh.readline()
-                result: dict[str, Any] = json.loads(fh.readline())
-                return result
+    # The runner may move it (incoming -> deferred) between two looks: look again.
+    for _ in range(3):
+        for state in STATES:
+            try:
+                with open(os.path.join(shim.spool, state, queue_id), "rb") as fh:
+                    fh.readline()
+                    result: dict[str, Any] = json.loads(fh.readline())
+                    return result
+            except FileNotFoundError:
+                continue
     raise AssertionError(f"{queue_id} vanished")
 
 
