@@ -262,7 +262,9 @@ class _IdleSessions:
         self.closing: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
-        return sum(map(len, self.kept.values()))
+        """Relay sessions kept (a kept lane may hold one per pool)."""
+        return sum(len(pools.channels) for entries in self.kept.values()
+                   for pools, _config, _deadline in entries)
 
     def take(self, site: str, config: Config) -> _Pools | None:
         entries = self.kept.get(site)
@@ -277,24 +279,48 @@ class _IdleSessions:
             self.kept.pop(site, None)
         return found
 
-    def keep(self, site: str, config: Config, pools: _Pools) -> bool:
-        """Keep ``pools`` for the site's next lane; False when it is not kept (the caller
-        closes it)."""
-        if not self.enabled or not pools.keepable():
+    def keep(self, site: str, config: Config, pools: _Pools, room: int) -> bool:
+        """Keep ``pools`` for the site's next lane, within ``room`` sessions kept in all
+        (the oldest others are closed); False when it is not kept (the caller closes it)."""
+        if not self.enabled or room <= 0 or not pools.keepable():
             return False
         loop = asyncio.get_running_loop()
         self.kept.setdefault(site, []).append((pools, config, loop.time() + IDLE_SESSION))
-        while len(self) > MAX_SESSIONS:
-            oldest = min(self.kept, key=lambda s: self.kept[s][0][2])
-            self._close(self.kept[oldest].pop(0)[0])
-            if not self.kept[oldest]:
-                del self.kept[oldest]
+        self.trim(room)
         loop.call_later(IDLE_SESSION, self.expire)
         return True
 
+    def trim(self, room: int) -> list[asyncio.Task[None]]:
+        """Close the oldest kept sessions until at most ``room`` remain: kept sessions and
+        lanes together stay within :data:`MAX_SESSIONS`.  The closing tasks."""
+        tasks = []
+        while self.kept and len(self) > max(0, room):
+            oldest = min(self.kept, key=lambda s: self.kept[s][0][2])
+            tasks.append(self._close(self.kept[oldest].pop(0)[0]))
+            if not self.kept[oldest]:
+                del self.kept[oldest]
+        return tasks
+
+    async def make_room(self, room: int) -> None:
+        """Trim to ``room`` and wait for those sessions to end (at most CLOSE_WAIT): a new
+        session opens only after the kept ones it replaces are gone."""
+        tasks = self.trim(room)
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+
+    def drop_all(self) -> None:
+        """Close every kept session (a reload: logins and relays may have changed)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a lone run_once has ended): nothing is kept
+            self.kept.clear()
+            return
+        self.trim(0)
+
     def expire(self) -> None:
-        """Close the sessions unused for :data:`IDLE_SESSION` seconds."""
-        now = asyncio.get_running_loop().time()
+        """Close the sessions unused for :data:`IDLE_SESSION` seconds (a timer may fire a
+        little early: a small slack, so none is left until the next keep)."""
+        now = asyncio.get_running_loop().time() + 0.05
         for site in list(self.kept):
             entries = self.kept[site]
             for entry in [e for e in entries if e[2] <= now]:
@@ -303,10 +329,11 @@ class _IdleSessions:
             if not entries:
                 del self.kept[site]
 
-    def _close(self, pools: _Pools) -> None:
+    def _close(self, pools: _Pools) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(pools.close())
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
+        return task
 
     async def close_all(self) -> None:
         for entries in self.kept.values():
@@ -479,6 +506,7 @@ class QueueRunner:
         self.config = config
         self.router = Router(config) if config.local_transport is not None else None
         self.scanner.reconfigure(config)
+        self._idle.drop_all()
 
     def poke(self, force: bool = False, pool: str | None = None) -> None:
         """Run soon; ``force`` also retries deferred mail before its time (flush): all of
@@ -598,7 +626,11 @@ class QueueRunner:
             if poked is not None:
                 poked.cancel()
             if flushed is not None and flushed.done():
-                run.add(flushed.result())
+                try:
+                    run.add(flushed.result())
+                except Exception:  # the lanes under way go on; the rest waits for its time
+                    log.exception("flush step failed; the messages not taken yet are tried "
+                                  "at their scheduled time (or flush again)")
                 flushed = None
             if refill_at is None and self._poked.is_set():
                 refill_at = max(loop.time(), last_refill + REFILL_EVERY)
@@ -817,15 +849,18 @@ class QueueRunner:
                     "mail waits; add a relay to the pool"))
             return await open_session(active, login, config.hostname, site_name)
 
-        relay = self._idle.take(site_name, config) or _Pools(opener)
+        relay = self._idle.take(site_name, config)
+        if relay is None:  # a new session: kept ones give way so that all stay within bounds
+            relay = _Pools(opener)
+            await self._idle.make_room(MAX_SESSIONS - sum(run.lanes.values()))
         transport = config.local_transport
         local = _Channel(lambda: open_local_session(transport, config.hostname)) \
             if transport is not None else None
         kept = False
         try:
             await self._serve_site(run, site, queue, relay, local)
-            kept = not self._stopping and self.config is config and \
-                self._idle.keep(site_name, config, relay)
+            kept = not self._stopping and self.config is config and self._idle.keep(
+                site_name, config, relay, MAX_SESSIONS - (sum(run.lanes.values()) - 1))
         finally:
             if not kept:
                 await relay.close()
@@ -1000,15 +1035,20 @@ class QueueRunner:
             with self.state.transaction():
                 for site, uid, kind, ts in group:
                     self.state.record(site.name, uid, kind, ts=ts)
-            now = time.time()
-            for site in sites.values():
-                reason = outbreak.after_relay_results(self.state, site, now)
-                if reason is not None:
-                    suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
         except (sqlite3.Error, OSError) as exc:
             log.warning("outbreak_rules_skipped sites=%s answers=%d reason=%r action='the state "
                         "database cannot be written; free space on the spool disk'",
                         ",".join(map(printable, sites)), len(group), str(exc))
+            return
+        now = time.time()
+        for site in sites.values():  # one site's trouble is not another's
+            try:
+                reason = outbreak.after_relay_results(self.state, site, now)
+                if reason is not None:
+                    suspend_site(self.config, self.state, site.name, reason, "outbreak rule")
+            except Exception:
+                log.exception("outbreak rule relay_5xx_share not checked site=%s; its answers "
+                              "are counted, the next ones check it again", printable(site.name))
 
     def _after_attempt(self, state: str, queue_id: str, entry: tuple[Envelope, bytes] | None,
                        results: dict[str, Outcome], trouble: Outcome | None,

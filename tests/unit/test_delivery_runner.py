@@ -530,6 +530,7 @@ class TestKeptSessions:
             await until(lambda: len(sessions.sent) == 1 and len(runner._idle) == 1)
             runner.reconfigure(make_config(relays=[{"host": "127.0.0.1", "port": 2525,
                                                     "tls": "none"}]))
+            await until(lambda: sessions.open_now == 0, 1.0)  # closed now, not in 2 s
             enqueue(runner.config, "b@example.net")
             runner.poke()
             await until(lambda: len(sessions.sent) == 2)
@@ -539,6 +540,27 @@ class TestKeptSessions:
 
         asyncio.run(scenario())
         assert sessions.opened == 2 and sessions.checked == 0 and sessions.open_now == 0
+
+    def test_kept_sessions_and_lanes_together_stay_within_max_sessions(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runner_module, "MAX_SESSIONS", 2)
+        sessions.pause = 0.02
+
+        async def scenario() -> None:
+            task = asyncio.create_task(runner.run_forever())
+            for n in range(12):  # site1: two lanes, both sessions kept afterwards
+                enqueue(config, f"r{n}@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 12 and len(runner._idle) == 2)
+            enqueue(config, "x@example.net", site=SITE2, sender="noreply@site2.test")
+            runner.poke()  # site2's new session: one of site1's kept ones gives way
+            await until(lambda: len(sessions.sent) == 13)
+            runner.stop()
+            await task
+
+        asyncio.run(scenario())
+        assert sessions.most_open == 2 and sessions.open_now == 0
 
     def test_run_once_alone_keeps_nothing(
             self, config: Config, runner: QueueRunner, sessions: FakeSessions) -> None:
@@ -683,3 +705,22 @@ class TestAnswerBook:
             book.record([(None, 1, "relay_ok", 0.0)])  # type: ignore[list-item]
         with pytest.raises(RuntimeError):  # the next one writes (and fails) on its own
             book.record([(None, 2, "relay_ok", 0.0)])  # type: ignore[list-item]
+
+
+def test_one_sites_rule_trouble_does_not_skip_anothers(
+        config: Config, runner: QueueRunner, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    site1, site2 = config.site_named(SITE), config.site_named(SITE2)
+    assert site1 is not None and site2 is not None
+    checked: list[str] = []
+
+    def rule(state: State, site: Any, now: float) -> None:
+        checked.append(site.name)
+        if site.name == SITE:
+            raise RuntimeError("boom")  # e.g. the site left the configuration meanwhile
+
+    monkeypatch.setattr(runner_module.outbreak, "after_relay_results", rule)
+    with caplog.at_level(logging.ERROR):
+        runner._feed_outbreak_rules([(site1, UID, "relay_5xx", T0), (site2, UID, "relay_ok", T0)])
+    assert checked == [SITE, SITE2]
+    assert "not checked site=site1.test" in caplog.text
