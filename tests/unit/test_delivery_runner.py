@@ -66,6 +66,20 @@ def runner(config: Config, state: State, clock: list[float]) -> QueueRunner:
     return QueueRunner(config, state)
 
 
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The site of each relay session opened (the real open_session, counted)."""
+    sites: list[str] = []
+    real = runner_module.open_session
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        sites.append(args[3])
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "open_session", counting)
+    return sites
+
+
 def enqueue(config: Config, *recipients: str, sender: str = SENDER, site: str = SITE,
             arrival: float = T0, notify: str | None = None) -> str:
     message = b"From: noreply@site1.test\nSubject: unit\n\nbody\n"
@@ -113,15 +127,7 @@ class TestDelivered:
 
     def test_messages_of_one_site_share_one_connection(
             self, config: Config, runner: QueueRunner, relay: RelayHandler,
-            monkeypatch: pytest.MonkeyPatch) -> None:
-        opened: list[str] = []
-        real = runner_module.open_session
-
-        async def counting(*args: Any, **kwargs: Any) -> Any:
-            opened.append(args[3])
-            return await real(*args, **kwargs)
-
-        monkeypatch.setattr(runner_module, "open_session", counting)
+            opened: list[str]) -> None:
         for n in range(3):
             enqueue(config, f"r{n}@example.net")
         assert run(runner) == 3
@@ -471,16 +477,8 @@ class TestKeptSessions:
 
     def test_mail_arriving_after_the_lane_ended_reuses_its_session(
             self, config: Config, runner: QueueRunner, relay: RelayHandler,
-            monkeypatch: pytest.MonkeyPatch) -> None:
+            opened: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(runner_module, "IDLE_SESSION", 0.5)
-        opened: list[str] = []
-        real = runner_module.open_session
-
-        async def counting(*args: Any, **kwargs: Any) -> Any:
-            opened.append(args[3])
-            return await real(*args, **kwargs)
-
-        monkeypatch.setattr(runner_module, "open_session", counting)
 
         async def scenario() -> None:
             task = asyncio.create_task(runner.run_forever())
