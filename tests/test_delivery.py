@@ -244,10 +244,16 @@ def test_several_recipients_into_smtp_sink(shim_factory: Any, workdir: str) -> N
         rcpts = ["a@example.net", "b@example.net", "c@example.org"]
         sent = shim.sendmail(["-i", *rcpts], b"Subject: sink\n\n.a dot line\nbody\n")
         assert sent.returncode == 0, sent.stderr
-        files = wait_until(lambda: [os.path.join(root, f) for root, _d, names in os.walk(dump)
-                                    for f in names], 20, "the message at smtp-sink")
-        with open(files[0], "rb") as fh:
-            dumped = fh.read()
+        def whole() -> bytes | None:  # smtp-sink creates the file, then writes it
+            for root, _d, names in os.walk(dump):
+                for name in names:
+                    with open(os.path.join(root, name), "rb") as fh:
+                        data = fh.read()
+                    if b"\nbody" in data.replace(b"\r\n", b"\n"):
+                        return data
+            return None
+
+        dumped = wait_until(whole, 20, "the whole message at smtp-sink")
         assert [line.split(b": ", 1)[1] for line in dumped.split(b"\n")
                 if line.startswith(b"X-Rcpt-Args: ")] == [f"<{r}>".encode() for r in rcpts]
         assert b"\n.a dot line\n" in dumped.replace(b"\r\n", b"\n")
