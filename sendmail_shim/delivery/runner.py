@@ -308,15 +308,6 @@ class _IdleSessions:
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_WAIT)
 
-    def drop_all(self) -> None:
-        """Close every kept session (a reload: logins and relays may have changed)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a lone run_once has ended): nothing is kept
-            self.kept.clear()
-            return
-        self.trim(0)
-
     def expire(self) -> None:
         """Close the sessions unused for :data:`IDLE_SESSION` seconds (a timer may fire a
         little early: a small slack, so none is left until the next keep)."""
@@ -332,22 +323,22 @@ class _IdleSessions:
     def _close(self, pools: _Pools) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(pools.close())
         self.closing.add(task)
-        task.add_done_callback(self.closing.discard)
+        task.add_done_callback(self._closed)
         return task
 
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self.closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: logged here
+            log.warning("closing a kept relay session failed: %r", task.exception())
+
     async def close_all(self) -> None:
-        for entries in self.kept.values():
-            for pools, _config, _deadline in entries:
-                self._close(pools)
-        self.kept.clear()
-        if self.closing:  # QUIT to each; a relay that does not answer does not hold us
-            closing = list(self.closing)
-            try:
-                async with asyncio.timeout(CLOSE_WAIT):
-                    await asyncio.gather(*closing, return_exceptions=True)
-            except TimeoutError:
-                for task in closing:
-                    task.cancel()
+        """Close every kept session; QUITs a relay does not answer are cut after
+        CLOSE_WAIT, so shutdown does not wait for it."""
+        self.trim(0)
+        if self.closing:
+            _done, late = await asyncio.wait(list(self.closing), timeout=CLOSE_WAIT)
+            for task in late:
+                task.cancel()
 
 
 _Answer = tuple[Site, int, str, float]  # site, uid, RELAY_OK or RELAY_5XX, time
@@ -506,7 +497,7 @@ class QueueRunner:
         self.config = config
         self.router = Router(config) if config.local_transport is not None else None
         self.scanner.reconfigure(config)
-        self._idle.drop_all()
+        self._idle.trim(0)  # kept sessions: logins and relays may have changed
 
     def poke(self, force: bool = False, pool: str | None = None) -> None:
         """Run soon; ``force`` also retries deferred mail before its time (flush): all of
