@@ -1,7 +1,9 @@
 """Reading stdin like Postfix's sendmail: line endings, lone dots, From_ lines, size cap.
 
 The parity class feeds Debian's Postfix sendmail the same bytes and compares what
-Postfix stored (postcat) with what we read, byte for byte.
+Postfix stored (postcat) with what we read, byte for byte.  One difference on
+purpose: a CR that does not end a line (Postfix keeps it as data and sends it
+on) is refused in the header block and a line end in the body (wire/lineends.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import pytest
 
 from sendmail_shim.frontend.message import MessageTooBig, read_message
+from sendmail_shim.wire.lineends import LineEndError
 
 
 def read(data: bytes, ignore_dots: bool = False, limit: int = 1 << 20) -> bytes:
@@ -24,8 +27,17 @@ class TestReadMessage:
     def test_crlf_becomes_lf(self) -> None:
         assert read(b"Subject: x\r\n\r\nbody\r\n") == b"Subject: x\n\nbody\n"
 
-    def test_mixed_line_endings_and_lone_cr_kept(self) -> None:
-        assert read(b"A: 1\r\nB: 2\n\nx\ry\r\n") == b"A: 1\nB: 2\n\nx\ry\n"
+    def test_mixed_line_endings_and_a_lone_cr_in_the_body_is_a_line_end(self) -> None:
+        # Postfix keeps "x\ry" as one line and sends the bare CR on; the line-ending rule
+        # (wire/lineends.py) makes it the line end aiosmtplib and mail readers saw anyway.
+        assert read(b"A: 1\r\nB: 2\n\nx\ry\r\n") == b"A: 1\nB: 2\n\nx\ny\n"
+
+    def test_cr_cr_lf_is_one_line_end(self) -> None:
+        assert read(b"A: 1\r\r\n\r\r\nx\r\r\n") == b"A: 1\n\nx\n"
+
+    def test_a_lone_cr_in_the_header_block_is_refused(self) -> None:
+        with pytest.raises(LineEndError, match="line 2 of the header block"):
+            read(b"To: a@example.net\nSubject: x\rBcc: b@example.net\n\nbody\n")
 
     def test_lone_dot_ends_without_i(self) -> None:
         assert read(b"A: 1\n\nbody\n.\nmore\n") == b"A: 1\n\nbody\n"
@@ -94,7 +106,7 @@ CASES = [
     ([], b"Subject: a\r\n\r\nbody\r\n.\r\nafter the dot\r\n"),
     ([], b"Subject: a\n\nbody\n..two dots\n...three\n"),
     (["-oi"], b"From sender@x Mon Nov 23 00:00:00 2026\nSubject: a\n\nbody\n"),
-    ([], b"Subject: mixed\r\nX: y\n\r\nline\rwith cr\r\nlast"),
+    ([], b"Subject: mixed\r\nX: y\n\r\nline with crlf\r\nlast"),
     (["-i"], b"Subject: utf8 \xc3\xa9\n\n\xe2\x82\xac 8-bit body\n"),
     ([], b".\nnothing before the dot\n"),
     (["-i"], b"Subject: no body"),

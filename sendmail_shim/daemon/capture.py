@@ -34,9 +34,10 @@ any /proc read; at most MAX_SESSIONS capture sessions are open at once (421
 beyond), and /proc is read in a small executor of its own, so a flood of
 capture connections cannot starve the submissions and the queue runner.
 Guarantees: each transaction goes through the same intake as the sendmail
-front end (identity -> policy -> quota -> spool -> relay with the site's
-login), so a site's built-in SMTP engine keeps working under its quotas; the
-reply is the intake's verdict; every message is logged with its original
+front end (identity -> line-ending rule -> policy -> quota -> spool -> relay
+with the site's login), so a site's built-in SMTP engine keeps working under
+its quotas and a CR inside its header block gets ``554 5.6.0`` as on every
+other road; the reply is the intake's verdict; every message is logged with its original
 destination.  It listens only on 127.0.0.1 and ::1.
 """
 
@@ -254,7 +255,7 @@ class CaptureHandler:
             gid = pwd.getpwuid(uid).pw_gid
         except KeyError:
             gid = -1
-        message = (envelope.original_content or b"").replace(b"\r\n", b"\n")
+        message = envelope.original_content or b""  # CRLF: intake applies wire/lineends.py
         fields = [(protocol.MODE, protocol.SUBMIT), (protocol.SENDER, envelope.mail_from)]
         fields += [(protocol.RCPT, rcpt) for rcpt in envelope.rcpt_tos]
         verdict = await asyncio.to_thread(accept_submission, self.config, self.state, fields,

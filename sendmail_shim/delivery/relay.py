@@ -18,6 +18,10 @@ reads use aiosmtplib's protocol object (``write``, ``read_response``, and its
 reply buffer: pipelined replies arrive together); the unit tests prove it
 against a server that records what arrived before it answered.
 
+Message lines are the queue file's LF-ended lines, nothing else (see
+:func:`smtp_data`): a byte compose and the sender policy read inside a line
+never becomes a line break on the wire.
+
 Addresses go on the wire as address.py's canonical paths (``MAIL FROM:<...>``,
 written here, not by aiosmtplib's parser), so a quoted local part is sent
 quoted, exactly as the door accepted it.  Message data goes through
@@ -54,14 +58,19 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command (aiosmtplib
 def smtp_data(message: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
     """The message with CRLF line ends and no line longer than ``limit`` octets.
 
-    Line ends are LF, CRLF or a lone CR (as aiosmtplib normalizes them).  A
-    longer line is broken like Postfix's smtp_line_length_limit: after
-    ``limit`` octets comes CRLF and a space, which continues a header field and
+    A queue file's lines end with LF and hold no CR (the intake's line-ending
+    rule, wire/lineends.py), so this adds the CR of each CRLF and creates no
+    other line: the relay receives the lines every step before it read.  A
+    CR in a file queued before that rule was data inside its line for compose
+    and the sender policy: it goes out as a space, never as a line end (nor
+    bare: RFC 5321 2.3.8; aiosmtplib would make it a CRLF).  A longer line is
+    broken like Postfix's smtp_line_length_limit: after ``limit`` octets comes
+    CRLF and a space, which continues a header field and
     minimizes the damage to MIME formatted mail; each continuation line,
     space included, is again at most ``limit`` octets.  No line starts with a
     dot because of this (dot-stuffing is the SMTP client's).
     """
-    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    text = message.replace(b"\r", b" ") if b"\r" in message else message
     lines = text.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()

@@ -8,7 +8,9 @@ fed through a socketpair bridged to stdin/stdout.
 Guarantees: 220 greeting at once; HELO and EHLO (EHLO advertises SIZE,
 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8); each DATA is answered
 with the daemon's verdict (250 only once durable; a refusal keeps its 4xx/5xx
-code and enhanced status); when the daemon is down the message goes to the
+code and enhanced status; a message that breaks the line-ending rule of
+wire/lineends.py, a CR or NUL inside its header block, gets ``554 5.6.0`` at
+once, before any hand-off); when the daemon is down the message goes to the
 drop area like any other submission; many messages per session; nothing on
 stderr, ever (Symfony takes stderr output as a failed start).
 
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP
 
-from sendmail_shim.wire import client, protocol, sysexits
+from sendmail_shim.wire import client, lineends, protocol, sysexits
 
 if TYPE_CHECKING:
     from sendmail_shim.frontend.argv import Invocation
@@ -91,7 +93,10 @@ class HandOffHandler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw: bytes = envelope.original_content or b""
-        message = raw.replace(b"\r\n", b"\n")
+        try:  # refused here, so the client hears it even when the daemon is down
+            message = lineends.normalize(raw)
+        except lineends.LineEndError as exc:
+            return f"{exc.code} {exc.enhanced} message refused: {exc}; nothing was queued"
         fields = protocol.submission_fields(envelope.rcpt_tos, sender=envelope.mail_from,
                                             cwd=self.cwd or None, site=self.site or None)
         request = protocol.encode_request(fields, message)

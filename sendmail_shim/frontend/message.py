@@ -1,8 +1,10 @@
 """Reading the message from the caller's stdin, as Postfix's sendmail does.
 
 Trusts: nothing; stdin is the site's bytes.
-Guarantees: the result has LF line endings (CRLF turned into LF; a lone CR
-is kept as data), ends with a newline when not empty, has no leading mbox
+Guarantees: the result follows the line-ending rule of wire/lineends.py (LF
+line ends, no CR; a CR or NUL inside the header block raises
+:class:`~sendmail_shim.wire.lineends.LineEndError`, exit 65, before anything
+is handed off or dropped), ends with a newline when not empty, has no leading mbox
 ``From `` line, and is at most ``limit`` bytes, or :class:`MessageTooBig`
 is raised.  Without ``-i`` a line holding a lone ``.`` ends the message and
 the rest of stdin is read and discarded, so the writer never sees EPIPE.
@@ -12,6 +14,8 @@ Stdlib-free: this runs on every PHP mail() call.
 """
 
 from __future__ import annotations
+
+from sendmail_shim.wire.lineends import normalize
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; mypy reads this name
 if TYPE_CHECKING:
@@ -66,7 +70,7 @@ def read_message(stream: BinaryIO, ignore_dots: bool, limit: int) -> bytes:
             scan_from = max(0, len(buf) - 3)
         if len(buf) > raw_cap:
             raise MessageTooBig(limit)
-    data = bytes(buf).replace(b"\r\n", b"\n")
+    data = normalize(bytes(buf))
     if data.startswith(b"From "):
         newline = data.find(b"\n")
         data = b"" if newline < 0 else data[newline + 1 :]

@@ -31,6 +31,7 @@ from sendmail_shim.wire.client import (
     ask_streaming,
     hand_off,
 )
+from sendmail_shim.wire.lineends import LineEndError
 from sendmail_shim.wire.paths import (
     SettingsError,
     SpoolLayout,
@@ -79,6 +80,9 @@ def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
             f"fatal: message rejected: {exc}; nothing was queued. Send a smaller "
             "message or ask the operator to raise message_size_limit.",
         )
+    except LineEndError as exc:
+        return _fail(sysexits.EX_DATAERR,
+                     f"fatal: message rejected: {exc}; nothing was queued.")
     request = encode_request(_submission_fields(inv), message)
     try:
         result = hand_off(layout.socket, layout.maildrop, request)

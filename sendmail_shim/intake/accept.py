@@ -2,7 +2,9 @@
 
 Trusts: the :class:`~sendmail_shim.policy.identity.Caller` it is given, whose uid the
 kernel vouched for (peer credentials or drop-file owner); nothing else.
-Guarantees, in this order: identify (uid + hints -> site) -> compose ->
+Guarantees, in this order: identify (uid + hints -> site) -> the line-ending
+rule (wire/lineends.py: LF line ends and no CR from here on, for every road;
+a CR or NUL inside the header block is refused, 554 5.6.0 / exit 65) -> compose ->
 suspended? -> sender policy -> policy checks -> content score (only with
 ``scan.mode: before_ack``, policy/content.py: above ``scan.max_score``
 refused, nothing queued) -> quota (checked and reserved in one transaction)
@@ -58,7 +60,7 @@ from sendmail_shim.policy.sender import apply_sender_policy
 from sendmail_shim.store import outcome, spool
 from sendmail_shim.store.headers import mail_date
 from sendmail_shim.store.state import REFUSED_QUOTA, State
-from sendmail_shim.wire import protocol, sysexits
+from sendmail_shim.wire import lineends, protocol, sysexits
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +127,10 @@ def accept_submission(
     site = ident.site
     queue_id = spool.new_queue_id()
     now = time.time()
-    try:
-        envelope, final = compose(sub, message, site, caller, config, queue_id, now)
-    except CompositionError as exc:
+    try:  # the line-ending rule first: every later step reads the lines the relay gets
+        envelope, final = compose(sub, lineends.normalize(message), site, caller, config,
+                                  queue_id, now)
+    except (CompositionError, lineends.LineEndError) as exc:
         log.warning("refused site=%s uid=%d origin=%s status=%d enhanced=%s reason=%r",
                     site.name, caller.uid, origin, exc.code, exc.enhanced, str(exc))
         return outcome.Verdict(exc.code, exc.enhanced, sysexits.EX_DATAERR,

