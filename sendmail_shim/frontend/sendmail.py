@@ -82,7 +82,8 @@ def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
         )
     except LineEndError as exc:
         return _fail(sysexits.EX_DATAERR,
-                     f"fatal: message rejected: {exc}; nothing was queued.")
+                     f"fatal: message rejected: {exc}; nothing was queued. Fix how the "
+                     "script builds its headers (a CR from a form field in a header?).")
     request = encode_request(_submission_fields(inv), message)
     try:
         result = hand_off(layout.socket, layout.maildrop, request)

@@ -53,9 +53,8 @@ class LineEndError(ValueError):
 
     def __init__(self, line: int, what: str) -> None:
         super().__init__(
-            f"line {line} of the header block holds {what}; header lines end with LF or CRLF "
-            "and may hold neither a lone CR nor a NUL (one header could hide another). "
-            "Build the headers with CRLF or LF line ends only")
+            f"line {line} of the header block holds {what}: header lines must end with LF "
+            "or CRLF and hold no other CR and no NUL, which could hide one header in another")
         self.line = line
         self.what = what
 
