@@ -16,7 +16,9 @@ import subprocess
 import sys
 from typing import Any
 
-from conftest import Relay, Shim, started, wait_until
+import test_firewall
+from conftest import Relay, Shim, free_port, started, wait_until, with_site_keys
+from test_firewall import FAR4, apply, fw_config
 
 from sendmail_shim.wire import protocol
 
@@ -132,3 +134,53 @@ class TestBs:
                                                          ["sync@ext.example"]]
         no_smuggling(msgs[0][1])
         assert msgs[0][1].endswith(b"\r\n\r\nline 1\r\nline 2\r\nline 3\r\n")
+
+
+# As the site, through the firewall's redirect: port 25 of a far host, captured.
+SITE_SMTP = r"""
+import smtplib, sys
+smtp = smtplib.SMTP(sys.argv[1], 25, timeout=20)
+smtp.ehlo("wp.site1.test")
+for data in (sys.argv[2], sys.argv[3]):
+    smtp.mail("wordpress@site1.test")
+    smtp.rcpt("buyer@ext.example")
+    code, reply = smtp.data(data.encode("latin-1"))  # bytes: smtplib changes no line end
+    print(code, reply.decode())
+smtp.quit()
+"""
+
+
+netns = test_firewall.netns  # the fixture: two network namespaces, a far SMTP host
+
+
+class TestCapture:
+    def test_captured_smtp_gets_554_and_the_honest_message_arrives_line_for_line(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        near, _far = netns
+        make_relay, make_shim = shim_factory
+        relay_port, capture_port = free_port(), free_port()
+        shim = make_shim([relay_port])
+        fw_config(shim, capture_port)  # as test_firewall's captured_system, with the policy
+        with_site_keys(shim, "site1.test", POLICY)
+        relay = make_relay(shim.logins, relay_port, netns=near)
+        relay.start()
+        shim.netns = near
+        shim.start()
+        apply(near, shim)
+        smuggled = SMUGGLED.replace(b"\n", b"\r\n").decode("latin-1")
+        done = subprocess.run(["ip", "netns", "exec", near, "runuser", "-u", "shimsite1", "--",
+                               sys.executable, "-c", SITE_SMTP, FAR4, smuggled,
+                               HONEST.decode("latin-1")],
+                              capture_output=True, text=True, timeout=60)
+        replies = done.stdout.splitlines()
+        assert len(replies) == 2, (done.stdout, done.stderr)
+        assert replies[0].startswith("554 5.6.0 site site1.test: line 2 of the header block")
+        assert replies[1].startswith("250 "), replies
+        [(meta, data)] = relay.wait(1)
+        wait_until(lambda: not shim.queue_files("incoming") and not shim.queue_files("deferred"),
+                   20, "an empty queue")
+        assert len(relay.messages()) == 1
+        assert meta["login"] == "site1.test" and meta["rcpt_tos"] == ["buyer@ext.example"]
+        no_smuggling(data)
+        assert data.endswith(b"\r\n\r\nline 1\r\nline 2\r\nline 3\r\n")
+        assert "origin=capture status=554 enhanced=5.6.0" in shim.daemon_log()
