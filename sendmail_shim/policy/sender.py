@@ -1,6 +1,9 @@
 """Sender policy: a site sends only as itself.
 
-Trusts: the site's configured domains and sender; nothing in the message.
+Trusts: the site's configured domains and sender; nothing in the message,
+except that its lines are LF-ended and hold no CR: the intake applied the
+line-ending rule (wire/lineends.py), so the header lines read here are the
+ones the relay receives.
 Guarantees: an envelope sender outside the site's domains (its ``domains``,
 their subdomains, and the domain of its ``sender``) is rewritten to the site's
 default sender, refused, or kept, per ``sender_policy.envelope`` (default
