@@ -51,6 +51,7 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ue000-\uf8ff
 _JSON_UNSAFE = re.compile(r"[\u2028\u2029\x85\ud800-\udfff]")
 _MARK = 0xE000  # placeholders in a template are private-use characters while it is parsed
 _MARKS = 0x1000
+_MARK_RE = re.compile("[\ue000-\uefff]")
 _ATTR = "_shim_event"
 _DECODER = json.JSONDecoder()
 
@@ -167,12 +168,11 @@ def _head(rest: str) -> tuple[list[str], int, bool]:
     return name_parts, offset + pos, bool(body)
 
 
-@lru_cache(maxsize=1024)
 def _compile(marked: str) -> _Template:
     """Read a marked template (trusted) into its name, its fields' spans, its text."""
     parts, pos, has_fields = _head(marked)
     name = "_".join(parts)
-    if any(_MARK <= ord(c) < _MARK + _MARKS for c in name) or not name:
+    if _MARK_RE.search(name) or not name:
         name = "message"
     spans: list[_Span] = []
     length = len(marked)
@@ -243,55 +243,67 @@ def _value(spec: str, arg: object) -> str:
     return spec % (arg,)
 
 
+@lru_cache(maxsize=1024)
+def _split(msg: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """A template's literal pieces (``%%`` folded) and its conversion specs between them."""
+    literals: list[str] = []
+    specs: list[str] = []
+    pos = 0
+    piece = ""
+    for match in _SPEC.finditer(msg):
+        piece += _clean(msg[pos:match.start()])
+        pos = match.end()
+        spec = match.group()
+        if spec == "%%":
+            piece += "%"
+            continue
+        if "*" in spec or "(" in spec:
+            return None
+        literals.append(piece)
+        specs.append(spec)
+        piece = ""
+    literals.append(piece + _clean(msg[pos:]))
+    return tuple(literals), tuple(specs)
+
+
 def _marked(msg: str, args: tuple[object, ...]) -> tuple[str, list[str], list[bool]] | None:
     """The template with a mark per value, the values, and which are angled."""
-    out: list[str] = []
+    split = _split(msg)
+    if split is None or len(split[1]) != len(args) or len(args) >= _MARKS // 4:
+        return None
+    literals, specs = split
+    out: list[str] = [literals[0]]
     values: list[str] = []
     angled: list[bool] = []
-    index = 0
-    pos = 0
 
     def mark(value: str, is_angled: bool = False) -> str:
         values.append(value)
         angled.append(is_angled)
         return chr(_MARK + len(values) - 1)
 
-    for match in _SPEC.finditer(msg):
-        out.append(_clean(msg[pos:match.start()]))
-        pos = match.end()
-        spec = match.group()
-        if spec == "%%":
-            out.append("%")
-            continue
-        if index >= len(args) or "*" in spec or "(" in spec:
-            return None
-        arg = args[index]
-        index += 1
+    for spec, arg, literal in zip(specs, args, literals[1:], strict=True):
         if isinstance(arg, Fields) and spec == "%s":
             pairs = [f"{k}=" + (f"<{mark(_text(v), True)}>" if isinstance(v, Angled)
                                 else mark(_text(v)))
-                     for k, v in arg.pairs if _KEY.fullmatch(k + "=")]
+                     for k, v in arg.pairs[:_MARKS // 4] if _KEY.fullmatch(k + "=")]
             if pairs:
                 out.append(" ".join(pairs))
-            elif out and out[-1].endswith(" "):
+            elif out[-1].endswith(" "):
                 out[-1] = out[-1][:-1]
-            continue
-        try:
-            out.append(mark(_value(spec, arg)))
-        except (TypeError, ValueError, OverflowError):
-            return None
-        if len(values) >= _MARKS:
-            return None
-    if index != len(args):
+        else:
+            try:
+                out.append(mark(_value(spec, arg)))
+            except (TypeError, ValueError, OverflowError):
+                return None
+        out.append(literal)
+    if len(values) >= _MARKS:
         return None
-    out.append(_clean(msg[pos:]))
     return "".join(out), values, angled
 
 
 def _clean(literal: str) -> str:
     """A template's literal text never holds a mark."""
-    return re.sub("[\ue000-\uefff]", "?", literal) if re.search("[\ue000-\uefff]", literal) \
-        else literal
+    return _MARK_RE.sub("?", literal) if _MARK_RE.search(literal) else literal
 
 
 def build(msg: object, args: Iterable[object] | None) -> Event:
@@ -309,33 +321,55 @@ def build(msg: object, args: Iterable[object] | None) -> Event:
         return Event("unformatted", {}, "", _escape_free(f"unformatted {quote(first)} "
                                                          f"args: {shown}"))
     text, values, angled = marked
-    template = _compile(text)
-
-    def subst(part: str, free: bool) -> str:
-        if not any(_MARK <= ord(c) < _MARK + len(values) for c in part):
-            return _escape_free(part) if free else part
-        out = []
-        for ch in part:
-            code = ord(ch) - _MARK
-            if 0 <= code < len(values):
-                out.append(quote(values[code], angled[code]) if free else values[code])
-            else:
-                out.append(_escape_free(ch) if free else ch)
-        return "".join(out)
-
+    name, ops, tail = _program(text)
     fields: dict[str, str] = {}
     line: list[str] = []
+    for op in ops:
+        if isinstance(op, str):
+            line.append(op)
+        elif isinstance(op, int):
+            line.append(quote(values[op], angled[op]))
+        else:
+            key, pieces, is_angled = op
+            value = "".join(p if isinstance(p, str) else values[p] for p in pieces)
+            fields.setdefault(key, value)
+            line.append(quote(value, is_angled))
+    rest = "".join(p if isinstance(p, str) else quote(values[p], angled[p]) for p in tail)
+    return Event(name, fields, rest.lstrip(": ").strip(), "".join(line))
+
+
+_Piece = str | int  # literal text, or the index of a value
+_Op = str | int | tuple[str, tuple[_Piece, ...], bool]
+
+
+def _pieces(part: str, free: bool) -> list[_Piece]:
+    """``part`` of a marked template as literal text (escaped when free) and value indexes."""
+    out: list[_Piece] = []
+    pos = 0
+    for match in _MARK_RE.finditer(part):
+        if match.start() > pos:
+            out.append(_escape_free(part[pos:match.start()]) if free
+                       else part[pos:match.start()])
+        out.append(ord(match.group()) - _MARK)
+        pos = match.end()
+    if pos < len(part):
+        out.append(_escape_free(part[pos:]) if free else part[pos:])
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _program(marked: str) -> tuple[str, tuple[_Op, ...], tuple[_Piece, ...]]:
+    """How to render a marked template: its name, its line's pieces, its text's pieces."""
+    template = _compile(marked)
+    ops: list[_Op] = []
     pos = 0
     for span in template.spans:
-        line.append(subst(text[pos:span.start], True))
-        value = subst(span.value, False)
-        fields.setdefault(span.key, value)
-        line.append(quote(value, span.angled))
+        ops.extend(_pieces(marked[pos:span.start], True))
+        ops.append((span.key, tuple(_pieces(span.value, False)), span.angled))
         pos = span.end
-    line.append(subst(text[pos:], True))
-    rest = subst(text[template.text_start:], True).lstrip(": ").strip() \
-        if template.spans else ""
-    return Event(template.name, fields, rest, "".join(line))
+    ops.extend(_pieces(marked[pos:], True))
+    tail = tuple(_pieces(marked[template.text_start:], True)) if template.spans else ()
+    return template.name, tuple(ops), tail
 
 
 def _safe_str(arg: object) -> str:
