@@ -396,12 +396,16 @@ def event_of(record: logging.LogRecord) -> Event:
 
 
 class EventRecord(logging.LogRecord):
-    """A record whose message is the event's rendered line (the package's loggers)."""
+    """A record whose message is the event's rendered line (the package's loggers).
+
+    Another library's record (aiosmtpd's ``mail.log``, asyncio) keeps its text, on one
+    line: its control characters are escaped.
+    """
 
     def getMessage(self) -> str:
         if self.name == "sendmail_shim" or self.name.startswith("sendmail_shim."):
             return event_of(self).line
-        return super().getMessage()
+        return _escape_free(super().getMessage())
 
 
 def install() -> None:

@@ -182,6 +182,14 @@ def test_handlers_write_one_line_and_metrics_count_the_true_site(config: Config)
     assert counts == {("site1.test", "accepted"): len(HOSTILE)}
 
 
+def test_other_libraries_records_stay_on_one_line() -> None:
+    logline.install()
+    rec = logging.getLogRecordFactory()("mail.log", logging.WARNING, __file__, 1,
+                                        "%r unrecognised: %s", (("::1", 5), "X\nsuspended"),
+                                        None)
+    assert rec.getMessage() == "('::1', 5) unrecognised: X\\nsuspended"
+
+
 def test_a_record_is_built_once() -> None:
     rec = record("delivered queue_id=%s site=%s", "Q", "s")
     assert event_of(rec) is event_of(rec)
