@@ -88,7 +88,7 @@ class TestOutbreak:
             assert send(shim, "shimsite1").returncode == 0
         for _ in range(3):
             assert send(shim, "shimsite1").returncode == 77
-        wait_until(lambda: "suspended site=site1.test actor=outbreak rule" in shim.daemon_log(),
+        wait_until(lambda: 'suspended site=site1.test actor="outbreak rule"' in shim.daemon_log(),
                    10, "suspension")
         assert len(shim.queue_files("hold")) == 3
         blocked = send(shim, "shimsite1")

@@ -123,7 +123,7 @@ def test_the_watch_notices_a_listing_once_and_logs_the_delisting(
     assert b"auto_burn is off" in notice
     log = shim.daemon_log()
     assert (f"reputation_listed relay={listed} ip={LISTED_IP} zone=bl.test code=127.0.0.2 "
-            "reason='Listed for spam: see https://bl.test/99'") in log
+            'reason="Listed for spam: see https://bl.test/99"') in log
     wait_until(lambda: shim.daemon_log().count("reputation_unknown") >= 4, 20,
                "more rounds of the watch")
     assert len(notices(relay, "is listed in")) == 1  # a listing is reported once

@@ -218,7 +218,7 @@ def test_spam_score_rule_suspends_the_site(shim_factory: Any, spamd: Spamd) -> N
                           extra=scan_config(spamd.port))
     send(shim, SPAM)
     send(shim, SPAM)
-    wait_until(lambda: logged(shim, "suspended site=site1.test actor=outbreak rule"), 40,
+    wait_until(lambda: logged(shim, 'suspended site=site1.test actor="outbreak rule"'), 40,
                "the spam_score rule")
     assert "rule spam_score: mean content score 20.0 over 2 scanned" in shim.daemon_log()
     refused = shim.sendmail(["-i", "someone@example.net"], PLAIN, user="shimsite1")

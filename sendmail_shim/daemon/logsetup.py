@@ -7,6 +7,11 @@ fields (``daemon/events.py``).  When metrics are on (``metrics.listen`` or
 ``metrics.textfile``) the logger passes every record, debug included, to the
 metrics handler, and the output handler alone applies ``log.level``: the
 metrics count events whether or not they are written out.
+
+Every value a site controls (a script header, an address, a drop file's name, a
+relay's reply) is quoted by ``wire/logline.py``'s rule before it reaches a line,
+and a traceback's lines are indented: no site can write a line, or a field,
+of its own (README "Logs").  syslog gets the same one-line message.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import os
 import sys
 
 from sendmail_shim.config import Config
-from sendmail_shim.daemon.events import JsonFormatter
+from sendmail_shim.daemon.events import JsonFormatter, TextFormatter
+from sendmail_shim.wire import logline
 
 
 def metrics_enabled(config: Config) -> bool:
@@ -25,6 +31,7 @@ def metrics_enabled(config: Config) -> bool:
 
 
 def setup_logging(config: Config) -> None:
+    logline.install()
     root = logging.getLogger("sendmail_shim")
     root.handlers.clear()
     level = config.log_level.upper()
@@ -37,11 +44,11 @@ def setup_logging(config: Config) -> None:
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
         handler.ident = "sendmail-shim: " if json_lines else ""
-        handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
+        handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(
             "sendmail-shim[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
+        handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(
             "%(asctime)s sendmail-shim[%(process)d]: %(levelname)s %(message)s"))
     handler.setLevel(level)
     root.addHandler(handler)

@@ -3,7 +3,8 @@
 Three parts, each cheap and off the message path:
 
 - :class:`EventMetrics` is a logging handler on the ``sendmail_shim`` logger.  It
-  reads each record's event (``daemon/events.py``, parsed once and shared with
+  reads each record's event (``daemon/events.py``: built once from the log
+  call's template and values, never by reading the text back, and shared with
   the JSON log) and moves counters and histograms: a metric moves exactly when
   its log line is written, so metrics and logs never disagree and intake,
   delivery and policy make no metric calls.  Durations come from ``ms=``
@@ -37,7 +38,8 @@ Names follow Postfix's exporters where a concept exists
 counts recipients like Postfix's smtp ``status=`` lines; queue size and
 oldest message age per queue like its queue collectors).
 
-Trusts: the daemon's own log lines and spool; the State object is shared
+Trusts: the daemon's own log templates (a site's values cannot name an event,
+a field or a site: ``wire/logline.py``) and spool; the State object is shared
 with the daemon (its lock serialises the few short reads of a scrape).
 Guarantees: a failure to collect one family never breaks a scrape or the
 daemon (it is logged and the family is left out); never imported by the

@@ -61,6 +61,7 @@ from sendmail_shim.store import outcome, spool
 from sendmail_shim.store.headers import mail_date
 from sendmail_shim.store.state import REFUSED_QUOTA, State
 from sendmail_shim.wire import lineends, protocol, sysexits
+from sendmail_shim.wire.logline import Angled, Fields
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ def accept_submission(
         return outcome.Verdict(exc.code, exc.enhanced, sysexits.EX_DATAERR,
                                f"site {site.name}: {exc}; nothing was queued")
     envelope.origin = origin
-    facts = (f"queue_id={queue_id} site={site.name} uid={caller.uid} pid={caller.pid} "
-             f"script={envelope.script} origin={origin}")
+    facts = Fields(queue_id=queue_id, site=site.name, uid=caller.uid, pid=caller.pid,
+                   script=envelope.script, origin=origin)  # the script is the site's words
     suspended = state.suspension(site.name)
     if suspended is not None:
         log.warning("refused %s reason=suspended", facts)
@@ -195,7 +196,7 @@ def accept_submission(
         return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later")
     if known is not None:
         first, in_flight = known
-        facts = facts.replace(f"queue_id={queue_id} ", f"queue_id={first} ")
+        facts = facts.replaced(queue_id=first)
         if in_flight:
             log.info("in_flight %s subid=%s action='retry later'", facts, subid)
             return outcome.tempfail(f"site {site.name}: this submission is being queued right "
@@ -235,9 +236,10 @@ def accept_submission(
             state.record_domains(site.name, domains, now)
 
     _after(facts, confirm)
-    log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r%s%s ms=%.1f", facts,
-             envelope.sender, nrcpt, envelope.size, ident.reason, f" subid={subid}" if subid
-             else "", "".join(" " + n for n in notes), (time.monotonic() - started) * 1000)
+    more = Fields(*([("subid", subid)] if subid else []), *((k, Angled(v)) for k, v in notes))
+    log.info("accepted %s sender=<%s> nrcpt=%d size=%d identity=%r %s ms=%.1f", facts,
+             envelope.sender, nrcpt, envelope.size, ident.reason, more,
+             (time.monotonic() - started) * 1000)
     _after(facts, lambda: _trip(config, state, site,
                                 outbreak.after_accept(state, site, envelope.script, now)))
     if score is not None:
@@ -254,7 +256,7 @@ def _count_score(config: Config, state: State, site: Site, uid: int, score: floa
     _trip(config, state, site, outbreak.after_scan(state, site, now))
 
 
-def _refuse_content(config: Config, state: State, site: Site, facts: str, uid: int,
+def _refuse_content(config: Config, state: State, site: Site, facts: Fields, uid: int,
                     score: float, now: float) -> outcome.Verdict:
     """scan.mode before_ack: a message above scan.max_score is refused, nothing queued."""
     limit = config.scan.max_score
@@ -266,7 +268,7 @@ def _refuse_content(config: Config, state: State, site: Site, facts: str, uid: i
         "(scan.max_score)")
 
 
-def _after(facts: str, step: Callable[[], object]) -> None:
+def _after(facts: Fields, step: Callable[[], object]) -> None:
     """Run bookkeeping whose failure (a full disk) must not change the verdict."""
     try:
         step()

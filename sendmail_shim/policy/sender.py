@@ -56,18 +56,20 @@ def _refusal(site: Site, what: str, address: str, domains: tuple[str, ...]) -> V
 
 
 def apply_sender_policy(site: Site, config: Config, envelope: Envelope,
-                        message: bytes) -> tuple[bytes, list[str]] | Verdict:
+                        message: bytes) -> tuple[bytes, list[tuple[str, str]]] | Verdict:
     """The (possibly rewritten) message and notes for the log, or a refusal.
+
+    A note is a (field, address) pair: the accepted line writes it as ``field=<address>``.
 
     ``envelope.sender`` is rewritten in place when the policy says so.
     """
     domains = site_domains(site, config)
-    notes: list[str] = []
+    notes: list[tuple[str, str]] = []
     if envelope.sender and not belongs(envelope.sender, domains):
         if site.envelope_policy == "refuse":
             return _refusal(site, "envelope sender", envelope.sender or "", domains)
         if site.envelope_policy == "rewrite":
-            notes.append(f"sender_rewritten_from=<{envelope.sender}>")
+            notes.append(("sender_rewritten_from", envelope.sender))
             envelope.sender = default_sender(site, config)
     if site.from_policy == "keep":
         return message, notes
@@ -87,5 +89,5 @@ def apply_sender_policy(site: Site, config: Config, envelope: Envelope,
     if not any(header_name(h) == "reply-to" for h in headers) and addresses:
         kept.append(f"Reply-To: {original}\n".encode("utf-8", "surrogateescape"))
     kept.insert(froms[0] if froms else len(kept), new_from.encode("utf-8", "surrogateescape"))
-    notes.append(f"from_rewritten=<{','.join(addresses)}>")
+    notes.append(("from_rewritten", ",".join(addresses)))
     return b"".join(kept) + rest, notes

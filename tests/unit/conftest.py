@@ -42,7 +42,9 @@ from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.spool import prepare_spool
 from sendmail_shim.store.state import State, state_dir
-from sendmail_shim.wire import paths
+from sendmail_shim.wire import logline, paths
+
+logline.install()  # the package's records render as the daemon writes them (caplog too)
 
 SITE1, SITE2 = "site1.test", "site2.test"
 MY_UID = os.getuid()

@@ -1,4 +1,7 @@
-"""daemon/events.py: log lines read back as events; the JSON formatter."""
+"""daemon/events.py: log records as events (built from template and args); the JSON formatter.
+
+``parse`` reads a rendered line back (tools, tests); the daemon never does.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ def record(msg: str, *args: object, level: int = logging.INFO) -> logging.LogRec
 def test_accepted_line_fields() -> None:
     line = ("accepted queue_id=0194F3A2B1C00123 site=site1.test uid=1001 pid=42 "
             "script=/var/www/site1/contact.php origin=socket sender=<noreply@site1.test> "
-            "nrcpt=2 size=512 identity='uid 1001 of site1.test' subid=ab12 ms=3.4")
+            "nrcpt=2 size=512 identity=\"uid 1001 of site1.test\" subid=ab12 ms=3.4")
     event = parse(line)
     assert event.name == "accepted"
     assert event.fields == {
@@ -25,22 +28,22 @@ def test_accepted_line_fields() -> None:
         "identity": "uid 1001 of site1.test", "subid": "ab12", "ms": "3.4"}
 
 
-def test_repr_values_with_quotes_escapes_and_equals() -> None:
-    event = parse("refused site=a uid=1 reason=\"it's over: x=1\" text='a\\nb' status=550")
+def test_quoted_values_with_quotes_escapes_and_equals() -> None:
+    event = parse('refused site=a uid=1 reason="it\'s over: x\\u003d1" text="a\\nb" status=550')
     assert event.fields["reason"] == "it's over: x=1"
     assert event.fields["text"] == "a\nb"
     assert event.fields["status"] == "550"
 
 
 def test_empty_sender_and_path_with_spaces() -> None:
-    event = parse("accepted site=s script=/var/www/my site/x.php origin=socket sender=<> n=1")
+    event = parse('accepted site=s script="/var/www/my site/x.php" origin=socket sender=<> n=1')
     assert event.fields["script"] == "/var/www/my site/x.php"
     assert event.fields["origin"] == "socket"
     assert event.fields["sender"] == ""
 
 
 def test_free_text_after_fields_is_kept() -> None:
-    event = parse("capture_refused peer=127.0.0.1 reason='no' reply='550 x': nothing was "
+    event = parse('capture_refused peer=127.0.0.1 reason=no reply="550 x": nothing was '
                   "queued")
     assert event.name == "capture_refused"
     assert event.fields == {"peer": "127.0.0.1", "reason": "no", "reply": "550 x"}
@@ -59,7 +62,7 @@ def test_plain_sentences_keep_their_first_word() -> None:
 
 
 def test_broken_quote_does_not_raise() -> None:
-    event = parse("refused site=a reason='never closed")
+    event = parse('refused site=a reason="never closed')
     assert event.name == "refused"
     assert event.fields == {"site": "a"}
 
@@ -84,7 +87,8 @@ def test_json_formatter_has_the_text_lines_fields() -> None:
     for key, value in {"queue_id": "0194F3A2B1C00123", "site": "site1.test", "uid": "1001",
                        "nrcpt": "2", "relay": "relay:587", "reason": "451 later"}.items():
         assert obj[key] == value
-    assert obj["msg"] == rec.getMessage()
+    assert obj["msg"] == event_of(rec).line
+    assert 'reason="451 later"' in obj["msg"]
 
 
 def test_json_formatter_keeps_exceptions_and_fixed_keys() -> None:

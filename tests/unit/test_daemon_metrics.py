@@ -47,16 +47,16 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 def test_refusal_reasons_from_the_refused_lines() -> None:
     cases = {
-        "refused uid=5 pid=6 origin=socket reason='uid 5 is in no site'": "not_permitted",
+        "refused uid=5 pid=6 origin=socket reason=\"uid 5 is in no site\"": "not_permitted",
         "refused queue_id=Q site=s uid=5 pid=6 script=x origin=socket reason=suspended":
             "suspended",
         "refused queue_id=Q site=s uid=5 origin=socket sender=<a@b> nrcpt=1 status=550 "
-        "enhanced=5.7.1 reason=quota text='per_hour'": "quota",
+        "enhanced=5.7.1 reason=quota text=\"per_hour\"": "quota",
         "refused queue_id=Q site=s uid=5 origin=socket sender=<a@b> nrcpt=9 status=552 "
-        "enhanced=5.3.4 reason='too big'": "policy",
+        "enhanced=5.3.4 reason=\"too big\"": "policy",
         "refused queue_id=Q site=s uid=5 origin=socket sender=<a@b> status=550 "
-        "enhanced=5.7.1 reason='not our domain'": "sender_policy",
-        "refused site=s uid=5 origin=socket status=554 enhanced=5.6.0 reason='no To'":
+        "enhanced=5.7.1 reason=\"not our domain\"": "sender_policy",
+        "refused site=s uid=5 origin=socket status=554 enhanced=5.6.0 reason=\"no To\"":
             "message",
     }
     for line, reason in cases.items():
@@ -71,25 +71,25 @@ def test_reply_class() -> None:
 def test_submission_and_delivery_events_move_counters() -> None:
     registry, metrics = fed(
         ("info", "accepted queue_id=Q site=s1 uid=1 origin=socket sender=<a@s1> nrcpt=2 "
-                 "size=10 identity='x' ms=4.0"),
+                 "size=10 identity=\"x\" ms=4.0"),
         ("info", "accepted queue_id=Q site=s1 uid=1 origin=maildrop sender=<a@s1> nrcpt=1 "
-                 "size=10 identity='x' ms=40.0"),
+                 "size=10 identity=\"x\" ms=40.0"),
         ("warning", "refused queue_id=Q site=s1 uid=1 origin=socket sender=<a@s1> nrcpt=1 "
-                    "status=550 enhanced=5.7.1 reason=quota text='per_hour 3'"),
+                    "status=550 enhanced=5.7.1 reason=quota text=\"per_hour 3\""),
         ("info", "delivered queue_id=Q site=s1 uid=1 rcpt=<b@x> relay=r:25 status=250 "
-                 "reply='ok'"),
+                 "reply=\"ok\""),
         ("warning", "deferred queue_id=Q site=s1 uid=1 nrcpt=3 attempts=1 retry_in=10s "
-                    "relay=r:25 reason='451 later'"),
+                    "relay=r:25 reason=\"451 later\""),
         ("warning", "bounced queue_id=Q site=s1 uid=1 sender=<a@s1> rcpt=<c@x> relay=r:25 "
-                    "status=550 reply='no'"),
+                    "status=550 reply=\"no\""),
         ("debug", "relay_connected relay=r:25 login=s1 ms=12.0"),
         ("debug", "relay_transaction queue_id=Q site=s1 relay=r:25 nrcpt=1 status=250 "
                   "ms=30.0"),
-        ("warning", "relay_unavailable site=s1 relay=r:25 reason='refused'"),
-        ("warning", "suspended site=s1 actor='outbreak rule' held=3 reason='burst'"),
-        ("info", "captured uid=1 peer=127.0.0.1 original_dst=1.2.3.4:25 helo='x' status=250 "
-                 "reply='ok'"),
-        ("error", "tempfail queue_id=Q site=s1 uid=1 origin=socket reason='disk full'"),
+        ("warning", "relay_unavailable site=s1 relay=r:25 reason=\"refused\""),
+        ("warning", "suspended site=s1 actor=\"outbreak rule\" held=3 reason=\"burst\""),
+        ("info", "captured uid=1 peer=127.0.0.1 original_dst=1.2.3.4:25 helo=\"x\" status=250 "
+                 "reply=\"ok\""),
+        ("error", "tempfail queue_id=Q site=s1 uid=1 origin=socket reason=\"disk full\""),
     )
     assert value(registry, f"{P}_submissions_total", result="accepted", origin="socket") == 1
     assert value(registry, f"{P}_submissions_total", result="accepted", origin="maildrop") == 1
@@ -251,8 +251,8 @@ def test_content_scan_events() -> None:
     registry, _ = fed(
         ("info", "scanned queue_id=Q site=s1 score=1.5 max_score=5 action=deliver"),
         ("info", "scanned queue_id=R site=s1 score=1000.0 max_score=5 action=hold"),
-        ("error", "scan_unavailable spamd=127.0.0.1:783 reason='refused' on_failure=deliver "
-                  "action='start spamd'"),
+        ("error", "scan_unavailable spamd=127.0.0.1:783 reason=\"refused\" on_failure=deliver "
+                  "action=\"start spamd\""),
         ("info", "scan_failed queue_id=S site=s1 action=deliver_unscored pool=default"),
     )
     assert value(registry, f"{P}_content_scans_total", action="deliver") == 1
