@@ -34,11 +34,13 @@ queue manager merges flush triggers that arrive while it is busy, a repeated
 ``sendmail -q`` is not an error for the caller, only a no-op (logged once per
 interval per uid, with how many were ignored).  And ``mailq``,
 which shows root and the daemon's own user the whole queue and every other
-uid only its own messages: on a shared host one site must not read another
-site's correspondents.  Texts are encoded with escapes, so an odd queue entry
-cannot break ``mailq``.  The mailq listing is streamed: read entry by entry
-(only each queue file's envelope line and its status) and written in pieces
-as the client reads, so the daemon's memory does not grow with the queue.
+uid only its own messages, without their content scores and hold reasons
+(daemon/listing.py): on a shared host one site must not read another site's
+correspondents, nor its own scores against the limit.  Texts are encoded with
+escapes, so an odd queue entry cannot break ``mailq``.  The mailq listing is
+streamed: read entry by entry (only each queue file's envelope line and its
+status) and written in pieces as the client reads, so the daemon's memory
+does not grow with the queue.
 A listing reads the whole queue whoever asks (about 20 µs of CPU per queued
 message; 7 µs when the queue's envelopes are kept from the last listing, up to
 5,000 messages: store/spool.py), so a site uid gets one listing at a time: a second ``mailq`` of the
@@ -305,8 +307,10 @@ class SubmissionServer(DaemonServer):
                         Released(body, lambda: self._listing.discard(uid)))
 
     def _mailq_text(self, uid: int) -> Iterator[str]:
-        """The listing for ``uid``, made as it is sent: root and the daemon see every entry."""
+        """The listing for ``uid``, made as it is sent: root and the daemon see every entry
+        and its content score; a site its own entries without scores or hold reasons."""
         everything = uid in (0, os.getuid())
-        return listing.queue_text(e for e in spool.entries(self.config.layout)
-                                  if everything or e.envelope.uid == uid)
+        return listing.queue_text((e for e in spool.entries(self.config.layout)
+                                   if everything or e.envelope.uid == uid),
+                                  operator=everything)
 
