@@ -610,6 +610,7 @@ class Config:
     connections_per_uid: int = key(
         16, kind=Whole(1), doc="hand-off connections of one uid handled at once; up to 16 times "
                                "as many wait, beyond that the front end writes a drop file; "
+                               "the same share of captured SMTP sessions (421 beyond); "
                                "one site's connections never delay another site's")
     sites: dict[str, Site] = key(
         kind=Deferred("a mapping of site name to site, see SITES"), factory=dict,
