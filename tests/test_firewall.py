@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -225,11 +226,29 @@ for _ in range(100):
 """
 
 
-def site_smtp(near: str, bind: str, port: int, host: str, dport: int, n: int) -> list[str]:
-    done = subprocess.run(["ip", "netns", "exec", near, "runuser", "-u", "shimsite1", "--",
+def site_smtp(near: str, bind: str, port: int, host: str, dport: int, n: int,
+              user: str = "shimsite1") -> list[str]:
+    done = subprocess.run(["ip", "netns", "exec", near, "runuser", "-u", user, "--",
                            "/usr/bin/python3", "-c", SITE_SMTP, bind, str(port), host,
                            str(dport), str(n)], capture_output=True, text=True, timeout=60)
     return done.stdout.split()
+
+
+# As a site: open N connections through the redirect and hold them without a word; after
+# a few seconds print how many were greeted (220), refused (421) and left waiting.
+CAPTURE_FLOOD = r"""
+import select, socket, sys, time
+host, n = sys.argv[1], int(sys.argv[2])
+socks = [socket.create_connection((host, 25), timeout=10) for _ in range(n)]
+time.sleep(3)
+codes = {"220": 0, "421": 0, "none": 0}
+for s in socks:
+    ready, _, _ = select.select([s], [], [], 0)
+    code = s.recv(3).decode() if ready else "none"
+    codes[code if code in codes else "none"] += 1
+print(codes["220"], codes["421"], codes["none"], flush=True)
+sys.stdin.read()  # hold them until the test lets go
+"""
 
 
 def root_time_wait(near: str, addr: str) -> int:
@@ -313,6 +332,36 @@ class TestCapture:
             ("site1.test", ["buyer1@example.net"])]
         log = shim.daemon_log()
         assert log.count("capture_refused") == 1
+
+    def test_idle_flood_of_one_uid_does_not_refuse_or_delay_another(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        """Issue 21, finding 6: 300 idle captured connections of site1 (the old global cap
+        was 256) never get site2 a 421 or a wait: each uid has its own session share."""
+        near, _far = netns
+        shim, relay, _capture_port = captured_system(netns, shim_factory)
+        flood = subprocess.Popen(["ip", "netns", "exec", near, "runuser", "-u", "shimsite1",
+                                  "--", "/usr/bin/python3", "-c", CAPTURE_FLOOD, FAR4, "300"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert flood.stdout is not None
+            greeted, refused, waiting = map(int, flood.stdout.readline().split())
+            # site1's share: 16 sessions, 16x16 open, the rest 421 at once
+            assert (greeted, refused, waiting) == (16, 300 - 256, 256 - 16), shim.daemon_log()
+            start = time.monotonic()
+            codes = site_smtp(near, "", 0, "::ffff:" + FAR4, 25, 2, user="shimsite2")
+            latency = time.monotonic() - start
+            print(f"site2's captured SMTP transaction during site1's flood: {latency:.2f}s")
+            assert codes == ["220", "250"], shim.daemon_log()[-3000:]
+            assert latency < 5.0
+        finally:
+            flood.kill()
+            flood.wait(10)
+        [(meta, _)] = relay.wait(1)
+        assert meta["login"] == "site2.test"
+        log = shim.daemon_log()
+        site1 = site_uid()
+        assert f"capture_busy uid={site1} " in log and "limit=16 waiting_limit=256" in log
+        assert log.count("capture_busy") == 1  # one line per uid and interval, not per 421
 
     def test_unknown_uid_through_capture_is_refused(
             self, netns: tuple[str, str], shim_factory: Any) -> None:

@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
-from conftest import SENDMAIL, Relay, Shim, wait_until
+from conftest import SENDMAIL, Relay, Shim, free_port, wait_until
 
 FLOOD = r"""
 import resource, socket, sys, time
@@ -87,3 +88,57 @@ def test_silent_client_is_dropped_within_seconds(system: tuple[Shim, Relay]) -> 
                            shim.socket], capture_output=True, timeout=40, check=True)
     waited, reply = done.stdout.decode().split(" ", 1)
     assert float(waited) < 15 and "421 75" in reply
+
+
+SUBMIT_MANY = r"""
+import subprocess, sys
+for n in range(int(sys.argv[2])):
+    subprocess.run([sys.argv[1], "-t", "-i"], check=True,
+                   input=f"To: r{n}@example.net\nSubject: {n}\n\nx\n".encode())
+"""
+FLUSH_LOOP = r"""
+import subprocess, sys, time
+codes = []
+for _ in range(int(sys.argv[2])):
+    codes.append(subprocess.run([sys.argv[1], "-q"], capture_output=True).returncode)
+    time.sleep(0.05)
+print(sorted(set(codes)))
+"""
+
+
+def attempts(shim: Shim, site: str) -> int:
+    return sum(1 for line in shim.daemon_log().splitlines()
+               if "deferred queue_id=" in line and f" site={site} " in line)
+
+
+def test_a_site_flush_loop_retries_only_its_own_mail_once(shim_factory: Any) -> None:
+    """Issue 21, finding 8: a site's `sendmail -q` every 0.05 s made the relay retry another
+    site's deferred mail thousands of times.  Now a site's flush retries only its own mail,
+    at most once per FLUSH_INTERVAL; root's flush still retries everything."""
+    _make_relay, make_shim = shim_factory
+    shim = make_shim([free_port()])  # no relay listens: everything is deferred
+    shim.edit_config("retry: {initial: 1s, maximum: 2s, lifetime: 1h, jitter: 0}",
+                     "retry: {initial: 1h, maximum: 2h, lifetime: 1d, jitter: 0}")
+    shim.start()
+    env = [f"SENDMAIL_SHIM_CONFIG={shim.config}"]
+    subprocess.run(["runuser", "-u", "shimsite2", "--", "env", *env, sys.executable, "-c",
+                    SUBMIT_MANY, SENDMAIL, "30"], check=True, timeout=120)
+    assert shim.sendmail(["-t", "-i"], b"To: own@example.net\n\nx\n").returncode == 0
+    wait_until(lambda: attempts(shim, "site2.test") == 30 and attempts(shim, "site1.test") == 1,
+               30, "every message tried once")
+    done = subprocess.run(["runuser", "-u", "shimsite1", "--", "env", *env, sys.executable,
+                           "-c", FLUSH_LOOP, SENDMAIL, "60"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "[0]", done.stderr  # every flush answered: exit 0
+    wait_until(lambda: attempts(shim, "site1.test") >= 2, 15, "site1's flush")
+    time.sleep(2)  # a flush of the whole queue would have retried site2's mail by now
+    print(f"after 60 flushes of site1: site2's mail tried {attempts(shim, 'site2.test')} "
+          f"times (30 before), site1's {attempts(shim, 'site1.test')} (1 before)")
+    assert attempts(shim, "site2.test") == 30  # none caused by site1's flushes
+    assert attempts(shim, "site1.test") == 2  # one flush ran, 59 were ignored
+    uid = int(subprocess.run(["id", "-u", "shimsite1"], capture_output=True, text=True).stdout)
+    log = shim.daemon_log()
+    assert log.count(f"flush requested uid={uid} ") == 1 and f"scope=uid {uid}" in log
+    assert log.count(f"flush_ignored uid={uid} ") == 1  # one line for the interval
+    assert shim.run(["-q"], user=None).returncode == 0  # root: the whole queue
+    wait_until(lambda: attempts(shim, "site2.test") == 60, 20, "root's flush of site2's mail")

@@ -248,3 +248,43 @@ def test_before_ack_refuses_above_the_maximum(shim_factory: Any, spamd: Spamd) -
     lines = scanned_lines(shim)
     assert sum("action=refuse" in line for line in lines) == 2
     assert sum("action=deliver" in line for line in lines) == 1  # scored once, not again
+
+
+def test_gtube_padded_past_max_size_is_scored_on_its_first_part_and_held(
+        shim_factory: Any, spamd: Spamd) -> None:
+    """Issue 21, finding 8: padded past scan.max_size, GTUBE used to go out unscored."""
+    shim, relay = started(shim_factory, extra=scan_config(spamd.port, "max_size: 20000"))
+    padded = SPAM + b"".join(b"padding line %04d to push the message past max_size\n" % n
+                             for n in range(1000))
+    assert len(padded) > 2 * 20000
+    send(shim, padded)
+    wait_until(lambda: shim.queue_files("hold"), 30, "the padded GTUBE message held")
+    (held,) = shim.queue_files("hold")
+    (line,) = scanned_lines(shim)
+    assert f"queue_id={held}" in line and "action=hold" in line and "score=100" in line
+    scanned = int(line.split("scanned_bytes=")[1].split()[0])
+    size = int(line.split(" size=")[1].split()[0])  # with the headers intake added
+    assert 19000 < scanned <= 20000 and size > len(padded)
+    listed = shim.admin("queue", "list").stdout.decode()
+    assert "of its first part (larger than scan.max_size)" in listed
+    send(shim, PLAIN)  # small mail is scored whole and delivered as before
+    wait_until(lambda: site_mail(relay), 30, "the plain message delivered")
+    assert not any(GTUBE in data for data in site_mail(relay))
+
+
+def test_a_site_listing_shows_no_score_and_no_limit(shim_factory: Any, spamd: Spamd) -> None:
+    """Issue 21, finding 8: `sendmail -bp` showed a site its score and scan.max_score, which
+    let it tune its spam; the operator's listings still show both."""
+    shim, _relay = started(shim_factory, extra=scan_config(spamd.port))
+    send(shim, SPAM)
+    wait_until(lambda: shim.queue_files("hold"), 30, "the GTUBE message held")
+    (held,) = shim.queue_files("hold")
+    site = shim.sendmail(["-bp"], b"", user="shimsite1")
+    assert site.returncode == 0, site.stderr
+    mine = site.stdout.decode()
+    assert f"{held}!" in mine and "(held for the operator)" in mine
+    assert "score" not in mine and "max_score" not in mine and "1000" not in mine
+    for operator in (shim.sendmail(["-bp"], b"", user=None).stdout.decode(),  # root
+                     shim.admin("queue", "list").stdout.decode()):
+        assert f"{held}!" in operator and "[score 100" in operator
+        assert "above scan.max_score 5" in operator

@@ -521,7 +521,8 @@ class Scan:
                            doc="a message scoring above this is held for the operator and "
                                "admin.notify is told")
     max_size: int = key(512000, kind=Whole(1, 256 * 1024 * 1024),
-                        doc="larger messages are not scanned and go on unscored (spamc -s)")
+                        doc="a larger message is scored on its first max_size bytes "
+                            "(headers and the start of the body)")
     on_failure: str = key("defer", kind=Choice(SCAN_FAILURE),
                           doc="when spamd is down or slow: defer (retried with the queue's "
                               "backoff) or deliver unscored to unscored_pool")
@@ -609,6 +610,7 @@ class Config:
     connections_per_uid: int = key(
         16, kind=Whole(1), doc="hand-off connections of one uid handled at once; up to 16 times "
                                "as many wait, beyond that the front end writes a drop file; "
+                               "the same share of captured SMTP sessions (421 beyond); "
                                "one site's connections never delay another site's")
     sites: dict[str, Site] = key(
         kind=Deferred("a mapping of site name to site, see SITES"), factory=dict,

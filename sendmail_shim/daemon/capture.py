@@ -29,10 +29,33 @@ rows, not ESTABLISHED, inode 0, /proc unreadable) gets ``421 4.7.0``; either
 is closed and logged as ``capture_refused`` with the peer, the original
 destination and the reason — never a guess.
 At DATA the rows are read again and the same uid and socket inode must still
-hold the connection.  A connection that is not redirected is refused before
-any /proc read; at most MAX_SESSIONS capture sessions are open at once (421
-beyond), and /proc is read in a small executor of its own, so a flood of
-capture connections cannot starve the submissions and the queue runner.
+hold the connection.
+
+Shares (issue 21, finding 6): one site's connections never make another
+site's wait or get 421, as on the submission socket (daemon/submission.py):
+
+* proving: a connection that is not redirected is refused before any /proc
+  read.  /proc/net/tcp is read by one thread of its own (never the executor
+  that intake and the queue runner share), and ONE read serves every
+  connection waiting at that moment (:class:`Prover`): its cost is per read,
+  not per connection, so 1,000 connections of one uid cost a handful of reads
+  and another uid's connection waits for at most two of them.  At most
+  MAX_UNPROVEN connections wait for a proof at once (a proof takes
+  milliseconds, so only a burst of thousands within one read reaches it);
+* sessions: once its uid is known, a connection takes one of that uid's
+  ``connections_per_uid`` session slots (the submission socket's key, default
+  16) and is greeted; more connections of that uid wait, not greeted, for its
+  slots (at most SLOT_WAIT seconds, then ``421``), up to WAITING_FACTOR times
+  as many open; beyond that the uid's connection is answered ``421`` at once.
+  MAX_SESSIONS bounds every uid together (descriptors), far above one uid's
+  share.  There is no shared queue or cap that one uid can fill;
+* idle: a session that sends no command for IDLE_TIMEOUT seconds is closed
+  (aiosmtpd's timeout; Postfix's smtpd_timeout is 300 s, 10 s under stress:
+  a captured session is a site's own engine on the same host, whose commands
+  follow each other at once), so idle connections free their uid's slots;
+* intake: at most INTAKE_PER_UID of a uid's transactions are in intake at
+  once (accept_submission runs in the executor the submissions share), so a
+  uid's parallel DATA commands take at most that many of its threads.
 Guarantees: each transaction goes through the same intake as the sendmail
 front end (identity -> line-ending rule -> policy -> quota -> spool -> relay
 with the site's login), so a site's built-in SMTP engine keeps working under
@@ -44,12 +67,15 @@ destination.  It listens only on 127.0.0.1 and ::1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import pwd
 import socket
 import struct
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +100,15 @@ NOT_REDIRECTED = ("554 5.7.1 this port serves only SMTP redirected by the firewa
                   "submit with /usr/sbin/sendmail")
 NOT_PROVEN = "421 4.7.0 cannot prove which site this connection belongs to; try again later"
 BUSY = "421 4.7.0 too many connections to the capture listener; try again later"
-MAX_SESSIONS = 256  # capture sessions at once, every site together
+BUSY_UID = ("421 4.7.0 too many SMTP connections from this site at once; nothing was "
+            "accepted from this one, try again later")
+MAX_SESSIONS = 4096  # capture connections open at once, every uid together (descriptors)
+MAX_UNPROVEN = 1024  # connections waiting for their /proc proof, every uid together
+WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest wait); then 421
+SLOT_WAIT = 30.0  # seconds a connection waits, not greeted, for one of its uid's slots
+IDLE_TIMEOUT = 60.0  # seconds without a command before a session is closed
+INTAKE_PER_UID = 1  # transactions of one uid in intake at once
+BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
 
 
 def _plain(address: Address) -> Address:
@@ -190,13 +224,27 @@ def check_redirected(conn: Connection) -> None:
         raise Refused(NOT_REDIRECTED, "not redirected: connected to the listener directly")
 
 
-def prove_owner(conn: Connection, rows: list[TcpRow], never: frozenset[int]) -> Owner:
+RowIndex = dict[tuple[Endpoint, Endpoint], list[TcpRow]]
+
+
+def index_rows(rows: list[TcpRow]) -> RowIndex:
+    """``rows`` by (local, remote): one read of /proc answers many connections cheaply."""
+    index: RowIndex = {}
+    for row in rows:
+        index.setdefault((row.local, row.remote), []).append(row)
+    return index
+
+
+def prove_owner(conn: Connection, rows: list[TcpRow] | RowIndex,
+                never: frozenset[int]) -> Owner:
     """The uid owning the client end of ``conn``, or :class:`Refused`; never a guess."""
     check_redirected(conn)
-    ours = [r for r in rows if r.local == conn.local and r.remote == conn.peer]
+    index = rows if isinstance(rows, dict) else index_rows(rows)
+    ours = index.get((conn.local, conn.peer), [])
     if len(ours) != 1 or ours[0].state != ESTABLISHED or ours[0].inode != conn.inode:
         raise Refused(NOT_PROVEN, f"our own socket's row not found ({len(ours)} candidates)")
-    theirs = [r for r in rows if r.local == conn.peer and r.remote == conn.original]
+    assert conn.original is not None, "check_redirected"
+    theirs = index.get((conn.peer, conn.original), [])
     if len(theirs) != 1:
         raise Refused(NOT_PROVEN, f"{len(theirs)} client sockets match "
                       f"{show(conn.peer)} -> {show(conn.original)}")
@@ -221,22 +269,128 @@ def never_captured(config: Config) -> frozenset[int]:
     return frozenset(uids)
 
 
+def prove_batch(conns: list[Connection], never: frozenset[int]) -> list[Owner | Refused]:
+    """Each connection's owner from ONE read of /proc (blocking: run in a thread)."""
+    try:
+        index = index_rows(tcp_rows())
+    except OSError as exc:
+        return [Refused(NOT_PROVEN, f"cannot read /proc/net/tcp: {exc}") for _ in conns]
+    results: list[Owner | Refused] = []
+    for conn in conns:
+        try:
+            results.append(prove_owner(conn, index, never))
+        except Refused as exc:
+            results.append(exc)
+    return results
+
+
+class Prover:
+    """Proofs of ownership, batched: one /proc read for every connection waiting then.
+
+    A connection is added to the batch after it was accepted, and the batch's
+    read starts after that, so the read sees the connection's rows.
+    """
+
+    def __init__(self, never: Callable[[], frozenset[int]]) -> None:
+        self._never = never
+        # Its own thread: a flood of capture connections must not delay submissions.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-proof")
+        self._waiting: list[tuple[Connection, asyncio.Future[Owner]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def owner(self, conn: Connection) -> Owner:
+        """Who owns ``conn``, or :class:`Refused`."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Owner] = loop.create_future()
+        self._waiting.append((conn, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, prove_batch, [conn for conn, _ in batch], self._never())
+            except Exception as exc:  # every waiter gets an answer
+                results = [Refused(NOT_PROVEN, f"proof failed: {exc!r}")] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():  # its client went away meanwhile
+                    continue
+                if isinstance(result, Refused):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
+class SlotTimeout(Exception):
+    """No slot of the uid became free in time."""
+
+
+class PerUid:
+    """``size`` slots per uid; a uid's entry is forgotten when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, int] = {}  # holding or waiting
+        self._slots: dict[int, asyncio.Semaphore] = {}
+
+    def open(self, uid: int) -> int:
+        return self._open.get(uid, 0)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, uid: int, size: int, wait: float | None = None) -> AsyncIterator[None]:
+        """Hold one of ``uid``'s slots; :class:`SlotTimeout` after ``wait`` seconds."""
+        self._open[uid] = self._open.get(uid, 0) + 1
+        slots = self._slots.setdefault(uid, asyncio.Semaphore(size))
+        try:
+            try:
+                async with asyncio.timeout(wait):
+                    await slots.acquire()
+            except TimeoutError:
+                raise SlotTimeout from None
+            try:
+                yield
+            finally:
+                slots.release()
+        finally:
+            self._open[uid] -= 1
+            if not self._open[uid]:
+                del self._open[uid]
+                del self._slots[uid]
+
+
 class CaptureHandler:
     def __init__(self, config: Config, state: State) -> None:
         self.config = config
         self.state = state
-        self.sessions = 0  # open capture sessions, proven or being proven
-        # /proc/net/tcp is read here, never in the executor that intake and the queue
-        # runner share: a flood of capture connections must not delay submissions.
-        self.prover = ThreadPoolExecutor(max_workers=2, thread_name_prefix="capture-proof")
+        self.sessions = 0  # open capture connections, proven or being proven
+        self.unproven = 0  # connections waiting for their proof
+        self.prover = Prover(lambda: never_captured(self.config))
+        self.connections = PerUid()  # connections_per_uid session slots each
+        self.intake = PerUid()  # INTAKE_PER_UID each
+        self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
 
-    def owner(self, conn: Connection) -> Owner:
-        """Read /proc now and prove who owns ``conn`` (blocking: run in a thread)."""
-        try:
-            rows = tcp_rows()
-        except OSError as exc:
-            raise Refused(NOT_PROVEN, f"cannot read /proc/net/tcp: {exc}") from exc
-        return prove_owner(conn, rows, never_captured(self.config))
+    def busy(self, conn: Connection, uid: int, why: str) -> Refused:
+        """The refusal of one connection over ``uid``'s share, logged once per interval."""
+        now = time.monotonic()
+        last, count = self._busy_logged.get(uid, (0.0, 0))
+        if now - last >= BUSY_LOG_INTERVAL:
+            limit = self.config.connections_per_uid
+            log.warning("capture_busy uid=%d peer=%s original_dst=%s reason=%r open=%d "
+                        "limit=%d waiting_limit=%d refused_since_last_line=%d action='this "
+                        "uid's SMTP connections beyond its share get 421; other sites are not "
+                        "affected; find the script holding them, or raise connections_per_uid "
+                        "if the site really needs more'", uid, show(conn.peer),
+                        show(conn.original), why, self.connections.open(uid), limit,
+                        limit * WAITING_FACTOR, count + 1)
+            self._busy_logged = {u: v for u, v in self._busy_logged.items()
+                                 if now - v[0] < BUSY_LOG_INTERVAL}
+            self._busy_logged[uid] = (now, 0)
+        else:
+            self._busy_logged[uid] = (last, count + 1)
+        return Refused(BUSY_UID, why)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         conn: Connection | None = getattr(server, "connection", None)
@@ -244,7 +398,7 @@ class CaptureHandler:
         if conn is None or first is None:  # CaptureSMTP sets both before the greeting
             return NOT_PROVEN
         try:  # the second check: the same socket still holds the connection
-            again = await asyncio.get_running_loop().run_in_executor(self.prover, self.owner, conn)
+            again = await self.prover.owner(conn)
             if again != first:
                 raise Refused(NOT_PROVEN, f"owner changed from uid {first.uid} to {again.uid}")
         except Refused as exc:
@@ -258,9 +412,10 @@ class CaptureHandler:
         message = envelope.original_content or b""  # CRLF: intake applies wire/lineends.py
         fields = [(protocol.MODE, protocol.SUBMIT), (protocol.SENDER, envelope.mail_from)]
         fields += [(protocol.RCPT, rcpt) for rcpt in envelope.rcpt_tos]
-        verdict = await asyncio.to_thread(accept_submission, self.config, self.state, fields,
-                                          message, Caller(uid=uid, gid=gid, pid=None),
-                                          "capture")
+        async with self.intake.slot(uid, INTAKE_PER_UID):  # a uid's share of intake threads
+            verdict = await asyncio.to_thread(accept_submission, self.config, self.state,
+                                              fields, message,
+                                              Caller(uid=uid, gid=gid, pid=None), "capture")
         log.info("captured uid=%d peer=%s original_dst=%s helo=%r status=%d reply=%r",
                  uid, show(conn.peer), show(conn.original), session.host_name, verdict.code,
                  verdict.text)
@@ -292,6 +447,7 @@ class CaptureSMTP(SMTP):
             self.capture.sessions -= 1
 
     async def _prove_then_serve(self) -> None:
+        capture = self.capture
         conn = None
         try:
             try:  # socket calls here, in the loop: the descriptor cannot be reused meanwhile
@@ -300,18 +456,33 @@ class CaptureSMTP(SMTP):
             except (OSError, ValueError, AttributeError) as exc:
                 raise Refused(NOT_PROVEN, f"socket gone before the greeting: {exc}") from exc
             check_redirected(conn)  # before any /proc read: direct connections cost nothing
-            if self.capture.sessions > MAX_SESSIONS:
-                raise Refused(BUSY, f"more than {MAX_SESSIONS} capture sessions open")
-            owner = await asyncio.get_running_loop().run_in_executor(
-                self.capture.prover, self.capture.owner, conn)
+            if capture.sessions > MAX_SESSIONS or capture.unproven >= MAX_UNPROVEN:
+                raise Refused(BUSY, f"{capture.sessions} capture connections open, "
+                              f"{capture.unproven} being proven (limits {MAX_SESSIONS}, "
+                              f"{MAX_UNPROVEN})")
+            capture.unproven += 1
+            try:
+                owner = await capture.prover.owner(conn)
+            finally:
+                capture.unproven -= 1
+            uid, limit = owner.uid, self.capture.config.connections_per_uid
+            if capture.connections.open(uid) >= limit * WAITING_FACTOR:
+                raise capture.busy(conn, uid, f"uid {uid} holds {limit * WAITING_FACTOR} "
+                                   "capture connections")
+            try:  # this uid's own slots: another uid's connections never wait here
+                async with capture.connections.slot(uid, limit, SLOT_WAIT):
+                    self.connection, self.owner = conn, owner
+                    self._reset_timeout()  # the idle timeout counts from the greeting
+                    await super()._handle_client()
+            except SlotTimeout:
+                raise capture.busy(conn, uid, f"no session slot of uid {uid} free within "
+                                   f"{SLOT_WAIT:g}s ({limit} in use)") from None
         except Refused as exc:
-            refused(conn, exc)
+            if exc.reply != BUSY_UID:  # busy: logged by capture.busy, once per interval
+                refused(conn, exc)
             if self.transport is not None:
                 await self.push(exc.reply)
                 self.transport.close()
-            return
-        self.connection, self.owner = conn, owner
-        await super()._handle_client()
 
 
 async def start_capture(config: Config, state: State, port: int,
@@ -324,7 +495,7 @@ async def start_capture(config: Config, state: State, port: int,
     def factory() -> SMTP:
         return CaptureSMTP(handler, hostname=config.hostname, ident="sendmail-shim capture",
                            data_size_limit=config.message_size_limit, decode_data=False,
-                           enable_SMTPUTF8=True)
+                           enable_SMTPUTF8=True, timeout=IDLE_TIMEOUT)
 
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = [

@@ -6,8 +6,13 @@ in chunks (:func:`chunks`), so memory does not grow with the queue.  Postfix's
 mailq layout, widened with the site, the age and the last error; a marker
 after the id tells the state (``!`` hold, ``#`` corrupt, ``~`` deferred, blank
 incoming); "Mail queue is empty" when there is nothing.  A scanned message
-(delivery/scan.py) gets a line ``[score 3.3]`` (``[unscored: scanner
-unavailable]``, ``[unscored: too large to scan]``); an unscanned one none.
+(delivery/scan.py) gets a line ``[score 3.3]`` (``[score 3.3 of its first part]``
+when it was larger than scan.max_size, ``[unscored: scanner unavailable]``)
+in the operator's listing only; an unscanned one none.  A site's own listing
+(``operator=False``: ``sendmail -bp`` of a site uid) shows neither the score
+nor the reason a message is held (a scan hold names the score and
+``scan.max_score``), only "(held for the operator)": a site that could read its
+scores against the limit could tune its spam until it passes (issue 21).
 Every string from a queue file (site, sender, recipients, last error) is shown
 through ``address.printable``: invalid UTF-8 and controls appear escaped
 (``\\xff``), so one odd entry can never break the listing.
@@ -24,6 +29,7 @@ from sendmail_shim.store.spool import (
     DEFERRED,
     HOLD,
     SCANNED_OK,
+    SCANNED_PARTIAL,
     SCANNED_SKIPPED,
     QueueEntry,
     Status,
@@ -52,17 +58,23 @@ def score_text(status: Status) -> str:
         return ""
     if status.scanned == SCANNED_OK and status.score is not None:
         return f"score {status.score:.1f}"
+    if status.scanned == SCANNED_PARTIAL and status.score is not None:
+        return f"score {status.score:.1f} of its first part (larger than scan.max_size)"
     if status.scanned == SCANNED_SKIPPED:
         return "unscored: too large to scan"
     return "unscored: scanner unavailable"
 
 
+SITE_HOLD_REASON = "held for the operator"
 HEADER = "-Queue ID-------- --Size-- ---Age--- -Site---------------- -Sender/Recipient-------\n"
 EMPTY = "Mail queue is empty\n"
 
 
-def queue_text(entries: Iterable[QueueEntry], now: float | None = None) -> Iterator[str]:
+def queue_text(entries: Iterable[QueueEntry], now: float | None = None,
+               operator: bool = True) -> Iterator[str]:
     """The listing, one piece per entry as the entries come: nothing is held but one entry.
+
+    ``operator`` False: a site's view, without content scores and hold reasons.
 
     The header comes with the first entry and the total line after the last,
     so a listing of 100,000 messages never exists whole in memory.
@@ -79,9 +91,12 @@ def queue_text(entries: Iterable[QueueEntry], now: float | None = None) -> Itera
         lines = [f"{env.queue_id}{marker} {env.size:>8} {format_age(now - env.arrival):>9} "
                  f"{printable(env.site, 21):<21} {printable(env.sender) or 'MAILER-DAEMON'}"]
         status = entry.status
-        if status.last_error:
-            lines.append(f"{RCPT_INDENT}({printable(status.last_error)})")
-        if status.scanned is not None:
+        error = status.last_error
+        if error and not operator and entry.state == HOLD:
+            error = SITE_HOLD_REASON  # the reason may name the score and the limit
+        if error:
+            lines.append(f"{RCPT_INDENT}({printable(error)})")
+        if operator and status.scanned is not None:
             lines.append(f"{RCPT_INDENT}[{score_text(status)}]")
         lines.extend(f"{RCPT_INDENT}{printable(rcpt)}" for rcpt in env.recipients
                      if rcpt not in status.done and rcpt not in status.failed)

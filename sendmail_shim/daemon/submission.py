@@ -23,14 +23,24 @@ connections are in :attr:`SubmissionServer.inflight`, which the daemon's
 shutdown waits for.  The listening socket is systemd's when it passed one
 (socket activation), else ``public/submit.sock`` with its mode.
 
-Two requests besides a submission, for any user: ``flush`` (like Postfix's
-``sendmail -q``: scan the drop area and run the whole queue now) and ``mailq``,
+Two requests besides a submission, for any user: ``flush`` and ``mailq``.
+``flush`` (Postfix's ``sendmail -q``; ``-qR``/``-qS``/``-q<interval>`` are the
+same request) scans the drop area and retries deferred mail now: for root and
+the daemon's own user the whole queue, for any other uid only that uid's own
+mail (a site must not make the relay retry another site's mail), and for a
+site uid at most once per FLUSH_INTERVAL seconds.  A flush within the interval
+is answered ``250`` "flush ignored" (exit 0) and does nothing: as Postfix's
+queue manager merges flush triggers that arrive while it is busy, a repeated
+``sendmail -q`` is not an error for the caller, only a no-op (logged once per
+interval per uid, with how many were ignored).  And ``mailq``,
 which shows root and the daemon's own user the whole queue and every other
-uid only its own messages: on a shared host one site must not read another
-site's correspondents.  Texts are encoded with escapes, so an odd queue entry
-cannot break ``mailq``.  The mailq listing is streamed: read entry by entry
-(only each queue file's envelope line and its status) and written in pieces
-as the client reads, so the daemon's memory does not grow with the queue.
+uid only its own messages, without their content scores and hold reasons
+(daemon/listing.py): on a shared host one site must not read another site's
+correspondents, nor its own scores against the limit.  Texts are encoded with
+escapes, so an odd queue entry cannot break ``mailq``.  The mailq listing is
+streamed: read entry by entry (only each queue file's envelope line and its
+status) and written in pieces as the client reads, so the daemon's memory
+does not grow with the queue.
 A listing reads the whole queue whoever asks (about 20 µs of CPU per queued
 message; 7 µs when the queue's envelopes are kept from the last listing, up to
 5,000 messages: store/spool.py), so a site uid gets one listing at a time: a second ``mailq`` of the
@@ -72,6 +82,7 @@ MAX_CONNECTIONS = 4096  # every uid together; one uid gets config.connections_pe
 WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest wait); then 421
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
+FLUSH_INTERVAL = 60.0  # a site uid's flush runs at most once in this many seconds
 INTERNAL_ERROR = protocol.format_reply(
     451, sysexits.EX_TEMPFAIL, "4.3.0 internal error in the daemon; nothing was queued, try "
     "again later (the operator finds the cause in the daemon's log)")
@@ -89,6 +100,7 @@ class SubmissionServer(DaemonServer):
         self._connections = 0
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
         self._listing: set[int] = set()  # site uids with a mailq listing being sent
+        self._flushed: dict[int, tuple[float, int]] = {}  # uid -> (last flush run, ignored)
 
     @property
     def _pickup_wake(self) -> asyncio.Event:
@@ -205,11 +217,7 @@ class SubmissionServer(DaemonServer):
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         mode = protocol.request_mode(fields)
         if mode == protocol.FLUSH:
-            self._pickup_wake.set()
-            if self.runner is not None:
-                self.runner.poke(force=True)
-            log.info("flush requested uid=%d pid=%d", uid, pid)
-            return protocol.format_reply(250, 0, "queue run started")
+            return self._flush(uid, pid)
         if mode == protocol.MAILQ:
             return self._mailq(uid, pid)
         if mode != protocol.SUBMIT:
@@ -252,6 +260,37 @@ class SubmissionServer(DaemonServer):
         return protocol.format_reply(verdict.code, verdict.status,
                                     f"{verdict.enhanced} {verdict.text}")
 
+    def _flush(self, uid: int, pid: int) -> bytes:
+        """Retry deferred mail now: all of it for root and the daemon, else the caller's own,
+        at most once per FLUSH_INTERVAL per uid (see the module docstring)."""
+        everything = uid in (0, os.getuid())
+        if not everything:
+            now = time.monotonic()
+            last, ignored = self._flushed.get(uid, (-FLUSH_INTERVAL, 0))
+            if now - last < FLUSH_INTERVAL:
+                if not ignored:  # one line per uid and interval; the count comes later
+                    log.info("flush_ignored uid=%d pid=%d last_flush=%.0fs_ago interval=%gs "
+                             "reason='one flush per uid per interval: this one and further "
+                             "ones within it do nothing'", uid, pid, now - last,
+                             FLUSH_INTERVAL)
+                self._flushed[uid] = (last, ignored + 1)
+                return protocol.format_reply(250, 0, (
+                    f"flush ignored: uid {uid} flushed its mail {now - last:.0f}s ago; one "
+                    f"flush per {FLUSH_INTERVAL:g}s, deferred mail is retried on its schedule"))
+            if ignored:
+                log.info("flush_ignored uid=%d count=%d: flushes ignored in the last "
+                         "interval", uid, ignored)
+            self._flushed = {u: v for u, v in self._flushed.items()
+                             if now - v[0] < FLUSH_INTERVAL or v[1]}
+            self._flushed[uid] = (now, 0)
+        self._pickup_wake.set()
+        if self.runner is not None:
+            self.runner.poke(force=True, uid=None if everything else uid)
+        log.info("flush requested uid=%d pid=%d scope=%s", uid, pid,
+                 "all" if everything else f"uid {uid}")
+        return protocol.format_reply(250, 0, "queue run started" if everything else
+                                     f"queue run started for the mail of uid {uid}")
+
     def _mailq(self, uid: int, pid: int) -> bytes | Streamed:
         """The listing for ``uid``; a site uid gets one at a time (see the module docstring)."""
         body = listing.chunks(self._mailq_text(uid))
@@ -268,8 +307,10 @@ class SubmissionServer(DaemonServer):
                         Released(body, lambda: self._listing.discard(uid)))
 
     def _mailq_text(self, uid: int) -> Iterator[str]:
-        """The listing for ``uid``, made as it is sent: root and the daemon see every entry."""
+        """The listing for ``uid``, made as it is sent: root and the daemon see every entry
+        and its content score; a site its own entries without scores or hold reasons."""
         everything = uid in (0, os.getuid())
-        return listing.queue_text(e for e in spool.entries(self.config.layout)
-                                  if everything or e.envelope.uid == uid)
+        return listing.queue_text((e for e in spool.entries(self.config.layout)
+                                   if everything or e.envelope.uid == uid),
+                                  operator=everything)
 

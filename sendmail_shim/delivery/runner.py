@@ -66,7 +66,9 @@ Guarantees:
   moves to hold (a released one is routed, and so held, again); a pool
   without an active relay defers its mail (never another pool's relays).
   ``poke(force=True, pool=...)`` flushes one pool's deferred mail (a burn or
-  restore).  Each relay's answers are counted in :attr:`QueueRunner.relay_stats`;
+  restore), ``poke(force=True, uid=...)`` one uid's (a site's ``sendmail -q``:
+  one site's flush never retries another site's mail).  Each relay's answers are
+  counted in :attr:`QueueRunner.relay_stats`;
 * the relay's answers feed the ``relay_5xx_share`` rule in groups (:class:`_AnswerBook`):
   the answers settled while one group is written form the next, written in one
   state transaction and checked once per site; a message's settling ends only after
@@ -460,6 +462,14 @@ class _Run:
         return any(q and not self.lanes[s] for s, q in self.queues.items() if s != besides)
 
 
+@dataclass
+class FlushScope:
+    """What a flush retries: the deferred mail of these pools and of these uids."""
+
+    pools: set[str] = field(default_factory=set)
+    uids: set[int] = field(default_factory=set)
+
+
 class QueueRunner:
     def __init__(self, config: Config, state: State) -> None:
         self.config = config
@@ -470,8 +480,8 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self._poked = asyncio.Event()  # an arrival during a run: look at incoming/ again
         self._force = False
-        self._force_only: set[str] | None = None  # a flush of these pools only; None: all
-        self._flush_only: frozenset[str] | None = None  # the flush under way
+        self._force_only: FlushScope | None = None  # a flush of these only; None: all
+        self._flush_only: FlushScope | None = None  # the flush under way
         self.relay_stats = RelayStats()  # each relay's answers, for relay list
         self._answers = _AnswerBook(self._feed_outbreak_rules)  # for relay_5xx_share
         self._idle = _IdleSessions()  # relay sessions kept between a site's lanes
@@ -499,16 +509,22 @@ class QueueRunner:
         self.scanner.reconfigure(config)
         self._idle.trim(0)  # kept sessions: logins and relays may have changed
 
-    def poke(self, force: bool = False, pool: str | None = None) -> None:
+    def poke(self, force: bool = False, pool: str | None = None,
+             uid: int | None = None) -> None:
         """Run soon; ``force`` also retries deferred mail before its time (flush): all of
-        it, or with ``pool`` only the mail of that pool (after a relay burn or restore)."""
+        it, or with ``pool`` only the mail of that pool (after a relay burn or restore),
+        with ``uid`` only that uid's (a site's flush)."""
         if force:
-            if pool is None:
+            if pool is None and uid is None:
                 self._force_only = None
-            elif not self._force:
-                self._force_only = {pool}
-            elif self._force_only is not None:
-                self._force_only.add(pool)
+            else:
+                if not self._force:
+                    self._force_only = FlushScope()
+                if self._force_only is not None:  # None: everything is flushed anyway
+                    if pool is not None:
+                        self._force_only.pools.add(pool)
+                    if uid is not None:
+                        self._force_only.uids.add(uid)
         self._force = self._force or force
         self.wake.set()
         self._poked.set()
@@ -552,7 +568,7 @@ class QueueRunner:
             force, self._force = self._force, False
             only, self._force_only = self._force_only, None
             if force:
-                self._flush_only = None if only is None else frozenset(only)
+                self._flush_only = only
             await self._await_schedule(force)
             run = _Run()
             try:
@@ -744,22 +760,24 @@ class QueueRunner:
 
     def _take_flushed(self, due: dict[str, list[tuple[str, str]]], most: int) -> int:
         """Up to ``most`` of a flush's deferred messages into ``due`` (in a thread); how
-        many were looked at.  A pool's flush leaves the other pools' mail to its time."""
+        many were looked at.  A pool's or a uid's flush leaves the other mail to its time."""
         layout = self.config.layout
         looked = 0
+        scope = self._flush_only
         while self._flushing and looked < most and not self._stopping:
             queue_id = self._flushing.popleft()
             looked += 1
             if queue_id in self._taken:
                 continue
-            site = self._site_of(spool.DEFERRED, queue_id)
-            if site is None:
+            env = self._envelope_of(spool.DEFERRED, queue_id)
+            if env is None:
                 continue
-            if self._flush_only is not None:
+            site = env.site
+            if scope is not None and env.uid not in scope.uids:
                 status = spool.read_status(layout, queue_id)
                 pool, _why = choose_pool(self.config, site, status.score,
                                          unscored_pool(self.config))
-                if pool not in self._flush_only:  # a pool's flush: the others keep their time
+                if pool not in scope.pools:  # not this flush's: it keeps its time
                     self._schedule.put(queue_id, status.next_attempt)
                     continue
             self._taken.add(queue_id)
@@ -774,8 +792,13 @@ class QueueRunner:
 
     def _site_of(self, state: str, queue_id: str) -> str | None:
         """The site of a queued message; None when it is gone or corrupt (moved aside)."""
+        env = self._envelope_of(state, queue_id)
+        return None if env is None else env.site
+
+    def _envelope_of(self, state: str, queue_id: str) -> Envelope | None:
+        """A queued message's envelope; None when it is gone or corrupt (moved aside)."""
         try:
-            return spool.read_envelope(self.config.layout, state, queue_id).site
+            return spool.read_envelope(self.config.layout, state, queue_id)
         except FileNotFoundError:
             return None  # delivered, held or deleted meanwhile
         except (OSError, ValueError) as exc:

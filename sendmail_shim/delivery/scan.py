@@ -49,8 +49,15 @@ Guarantees:
 * one site's scans never delay another site's: at most one scan per site at a
   time (a lock per site), and the runner serves at most ``MAX_PARALLEL_SITES``
   sites at once, so there are never more spamc processes than that;
-* messages larger than ``scan.max_size`` are not scanned (``scanned:
-  skipped``) and go on as scored below the maximum would;
+* a message larger than ``scan.max_size`` is scored on its first
+  ``max_size`` bytes (headers and the start of the body, cut at a line end:
+  ``policy.content.scanned_part``), held above the maximum like any other, and
+  recorded as ``scanned: partial`` (the listing says so).  Issue 21: such mail
+  used to go out unscored, so a spammer padded past the limit; scoring the
+  start is what rspamd and Amavis do, spamd's cost stays bounded by
+  ``max_size``, and a site's large legitimate mail (attachments) still goes out
+  without waiting for the operator.  What lies past the limit is not seen;
+  raise ``max_size`` to see more;
 * bounces and the daemon's own notices are never scanned (a bounce quotes the
   message it returns: a GTUBE bounce would hold itself).
 """
@@ -66,7 +73,14 @@ from dataclasses import dataclass
 
 from sendmail_shim.config import Config, Site
 from sendmail_shim.policy import outbreak
-from sendmail_shim.policy.content import KILL_GRACE, ScanError, command, decide, parse_spamc
+from sendmail_shim.policy.content import (
+    KILL_GRACE,
+    ScanError,
+    command,
+    decide,
+    parse_spamc,
+    scanned_part,
+)
 from sendmail_shim.policy.sanctions import hold_message, notify_admin_limited, suspend_site
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
@@ -111,20 +125,19 @@ class Scanner:
         """Scan a message not scanned yet, record the result; what the runner does next."""
         if status.scanned is not None or env.origin in ("bounce", "notice"):
             return DELIVER
-        if len(message) > self.config.scan.max_size:
-            status.scanned = spool.SCANNED_SKIPPED
-            log.info("scan_skipped queue_id=%s site=%s size=%d max_size=%d", queue_id,
-                     printable(site.name), len(message), self.config.scan.max_size)
-            return DELIVER
+        part = scanned_part(message, self.config.scan.max_size)
         try:
-            score = await self._scan_as(site.name, message)
+            score = await self._scan_as(site.name, part)
         except ScanError as exc:
             return self._failed(site, queue_id, status, str(exc))
         self._available()
-        status.score, status.scanned = score, spool.SCANNED_OK
+        whole = len(part) == len(message)
+        status.score = score
+        status.scanned = spool.SCANNED_OK if whole else spool.SCANNED_PARTIAL
         action = decide(self.config, score)
-        log.info("scanned queue_id=%s site=%s score=%.1f max_score=%g action=%s", queue_id,
-                 printable(site.name), score, self.config.scan.max_score, action)
+        log.info("scanned queue_id=%s site=%s score=%.1f max_score=%g action=%s%s", queue_id,
+                 printable(site.name), score, self.config.scan.max_score, action,
+                 "" if whole else f" scanned_bytes={len(part)} size={len(message)}")
         await asyncio.to_thread(self._settle, site, state, queue_id, env, status, action)
         return HELD if action == "hold" else DELIVER
 

@@ -67,6 +67,17 @@ def command(config: Config) -> list[str]:
             "-s", str(scan.max_size)]
 
 
+def scanned_part(message: bytes, max_size: int) -> bytes:
+    """What spamd scores: the whole message, or for one larger than ``max_size`` its first
+    ``max_size`` bytes (headers and the start of the body) cut after the last line end
+    within them, as rspamd and Amavis score large mail: padding a message past the limit
+    must not get it out unscored."""
+    if len(message) <= max_size:
+        return message
+    cut = message.rfind(b"\n", 0, max_size)
+    return message[:cut + 1] if cut > 0 else message[:max_size]
+
+
 def decide(config: Config, score: float) -> str:
     """``hold`` above ``scan.max_score``, else ``deliver``."""
     return "hold" if score > config.scan.max_score else "deliver"

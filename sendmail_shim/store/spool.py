@@ -34,9 +34,12 @@ QUEUE_ID = re.compile(r"[0-9A-F]{16}")  # always fullmatch: "$" would allow a ne
 INCOMING, DEFERRED, HOLD, CORRUPT = "incoming", "deferred", "hold", "corrupt"
 STATES = (INCOMING, DEFERRED, HOLD, CORRUPT)
 # What scanning found (Status.scanned): scored; spamd down or slow and the message went on
-# unscored (scan.on_failure: deliver); larger than scan.max_size, so not scanned.
+# unscored (scan.on_failure: deliver); larger than scan.max_size, so not scanned (before
+# issue 21: still read from old status files); larger than scan.max_size and scored on its
+# first scan.max_size bytes.
 SCANNED_OK, SCANNED_UNAVAILABLE, SCANNED_SKIPPED = "ok", "unavailable", "skipped"
-SCAN_RESULTS = (SCANNED_OK, SCANNED_UNAVAILABLE, SCANNED_SKIPPED)
+SCANNED_PARTIAL = "partial"
+SCAN_RESULTS = (SCANNED_OK, SCANNED_UNAVAILABLE, SCANNED_SKIPPED, SCANNED_PARTIAL)
 TMP_MAX_AGE = 3600.0  # a tmp file older than this belongs to no live writer
 
 

@@ -6,18 +6,23 @@ tests/test_firewall.py (TestCapture).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
+from sendmail_shim.daemon import capture
 from sendmail_shim.daemon.capture import (
     ESTABLISHED,
     NOT_PROVEN,
     NOT_REDIRECTED,
     Connection,
     Endpoint,
+    PerUid,
+    Prover,
     Refused,
+    SlotTimeout,
     TcpRow,
     endpoint,
     prove_owner,
@@ -95,3 +100,52 @@ def test_proc_rows_decode_both_families_and_mapped_addresses(tmp_path: Path) -> 
     assert rows[2].local == endpoint("::1", 10025) and rows[2].uid == 110
     with pytest.raises(FileNotFoundError):
         tcp_rows((os.path.join(tmp_path, "absent"),))
+
+
+def test_one_proc_read_proves_every_connection_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21, finding 6: 300 connections of one site cost a read or two, not 300, so
+    another site's connection waits for at most two reads whatever the flood."""
+    conns = [Connection(endpoint("10.201.0.1", 40000 + n), LISTENER, ORIGINAL, inode=500 + n)
+             for n in range(300)]
+    rows = [row for n, conn in enumerate(conns) for row in (
+        TcpRow(LISTENER, conn.peer, ESTABLISHED, uid=110, inode=500 + n),
+        TcpRow(conn.peer, ORIGINAL, ESTABLISHED, uid=1001 + n % 2, inode=9000 + n))]
+    reads = []
+    monkeypatch.setattr(capture, "tcp_rows", lambda: reads.append(1) or rows)
+
+    async def prove_all() -> list[int]:
+        prover = Prover(lambda: NEVER)
+        owners = await asyncio.gather(*(prover.owner(conn) for conn in conns))
+        return [owner.uid for owner in owners]
+
+    assert asyncio.run(prove_all()) == [1001 + n % 2 for n in range(300)]
+    assert len(reads) <= 2
+
+
+def test_a_uid_waits_only_for_its_own_slots() -> None:
+    async def scenario() -> tuple[bool, int]:
+        shares = PerUid()
+        held = asyncio.Event()
+
+        async def hog() -> None:
+            async with shares.slot(1001, 1):
+                held.set()
+                await asyncio.sleep(10)
+
+        hogging = asyncio.create_task(hog())
+        await held.wait()
+        async with shares.slot(1002, 1, wait=1.0):  # another uid: at once
+            other = True
+        try:
+            async with shares.slot(1001, 1, wait=0.05):
+                pass
+            timed_out = False
+        except SlotTimeout:
+            timed_out = True
+        open_then = shares.open(1001)
+        hogging.cancel()
+        await asyncio.gather(hogging, return_exceptions=True)
+        assert shares.open(1001) == 0 and shares.open(1002) == 0  # forgotten
+        return other and timed_out, open_then
+
+    assert asyncio.run(scenario()) == (True, 1)

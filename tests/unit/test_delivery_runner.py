@@ -641,8 +641,9 @@ class TestSchedule:
             spool.move(config.layout, queue_id, spool.INCOMING, spool.DEFERRED)
             spool.write_status(config.layout, queue_id, spool.Status(next_attempt=T0 + 3600))
         events: list[str] = []
-        read, removed = runner._site_of, spool.remove_delivered
-        monkeypatch.setattr(runner, "_site_of", lambda *a: (events.append("read"), read(*a))[1])
+        read, removed = runner._envelope_of, spool.remove_delivered
+        monkeypatch.setattr(runner, "_envelope_of",
+                            lambda *a: (events.append("read"), read(*a))[1])
         monkeypatch.setattr(spool, "remove_delivered",
                             lambda *a: (events.append("sent"), removed(*a))[1])
         assert run(runner, force=True) == 7  # one run, one session for all of them

@@ -85,9 +85,11 @@ class FakeScanner(Scanner):
         super().__init__(config, state)
         self.results = results
         self.calls = 0
+        self.seen: list[bytes] = []
 
     async def scan(self, message: bytes) -> float:
         self.calls += 1
+        self.seen.append(message)
         result = self.results.pop(0)
         if isinstance(result, ScanError):
             raise result
@@ -214,16 +216,25 @@ class TestCheck:
         assert (status.score, status.scanned) == (None, spool.SCANNED_UNAVAILABLE)
         assert listing.score_text(status) == "unscored: scanner unavailable"
 
-    def test_bounces_notices_and_large_messages_are_not_scanned(
+    def test_bounces_are_not_scanned_large_messages_on_their_first_part(
             self, make_config: MakeConfig, state: State, queue_message: QueueMessage) -> None:
-        config = make_config(scan={**SCAN, "max_size": len(MESSAGE)})
-        scanner = FakeScanner(config, state, [])
+        """Issue 21: a message padded past scan.max_size used to go out unscored."""
+        config = make_config(scan={**SCAN, "max_size": len(MESSAGE) + 3})
+        scanner = FakeScanner(config, state, [1000.0])
         bounce = queue_message(origin="bounce")
         assert check(scanner, config, bounce.queue_id)[0] == scan.DELIVER
-        big = queue_message(MESSAGE + b"more\n")
-        verdict, status = check(scanner, config, big.queue_id)
-        assert verdict == scan.DELIVER and status.scanned == spool.SCANNED_SKIPPED
         assert scanner.calls == 0
+        big = queue_message(MESSAGE + b"padding\n" * 10)
+        verdict, status = check(scanner, config, big.queue_id)
+        assert verdict == scan.HELD and status.scanned == spool.SCANNED_PARTIAL
+        assert status.score == 1000.0 and scanner.seen[0].endswith(b"body\n")
+        assert len(scanner.seen[0]) <= len(MESSAGE) + 3  # cut at the last line end
+
+    @pytest.mark.parametrize(("message", "size", "part"), [
+        (b"a\nbb\n", 5, b"a\nbb\n"), (b"a\nbb\nc\n", 5, b"a\nbb\n"),
+        (b"a\nbbbbbb\n", 5, b"a\n"), (b"aaaaaaa\n", 5, b"aaaaa")])
+    def test_the_scanned_part(self, message: bytes, size: int, part: bytes) -> None:
+        assert content.scanned_part(message, size) == part
 
     def test_spam_score_rule_suspends_the_site(
             self, make_config: MakeConfig, state: State, queue_message: QueueMessage) -> None:
