@@ -56,6 +56,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from sendmail_shim.config import Config
+from sendmail_shim.daemon.workers import IntakeWorkers
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller, exempt_uids
 from sendmail_shim.store.state import State
@@ -221,9 +222,11 @@ def never_captured(config: Config) -> frozenset[int]:
 
 
 class CaptureHandler:
-    def __init__(self, config: Config, state: State) -> None:
+    def __init__(self, config: Config, state: State, intake: IntakeWorkers | None = None
+                 ) -> None:
         self.config = config
         self.state = state
+        self.intake = intake or IntakeWorkers()  # the daemon's: one share per uid on all roads
         self.sessions = 0  # open capture sessions, proven or being proven
         # /proc/net/tcp is read here, never in the executor that intake and the queue
         # runner share: a flood of capture connections must not delay submissions.
@@ -257,9 +260,9 @@ class CaptureHandler:
         message = (envelope.original_content or b"").replace(b"\r\n", b"\n")
         fields = [(protocol.MODE, protocol.SUBMIT), (protocol.SENDER, envelope.mail_from)]
         fields += [(protocol.RCPT, rcpt) for rcpt in envelope.rcpt_tos]
-        verdict = await asyncio.to_thread(accept_submission, self.config, self.state, fields,
-                                          message, Caller(uid=uid, gid=gid, pid=None),
-                                          "capture")
+        verdict = await self.intake.run(uid, accept_submission, self.config, self.state,
+                                        fields, message, Caller(uid=uid, gid=gid, pid=None),
+                                        "capture")
         log.info("captured uid=%d peer=%s original_dst=%s helo=%r status=%d reply=%r",
                  uid, show(conn.peer), show(conn.original), session.host_name, verdict.code,
                  verdict.text)
@@ -314,9 +317,10 @@ class CaptureSMTP(SMTP):
 
 
 async def start_capture(config: Config, state: State, port: int,
-                        handlers: list[CaptureHandler]) -> list[asyncio.AbstractServer]:
+                        handlers: list[CaptureHandler], intake: IntakeWorkers | None = None
+                        ) -> list[asyncio.AbstractServer]:
     """Listen on loopback; ``handlers`` receives the handler so a reload can update it."""
-    handler = CaptureHandler(config, state)
+    handler = CaptureHandler(config, state, intake)
     handlers.append(handler)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 

@@ -59,6 +59,7 @@ from sendmail_shim.daemon.control_server import ControlServer
 from sendmail_shim.daemon.logsetup import metrics_enabled
 from sendmail_shim.daemon.sockets import raise_fd_limit
 from sendmail_shim.daemon.submission import SubmissionServer
+from sendmail_shim.daemon.workers import IntakeWorkers
 from sendmail_shim.delivery.reputation import Watch
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import settle_submissions, storage_trouble
@@ -89,6 +90,7 @@ class Daemon:
         self.watch: Watch | None = None  # the reputation watch (delivery/reputation.py)
         self.unavailable: str | None = None  # why submissions are refused (state not open)
         self.pickup_wake = asyncio.Event()
+        self.intake = IntakeWorkers()  # before the servers that hand their intakes to it
         self.submission = SubmissionServer(self)
         self.control = ControlServer(self)
         self._capture_handlers: list[CaptureHandler] = []
@@ -193,6 +195,7 @@ class Daemon:
         # A cancelled task leaves its asyncio.to_thread() call running: wait for every
         # worker thread (and refuse new ones) before anything they use is closed.
         await asyncio.get_running_loop().shutdown_default_executor()
+        await asyncio.to_thread(self.intake.close)  # the intakes in hand, cancelled or not
 
     def _open_state(self) -> bool:
         """Open the state database; on failure (a full disk) say why and keep refusing."""
@@ -234,7 +237,7 @@ class Daemon:
         if self.config.firewall.capture_port:
             self._captures = await start_capture(self.config, self._state(),
                                                  self.config.firewall.capture_port,
-                                                 self._capture_handlers)
+                                                 self._capture_handlers, self.intake)
         assert self.watch is not None, "_open_state creates the watch"
         await asyncio.gather(self._runner().run_forever(), self._pickup_forever(),
                              self.watch.run())

@@ -243,10 +243,10 @@ class SubmissionServer(DaemonServer):
                                         f"4.3.0 {self._unavailable}; nothing was queued, "
                                         "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
-        # One hop to a worker thread of the loop's default executor (which the daemon's
-        # shutdown joins) for the whole hand-off: state, compose, commit, bookkeeping.
-        verdict: Verdict = await asyncio.get_running_loop().run_in_executor(
-            None, accept_submission, self.config, self.state, fields, message, caller)
+        # One hop to an intake thread, within this uid's share (daemon/workers.py), for
+        # the whole hand-off: state, compose, commit, bookkeeping.
+        verdict: Verdict = await self.daemon.intake.run(
+            uid, accept_submission, self.config, self.state, fields, message, caller)
         if verdict.accepted:
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,
