@@ -100,3 +100,23 @@ def test_worst_case_header_blocks_from_one_site_do_not_delay_another(
     assert out.startswith(b"[65] "), out
     assert b"header_size_limit" in out and b"site1.test" in out
     assert "status=552 enhanced=5.3.4" in shim.daemon_log()
+
+
+def test_connection_churn_from_one_uid_does_not_delay_another(
+        system: tuple[Shim, Relay]) -> None:
+    shim, _relay = system
+    churners = [subprocess.Popen(["runuser", "-u", "shimsite1", "--", sys.executable, "-c",
+                                  CHURN, shim.socket, "12", send], stdout=subprocess.PIPE)
+                for send in ("", "", "x", "SENDMAIL-SHIM 1\n")]  # nothing, or a little
+    try:
+        time.sleep(2.0)
+        latencies = _time_plain_handoffs(shim, 4)
+        print("site2 hand-offs while site1 churns connections in 4 processes:",
+              [f"{t:.3f}" for t in latencies])
+        counts = [int(p.communicate(timeout=60)[0] or 0) for p in churners]
+        print("site1's connections:", counts)
+    finally:
+        for p in churners:
+            p.kill()
+            p.wait(10)
+    assert max(latencies) < 1.5
