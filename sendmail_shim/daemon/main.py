@@ -194,8 +194,8 @@ class Daemon:
         await asyncio.gather(*background, return_exceptions=True)
         # A cancelled task leaves its asyncio.to_thread() call running: wait for every
         # worker thread (and refuse new ones) before anything they use is closed.
-        await asyncio.get_running_loop().shutdown_default_executor()
         await asyncio.to_thread(self.intake.close)  # the intakes in hand, cancelled or not
+        await asyncio.get_running_loop().shutdown_default_executor()
 
     def _open_state(self) -> bool:
         """Open the state database; on failure (a full disk) say why and keep refusing."""
