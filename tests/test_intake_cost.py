@@ -120,3 +120,17 @@ def test_connection_churn_from_one_uid_does_not_delay_another(
             p.kill()
             p.wait(10)
     assert max(latencies) < 1.5
+
+
+def test_bs_road_refuses_the_worst_case_header_block_at_once(
+        system: tuple[Shim, Relay]) -> None:
+    # -bs hands each transaction off through the socket: the same limits, the same answer.
+    shim, _relay = system
+    dialog = ("EHLO site1\r\nMAIL FROM:<me@site1.test>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n"
+              ).encode() + b"Subject: x\r\n" + b" \r\n" * 990_000 + b"\r\nbody\r\n.\r\nQUIT\r\n"
+    start = time.monotonic()
+    done = shim.sendmail(["-bs"], dialog)
+    took = time.monotonic() - start
+    print(f"-bs session with 990,000 continuation lines: {took:.2f}s")
+    assert b"552 5.3.4" in done.stdout and b"header_size_limit" in done.stdout, done.stdout
+    assert took < 20  # 68 s for the parse alone before
