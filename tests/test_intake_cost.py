@@ -126,8 +126,8 @@ def test_bs_road_refuses_the_worst_case_header_block_at_once(
         system: tuple[Shim, Relay]) -> None:
     # -bs hands each transaction off through the socket: the same limits, the same answer.
     shim, _relay = system
-    dialog = ("EHLO site1\r\nMAIL FROM:<me@site1.test>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n"
-              ).encode() + b"Subject: x\r\n" + b" \r\n" * 990_000 + b"\r\nbody\r\n.\r\nQUIT\r\n"
+    dialog = (b"EHLO site1\r\nMAIL FROM:<me@site1.test>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n"
+              ) + b"Subject: x\r\n" + b" \r\n" * 990_000 + b"\r\nbody\r\n.\r\nQUIT\r\n"
     start = time.monotonic()
     done = shim.sendmail(["-bs"], dialog)
     took = time.monotonic() - start
