@@ -30,8 +30,9 @@ submissions finish (30 s, then they are cancelled); tell the pickup scan
 (between two drop files), the queue runner (between two messages) and the
 reputation watch (after its lookups in flight) to stop, and wait for them
 (STOP_TIMEOUT, then they are cancelled); join the intake's threads
-(daemon/workers.py) and every worker thread of the loop's executor, since cancelling a task that awaits ``asyncio.to_thread``
-does not stop the thread; only then close the state
+(daemon/workers.py) and every worker thread of the loop's executor, since
+cancelling a task that awaits ``asyncio.to_thread`` does not stop the
+thread; only then close the state
 (SQLite) and release the lock.  So no thread ever uses a closed database, a
 drop file is never left both queued and in ``maildrop/``, and a message
 accepted by the relay is recorded before the daemon exits.  The signal
