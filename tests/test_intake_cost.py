@@ -12,11 +12,14 @@ another site's hand-off to 9.5 s.
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 import time
 
-from conftest import SENDMAIL, Relay, Shim
+from conftest import SENDMAIL, Relay, Shim, wait_until
+
+from sendmail_shim.wire import protocol
 
 HOSTILE = r"""
 import subprocess, sys, threading, time
@@ -134,3 +137,28 @@ def test_bs_road_refuses_the_worst_case_header_block_at_once(
     print(f"-bs session with 990,000 continuation lines: {took:.2f}s")
     assert b"552 5.3.4" in done.stdout and b"header_size_limit" in done.stdout, done.stdout
     assert took < 20  # 68 s for the parse alone before
+
+
+def test_drop_road_refuses_worst_case_header_blocks_without_delaying_another(
+        system: tuple[Shim, Relay]) -> None:
+    # Drop files take the same intake (pickup's own threads): refused at once, by the limit.
+    shim, _relay = system
+    shim.stop()
+    drop = os.path.join(shim.spool, "maildrop")
+    uid = pwd.getpwnam("shimsite1").pw_uid
+    hostile = b"Subject: x\n" + b" \n" * 990_000 + b"\nbody\n"
+    for n in range(6):
+        tmp = os.path.join(drop, f"t.hostile{n}")
+        with open(tmp, "wb") as fh:
+            fh.write(protocol.encode_request([("mode", "submit"), ("rcpt", "a@example.net")],
+                                             hostile))
+        os.chown(tmp, uid, -1)  # the setgid directory gave it the daemon's group
+        os.chmod(tmp, 0o640)
+        os.rename(tmp, os.path.join(drop, f"m.hostile{n}"))
+    shim.start()
+    latencies = _time_plain_handoffs(shim, 2)
+    print("site2 hand-offs while pickup takes 6 worst-case drop files:",
+          [f"{t:.3f}" for t in latencies])
+    assert max(latencies) < 1.5
+    wait_until(lambda: shim.daemon_log().count("origin=maildrop status=552 enhanced=5.3.4") == 6,
+               15, "six refusals of the drop files by the header limit")
