@@ -18,9 +18,9 @@ one more message of one recipient (``check_quota``, a read of the bucketed
 counters, no transaction), are refused before compose reads a byte of it;
 such a quota refusal is counted and runs the outbreak rules as the one after
 compose does.  Compose then stops at its own limits (the header block's size
-and fields, the recipient count: intake/compose.py).  The
+and fields, the recipient count: intake/compose.py).
 
-state work per message is bounded whatever the site's traffic: the suspension
+The state work per message is bounded whatever the site's traffic: the suspension
 and the quota overrides are read from memory, the quota and the rules read
 bucketed counters (``store.state``).
 
