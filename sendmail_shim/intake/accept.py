@@ -15,7 +15,8 @@ outcome is logged in one line with the queue id, site, uid and script.
 The cheap refusals come before any work proportional to the message: a
 suspended site, and a site (or account) whose quota leaves no room for even
 one more message of one recipient (``check_quota``, a read of the bucketed
-counters, no transaction), are refused before compose reads a byte of it;
+counters, no transaction), are refused before compose reads a byte of it
+(not a copy of a submission id already known: that one is "already queued");
 such a quota refusal is counted and runs the outbreak rules as the one after
 compose does.  Compose then stops at its own limits (the header block's size
 and fields, the recipient count: intake/compose.py).
@@ -143,7 +144,12 @@ def accept_submission(
             f"site {site.name} is suspended since {mail_date(suspended[0])} ({suspended[1]}); "
             f"nothing was queued. The operator lifts it with 'sendmail-shim-admin site resume "
             f"{site.name}'")
-    over = check_quota(config, state, site, caller.uid, 1, now)
+    subid = protocol.submission_id(fields)
+    # A copy of a submission already seen (the drop file of a socket hand-off whose
+    # reply was lost) is answered "already queued" below, even when its first copy
+    # took the last of the quota: only a new submission is refused here.
+    over = (check_quota(config, state, site, caller.uid, 1, now)
+            if subid is None or state.submission(caller.uid, subid) is None else None)
     if over is not None:
         return _refuse_quota(config, state, site, early, caller.uid, None, over, now)
     try:
@@ -176,7 +182,6 @@ def accept_submission(
         log.info("scan_deferred %s reason=%r action='scored by the queue runner after the "
                  "commit'", facts, unscored)
     nrcpt = len(envelope.recipients)
-    subid = protocol.submission_id(fields)
     known: tuple[str, bool] | None = None
     claimed = False
     layout = config.layout  # built once: the property makes a new SpoolLayout each time

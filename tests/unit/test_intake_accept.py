@@ -111,6 +111,16 @@ def test_a_site_over_quota_is_refused_before_compose(make_config: object, tmp_pa
         assert calls == []
         hour, _ = state.count(REFUSED_QUOTA, 3600, time.time(), site="site1.test")
         assert hour == 1  # counted as a quota refusal, as the one after compose is
+        # The last message of the quota, then its drop-file copy: "already queued", not
+        # a quota refusal (its first copy took the quota).
+        state.reset_usage("site1.test")
+        again = [*fields, ("subid", SUBID)]
+        first = accept_submission(limited, state, again, b"Subject: 2\n\nx\n",
+                                  Caller(UID, GID, 1))
+        assert first.accepted
+        copy = accept_submission(limited, state, again, b"Subject: 2\n\nx\n",
+                                 Caller(UID, GID, 1))
+        assert copy.accepted and "already queued" in copy.text, copy.text
     finally:
         state.close()
 
