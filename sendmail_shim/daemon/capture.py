@@ -53,9 +53,9 @@ site's wait or get 421, as on the submission socket (daemon/submission.py):
   (aiosmtpd's timeout; Postfix's smtpd_timeout is 300 s, 10 s under stress:
   a captured session is a site's own engine on the same host, whose commands
   follow each other at once), so idle connections free their uid's slots;
-* intake: at most INTAKE_PER_UID of a uid's transactions are in intake at
-  once (accept_submission runs in the executor the submissions share), so a
-  uid's parallel DATA commands take at most that many of its threads.
+* intake: accept_submission runs on the daemon's intake threads
+  (daemon/workers.py), within the uid's share of them that every road
+  shares, so a uid's parallel DATA commands take at most that many threads.
 Guarantees: each transaction goes through the same intake as the sendmail
 front end (identity -> line-ending rule -> policy -> quota -> spool -> relay
 with the site's login), so a site's built-in SMTP engine keeps working under
@@ -83,6 +83,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from sendmail_shim.config import Config
+from sendmail_shim.daemon.workers import IntakeWorkers
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller, exempt_uids
 from sendmail_shim.store.state import State
@@ -107,7 +108,6 @@ MAX_UNPROVEN = 1024  # connections waiting for their /proc proof, every uid toge
 WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest wait); then 421
 SLOT_WAIT = 30.0  # seconds a connection waits, not greeted, for one of its uid's slots
 IDLE_TIMEOUT = 60.0  # seconds without a command before a session is closed
-INTAKE_PER_UID = 1  # transactions of one uid in intake at once
 BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
 
 
@@ -362,14 +362,15 @@ class PerUid:
 
 
 class CaptureHandler:
-    def __init__(self, config: Config, state: State) -> None:
+    def __init__(self, config: Config, state: State, intake: IntakeWorkers | None = None
+                 ) -> None:
         self.config = config
         self.state = state
         self.sessions = 0  # open capture connections, proven or being proven
         self.unproven = 0  # connections waiting for their proof
         self.prover = Prover(lambda: never_captured(self.config))
         self.connections = PerUid()  # connections_per_uid session slots each
-        self.intake = PerUid()  # INTAKE_PER_UID each
+        self.intake = intake or IntakeWorkers()  # the daemon's: one share per uid on all roads
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
 
     def busy(self, conn: Connection, uid: int, why: str) -> Refused:
@@ -412,10 +413,9 @@ class CaptureHandler:
         message = envelope.original_content or b""  # CRLF: intake applies wire/lineends.py
         fields = [(protocol.MODE, protocol.SUBMIT), (protocol.SENDER, envelope.mail_from)]
         fields += [(protocol.RCPT, rcpt) for rcpt in envelope.rcpt_tos]
-        async with self.intake.slot(uid, INTAKE_PER_UID):  # a uid's share of intake threads
-            verdict = await asyncio.to_thread(accept_submission, self.config, self.state,
-                                              fields, message,
-                                              Caller(uid=uid, gid=gid, pid=None), "capture")
+        verdict = await self.intake.run(uid, accept_submission, self.config, self.state,
+                                        fields, message, Caller(uid=uid, gid=gid, pid=None),
+                                        "capture")
         log.info("captured uid=%d peer=%s original_dst=%s helo=%r status=%d reply=%r",
                  uid, show(conn.peer), show(conn.original), session.host_name, verdict.code,
                  verdict.text)
@@ -486,9 +486,10 @@ class CaptureSMTP(SMTP):
 
 
 async def start_capture(config: Config, state: State, port: int,
-                        handlers: list[CaptureHandler]) -> list[asyncio.AbstractServer]:
+                        handlers: list[CaptureHandler], intake: IntakeWorkers | None = None
+                        ) -> list[asyncio.AbstractServer]:
     """Listen on loopback; ``handlers`` receives the handler so a reload can update it."""
-    handler = CaptureHandler(config, state)
+    handler = CaptureHandler(config, state, intake)
     handlers.append(handler)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 

@@ -29,9 +29,10 @@ Shutdown (SIGTERM, SIGINT), in this order: stop accepting; let in-flight
 submissions finish (30 s, then they are cancelled); tell the pickup scan
 (between two drop files), the queue runner (between two messages) and the
 reputation watch (after its lookups in flight) to stop, and wait for them
-(STOP_TIMEOUT, then they are cancelled); join every worker thread of the
-loop's executor, since cancelling a task that awaits ``asyncio.to_thread``
-does not stop the thread; only then close the state
+(STOP_TIMEOUT, then they are cancelled); join the intake's threads
+(daemon/workers.py) and every worker thread of the loop's executor, since
+cancelling a task that awaits ``asyncio.to_thread`` does not stop the
+thread; only then close the state
 (SQLite) and release the lock.  So no thread ever uses a closed database, a
 drop file is never left both queued and in ``maildrop/``, and a message
 accepted by the relay is recorded before the daemon exits.  The signal
@@ -59,6 +60,7 @@ from sendmail_shim.daemon.control_server import ControlServer
 from sendmail_shim.daemon.logsetup import metrics_enabled
 from sendmail_shim.daemon.sockets import raise_fd_limit
 from sendmail_shim.daemon.submission import SubmissionServer
+from sendmail_shim.daemon.workers import IntakeWorkers
 from sendmail_shim.delivery.reputation import Watch
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import settle_submissions, storage_trouble
@@ -89,6 +91,7 @@ class Daemon:
         self.watch: Watch | None = None  # the reputation watch (delivery/reputation.py)
         self.unavailable: str | None = None  # why submissions are refused (state not open)
         self.pickup_wake = asyncio.Event()
+        self.intake = IntakeWorkers()  # before the servers that hand their intakes to it
         self.submission = SubmissionServer(self)
         self.control = ControlServer(self)
         self._capture_handlers: list[CaptureHandler] = []
@@ -192,6 +195,7 @@ class Daemon:
         await asyncio.gather(*background, return_exceptions=True)
         # A cancelled task leaves its asyncio.to_thread() call running: wait for every
         # worker thread (and refuse new ones) before anything they use is closed.
+        await asyncio.to_thread(self.intake.close)  # the intakes in hand, cancelled or not
         await asyncio.get_running_loop().shutdown_default_executor()
 
     def _open_state(self) -> bool:
@@ -234,7 +238,7 @@ class Daemon:
         if self.config.firewall.capture_port:
             self._captures = await start_capture(self.config, self._state(),
                                                  self.config.firewall.capture_port,
-                                                 self._capture_handlers)
+                                                 self._capture_handlers, self.intake)
         assert self.watch is not None, "_open_state creates the watch"
         await asyncio.gather(self._runner().run_forever(), self._pickup_forever(),
                              self.watch.run())

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sendmail_shim.config import Config
+    from sendmail_shim.daemon.workers import IntakeWorkers
     from sendmail_shim.delivery.runner import QueueRunner
     from sendmail_shim.store.state import State
 
@@ -50,6 +51,7 @@ class Running(Protocol):
     runner: QueueRunner | None  # created with the state
     unavailable: str | None  # why submissions are refused while the state is None
     pickup_wake: asyncio.Event  # set: scan the drop area now
+    intake: IntakeWorkers  # the intake's threads, a share per uid (daemon/workers.py)
 
 
 class DaemonServer:

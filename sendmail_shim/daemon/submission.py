@@ -10,7 +10,20 @@ Connections: each peer uid has its own slots (``connections_per_uid``, default
 WAITING_FACTOR times as many open; beyond that, or beyond MAX_CONNECTIONS for
 all uids, a connection is answered ``421`` at once without being read, and the
 front end writes a drop file instead.  There is no shared queue one uid could
-fill: another site's hand-off never waits behind it.  A client must send its
+fill: another site's hand-off never waits behind it.
+
+The accept loop is the daemon's own, not asyncio's server: it takes at most
+ACCEPT_BATCH connections per turn of the event loop, reads each one's peer
+credentials from the bare socket, and only then spends anything on it.  A
+connection over its uid's slots waits as a bare socket in that uid's queue (no
+transport, no task; served in order as the uid's slots free), one beyond its
+waiting share is answered 421 with one non-blocking send and closed.  So a
+uid that churns connections (connect, send nothing, close, again) costs an
+accept and a getsockopt each beyond its slots, the kernel's listen queue
+stays short, and another uid's connection is accepted and served between
+two batches (asyncio's server accepted up to the whole backlog, 4,096, and
+set up a transport and a task for each before it looked at the uid: four
+churning processes delayed another site by 9.5 s).  A client must send its
 greeting and header within FIRST_BYTES_TIMEOUT seconds, its message within
 READ_TIMEOUT plus a second per megabyte.
 
@@ -53,10 +66,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import socket
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 
 from sendmail_shim.daemon import listing
 from sendmail_shim.daemon.sockets import (
@@ -83,6 +99,8 @@ WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest w
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
 FLUSH_INTERVAL = 60.0  # a site uid's flush runs at most once in this many seconds
+ACCEPT_BATCH = 32  # connections accepted per turn of the event loop
+ACCEPT_PAUSE = 1.0  # after EMFILE/ENFILE/ENOMEM: accept again after this many seconds
 INTERNAL_ERROR = protocol.format_reply(
     451, sysexits.EX_TEMPFAIL, "4.3.0 internal error in the daemon; nothing was queued, try "
     "again later (the operator finds the cause in the daemon's log)")
@@ -96,8 +114,10 @@ class SubmissionServer(DaemonServer):
         self.inherited = False  # the socket is systemd's: it stays when the daemon exits
         self.inflight: set[asyncio.Task[None]] = set()
         self._per_uid: dict[int, int] = {}  # open hand-off connections by peer uid
-        self._uid_slots: dict[int, asyncio.Semaphore] = {}  # connections_per_uid each
+        self._active: dict[int, int] = {}  # of those, being served (connections_per_uid each)
+        self._waiting: dict[int, deque[tuple[socket.socket, int, int, int]]] = {}
         self._connections = 0
+        self._listener: Listener | None = None
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused)
         self._listing: set[int] = set()  # site uids with a mailq listing being sent
         self._flushed: dict[int, tuple[float, int]] = {}  # uid -> (last flush run, ignored)
@@ -110,60 +130,105 @@ class SubmissionServer(DaemonServer):
         assert self.runner is not None, "the runner is created with the state"
         return self.runner
 
-    async def start(self) -> asyncio.AbstractServer:
+    async def start(self) -> Listener:
         """Listen: on systemd's socket when it passed one, else on ``public/submit.sock``."""
         layout = self.config.layout
-        inherited = systemd_socket()
-        if inherited is not None:
+        sock = systemd_socket()
+        if sock is not None:
             self.inherited = True
-            return await asyncio.start_unix_server(self._on_connection, sock=inherited,
-                                                   limit=protocol.MAX_HEADER_BYTES + 2)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(layout.socket)
-        server = await asyncio.start_unix_server(self._on_connection, path=layout.socket,
-                                                 limit=protocol.MAX_HEADER_BYTES + 2,
-                                                 backlog=LISTEN_BACKLOG)
-        os.chmod(layout.socket, paths.MODE_SOCKET)
-        return server
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layout.socket)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(layout.socket)
+            os.chmod(layout.socket, paths.MODE_SOCKET)
+            sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        self._listener = Listener(sock, self._accept_some, self._close_waiting)
+        return self._listener
 
-    # -- one connection ---------------------------------------------------------
-    async def _on_connection(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.inflight.add(task)
-        try:
+    # -- accepting: the uid first, then any cost ----------------------------------
+    def _accept_some(self, listener: Listener) -> None:
+        """At most ACCEPT_BATCH connections, each admitted, queued or refused by its uid."""
+        for _ in range(ACCEPT_BATCH):
             try:
-                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+                conn, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s; accepting again in %gs (raise the file "
+                              "descriptor limit?)", exc, ACCEPT_PAUSE)
+                    listener.pause(ACCEPT_PAUSE)
+                return  # ECONNABORTED and the like: the next turn tries again
+            try:
+                pid, uid, gid = peer_credentials(conn)
             except OSError:
-                writer.close()
-                return
-            # Slots per uid, never one queue for all: a connection waits only behind its
-            # own uid's, and beyond WAITING_FACTOR times its slots it is answered at once.
-            limit = self.config.connections_per_uid
-            if (self._per_uid.get(uid, 0) >= limit * WAITING_FACTOR
-                    or self._connections >= MAX_CONNECTIONS):
-                await respond(writer, self._busy(uid, pid), "client", INTERNAL_ERROR)
-                return
-            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-            self._connections += 1
-            slots = self._uid_slots.get(uid)
-            if slots is None:
-                slots = self._uid_slots[uid] = asyncio.Semaphore(limit)
-            try:
-                async with slots:
-                    await respond(writer, self._handle_safely(reader, pid, uid, gid),
-                                  "client", INTERNAL_ERROR)
-            finally:
+                conn.close()
+                continue
+            self._admit(conn, pid, uid, gid)
+
+    def _admit(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
+        # Slots per uid, never one queue for all: a connection waits only behind its
+        # own uid's, and beyond WAITING_FACTOR times its slots it is answered at once.
+        limit = self.config.connections_per_uid
+        if (self._per_uid.get(uid, 0) >= limit * WAITING_FACTOR
+                or self._connections >= MAX_CONNECTIONS):
+            _send_and_close(conn, self._busy(uid, pid))
+            return
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        self._connections += 1
+        if self._active.get(uid, 0) < limit:
+            self._serve(conn, pid, uid, gid)
+        else:
+            self._waiting.setdefault(uid, deque()).append((conn, pid, uid, gid))
+
+    def _serve(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
+        self._active[uid] = self._active.get(uid, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._on_connection(conn, pid, uid, gid))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    def _done(self, uid: int) -> None:
+        """A connection of ``uid`` ended: its slot goes to the uid's next waiting one."""
+        self._connections -= 1
+        self._per_uid[uid] -= 1
+        self._active[uid] -= 1
+        waiting = self._waiting.get(uid)
+        if waiting:
+            self._serve(*waiting.popleft())
+            if not waiting:
+                del self._waiting[uid]
+        if not self._per_uid[uid]:  # nobody holds or waits for its slots now
+            del self._per_uid[uid]
+            del self._active[uid]
+
+    def _close_waiting(self) -> None:
+        """Stopping: a connection still waiting for its uid's slot is told to try again."""
+        for waiting in self._waiting.values():
+            for conn, _pid, uid, _gid in waiting:
+                _send_and_close(conn, protocol.format_reply(
+                    protocol.BUSY, sysexits.EX_TEMPFAIL,
+                    "4.3.2 the daemon is stopping; nothing was read, try again later"))
                 self._connections -= 1
                 self._per_uid[uid] -= 1
-                if not self._per_uid[uid]:  # nobody holds or waits for its slots now
-                    del self._per_uid[uid]
-                    del self._uid_slots[uid]
-        finally:
-            self.inflight.discard(task)
+        self._waiting.clear()
 
-    async def _busy(self, uid: int, pid: int) -> bytes:
+    # -- one connection ---------------------------------------------------------
+    async def _on_connection(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(
+                    sock=conn, limit=protocol.MAX_HEADER_BYTES + 2)
+            except OSError:
+                conn.close()
+                return
+            await respond(writer, self._handle_safely(reader, pid, uid, gid), "client",
+                          INTERNAL_ERROR)
+        finally:
+            self._done(uid)
+
+    def _busy(self, uid: int, pid: int) -> bytes:
         limit = self.config.connections_per_uid
         now = time.monotonic()
         last, refused = self._busy_logged.get(uid, (0.0, 0))
@@ -251,10 +316,10 @@ class SubmissionServer(DaemonServer):
                                         f"4.3.0 {self._unavailable}; nothing was queued, "
                                         "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
-        # One hop to a worker thread of the loop's default executor (which the daemon's
-        # shutdown joins) for the whole hand-off: state, compose, commit, bookkeeping.
-        verdict: Verdict = await asyncio.get_running_loop().run_in_executor(
-            None, accept_submission, self.config, self.state, fields, message, caller)
+        # One hop to an intake thread, within this uid's share (daemon/workers.py), for
+        # the whole hand-off: state, compose, commit, bookkeeping.
+        verdict: Verdict = await self.daemon.intake.run(
+            uid, accept_submission, self.config, self.state, fields, message, caller)
         if verdict.accepted:
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,
@@ -314,3 +379,51 @@ class SubmissionServer(DaemonServer):
                                    if everything or e.envelope.uid == uid),
                                   operator=everything)
 
+
+
+def _send_and_close(conn: socket.socket, line: bytes) -> None:
+    """One reply line with one non-blocking send (a fresh socket's buffer holds it), closed."""
+    with contextlib.suppress(OSError):
+        conn.send(line)
+    conn.close()
+
+
+class Listener:
+    """The listening socket, read by the event loop: ``accept`` runs when it is readable.
+
+    ``close`` stops accepting and answers the connections still waiting for a slot;
+    ``wait_closed`` is there for the daemon's shutdown, as on asyncio's servers.
+    """
+
+    def __init__(self, sock: socket.socket, accept: Callable[[Listener], None],
+                 on_close: Callable[[], None]) -> None:
+        self.sock = sock
+        self._accept = accept
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._resume: asyncio.TimerHandle | None = None
+        self._loop.add_reader(sock.fileno(), self._accept, self)
+
+    def pause(self, seconds: float) -> None:
+        """Stop accepting for ``seconds`` (out of descriptors: the loop must not spin)."""
+        self._loop.remove_reader(self.sock.fileno())
+        self._resume = self._loop.call_later(seconds, self._restart)
+
+    def _restart(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self._loop.add_reader(self.sock.fileno(), self._accept, self)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self._on_close()
+
+    async def wait_closed(self) -> None:
+        return None

@@ -2,18 +2,29 @@
 
 Trusts: the :class:`~sendmail_shim.policy.identity.Caller` it is given, whose uid the
 kernel vouched for (peer credentials or drop-file owner); nothing else.
-Guarantees, in this order: identify (uid + hints -> site) -> the line-ending
+Guarantees, in this order: identify (uid + hints -> site) -> suspended? ->
+over quota already? -> the line-ending
 rule (wire/lineends.py: LF line ends and no CR from here on, for every road;
 a CR or NUL inside the header block is refused, 554 5.6.0 / exit 65) -> compose ->
-suspended? -> sender policy -> policy checks -> content score (only with
+sender policy -> policy checks -> content score (only with
 ``scan.mode: before_ack``, policy/content.py: above ``scan.max_score``
 refused, nothing queued) -> quota (checked and reserved in one transaction)
 -> spool commit -> "accepted".  The verdict is "accepted"
 only after ``spool.commit`` returned, so the message is on disk; a failed
 commit gives its quota reservation back.  Outbreak rules run after a quota
 refusal and after an acceptance, and suspend the site when they trip.  Every
-outcome is logged in one line with the queue id, site, uid and script.  The
-state work per message is bounded whatever the site's traffic: the suspension
+outcome is logged in one line with the queue id, site, uid and script.
+
+The cheap refusals come before any work proportional to the message: a
+suspended site, and a site (or account) whose quota leaves no room for even
+one more message of one recipient (``check_quota``, a read of the bucketed
+counters, no transaction), are refused before compose reads a byte of it
+(not a copy of a submission id already known: that one is "already queued");
+such a quota refusal is counted and runs the outbreak rules as the one after
+compose does.  Compose then stops at its own limits (the header block's size
+and fields, the recipient count: intake/compose.py).
+
+The state work per message is bounded whatever the site's traffic: the suspension
 and the quota overrides are read from memory, the quota and the rules read
 bucketed counters (``store.state``).
 
@@ -54,7 +65,7 @@ from sendmail_shim.intake.compose import CompositionError, Submission, compose
 from sendmail_shim.policy import content, outbreak
 from sendmail_shim.policy import limits as policy
 from sendmail_shim.policy.identity import Caller, identify
-from sendmail_shim.policy.quota import reserve_quota
+from sendmail_shim.policy.quota import check_quota, reserve_quota
 from sendmail_shim.policy.sanctions import suspend_site
 from sendmail_shim.policy.sender import apply_sender_policy
 from sendmail_shim.store import outcome, spool
@@ -128,6 +139,23 @@ def accept_submission(
     site = ident.site
     queue_id = spool.new_queue_id()
     now = time.time()
+    early = Fields(queue_id=queue_id, site=site.name, uid=caller.uid, pid=caller.pid,
+                   script=caller.script, origin=origin)  # before compose: no header read
+    suspended = state.suspension(site.name)
+    if suspended is not None:
+        log.warning("refused %s reason=suspended", early)
+        return outcome.refused(
+            f"site {site.name} is suspended since {mail_date(suspended[0])} ({suspended[1]}); "
+            f"nothing was queued. The operator lifts it with 'sendmail-shim-admin site resume "
+            f"{site.name}'")
+    subid = protocol.submission_id(fields)
+    # A copy of a submission already seen (the drop file of a socket hand-off whose
+    # reply was lost) is answered "already queued" below, even when its first copy
+    # took the last of the quota: only a new submission is refused here.
+    over = (check_quota(config, state, site, caller.uid, 1, now)
+            if subid is None or state.submission(caller.uid, subid) is None else None)
+    if over is not None:
+        return _refuse_quota(config, state, site, early, caller.uid, None, over, now)
     try:  # the line-ending rule first: every later step reads the lines the relay gets
         envelope, final = compose(sub, lineends.normalize(message), site, caller, config,
                                   queue_id, now)
@@ -139,13 +167,6 @@ def accept_submission(
     envelope.origin = origin
     facts = Fields(queue_id=queue_id, site=site.name, uid=caller.uid, pid=caller.pid,
                    script=envelope.script, origin=origin)  # the script is the site's words
-    suspended = state.suspension(site.name)
-    if suspended is not None:
-        log.warning("refused %s reason=suspended", facts)
-        return outcome.refused(
-            f"site {site.name} is suspended since {mail_date(suspended[0])} ({suspended[1]}); "
-            f"nothing was queued. The operator lifts it with 'sendmail-shim-admin site resume "
-            f"{site.name}'")
     rewritten = apply_sender_policy(site, config, envelope, final)
     if isinstance(rewritten, outcome.Verdict):
         log.warning("refused %s sender=<%s> status=%d enhanced=%s reason=%r", facts,
@@ -166,7 +187,6 @@ def accept_submission(
         log.info("scan_deferred %s reason=%r action='scored by the queue runner after the "
                  "commit'", facts, unscored)
     nrcpt = len(envelope.recipients)
-    subid = protocol.submission_id(fields)
     known: tuple[str, bool] | None = None
     claimed = False
     layout = config.layout  # built once: the property makes a new SpoolLayout each time
@@ -247,6 +267,17 @@ def accept_submission(
                  queue_id, site.name, score, config.scan.max_score)
         _after(facts, lambda: _count_score(config, state, site, envelope.uid, score, now))
     return outcome.accepted(f"Ok: queued as {queue_id}")
+
+
+def _refuse_quota(config: Config, state: State, site: Site, facts: Fields, uid: int,
+                  script: str | None, verdict: outcome.Verdict, now: float) -> outcome.Verdict:
+    """Over quota before compose: counted and logged as the later refusal, rules run."""
+    log.warning("refused %s nrcpt=1 status=%d enhanced=%s reason=quota text=%r", facts,
+                verdict.code, verdict.enhanced, verdict.text)
+    _after(facts, lambda: state.record(site.name, uid, REFUSED_QUOTA, 1, script, ts=now))
+    _after(facts, lambda: _trip(config, state, site,
+                                outbreak.after_quota_refusal(state, site, now)))
+    return verdict
 
 
 def _count_score(config: Config, state: State, site: Site, uid: int, score: float,

@@ -22,6 +22,16 @@ Guarantees, following Postfix's sendmail/cleanup:
 * header-derived text (the script hint, ``-F``) is never fatal: invalid UTF-8
   and controls are escaped (``\\xff``) before they reach the Received line, the
   envelope, the state database or a log line;
+* bounded work: the header block is split in linear time and refused past
+  store/headers.py's limits (a field over 102400 bytes, Postfix's
+  ``header_size_limit``; a block over 256 KiB; over 1000 fields) with
+  ``552 5.3.4``, exit 65, before anything else reads it; a recipient argument
+  longer than a header field may be is refused the same way; addresses are
+  counted as they are parsed (the command line's first, then the header's), and
+  the count stops at policy.limits.MAX_RECIPIENTS + 1: ``452 4.5.3``, exit 65,
+  duplicates included, as Postfix's smtpd_recipient_limit counts RCPT
+  commands.  What compose does is linear in the message's size and the
+  request's, and no address list is parsed past the recipient limit;
 * ``-V`` (envelope id) must be printable ASCII, at most 100 characters
   (RFC 3461 ENVID), else a CompositionError;
 * the default envelope sender is the site's ``sender``, else ``noreply@`` its
@@ -39,10 +49,18 @@ from email.utils import getaddresses
 
 from sendmail_shim.config import Config, Site
 from sendmail_shim.policy.identity import Caller
+from sendmail_shim.policy.limits import MAX_RECIPIENTS
 from sendmail_shim.policy.sender import default_sender
 from sendmail_shim.store.address import AddressError, canonical, printable
 from sendmail_shim.store.envelope import Envelope
-from sendmail_shim.store.headers import header_name, header_value, mail_date, split_header_block
+from sendmail_shim.store.headers import (
+    MAX_FIELD_BYTES,
+    HeaderLimitError,
+    header_name,
+    header_value,
+    mail_date,
+    split_header_block,
+)
 from sendmail_shim.wire import protocol
 
 MAX_ENVID = 100  # RFC 3461 4.4
@@ -108,6 +126,23 @@ def _addresses(text: str, what: str) -> list[str]:
     return [addr for _name, addr in getaddresses([text]) if addr]
 
 
+class _Recipients:
+    """Addresses as they are parsed, refused as soon as there are too many."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, text: str) -> None:
+        if len(text) > MAX_FIELD_BYTES:
+            raise CompositionError(f"a recipient argument is longer than {MAX_FIELD_BYTES} "
+                                   "bytes", 552, "5.3.4")
+        self.found.extend(_addresses(text, "recipient"))
+        if len(self.found) > MAX_RECIPIENTS:
+            raise CompositionError(f"more than {MAX_RECIPIENTS} recipient addresses in one "
+                                   f"message; at most {MAX_RECIPIENTS} are accepted: split "
+                                   "the mailing", 452, "4.5.3")
+
+
 def check_address(addr: str, what: str) -> str:
     """The canonical form of ``addr`` (address.py), or a CompositionError naming it."""
     try:
@@ -167,22 +202,25 @@ def compose(
     now: float,
 ) -> tuple[Envelope, bytes]:
     """The envelope and the final message bytes (see the module docstring)."""
-    headers, rest = split_header_block(message)
+    recipients = _Recipients()
+    for word in sub.rcpt_words:  # the request's, before the message is read
+        recipients.add(word)
+    try:
+        headers, rest = split_header_block(message, limited=True)
+    except HeaderLimitError as exc:
+        raise CompositionError(f"{exc}; shorten the header", 552, "5.3.4") from None
     names = [header_name(h) for h in headers]
     resent = any(n.startswith("resent-") for n in names)
     sender = envelope_sender(sub.sender, site, config)
 
-    recipients: list[str] = []
-    for word in sub.rcpt_words:
-        recipients.extend(_addresses(word, "recipient"))
     if sub.extract:
         wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
         for field, name in zip(headers, names, strict=True):
             if name in wanted:
-                recipients.extend(_addresses(header_value(field), "recipient"))
+                recipients.add(header_value(field))
     seen: set[str] = set()
     unique: list[str] = []
-    for addr in recipients:
+    for addr in recipients.found:
         addr = check_address(_qualify(addr, config.hostname), "recipient")
         if addr.lower() not in seen:
             seen.add(addr.lower())
