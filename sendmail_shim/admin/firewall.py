@@ -34,6 +34,7 @@ import socket
 import subprocess
 import urllib.parse
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from sendmail_shim.config import Config
@@ -293,6 +294,8 @@ def check(config: Config, netns: str | None = None) -> tuple[bool, list[str]]:
                        ".nft && nft -f /etc/nftables.d/sendmail-shim.nft'"]
     want = [line.strip() for line in normalized(config).splitlines() if line.strip()]
     have = [line.strip() for line in live.splitlines() if line.strip()]
-    missing = [f"missing: {line}" for line in want if line not in have]
-    extra = [f"unexpected: {line}" for line in have if line not in want]
+    # Counted, not just looked up: several chains end with the same line (drop).
+    wanted, found = Counter(want), Counter(have)
+    missing = [f"missing: {line}" for line in (wanted - found).elements()]
+    extra = [f"unexpected: {line}" for line in (found - wanted).elements()]
     return not missing and not extra, missing + extra
