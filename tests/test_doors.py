@@ -75,25 +75,35 @@ def as_user(user: str | None, code: str, *args: str) -> str:
 
 # -- metrics ------------------------------------------------------------------------------
 
-def test_metrics_answer_root_the_daemon_and_allowed_users_not_a_site_uid(
-        shim_factory: Any) -> None:
+def metered(shim_factory: Any, settings: str = "") -> tuple[Shim, int]:
     port = free_port()
     shim, _relay = started(shim_factory, extra=(
-        f"metrics: {{listen: 127.0.0.1:{port}, allow_users: [shimstranger]}}\n"))
+        f"metrics: {{listen: 127.0.0.1:{port}{settings}}}\n"))
     wait_until(lambda: "metrics_listening" in shim.daemon_log(), 15, "the metrics listener")
     sent = shim.sendmail(["-t", "-i"], b"To: a@example.net\nSubject: m\n\nhello\n",
                          user="shimsite2")
     assert sent.returncode == 0, sent.stderr
-    code = SCRAPE % port
-    wait_until(lambda: as_user(None, code).split() == ["200", "True"], 15,
+    wait_until(lambda: as_user(None, SCRAPE % port).split() == ["200", "True"], 15,
                "site2 in the scrape")
+    return shim, port
+
+
+def test_metrics_answer_root_and_the_daemon_not_a_site_uid(shim_factory: Any) -> None:
+    shim, port = metered(shim_factory)
+    code = SCRAPE % port
     assert as_user(DAEMON_USER, code).split() == ["200", "True"]
-    assert as_user("shimstranger", code).split() == ["200", "True"]  # metrics.allow_users
     for _ in range(5):  # site1 must not list site2 (nor anything): 403, logged once
         assert as_user("shimsite1", code).split() == ["403", "False"]
     log = shim.daemon_log()
     assert f"metrics_refused peer=uid:{pwd.getpwnam('shimsite1').pw_uid} " in log, log[-2000:]
     assert log.count("metrics_refused") == 1  # at most one line per client a minute
+
+
+def test_metrics_allow_users(shim_factory: Any) -> None:
+    _shim, port = metered(shim_factory, ", allow_users: [shimstranger]")
+    code = SCRAPE % port
+    assert as_user("shimstranger", code).split() == ["200", "True"]
+    assert as_user("shimsite1", code).split() == ["403", "False"]
 
 
 # -- the policy service --------------------------------------------------------------------
@@ -203,8 +213,7 @@ def test_a_suspension_by_the_service_is_the_daemons_and_site_lists(
 
 def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
         shim_factory: Any, workdir: str) -> None:
-    svc = service(shim_factory, workdir, "idle_timeout: 2s, allow_users: [root, postfix, "
-                  "shimstranger], max_connections: 150")
+    svc = service(shim_factory, workdir, "idle_timeout: 2s, max_connections: 150")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
     held: list[socket.socket] = []
@@ -217,11 +226,11 @@ def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
                 break
         assert len(held) == 1100
         started_at = time.monotonic()
-        answer = svc.ask([request("site2.test")], user="postfix")
+        answer = svc.ask([request("site2.test")], user=DAEMON_USER)
         assert answer == ["action=DUNNO"], svc.service_log()[-3000:]
         assert time.monotonic() - started_at < 5
         waiter = subprocess.Popen(  # 100 more from another allowed uid: 50 wait for a slot
-            ["runuser", "-u", "shimstranger", "--", sys.executable, "-c",
+            ["runuser", "-u", "postfix", "--", sys.executable, "-c",
              "import socket, time\nss = [socket.create_connection(('127.0.0.1', "
              f"{svc.port}), 10) for _ in range(100)]\nfor s in ss: s.settimeout(30)\n"
              "print(sum(1 for s in ss if s.recv(1) == b''))"],
