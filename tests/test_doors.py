@@ -213,13 +213,13 @@ def test_a_suspension_by_the_service_is_the_daemons_and_site_lists(
 
 def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
         shim_factory: Any, workdir: str) -> None:
-    svc = service(shim_factory, workdir, "idle_timeout: 2s, max_connections: 150")
+    svc = service(shim_factory, workdir, "idle_timeout: 2s, max_connections: 650")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
     held: list[socket.socket] = []
     waiter: subprocess.Popen[str] | None = None
     try:
-        for _ in range(1100):  # root is allowed: over its share (100) closed at once
+        for _ in range(1100):  # root is allowed: over its share (500) closed at once
             try:
                 held.append(socket.create_connection(("127.0.0.1", svc.port), 10))
             except OSError:
@@ -229,10 +229,10 @@ def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
         answer = svc.ask([request("site2.test")], user=DAEMON_USER)
         assert answer == ["action=DUNNO"], svc.service_log()[-3000:]
         assert time.monotonic() - started_at < 5
-        waiter = subprocess.Popen(  # 100 more from another allowed uid: 50 wait for a slot
+        waiter = subprocess.Popen(  # 200 more from another allowed uid: 51 wait for a slot
             ["runuser", "-u", "postfix", "--", sys.executable, "-c",
              "import socket, time\nss = [socket.create_connection(('127.0.0.1', "
-             f"{svc.port}), 10) for _ in range(100)]\nfor s in ss: s.settimeout(30)\n"
+             f"{svc.port}), 10) for _ in range(200)]\nfor s in ss: s.settimeout(30)\n"
              "print(sum(1 for s in ss if s.recv(1) == b''))"],
             stdout=subprocess.PIPE, text=True)
         # all idle ones are closed after idle_timeout (those beyond the share at once)
@@ -249,7 +249,7 @@ def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
                 pass
         assert open_ones == 0
         out, _ = waiter.communicate(timeout=60)
-        assert out.split() == ["100"], out  # the ones waiting for a slot too
+        assert out.split() == ["200"], out  # the ones waiting for a slot too
     finally:
         for s in held:
             s.close()

@@ -505,9 +505,10 @@ class PolicyService:
                                doc="connections served at once; more are accepted and wait "
                                    "for a free slot (and are closed after idle_timeout)")
     connections_per_peer: int = key(
-        100, kind=Whole(1),
+        500, kind=Whole(1),
         doc="connections of one client (a local uid, or a remote address) open at once; "
-            "beyond that it is closed at once, so one client cannot take every slot")
+            "beyond that it is closed at once, so one client cannot take every slot; keep "
+            "it above the relay's smtpd process limit (all its smtpd run as postfix)")
     allow_users: tuple[str, ...] = key(
         ("root", "postfix"), kind=Strings(),
         doc="local users whose TCP connections are answered (the service's own user "

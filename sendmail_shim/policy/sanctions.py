@@ -173,7 +173,9 @@ def suspend_site(config: Config, state: State, name: str, reason: str, actor: st
     now = time.time()
     scripts = [(s, c) for n, s, c, _r in state.top(3600, now, by_script=True) if n == site.name]
     lines = "\n".join(f"  {c:6d}  {s or '(no script header)'}" for s, c in scripts[:10])
-    notify_admin(config, f"site {site.name} suspended", (
+    # Counted like the notices of adopt_suspension, so the other nodes of a fleet, which
+    # see this suspension in the shared state, do not send theirs within the hour.
+    notify_admin_limited(config, state, site.name, "suspended", 0, f"site {site.name} suspended", (
         f"Site {site.name} (uids {', '.join(map(str, site.uids)) or '-'}) was suspended "
         f"by {actor}.\n\nReason: {reason}\n\nNew mail from the site is refused; "
         f"{held} queued message(s) were moved to hold.\n\n"
