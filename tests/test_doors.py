@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import DAEMON_USER, Shim, free_port, started, wait_until, with_site_keys
+from conftest import ADMIN, DAEMON_USER, Shim, free_port, started, wait_until, with_site_keys
 from test_policy_service import start_service, stop_service
 
 from sendmail_shim.relaypolicy import codec
@@ -260,3 +260,39 @@ def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
     log = svc.service_log()
     assert "EMFILE" not in log and "Too many open files" not in log
     assert len(log.splitlines()) < 40 and len(log) < 20_000, log[-3000:]
+
+
+def test_unix_socket_with_the_postfix_group_serves_postfix_not_a_site(
+        shim_factory: Any, workdir: str) -> None:
+    """``check_policy_service unix:...``: mode 0660 and group ``socket_group``."""
+    import grp
+    import stat
+
+    make_relay, make_shim = shim_factory
+    relay_port = free_port()
+    path = os.path.join(workdir, "policy.sock")
+    shim = make_shim([relay_port], extra=(
+        f"policy_service: {{listen: 'unix:{path}', socket_group: postfix}}\n"))
+    relay = make_relay(shim.logins, relay_port)
+    relay.start()
+    shim.start()
+    log = os.path.join(workdir, "policy.log")
+    os.chmod(workdir, 0o755)
+    with open(log, "ab") as out:  # as root: it may give the socket to postfix's group
+        proc = subprocess.Popen([ADMIN, "policy", "serve", "--config", shim.config],
+                                stdout=out, stderr=out, env=shim.env())
+    try:
+        wait_until(lambda: os.path.exists(path), 15, "the policy socket")
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == grp.getgrnam("postfix").gr_gid
+        code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+                f"    s.connect({path!r})\nexcept OSError as e:\n    print('refused', e.errno)"
+                "\n    sys.exit()\ns.sendall(b'request=smtpd_access_policy\\n"
+                "protocol_state=RCPT\\nsasl_username=site2.test\\n\\n')\n"
+                "print(s.recv(100).decode().strip())\n")
+        assert as_user("postfix", code).strip() == "action=DUNNO"
+        assert as_user("shimsite1", code).strip() == "refused 13"  # EACCES
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import grp
 import logging
@@ -230,7 +231,13 @@ class PolicyServer:
                                                      backlog=1024)
             group = self.config.policy_service.socket_group
             if group:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                try:
+                    os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                except (KeyError, OSError) as exc:
+                    server.close()
+                    raise OSError(errno.EPERM, f"cannot give {path} to group {group} "
+                                  "(policy_service.socket_group: the service's user must be "
+                                  f"a member of it): {exc}") from exc
             os.chmod(path, SOCKET_MODE)
         else:
             host, _, port = self.listen[5:].rpartition(":")
