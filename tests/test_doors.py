@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from conftest import ADMIN, DAEMON_USER, Shim, free_port, started, wait_until, with_site_keys
 from test_policy_service import start_service, stop_service
+from test_policy_service import world as policy_world  # noqa: F401 (a fixture)
 
 from sendmail_shim.relaypolicy import codec
 
@@ -296,3 +297,36 @@ def test_unix_socket_with_the_postfix_group_serves_postfix_not_a_site(
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_cyrus_logins_in_other_spellings_are_held_to_the_sites_limits(
+        policy_world: Any) -> None:  # noqa: F811 (the fixture imported above)
+    """Through the real Postfix and Cyrus sasldb of tests/test_policy_service.py (per_hour
+    3): whatever spelling the SASL backend lets in is counted against site1.test.  (Seen
+    here: the sasldb compares user and realm with case: SITE1.TEST, Site1.Test and
+    site1.test@RELAY.TEST fail AUTH; site1.test@relay.test is the same account, and the
+    service counts both spellings as site1's.)"""
+    import smtplib
+
+    world = policy_world
+    realm = world_realm()
+    accepted, refused, no_auth = [], [], []
+    for login in ("SITE1.TEST", "Site1.Test", f"site1.test@{realm}",
+                  f"site1.test@{realm.upper()}", "site1.test", f"site1.test@{realm}",
+                  "site1.test"):
+        try:
+            world.direct(["a@example.net"], login=login)
+            accepted.append(login)
+        except smtplib.SMTPAuthenticationError:
+            no_auth.append(login)  # the SASL backend itself refused that spelling
+        except (smtplib.SMTPDataError, smtplib.SMTPRecipientsRefused):
+            refused.append(login)
+    print("accepted", accepted, "refused", refused, "no_auth", no_auth)
+    assert len(accepted) == 3 and refused, (accepted, refused, no_auth)
+    assert f"site1.test@{realm}" in accepted
+
+
+def world_realm() -> str:
+    from postfixrelay import REALM as POSTFIX_REALM
+
+    return POSTFIX_REALM

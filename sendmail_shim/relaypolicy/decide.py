@@ -104,11 +104,12 @@ _SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
 def login_key(login: str, realm: str | None) -> str | None:
     """A SASL login as compared with ``relay_login.user``: None when it cannot be one.
 
-    As the relay's SASL backend compares it: case does not matter (Dovecot
-    lowercases user names by default, ``auth_username_format = %Lu``; a Cyrus
-    sasldb keeps them as created, and a site given ``Site2`` there is still
-    site2's); ``user@REALM`` is ``user`` when REALM is ``login_realm`` (compared
-    without case, as DNS names are); any other realm is kept, so it matches only
+    As the most lenient SASL backend compares it, so no spelling a relay lets in
+    escapes the site's limits: case does not matter (Dovecot lowercases user
+    names by default, ``auth_username_format = %Lu``; a Cyrus sasldb compares
+    user and realm with case, so there other spellings fail AUTH anyway);
+    ``user@REALM`` is ``user`` when REALM is ``login_realm`` (compared without
+    case, as DNS names are); any other realm is kept, so it matches only
     a relay_login that names it.  White space or a control character anywhere
     (`` site2``) is no login of ours: never trimmed into one, so unknown.
     """
