@@ -115,6 +115,7 @@ class Service:
     port: int
     log: str
     proc: subprocess.Popen[bytes]
+    relay: Any
 
     def ask(self, requests: list[dict[str, str]], user: str | None = None) -> list[str]:
         import json
@@ -146,7 +147,7 @@ def service(shim_factory: Any, workdir: str, settings: str = "",
     relay.start()
     shim.start()  # creates the spool and its state as the daemon's user
     log = os.path.join(workdir, "policy.log")
-    return Service(shim, port, log, start_service(shim, log, port))
+    return Service(shim, port, log, start_service(shim, log, port), relay)
 
 
 @pytest.fixture
@@ -188,6 +189,10 @@ def test_a_suspension_by_the_service_is_the_daemons_and_site_lists(
     svc = service(shim_factory, workdir, "",
                   ("site1.test", "outbreak: {recipient_domains_per_hour: 3}"))
     try:
+        svc.relay.stop()  # site1's message waits in the queue: the suspension must hold it
+        queued = svc.shim.sendmail(["-t", "-i"], b"To: a@example.net\nSubject: q\n\nwait\n")
+        assert queued.returncode == 0, queued.stderr
+        wait_until(lambda: svc.shim.queue_files("deferred"), 20, "site1's message deferred")
         instance = "tripping"
         rcpts = [request("site1.test", "RCPT", instance, f"a@d{i}.example") for i in range(5)]
         answers = svc.ask([*rcpts, request("site1.test", instance=instance,
@@ -197,6 +202,8 @@ def test_a_suspension_by_the_service_is_the_daemons_and_site_lists(
         shim = svc.shim
         wait_until(lambda: "suspended site=site1.test actor=policy service" in
                    shim.daemon_log(), 10, "the daemon's suspended line")
+        assert "held=1 " in shim.daemon_log()
+        assert len(shim.queue_files("hold")) == 1 and not shim.queue_files("deferred")
         listing = shim.admin("site", "list")
         assert listing.returncode == 0, listing.stderr
         line = next(x for x in listing.stdout.decode().splitlines() if "site1.test" in x)
