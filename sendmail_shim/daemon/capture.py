@@ -65,10 +65,11 @@ from sendmail_shim.policy.peers import (  # the /proc/net/tcp reading, shared wi
     show,
     tcp_rows,
 )
-
-__all__ = ["ESTABLISHED", "Endpoint", "TcpRow", "endpoint", "show", "tcp_rows"]
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import protocol
+
+# The /proc/net/tcp names moved to policy/peers.py are still this module's (unit tests).
+__all__ = ["ESTABLISHED", "Endpoint", "TcpRow", "endpoint", "show", "tcp_rows"]
 
 log = logging.getLogger(__name__)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
