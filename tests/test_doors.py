@@ -236,7 +236,8 @@ def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
         started_at = time.monotonic()
         answer = svc.ask([request("site2.test")], user=DAEMON_USER)
         assert answer == ["action=DUNNO"], svc.service_log()[-3000:]
-        assert time.monotonic() - started_at < 5
+        latency = time.monotonic() - started_at
+        assert latency < 5
         waiter = subprocess.Popen(  # 200 more from another allowed uid: 51 wait for a slot
             ["runuser", "-u", "postfix", "--", sys.executable, "-c",
              "import socket, time\nss = [socket.create_connection(('127.0.0.1', "
@@ -268,6 +269,8 @@ def test_1100_idle_connections_neither_exhaust_nor_block_and_are_closed(
     log = svc.service_log()
     assert "EMFILE" not in log and "Too many open files" not in log
     assert len(log.splitlines()) < 40 and len(log) < 20_000, log[-3000:]
+    print(f"1,100 idle connections: a query answered in {latency:.2f}s (runuser included); "
+          f"service log {len(log.splitlines())} lines, {len(log)} bytes")
 
 
 def test_unix_socket_with_the_postfix_group_serves_postfix_not_a_site(
