@@ -128,6 +128,70 @@ class TestBlocking:
         assert connect(near, None, FAR4, 6379)  # root
         assert connect(near, "shimsite1", FAR4, 587)  # other ports: as before
 
+    def test_site_uids_reach_the_relays_only_through_the_daemon(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        """The relays had a hole of their own: any uid could speak SMTP to them on 25, 465
+        and 587, bypassing the daemon (and its quotas and logs)."""
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        fw_config(shim)
+        shim.edit_config("relays:\n", "relays:\n" + "".join(
+            f"  - {{host: '{host}', port: {port}}}\n" for host in (FAR4, FAR6)
+            for port in (25, 587)))
+        assert connect(near, "shimsite2", FAR4, 587)  # before: the hole
+        apply(near, shim)
+        for host in (FAR4, FAR6):
+            for port in (25, 587):
+                assert not connect(near, "shimsite2", host, port), (host, port)
+                assert connect(near, "shimd", host, port), (host, port)
+                assert connect(near, None, host, port), (host, port)
+        assert connect(near, "shimsite1", FAR4, 587)  # allow_submission names it
+        assert not connect(near, "shimsite1", FAR4, 25)  # on 465/587 only
+
+    def test_site_uids_cannot_reach_the_listeners(
+            self, netns: tuple[str, str], shim_factory: Any) -> None:
+        """metrics.listen, the policy service's inet: listen and the capture port: only
+        their users connect (root, the daemon's user, allow_users; redirected connections
+        to the capture port)."""
+        near, _far = netns
+        _make_relay, make_shim = shim_factory
+        shim = make_shim([free_port()])
+        metrics, policy, capture = free_port(), free_port(), free_port()
+        fw_config(shim, capture_port=capture)
+        with open(shim.config, "a") as fh:
+            fh.write(f"metrics: {{listen: 127.0.0.1:{metrics}}}\n"
+                     f"policy_service: {{listen: 'inet:127.0.0.1:{policy}'}}\n")
+        code = ("import socket, threading\n"
+                "def serve(port):\n"
+                "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                "    s.bind(('0.0.0.0', port)); s.listen(16)\n"
+                "    while True:\n"
+                "        c, _ = s.accept(); c.sendall(b'220 here\\r\\n'); c.close()\n"
+                f"for p in ({metrics}, {policy}, {capture}):\n"
+                "    threading.Thread(target=serve, args=(p,), daemon=True).start()\n"
+                "threading.Event().wait()\n")
+        listeners = subprocess.Popen(["ip", "netns", "exec", near, "/usr/bin/python3", "-c",
+                                      code])
+        try:
+            wait_until(lambda: connect(near, None, "127.0.0.1", capture), 10, "listeners")
+            assert connect(near, "shimsite1", "127.0.0.1", metrics)  # before: the hole
+            apply(near, shim)
+            for port in (metrics, policy, capture):
+                for host in ("127.0.0.1", "10.201.0.1"):  # any local address
+                    assert not connect(near, "shimsite1", host, port), (host, port)
+                    assert not connect(near, "shimsite2", host, port), (host, port)
+                    assert connect(near, None, host, port), (host, port)
+            for port in (metrics, policy):
+                assert connect(near, "shimd", "127.0.0.1", port), port
+            assert connect(near, "postfix", "127.0.0.1", policy)  # allow_users default
+            assert not connect(near, "postfix", "127.0.0.1", metrics)
+            # a site's own SMTP to port 25 still reaches the capture port, redirected
+            assert connect(near, "shimsite2", FAR4, 25)
+        finally:
+            listeners.kill()
+            listeners.wait()
+
     def test_rules_are_idempotent(self, netns: tuple[str, str], shim_factory: Any) -> None:
         near, _far = netns
         _make_relay, make_shim = shim_factory
@@ -176,6 +240,14 @@ def captured_system(netns: tuple[str, str], shim_factory: Any) -> tuple[Shim, An
     shim.start()
     apply(near, shim)
     return shim, relay, capture_port
+
+
+def open_listener_wall(near: str) -> None:
+    """Flush the rendered ``listeners`` chain: what the capture listener itself refuses
+    (the second wall) is then seen from a site uid, as on a host without the rules."""
+    done = sh("ip", "netns", "exec", near, "nft", "flush", "chain", "inet", "sendmail_shim",
+              "listeners")
+    assert done.returncode == 0, done.stderr
 
 
 # As a site: an SMTP transaction from a dual-stack socket, optionally bound first to a
@@ -294,6 +366,8 @@ class TestCapture:
         """Straight to 127.0.0.1 or ::1 on the listener's port, as a real site: not served."""
         near, _far = netns
         shim, relay, capture_port = captured_system(netns, shim_factory)
+        assert site_smtp(near, "", 0, "::1", capture_port, 0) == []  # the firewall drops it
+        open_listener_wall(near)
         for n, host in enumerate(("::ffff:127.0.0.1", "::1")):
             assert site_smtp(near, "", 0, host, capture_port, n) == ["554"], host
         # the one redirected message arrives alone, under the site's login
@@ -315,6 +389,7 @@ class TestCapture:
         (its own uid); nothing is ever attributed to uid 0 or relayed as `system`."""
         near, _far = netns
         shim, relay, capture_port = captured_system(netns, shim_factory)
+        open_listener_wall(near)  # the listener's own attribution is what is tested here
         direct_port = root_time_wait(near, "127.0.0.1")
         redirected_port = root_time_wait(near, "10.201.0.1")
         assert site_smtp(near, "::ffff:10.201.0.1", redirected_port, "::ffff:" + FAR4, 25,
@@ -389,19 +464,25 @@ def test_render_formats() -> None:
                            "spool": "/nonexistent"}, None)
     nft = render_nft(config)
     assert "tcp dport { 25, 465, 587 } ct state new jump smtp_out" in nft
-    assert "elements = { 127.0.0.1 }" in nft and "elements = { ::1 }" in nft
+    assert "127.0.0.1" not in nft and "::1" not in nft  # no hole to the relays
     assert "redirect to :10025" in nft
+    assert "fib daddr type local tcp dport { 10031, 10025 } ct state new jump listeners" in nft
+    assert "tcp dport 10025 ct status dnat accept" in nft
     ipt = render_iptables(config, 4)
-    assert "-A SENDMAIL_SHIM -d 127.0.0.1 -j RETURN" in ipt and "REDIRECT --to-ports 10025" \
-        in ipt
-    assert "-d ::1" in render_iptables(config, 6)
+    assert "-d 127.0.0.1" not in ipt and "REDIRECT --to-ports 10025" in ipt
+    assert ("-I OUTPUT -p tcp -m addrtype --dst-type LOCAL -m multiport --dports 10031,10025 "
+            "-m conntrack --ctstate NEW -j SENDMAIL_SHIM_LISTEN") in ipt
+    assert "-A SENDMAIL_SHIM_LISTEN -p tcp --dport 10025 -m conntrack --ctstate DNAT -j " \
+           "RETURN" in ipt
+    assert "-d ::1" not in render_iptables(config, 6)
     assert "state_out" not in nft and "STATE" not in ipt  # no shared state: no rule
     redis = parse_config({"relays": [{"host": "127.0.0.1", "port": 2525, "tls": "none"}],
                           "state": {"backend": "redis", "url": "redis://[::1]:6380/0"},
                           "spool": "/nonexistent"}, None)
     assert "ip6 daddr { ::1 } tcp dport 6380 ct state new jump state_out" in render_nft(redis)
     ipt6 = render_iptables(redis, 6).splitlines()
-    assert ipt6[2:4] == [":SENDMAIL_SHIM - [0:0]", ":SENDMAIL_SHIM_STATE - [0:0]"]
+    assert ipt6[2:5] == [":SENDMAIL_SHIM - [0:0]", ":SENDMAIL_SHIM_LISTEN - [0:0]",
+                         ":SENDMAIL_SHIM_STATE - [0:0]"]
     assert ("-I OUTPUT -p tcp -d ::1 --dport 6380 -m conntrack --ctstate NEW -j "
             "SENDMAIL_SHIM_STATE") in ipt6 and ipt6[-1] == "COMMIT"
     assert "STATE" not in render_iptables(redis, 4)

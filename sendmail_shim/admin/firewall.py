@@ -4,9 +4,18 @@ Trusts: the configuration and the system's resolver (host names are resolved
 when the rules are rendered: render again after a relay or a provider moves).
 Guarantees: the nftables ruleset (table ``inet sendmail_shim``, IPv4 and IPv6)
 lets new outbound TCP to ports 25, 465 and 587 through only for root, the
-daemon's user and ``firewall.exempt_users``, to the configured relays, and to
-each site's ``allow_submission`` hosts on 465/587 for that site's uids;
-everything else is logged (rate-limited) and dropped.  With ``state.backend:
+daemon's user and ``firewall.exempt_users``, and to each site's
+``allow_submission`` hosts on 465/587 for that site's uids; everything else is
+logged (rate-limited) and dropped.  The relays get no hole of their own: a site
+uid reaches them only through the daemon (which relays with the site's login
+and quota), unless ``allow_submission`` names them for that site.  Each
+configured listener of this host (``metrics.listen``, the policy service's
+``inet:`` listen, the capture port) is reachable on a local address only by
+its users (root, the daemon's user, ``metrics.allow_users`` or
+``policy_service.allow_users``; for the capture port, connections the nat rule
+redirected and the exempt users): a site uid's new connection is logged
+(rate-limited) and dropped, in the ``listeners`` chain.  The services check
+the same in-process (``policy/peers.py``); the firewall is the second wall.  With ``state.backend:
 redis`` over TCP, new connections to the Redis server's address and port are
 let through only for the same exempt uids: a site could otherwise fill its
 ``maxclients`` with idle connections (Redis keeps them before any AUTH), so
@@ -25,10 +34,12 @@ import socket
 import subprocess
 import urllib.parse
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from sendmail_shim.config import Config
-from sendmail_shim.policy.identity import exempt_uids
+from sendmail_shim.policy.identity import daemon_uids, exempt_uids
+from sendmail_shim.policy.peers import uids_of
 
 TABLE = "sendmail_shim"
 SMTP_PORTS = (25, 465, 587)
@@ -49,17 +60,26 @@ def resolve(host: str) -> tuple[list[str], list[str]]:
     return sorted(v4), sorted(v6)
 
 
+@dataclass(frozen=True)
+class Listener:
+    """A service of this host that site uids must not reach (its port on a local address)."""
+
+    name: str
+    port: int
+    uids: list[int]  # who may connect
+    redirected: bool = False  # the capture listener: connections the nat rule redirected
+
+
 @dataclass
 class Plan:
     exempt: list[int]
-    relays4: list[str]
-    relays6: list[str]
     site_rules: list[tuple[str, list[int], list[str], list[str]]]  # site, uids, v4, v6
     capture_port: int | None
     log_rate: str
     state4: list[str]  # the Redis state server (state.backend redis over TCP)
     state6: list[str]
     state_port: int | None
+    listeners: list[Listener]
 
 
 def state_server(config: Config) -> tuple[list[str], list[str], int | None]:
@@ -73,13 +93,29 @@ def state_server(config: Config) -> tuple[list[str], list[str], int | None]:
     return v4, v6, url.port or 6379
 
 
+def listeners(config: Config) -> list[Listener]:
+    """The configured listeners a site uid must not reach, with who may: metrics.listen
+    (root, the daemon's user, metrics.allow_users), the policy service over TCP (root,
+    the daemon's user, policy_service.allow_users) and the capture port (redirected
+    connections only, and the exempt users)."""
+    base = daemon_uids(config)
+    found = []
+    if config.metrics_listen:
+        port = int(config.metrics_listen.rpartition(":")[2])
+        found.append(Listener("metrics", port,
+                              sorted(base | uids_of(config.metrics_allow_users))))
+    listen = config.policy_service.listen
+    if listen.startswith("inet:"):
+        port = int(listen.rpartition(":")[2])
+        found.append(Listener("policy service", port,
+                              sorted(base | uids_of(config.policy_service.allow_users))))
+    if config.firewall.capture_port:
+        found.append(Listener("capture", config.firewall.capture_port, exempt_uids(config),
+                              redirected=True))
+    return found
+
+
 def plan(config: Config) -> Plan:
-    relays4: set[str] = set()
-    relays6: set[str] = set()
-    for relay in config.relays:
-        v4, v6 = resolve(relay.host)
-        relays4.update(v4)
-        relays6.update(v6)
     site_rules = []
     for site in config.sites.values():
         if site.allow_submission and site.uids:
@@ -90,8 +126,8 @@ def plan(config: Config) -> Plan:
                 v4s.update(v4)
                 v6s.update(v6)
             site_rules.append((site.name, sorted(set(site.uids)), sorted(v4s), sorted(v6s)))
-    return Plan(exempt_uids(config), sorted(relays4), sorted(relays6), site_rules,
-                config.firewall.capture_port, config.firewall.log_rate, *state_server(config))
+    return Plan(exempt_uids(config), site_rules, config.firewall.capture_port,
+                config.firewall.log_rate, *state_server(config), listeners(config))
 
 
 def _elements(values: list[str] | list[int]) -> str:
@@ -109,18 +145,16 @@ def render_nft(config: Config) -> str:
         f"delete table inet {TABLE}",
         f"table inet {TABLE} {{",
         f"\tset exempt_uids {{ type uid{_elements(p.exempt)}; }}",
-        f"\tset relays4 {{ type ipv4_addr{_elements(p.relays4)}; }}",
-        f"\tset relays6 {{ type ipv6_addr{_elements(p.relays6)}; }}",
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy accept;",
         f"\t\ttcp dport {{ {ports} }} ct state new jump smtp_out",
         *(f"\t\t{family} daddr {{ {', '.join(addrs)} }} tcp dport {p.state_port} ct state new "
           "jump state_out" for family, addrs in (("ip", p.state4), ("ip6", p.state6)) if addrs),
+        *([f"\t\tfib daddr type local tcp dport {{ {', '.join(str(x.port) for x in p.listeners)} "
+           "} ct state new jump listeners"] if p.listeners else []),
         "\t}",
         "\tchain smtp_out {",
         "\t\tmeta skuid @exempt_uids accept",
-        "\t\tip daddr @relays4 accept",
-        "\t\tip6 daddr @relays6 accept",
     ]
     for site, uids, v4, v6 in p.site_rules:
         who = f"{{ {', '.join(map(str, uids))} }}"
@@ -144,6 +178,20 @@ def render_nft(config: Config) -> str:
             "\t\tdrop",
             "\t}",
         ]
+    if p.listeners:
+        lines.append("\tchain listeners {")
+        for listener in p.listeners:
+            lines.append(f"\t\t# {listener.name}")
+            if listener.redirected:
+                lines.append(f"\t\ttcp dport {listener.port} ct status dnat accept")
+            lines.append(f"\t\ttcp dport {listener.port} meta skuid "
+                         f"{{ {', '.join(map(str, listener.uids))} }} accept")
+        lines += [
+            f'\t\tlimit rate {p.log_rate} log prefix "sendmail-shim blocked listener: " '
+            "level warn",
+            "\t\tdrop",
+            "\t}",
+        ]
     if p.capture_port:
         lines += [
             "\tchain capture {",
@@ -159,7 +207,6 @@ def render_nft(config: Config) -> str:
 def render_iptables(config: Config, family: int = 4) -> str:
     """The same policy as an iptables-restore file (``--noflush``) for hosts without nft."""
     p = plan(config)
-    relays = p.relays4 if family == 4 else p.relays6
     ports = ",".join(map(str, SMTP_PORTS))
     sub_ports = ",".join(map(str, SUBMISSION_PORTS))
     chain = "SENDMAIL_SHIM"
@@ -168,7 +215,6 @@ def render_iptables(config: Config, family: int = 4) -> str:
              f"-I OUTPUT -p tcp -m multiport --dports {ports} -m conntrack --ctstate NEW "
              f"-j {chain}"]
     lines += [f"-A {chain} -m owner --uid-owner {uid} -j RETURN" for uid in p.exempt]
-    lines += [f"-A {chain} -d {addr} -j RETURN" for addr in relays]
     for site, uids, v4, v6 in p.site_rules:
         for uid in uids:
             for addr in (v4 if family == 4 else v6):
@@ -186,6 +232,20 @@ def render_iptables(config: Config, family: int = 4) -> str:
         lines += [f"-A {chain}_STATE -m owner --uid-owner {uid} -j RETURN" for uid in p.exempt]
         lines += [f"-A {chain}_STATE -m limit --limit {p.log_rate} -j LOG --log-prefix "
                   "\"sendmail-shim blocked state: \"", f"-A {chain}_STATE -j DROP"]
+    if p.listeners:
+        lines[3:3] = [f":{chain}_LISTEN - [0:0]"]
+        listen_ports = ",".join(str(x.port) for x in p.listeners)
+        lines += [f"-F {chain}_LISTEN",
+                  f"-I OUTPUT -p tcp -m addrtype --dst-type LOCAL -m multiport --dports "
+                  f"{listen_ports} -m conntrack --ctstate NEW -j {chain}_LISTEN"]
+        for listener in p.listeners:
+            if listener.redirected:
+                lines.append(f"-A {chain}_LISTEN -p tcp --dport {listener.port} -m conntrack "
+                             f"--ctstate DNAT -j RETURN")
+            lines += [f"-A {chain}_LISTEN -p tcp --dport {listener.port} -m owner --uid-owner "
+                      f"{uid} -j RETURN" for uid in listener.uids]
+        lines += [f"-A {chain}_LISTEN -m limit --limit {p.log_rate} -j LOG --log-prefix "
+                  "\"sendmail-shim blocked listener: \"", f"-A {chain}_LISTEN -j DROP"]
     lines.append("COMMIT")
     if p.capture_port:
         lines += ["*nat", f":{chain}_CAPTURE - [0:0]", f"-F {chain}_CAPTURE",
@@ -234,6 +294,8 @@ def check(config: Config, netns: str | None = None) -> tuple[bool, list[str]]:
                        ".nft && nft -f /etc/nftables.d/sendmail-shim.nft'"]
     want = [line.strip() for line in normalized(config).splitlines() if line.strip()]
     have = [line.strip() for line in live.splitlines() if line.strip()]
-    missing = [f"missing: {line}" for line in want if line not in have]
-    extra = [f"unexpected: {line}" for line in have if line not in want]
+    # Counted, not just looked up: several chains end with the same line (drop).
+    wanted, found = Counter(want), Counter(have)
+    missing = [f"missing: {line}" for line in (wanted - found).elements()]
+    extra = [f"unexpected: {line}" for line in (found - wanted).elements()]
     return not missing and not extra, missing + extra

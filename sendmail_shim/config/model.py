@@ -33,6 +33,7 @@ from sendmail_shim.config.schema import (
     Fraction,
     GroupName,
     IPAddress,
+    IPNetwork,
     Kind,
     ListenAddress,
     Optional,
@@ -480,14 +481,17 @@ class PolicyService:
     listen: str = key("inet:127.0.0.1:10031", kind=PolicyListen(),
                       doc="where Postfix's check_policy_service connects; a Unix socket is "
                           "made mode 0660 (add postfix to the service's group)")
-    unknown_login: str = key("dunno", kind=Choice(POLICY_CHOICES),
+    unknown_login: str = key("defer", kind=Choice(POLICY_CHOICES),
                              doc="for a SASL login that is no site's relay_login (or several "
-                                 "sites'): dunno leaves it to Postfix's other rules")
+                                 "sites'): defer (fail closed: the sender keeps the mail "
+                                 "until the operator adds the login), reject, or dunno "
+                                 "(leave it to Postfix's other rules)")
     login_realm: str | None = key(
         None, kind=Optional(Text(), falsy=True),
         doc="the SASL realm the relay appends (Cyrus reports user@realm, the realm being "
-            "smtpd_sasl_local_domain): sasl_username user@this realm is relay_login user",
-        default_text="none: sasl_username must equal relay_login.user")
+            "smtpd_sasl_local_domain): sasl_username user@this realm (the realm compared "
+            "without case) is relay_login user; logins are compared without case",
+        default_text="none: sasl_username must be relay_login.user, without case")
     unauthenticated: str = key("dunno", kind=Choice(POLICY_CHOICES),
                                doc="for a client without SASL login (empty sasl_username)")
     suspended: str = key("defer", kind=Choice(SUSPENDED_CHOICES),
@@ -499,7 +503,25 @@ class PolicyService:
                                   "after smtpd_policy_service_max_idle, 300s)")
     max_connections: int = key(1000, kind=Whole(1),
                                doc="connections served at once; more are accepted and wait "
-                                   "for a free slot")
+                                   "for a free slot (and are closed after idle_timeout)")
+    connections_per_peer: int = key(
+        500, kind=Whole(1),
+        doc="connections of one client (a local uid, or a remote address) open at once; "
+            "beyond that it is closed at once, so one client cannot take every slot; keep "
+            "it above the relay's smtpd process limit (all its smtpd run as postfix)")
+    allow_users: tuple[str, ...] = key(
+        ("root", "postfix"), kind=Strings(),
+        doc="local users whose TCP connections are answered (the service's own user "
+            "always; a name that does not exist is skipped): a site uid's are closed "
+            "unanswered, and firewall render drops them")
+    allow_networks: tuple[str, ...] = key(
+        (), kind=Strings(IPNetwork()),
+        doc="remote client addresses answered over TCP: the relay host(s), such as "
+            "192.0.2.25/32", default_text="none: local users only")
+    socket_group: str | None = key(
+        None, kind=Optional(GroupName(), falsy=True),
+        doc="the group of a unix: socket (mode 0660): postfix's group, so that only "
+            "Postfix and the service's user connect", default_text="the service's group")
 
 
 @dataclass(frozen=True)
@@ -592,6 +614,15 @@ class Config:
         10, kind=Whole(0), name="metrics.top_sites",
         doc="per-site series for this many busiest sites; the rest are summed as "
             "site=\"other\"")
+    metrics_allow_users: tuple[str, ...] = key(
+        ("root", "prometheus"), kind=Strings(), name="metrics.allow_users",
+        doc="local users whose connections metrics.listen answers (the daemon's user "
+            "always; a name that does not exist is skipped); any other uid gets 403 and "
+            "firewall render drops its connection")
+    metrics_allow_networks: tuple[str, ...] = key(
+        (), kind=Strings(IPNetwork()), name="metrics.allow_networks",
+        doc="remote addresses that may scrape, such as 192.0.2.10/32 (a non-loopback "
+            "metrics.listen)", default_text="none")
     metrics_per_site: bool = key(False, kind=Flag(), name="metrics.per_site",
                                  doc="true: a series for every site (mind the cardinality "
                                      "with thousands of sites)")

@@ -319,6 +319,20 @@ class IPAddress(Kind):
         return text
 
 
+class IPNetwork(Kind):
+    """An IP address or network, such as 192.0.2.25 or 192.0.2.0/24."""
+
+    what = "an IP address or network"
+
+    def read(self, value: Any, where: str, owner: str) -> str:
+        text = str(value)
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise Problem(where, f"not an IP address or network: {text!r}") from None
+        return text
+
+
 class ListenAddress(Kind):
     """``HOST:PORT`` with an IP address as host (``[::1]:9465`` for IPv6)."""
 

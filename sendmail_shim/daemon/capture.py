@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import pwd
@@ -86,17 +85,22 @@ from sendmail_shim.config import Config
 from sendmail_shim.daemon.workers import IntakeWorkers
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller, exempt_uids
+from sendmail_shim.policy.peers import (  # the /proc/net/tcp reading, shared with other services
+    ESTABLISHED,
+    Endpoint,
+    TcpRow,
+    endpoint,
+    show,
+    tcp_rows,
+)
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import protocol
 
+# The /proc/net/tcp names moved to policy/peers.py are still this module's (unit tests).
+__all__ = ["ESTABLISHED", "Endpoint", "TcpRow", "endpoint", "show", "tcp_rows"]
+
 log = logging.getLogger(__name__)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
-PROC_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
-ESTABLISHED = 0x01  # TCP_ESTABLISHED in the "st" column
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Endpoint = tuple[Address, int]
-
 NOT_REDIRECTED = ("554 5.7.1 this port serves only SMTP redirected by the firewall; "
                   "submit with /usr/sbin/sendmail")
 NOT_PROVEN = "421 4.7.0 cannot prove which site this connection belongs to; try again later"
@@ -109,65 +113,6 @@ WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest w
 SLOT_WAIT = 30.0  # seconds a connection waits, not greeted, for one of its uid's slots
 IDLE_TIMEOUT = 60.0  # seconds without a command before a session is closed
 BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
-
-
-def _plain(address: Address) -> Address:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def endpoint(host: str, port: int) -> Endpoint:
-    """A socket address as compared with /proc rows (no scope id, mapped -> IPv4)."""
-    return _plain(ipaddress.ip_address(host.split("%")[0])), int(port)
-
-
-def show(where: Endpoint | None) -> str:
-    if where is None:
-        return "none"
-    address, port = where
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
-def _decode_proc_address(text: str) -> Endpoint:
-    hex_addr, hex_port = text.split(":")
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        address: Address = ipaddress.IPv4Address(raw[::-1])
-    else:  # four host-order 32-bit words
-        address = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-    return _plain(address), int(hex_port, 16)
-
-
-@dataclass(frozen=True)
-class TcpRow:
-    """One line of /proc/net/tcp or tcp6."""
-
-    local: Endpoint
-    remote: Endpoint
-    state: int
-    uid: int
-    inode: int
-
-
-def tcp_rows(paths: tuple[str, ...] = PROC_TCP) -> list[TcpRow]:
-    """Every TCP socket of this network namespace; OSError if /proc/net/tcp is unreadable."""
-    rows = []
-    for path in paths:
-        try:
-            fh = open(path)  # noqa: SIM115 - closed below; a missing tcp6 is "no IPv6"
-        except FileNotFoundError:
-            if path.endswith("6"):
-                continue
-            raise
-        with fh:
-            next(fh, None)
-            for line in fh:
-                fields = line.split()
-                rows.append(TcpRow(_decode_proc_address(fields[1]),
-                                   _decode_proc_address(fields[2]), int(fields[3], 16),
-                                   int(fields[7]), int(fields[9])))
-    return rows
 
 
 def original_destination(sock: Any) -> Endpoint | None:

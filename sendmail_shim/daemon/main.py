@@ -58,12 +58,13 @@ from sendmail_shim.daemon import pickup
 from sendmail_shim.daemon.capture import CaptureHandler, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
 from sendmail_shim.daemon.logsetup import metrics_enabled
-from sendmail_shim.daemon.sockets import raise_fd_limit
 from sendmail_shim.daemon.submission import SubmissionServer
 from sendmail_shim.daemon.workers import IntakeWorkers
 from sendmail_shim.delivery.reputation import Watch
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.intake.accept import settle_submissions, storage_trouble
+from sendmail_shim.policy.peers import raise_fd_limit
+from sendmail_shim.policy.sanctions import adopt_suspension
 from sendmail_shim.store import spool
 from sendmail_shim.store.state import State, open_state
 from sendmail_shim.wire import sysexits
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 INFLIGHT_TIMEOUT = 30.0  # in-flight submissions get this long to finish at shutdown
 STOP_TIMEOUT = 60.0  # pickup and the queue runner get this long to finish the item in hand
 STATE_RETRY = 5.0  # seconds between attempts to open the state database
+FOLLOW_EVERY = 0.5  # seconds between two looks for other processes' suspensions
 
 
 class AlreadyRunning(Exception):
@@ -241,7 +243,23 @@ class Daemon:
                                                  self._capture_handlers, self.intake)
         assert self.watch is not None, "_open_state creates the watch"
         await asyncio.gather(self._runner().run_forever(), self._pickup_forever(),
-                             self.watch.run())
+                             self.watch.run(), self._follow_forever())
+
+    async def _follow_forever(self) -> None:
+        """Follow the state file's changes made by other processes (the relay's policy
+        service suspending a site by its outbreak rule, on this node or, with Redis, on
+        any): the new suspension is applied here as if made here (queued mail held, a
+        ``suspended`` line, one notice), so this daemon, ``site list`` and the service
+        agree within FOLLOW_EVERY seconds."""
+        state = self._state()
+        while not self._halt.is_set():
+            try:
+                await asyncio.to_thread(state.follow)
+                for site, mark in state.suspended_elsewhere():
+                    await asyncio.to_thread(adopt_suspension, self.config, state, site, mark)
+            except Exception:
+                log.exception("following the state's suspensions failed; retrying")
+            await asyncio.sleep(FOLLOW_EVERY)
 
     async def _pickup_forever(self) -> None:
         while not self._halt.is_set():

@@ -21,7 +21,11 @@ Three parts, each cheap and off the message path:
   quota usage and burned relays (``relay_burned``, ``relay_active``) from the
   State API, read-only.
 - :class:`Exposition`: a loopback HTTP listener (``metrics.listen``, its own
-  thread) and/or a node_exporter textfile rewritten every
+  thread) that answers only root, the daemon's user and ``metrics.allow_users``
+  (a loopback client's uid from /proc/net/tcp, ``policy/peers.py``) and
+  addresses in ``metrics.allow_networks``: anyone else gets 403 (a site uid must
+  not list every site, login and volume), logged at most once a minute per
+  client and/or a node_exporter textfile rewritten every
   ``metrics.interval`` (``metrics.textfile``, written to a temporary name and
   renamed, so node_exporter never reads half a file).
 
@@ -72,7 +76,7 @@ from prometheus_client.registry import Collector
 
 from sendmail_shim.config import Config
 from sendmail_shim.daemon.events import Event, event_of
-from sendmail_shim.policy import quota, relays
+from sendmail_shim.policy import peers, quota, relays
 from sendmail_shim.store import spool
 from sendmail_shim.store.state import State
 
@@ -486,10 +490,43 @@ class QueueCollector(Collector):
         yield family
 
 
+REFUSED_LOG_EVERY = 60.0  # seconds: at most one metrics_refused line per client in this time
+
+
+def metrics_gate(config: Config) -> peers.PeerGate:
+    """Who may scrape: root, the daemon's user, ``metrics.allow_users`` that exist, and
+    remote addresses in ``metrics.allow_networks``."""
+    uids = {0, os.geteuid()} | peers.uids_of(config.metrics_allow_users)
+    return peers.PeerGate(frozenset(uids), peers.networks(config.metrics_allow_networks))
+
+
 class _Handler(BaseHTTPRequestHandler):
     registry: CollectorRegistry
+    gate: peers.PeerGate
+    refusals: peers.LogLimit
+    timeout = 10  # seconds for a request to arrive: an idle client does not keep a thread
+
+    def _allowed(self) -> bool:
+        """The peer's owner uid (loopback) or address against the gate; 403 when refused."""
+        try:
+            local = self.connection.getsockname()
+            verdict = self.gate.judge(peers.endpoint(local[0], local[1]),
+                                      peers.endpoint(self.client_address[0],
+                                                     self.client_address[1]))
+        except (OSError, ValueError):
+            verdict = peers.Verdict(False, str(self.client_address[0]), "peer unknown")
+        if verdict.allowed:
+            return True
+        peers.log_limited(log, self.refusals, verdict.who, logging.WARNING,
+                          "metrics_refused peer=%s reason=%r action='add the user to "
+                          "metrics.allow_users (or its address to metrics.allow_networks) if "
+                          "it should scrape'", verdict.who, verdict.why)
+        self.send_error(403, "not an allowed user: see metrics.allow_users")
+        return False
 
     def do_GET(self) -> None:
+        if not self._allowed():
+            return
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
             self.send_error(404, "only /metrics is here")
             return
@@ -538,7 +575,9 @@ class Exposition:
         logging.getLogger("sendmail_shim").addHandler(self.handler)
         if config.metrics_listen:
             host, port = parse_listen(config.metrics_listen)
-            handler = type("MetricsHandler", (_Handler,), {"registry": self.registry})
+            handler = type("MetricsHandler", (_Handler,), {
+                "registry": self.registry, "gate": metrics_gate(config),
+                "refusals": peers.LogLimit(REFUSED_LOG_EVERY)})
             self._server = _Server(host, port, handler)
             thread = threading.Thread(target=self._server.serve_forever, name="metrics http",
                                       daemon=True)

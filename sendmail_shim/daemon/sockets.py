@@ -16,7 +16,8 @@ line, never a silent close the front end would take for a dead daemon); reply
 texts are UTF-8 with escapes (``wire.protocol.format_reply``), so an odd queue
 entry cannot break ``mailq`` or ``queue list``; a long body (a listing) is sent
 piece by piece as the peer reads it (:class:`Streamed`); the soft RLIMIT_NOFILE
-is raised to the hard limit (each connection is a descriptor).
+is raised to the hard limit at start (``policy.peers.raise_fd_limit``, shared with
+the policy service).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import resource
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterator
@@ -75,16 +75,6 @@ class DaemonServer:
     @property
     def _unavailable(self) -> str | None:
         return self.daemon.unavailable
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (each connection is a descriptor)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            return hard
-    return soft
 
 
 def systemd_socket() -> socket.socket | None:

@@ -77,14 +77,19 @@ def identify(config: Config, caller: Caller) -> Identification:
     )
 
 
+def daemon_uids(config: Config) -> set[int]:
+    """Root and the daemon's user (``firewall.daemon_user``, else the spool's owner)."""
+    uids = {0}
+    if config.firewall.daemon_user:
+        uids.add(pwd.getpwnam(config.firewall.daemon_user).pw_uid)
+    elif os.path.isdir(config.spool):
+        uids.add(os.stat(config.spool).st_uid)  # the spool's owner is the daemon's user
+    return uids
+
+
 def exempt_uids(config: Config) -> list[int]:
     """Uids the firewall lets out directly: root, the daemon's user, ``exempt_users``."""
-    uids = {0}
-    users = list(config.firewall.exempt_users)
-    if config.firewall.daemon_user:
-        users.append(config.firewall.daemon_user)
-    for user in users:
+    uids = daemon_uids(config)
+    for user in config.firewall.exempt_users:
         uids.add(pwd.getpwnam(user).pw_uid)
-    if not config.firewall.daemon_user and os.path.isdir(config.spool):
-        uids.add(os.stat(config.spool).st_uid)  # the spool's owner is the daemon's user
     return sorted(uids)

@@ -173,7 +173,9 @@ def suspend_site(config: Config, state: State, name: str, reason: str, actor: st
     now = time.time()
     scripts = [(s, c) for n, s, c, _r in state.top(3600, now, by_script=True) if n == site.name]
     lines = "\n".join(f"  {c:6d}  {s or '(no script header)'}" for s, c in scripts[:10])
-    notify_admin(config, f"site {site.name} suspended", (
+    # Counted like the notices of adopt_suspension, so the other nodes of a fleet, which
+    # see this suspension in the shared state, do not send theirs within the hour.
+    notify_admin_limited(config, state, site.name, "suspended", 0, f"site {site.name} suspended", (
         f"Site {site.name} (uids {', '.join(map(str, site.uids)) or '-'}) was suspended "
         f"by {actor}.\n\nReason: {reason}\n\nNew mail from the site is refused; "
         f"{held} queued message(s) were moved to hold.\n\n"
@@ -184,6 +186,35 @@ def suspend_site(config: Config, state: State, name: str, reason: str, actor: st
         f"  sendmail-shim-admin queue release --site {site.name}  send it after all\n"
         f"  sendmail-shim-admin site resume {site.name}           accept new mail again\n"))
     return f"site {site.name} suspended ({reason}); {held} message(s) held"
+
+
+ADOPTED_NOTICE_EVERY = 3600.0  # one notice per site in this time for another process's
+
+
+def adopt_suspension(config: Config, state: State, name: str,
+                     mark: tuple[float, str, str]) -> int:
+    """A suspension another process wrote to the state (the relay's policy service by its
+    outbreak rule, an admin command, another node): held here as one made here, with its
+    ``suspended`` line and a notice (rate-limited in the state, so a fleet whose daemons
+    all see it sends about one); the number of queued messages held."""
+    _since, reason, actor = mark
+    site = config.site_named(name)
+    if site is None or name == ADMIN_SITE:
+        log.warning("suspended site=%s actor=%s reason=%r: a site this configuration does "
+                    "not know (seen in the state)", name, actor, reason)
+        return 0
+    held = hold_messages(config, [], site.name, actor)
+    log.warning("suspended site=%s actor=%s held=%d reason=%r (seen in the state: made by "
+                "another process)", site.name, actor, held, reason)
+    notify_admin_limited(config, state, site.name, "suspended", ADOPTED_NOTICE_EVERY,
+                         f"site {site.name} suspended", (
+        f"Site {site.name} (uids {', '.join(map(str, site.uids)) or '-'}) was suspended by "
+        f"{actor}.\n\nReason: {reason}\n\nNew mail from the site is refused; {held} queued "
+        f"message(s) on {config.node} were moved to hold.\n\nWhat to do next:\n"
+        f"  sendmail-shim-admin site show {site.name}\n"
+        f"  sendmail-shim-admin queue list --site {site.name}\n"
+        f"  sendmail-shim-admin site resume {site.name}           accept new mail again\n"))
+    return held
 
 
 def resume_site(config: Config, state: State, name: str, actor: str) -> str:

@@ -4,11 +4,15 @@ Trusts: Postfix's attributes (``sasl_username`` is what the relay's SASL
 checked; a client cannot choose it without the password), the configuration
 (``sites``: each site's ``relay_login.user``) and the state.
 Guarantees:
-- a login maps to the one site whose ``relay_login.user`` it is (``user@realm``
-  too when the realm is ``policy_service.login_realm``, as Cyrus SASL reports
-  it, never any other realm); an empty
+- a login maps to the one site whose ``relay_login.user`` it is, compared as
+  the relay's SASL backend compares it (:func:`login_key`: without case,
+  ``user@realm`` too when the realm is ``policy_service.login_realm``, as Cyrus
+  SASL reports it, never any other realm; a login with white space is no
+  site's), so no spelling of a site's login escapes its limits; an empty
   ``sasl_username`` (unauthenticated client) gets ``policy_service.unauthenticated``,
-  a login of no site (or of several) ``policy_service.unknown_login``;
+  a login of no site (or of several) ``policy_service.unknown_login``
+  (defer by default: fail closed, a login the relay accepted but this
+  service does not know is a misconfiguration or an attack);
 - suspension is checked at every stage and answered with
   ``policy_service.suspended``; a rule of our own never bounces the shim's queued
   mail, since defer (the default) keeps it queued at the sender;
@@ -94,6 +98,29 @@ def action(choice: str, text: str) -> str:
     return f"DEFER_IF_PERMIT 4.7.1 {text}"
 
 
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def login_key(login: str, realm: str | None) -> str | None:
+    """A SASL login as compared with ``relay_login.user``: None when it cannot be one.
+
+    As the most lenient SASL backend compares it, so no spelling a relay lets in
+    escapes the site's limits: case does not matter (Dovecot lowercases user
+    names by default, ``auth_username_format = %Lu``; a Cyrus sasldb compares
+    user and realm with case, so there other spellings fail AUTH anyway);
+    ``user@REALM`` is ``user`` when REALM is ``login_realm`` (compared without
+    case, as DNS names are); any other realm is kept, so it matches only
+    a relay_login that names it.  White space or a control character anywhere
+    (`` site2``) is no login of ours: never trimmed into one, so unknown.
+    """
+    if not login or _SPACE.search(login):
+        return None
+    key = login.lower()
+    if realm and key.endswith("@" + realm.lower()):
+        key = key[:-len(realm) - 1]
+    return key or None
+
+
 def _shown(value: str) -> str:
     """A client-given value quoted in a reply or log: short, one line."""
     return repr(value[:64])
@@ -147,7 +174,11 @@ class Decider:
         for site in sites:
             if site.relay_login is None:
                 continue
-            user = site.relay_login.user
+            user = login_key(site.relay_login.user, None)
+            if user is None:
+                log.error("policy_login_unusable site=%s: its relay_login.user is empty or "
+                          "holds white space; it is answered as an unknown login", site.name)
+                continue
             if user in self.logins:
                 shared.add(user)
             self.logins[user] = site
@@ -165,10 +196,8 @@ class Decider:
             return self._other("unauthenticated", self.settings.unauthenticated,
                                "this relay's policy requires SMTP AUTH with the site's "
                                "relay login", attrs)
-        site = self.logins.get(login)
-        realm = self.settings.login_realm
-        if site is None and realm and login.endswith("@" + realm):
-            site = self.logins.get(login[:-len(realm) - 1])
+        key = login_key(login, self.settings.login_realm)
+        site = None if key is None else self.logins.get(key)
         if site is None:
             return self._other("unknown_login", self.settings.unknown_login,
                                f"relay login {_shown(login)} belongs to no site of this "

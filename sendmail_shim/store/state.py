@@ -27,7 +27,9 @@ table) has its events folded into buckets once, at open.
 
 Suspensions, quota overrides and relay marks (burned relays) are also kept in
 memory, in step with their tables (changed after the write succeeds, or after
-the transaction commits): :meth:`State.suspension`, :meth:`State.overrides` and
+the transaction commits, and re-read by :meth:`State.follow` when another
+process committed: the relay's policy service on the same spool suspends a site
+in the same file, and the daemon must see it): :meth:`State.suspension`, :meth:`State.overrides` and
 :meth:`State.relay_marks` take neither the lock nor SQLite, so the event loop
 may call them.
 
@@ -238,15 +240,52 @@ class State:
                 self._fold_events(time.time())
                 self._suspended = self._marks("suspensions")
                 self._relay_marks = self._marks("relay_marks")
-                self._overrides: dict[str, dict[str, int | None]] = {}
-                for site, key, value in self._db.execute(
-                        "SELECT site, key, value FROM quota_overrides"):
-                    self._overrides.setdefault(str(site), {})[str(key)] = \
-                        None if value is None else int(value)
+                self._overrides = self._read_overrides()
+                self._data_version = self._version()
         except BaseException:
             self._db.close()  # a full disk at start: the caller says why and retries
             raise
         self._inserts = 0
+        # Suspensions another process made, seen by follow() (or the shared backend's
+        # watcher) and not yet taken by suspended_elsewhere().
+        self._elsewhere: list[tuple[str, tuple[float, str, str]]] = []
+
+    def _version(self) -> int:
+        """SQLite's data_version: it changes when another connection commits."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _read_overrides(self) -> dict[str, dict[str, int | None]]:
+        overrides: dict[str, dict[str, int | None]] = {}
+        for site, key, value in self._db.execute("SELECT site, key, value FROM quota_overrides"):
+            overrides.setdefault(str(site), {})[str(key)] = None if value is None else int(value)
+        return overrides
+
+    def follow(self) -> bool:
+        """Re-read suspensions, overrides and relay marks when another process (the policy
+        service, the admin command) committed to the file since the last look; True then.
+
+        One ``PRAGMA data_version`` when nothing changed (no disk read), so the daemon
+        and the policy service call it every fraction of a second: every process on the
+        file sees one suspension state.  Suspensions that appeared are kept for
+        :meth:`suspended_elsewhere`.
+        """
+        with self._lock:
+            if self._db.in_transaction:
+                return False
+            version = self._version()
+            if version == self._data_version:
+                return False
+            self._data_version = version
+            self._replace(self._marks("suspensions"), self._read_overrides(),
+                          self._marks("relay_marks"))
+            return True
+
+    def suspended_elsewhere(self) -> list[tuple[str, tuple[float, str, str]]]:
+        """(site, (since, reason, actor)) of the suspensions another process made, seen
+        since the last call (by :meth:`follow` or the shared backend's watcher)."""
+        with self._lock:
+            taken, self._elsewhere = self._elsewhere, []
+        return taken
 
     def _marks(self, table: str) -> Marks:
         """(since, reason, actor) by name: the rows of suspensions or relay_marks."""
@@ -498,7 +537,7 @@ class State:
         """(since, reason, actor) of a suspended site: from memory, no lock, no SQL.
 
         Safe on the event loop; kept in step with the table by :meth:`suspend` and
-        :meth:`resume` (the only writers while this process runs).
+        :meth:`resume` of this process, and by :meth:`follow` with other processes'.
         """
         return self._suspended.get(site)
 
@@ -550,6 +589,8 @@ class State:
     def _replace(self, suspended: Marks, overrides: dict[str, dict[str, int | None]],
                  relay_marks: Marks) -> None:
         """New in-memory copies, each swapped in whole (readers take no lock)."""
+        self._elsewhere.extend((site, mark) for site, mark in suspended.items()
+                               if site not in self._suspended)
         self._suspended = dict(suspended)
         self._overrides = {site: dict(values) for site, values in overrides.items()}
         self._relay_marks = dict(relay_marks)

@@ -338,6 +338,11 @@ class RedisState(State):
                     _safe(self.url), self.node, len(self._suspended), len(self._relay_marks),
                     len(self._overrides))
 
+    def follow(self) -> bool:
+        """The watcher thread follows Redis; while it is away, the local file (changes of
+        other processes on this node) as the SQLite state does."""
+        return False if self._up else super().follow()
+
     def _watch(self) -> None:
         """Poll the generation counter (reload on a change); reconnect while Redis is away."""
         while not self._closed.wait(REFRESH if self._up else RETRY):
