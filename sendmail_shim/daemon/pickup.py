@@ -58,20 +58,24 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from sendmail_shim.config import Config
-from sendmail_shim.intake.accept import accept_submission
+from sendmail_shim.daemon import dropnotice, dropspace
 from sendmail_shim.policy.identity import Caller
+from sendmail_shim.store.outcome import Verdict
 from sendmail_shim.store.state import State
-from sendmail_shim.wire import protocol
+from sendmail_shim.wire import protocol, sysexits
 from sendmail_shim.wire.durable import fsync_dir
 from sendmail_shim.wire.paths import MODE_DROP_FILE
 
 log = logging.getLogger(__name__)
-STALE_TMP = 86400.0
+STALE_TMP = dropspace.STALE_TMP
 MAX_FAILURES = 5  # unexplained failures of one drop file before it is set aside
 PARALLEL = 8  # drop files ingested at once (their commits share fsyncs)
 # Errors that say the daemon is short of something, not that the file is bad.
 TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN,
                        errno.EINTR, errno.ENOSPC, errno.EDQUOT})
+QUOTA_WAIT = "4.7.1"  # the quota's rate limit (policy/quota.py)
+WAITING = frozenset({"4.3.0", "4.3.1", "4.7.1"})  # refusals a drop file waits out (see waits())
+NOTICE_HEAD = 1 << 16  # of an oversized drop file's message, what a notice's header copy reads
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
@@ -134,6 +138,7 @@ class Pickup:
         self.stop = stop if stop is not None else threading.Event()
         self._stuck: set[str] = set()
         self._failures: dict[str, int] = {}  # name -> unexplained failures so far
+        self._waiting: dict[int, int] = {}  # uid -> bytes of its files waiting for its quota
         self._lock = threading.Lock()
 
     def _retry_or_quarantine(self, config: Config, name: str, why: str, uid: int | None) -> str:
@@ -152,6 +157,12 @@ class Pickup:
         """Ingest every finished drop file; the number of entries dealt with."""
         maildrop = config.layout.maildrop
         drop_gid = os.stat(maildrop).st_gid
+        try:
+            dropspace.sweep(config)  # stranger names, stale and over-share t. files
+        except OSError as exc:
+            log.warning("cannot sweep %s: %s", maildrop, exc)
+        with self._lock:
+            self._waiting.clear()
         names = _fair_order(maildrop, os.listdir(maildrop))
         self._stuck.intersection_update(names)  # forget entries that are gone
         for gone in set(self._failures) - set(names):
@@ -233,7 +244,7 @@ class Pickup:
             st = os.fstat(fd)  # the descriptor we read is what counts, not the name
             problem = unproven(st, drop_gid)
             if problem is not None:
-                return self._quarantine(config, name, problem, st.st_uid)
+                return self._quarantine(config, name, problem, st.st_uid, fd)
             cap = protocol.MAX_HEADER_BYTES + config.message_size_limit + 64
             try:
                 data = _read(fd, cap + 1)
@@ -243,17 +254,15 @@ class Pickup:
         finally:
             os.close(fd)
         if len(data) > cap:
-            return self._quarantine(
-                config, name, f"larger than message_size_limit ({config.message_size_limit})",
-                st.st_uid)
+            return self._too_big(config, name, data, st)
         try:
             fields, message = protocol.decode_request(data)
         except (protocol.ProtocolError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             return self._quarantine(config, name, f"bad request: {exc}", st.st_uid)
         caller = Caller(uid=st.st_uid, gid=st.st_gid, pid=None)
         try:
-            verdict = accept_submission(config, state, fields, message, caller,
-                                        origin="maildrop")
+            verdict = dropspace.accept_relieved(config, state, fields, message, caller,
+                                                origin="maildrop")
         except Exception as exc:
             if self.stop.is_set():
                 log.warning("pickup interrupted by shutdown drop_file=%s uid=%d: kept for the "
@@ -261,19 +270,67 @@ class Pickup:
                 return "kept"
             log.exception("intake failed drop_file=%s uid=%d", name, st.st_uid)
             return self._retry_or_quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
-        if verdict.code // 100 == 4:
-            return "busy"  # temporary trouble (spool full): keep the file, try again later
         if not verdict.accepted:
-            # The writer was told "accepted" (exit 0) long ago; a refusal now is final.
-            log.warning("dropped drop_file=%s uid=%d reason=%r", name, st.st_uid, verdict.text)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error("cannot remove drop_file=%s uid=%d after its verdict: %s; remove it by "
-                      "hand or it is ingested again", name, st.st_uid, exc)
+            age = time.time() - st.st_mtime
+            if waits(verdict) and age < config.retry.lifetime:
+                if verdict.enhanced != QUOTA_WAIT or self._may_wait(config, st.st_uid,
+                                                                    len(data)):
+                    return "busy"  # a full spool, a twin in flight, the quota: try later
+                verdict = Verdict(verdict.code, verdict.enhanced, verdict.status,
+                                  f"{verdict.text}; and the drop files of uid {st.st_uid} "
+                                  "waiting for its quota pass its share of the drop area "
+                                  f"({dropspace.share(config)} bytes)")
+            elif waits(verdict):
+                verdict = Verdict(verdict.code, verdict.enhanced, verdict.status,
+                                  f"{verdict.text} (still so after {age / 3600:.1f} h: "
+                                  f"retry.lifetime {config.retry.lifetime:g} s)")
+            # The writer was told "accepted" (exit 0) long ago: a refusal now is final and
+            # goes back to the sender as a notice; the file goes once the notice is queued.
+            if not self._notify(config, name, fields, message, st, verdict):
+                return "kept"
+        _unlink(path, name, st.st_uid)
         return "removed"
+
+    def _too_big(self, config: Config, name: str, data: bytes, st: os.stat_result) -> str:
+        """A drop file over the size limit: bounced (its request header read) and removed."""
+        why = f"larger than message_size_limit ({config.message_size_limit})"
+        end = data.find(protocol.HEADER_END, len(protocol.MAGIC) - 1)
+        try:
+            if not data.startswith(protocol.MAGIC) or not 0 <= end <= protocol.MAX_HEADER_BYTES:
+                raise protocol.ProtocolError("no request header")
+            fields = protocol.decode_header(data[len(protocol.MAGIC) : end + 1])
+        except (protocol.ProtocolError, ValueError):
+            return self._quarantine(config, name, why, st.st_uid)
+        start = end + len(protocol.HEADER_END)
+        verdict = Verdict(552, "5.3.4", sysexits.EX_DATAERR,
+                          f"message {why}; nothing was queued")
+        if not self._notify(config, name, fields, data[start : start + NOTICE_HEAD], st,
+                            verdict):
+            return "kept"
+        _unlink(path=os.path.join(config.layout.maildrop, name), name=name, uid=st.st_uid)
+        return "removed"
+
+    def _may_wait(self, config: Config, uid: int, size: int) -> bool:
+        """Whether one more waiting file of ``size`` keeps ``uid`` within its share."""
+        with self._lock:
+            held = self._waiting.get(uid, 0) + size
+            if held > dropspace.share(config):
+                return False
+            self._waiting[uid] = held
+            return True
+
+    def _notify(self, config: Config, name: str, fields: list[tuple[str, str]],
+                message: bytes, st: os.stat_result, verdict: Verdict) -> bool:
+        """Bounce a refused drop file to its sender; False (file kept) when that failed."""
+        try:
+            dropnotice.notify_refused(config, fields, message, st.st_uid, st.st_gid, verdict,
+                                      name)
+        except OSError as exc:
+            log.error("notice_failed drop_file=%s uid=%d reason=%r action='the drop file is "
+                      "kept and bounced at a later scan; free space on the spool disk'",
+                      name, st.st_uid, str(exc))
+            return False
+        return True
 
     def _tidy_tmp(self, config: Config, name: str, now: float) -> None:
         path = os.path.join(config.layout.maildrop, name)
@@ -292,19 +349,22 @@ class Pickup:
                 pass
 
     def _quarantine(self, config: Config, name: str, why: str,
-                    uid: int | None = None) -> str:
-        """Move a refused entry to ``corrupt/``; never raises.  Returns 'moved' or 'kept'."""
+                    uid: int | None = None, fd: int | None = None) -> str:
+        """Set a refused entry aside (dropspace.set_aside); never raises.  'moved' or 'kept'.
+
+        ``fd``: a descriptor open on it, when the caller has one (its head is kept).
+        """
         layout = config.layout
         src = os.path.join(layout.maildrop, name)
         if uid is None:
             uid = _owner(src)
         try:
-            is_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+            st = os.lstat(src)
         except FileNotFoundError:
             return "moved"
         except OSError:
-            is_dir = False
-        if is_dir:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             # Never into corrupt/: a site holding a descriptor of its directory could
             # go on creating files in it there.  An empty one goes; others stay.
             try:
@@ -318,28 +378,42 @@ class Pickup:
             log.error("corrupt drop_file=%s uid=%s reason=%r action='removed the empty "
                       "directory'", name, uid, why)
             return "moved"
-        dst = os.path.join(layout.state_dir("corrupt"), "drop." + name)
-        if os.path.lexists(dst):
-            dst += "." + os.urandom(4).hex()
-        try:
-            os.rename(src, dst)
-        except FileNotFoundError:
-            return "moved"
-        except OSError as exc:
-            try:
-                os.unlink(src)
+        own = None
+        if fd is None and st is not None and stat.S_ISREG(st.st_mode):
+            try:  # its head is kept for the operator; never a FIFO (checked just above)
+                own = fd = os.open(src, OPEN_FLAGS)
             except OSError:
-                self._stuck.add(name)
-                log.error("corrupt drop_file=%s uid=%s reason=%r action='cannot move it to "
-                          "corrupt/ (%s) nor remove it; skipped from now on: remove "
-                          "%s by hand'", name, uid, why, exc.strerror, src)
-                return "kept"
-            log.error("corrupt drop_file=%s uid=%s reason=%r action='removed: could not move "
-                      "it to corrupt/ (%s)'", name, uid, why, exc.strerror)
-            return "moved"
-        log.error("corrupt drop_file=%s uid=%s reason=%r moved_to=%s action='inspect it; "
-                  "nothing was delivered'", name, uid, why, dst)
+                fd = None
+        try:
+            removed = dropspace.set_aside(config, name, fd, -1 if uid is None else uid, why)
+        finally:
+            if own is not None:
+                os.close(own)
+        if not removed:
+            self._stuck.add(name)
+            return "kept"
         return "moved"
+
+
+def _unlink(path: str, name: str, uid: int) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("cannot remove drop_file=%s uid=%d after its verdict: %s; remove it by "
+                  "hand or it is ingested again", name, uid, exc)
+
+
+def waits(verdict: Verdict) -> bool:
+    """Whether a drop file refused with ``verdict`` is tried again at the next scan.
+
+    Only trouble that passes by itself waits: the daemon's storage (451 4.3.0, 4.3.1),
+    a twin of the same submission in flight (451 4.3.0) and a rate quota (452 4.7.1).
+    Any other refusal, a 4xx included (452 4.5.3 too many recipients), is final at
+    the first scan: the same file would get the same answer forever.
+    """
+    return verdict.code // 100 == 4 and verdict.enhanced in WAITING
 
 
 def _owner(path: str) -> int | None:

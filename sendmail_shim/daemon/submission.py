@@ -48,7 +48,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from sendmail_shim.daemon import listing
+from sendmail_shim.daemon import dropspace, listing
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
     DaemonServer,
@@ -60,7 +60,7 @@ from sendmail_shim.daemon.sockets import (
     systemd_socket,
 )
 from sendmail_shim.delivery.runner import QueueRunner
-from sendmail_shim.intake.accept import accept_submission, storage_trouble
+from sendmail_shim.intake.accept import storage_trouble
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store import spool
 from sendmail_shim.store.outcome import Verdict
@@ -246,7 +246,7 @@ class SubmissionServer(DaemonServer):
         # One hop to a worker thread of the loop's default executor (which the daemon's
         # shutdown joins) for the whole hand-off: state, compose, commit, bookkeeping.
         verdict: Verdict = await asyncio.get_running_loop().run_in_executor(
-            None, accept_submission, self.config, self.state, fields, message, caller)
+            None, dropspace.accept_relieved, self.config, self.state, fields, message, caller)
         if verdict.accepted:
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,

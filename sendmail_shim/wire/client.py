@@ -7,7 +7,10 @@ Guarantees:
 * :func:`ask` sends one request and returns the parsed reply, or raises
   :class:`DaemonUnreachable` when no complete, intelligible reply came (no
   daemon, a full listen queue for CONNECT_TRIES tries, REPLY_TIMEOUT, a reply
-  lost or cut short).  Used for submissions and for flush, mailq and the
+  lost or cut short).  A send cut short by the daemon (it answered early, e.g.
+  ``552`` on the size field, and closed) is not "no reply": the reply it wrote
+  is read and is the verdict, so a refusal never sends the message down the
+  drop road.  Used for submissions and for flush, mailq and the
   operator's control requests.  :func:`ask_streaming` does the same but hands
   the body on as it arrives (listings: memory does not grow with the queue).
 * :func:`hand_off` is the road every submission takes: the daemon's verdict,
@@ -155,8 +158,14 @@ def _exchange(socket_path: str, request: bytes, timeout: float,
                 raise DaemonUnreachable(f"cannot connect to {socket_path}: {exc.strerror}",
                                         exc.errno or 0) from exc
         try:
-            sock.sendall(request)
-            sock.shutdown(_socket.SHUT_WR)
+            try:
+                sock.sendall(request)
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                # The daemon may have answered early and closed (a 552 on the size field
+                # before the body): its reply is still there to read.  Only when none
+                # came is this "no verdict" (the recv below fails or finds nothing).
+                pass
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
