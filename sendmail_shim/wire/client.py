@@ -103,6 +103,15 @@ class DropRefused(Exception):
         self.error = error
 
 
+class DropVetoed(Exception):
+    """No verdict (``why``), and the request would be refused anyway (``problem``): no drop."""
+
+    def __init__(self, why: str, problem: str) -> None:
+        super().__init__(f"{problem} (the daemon did not answer: {why})")
+        self.why = why
+        self.problem = problem
+
+
 class Reply:
     """What the daemon answered: SMTP code, exit status, text, and the body after the line."""
 
@@ -230,11 +239,13 @@ def ask_streaming(socket_path: str, request: bytes, out: Callable[[bytes], objec
     return line[0]
 
 
-def hand_off(socket_path: str, maildrop: str, request: bytes) -> Reply | Dropped:
+def hand_off(socket_path: str, maildrop: str, request: bytes,
+             vet: Callable[[], str | None] | None = None) -> Reply | Dropped:
     """The daemon's verdict on ``request``, else a drop file (see the module docstring).
 
     A ``421`` (:data:`protocol.BUSY`) is never returned: the request is dropped.
-    Raises :class:`DropRefused` when there was no verdict and the drop file failed.
+    Raises :class:`DropRefused` when there was no verdict and the drop file failed,
+    :class:`DropVetoed` when ``vet`` (called only before a drop file) gave a reason.
     """
     try:
         reply = ask(socket_path, request)
@@ -244,6 +255,9 @@ def hand_off(socket_path: str, maildrop: str, request: bytes) -> Reply | Dropped
         if reply.code != protocol.BUSY:
             return reply
         why = reply.text  # this uid has too many connections open
+    problem = vet() if vet is not None else None
+    if problem is not None:
+        raise DropVetoed(why, problem)
     try:
         return Dropped(write_drop_file(maildrop, request), why)
     except OSError as exc:
