@@ -219,6 +219,13 @@ class SubmissionServer(DaemonServer):
         except protocol.ProtocolError as exc:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         if size > self.config.message_size_limit:
+            # Read the body before answering, as an SMTP server reads DATA before its 552:
+            # a Unix socket closed with unread bytes resets the peer, whose front end would
+            # then lose this reply and take the drop road with the message.
+            # Time-bounded as a message at four times the limit: a writer slower than that
+            # is cut off (its front end then drops it, and pickup bounces the drop file).
+            await _discard(reader, size + len(protocol.TRAILER),
+                           READ_TIMEOUT + 4 * self.config.message_size_limit / 1e6)
             return protocol.format_reply(
                 552, sysexits.EX_DATAERR,
                 f"message of {size} bytes exceeds message_size_limit "
@@ -273,3 +280,13 @@ class SubmissionServer(DaemonServer):
         return listing.queue_text(e for e in spool.entries(self.config.layout)
                                   if everything or e.envelope.uid == uid)
 
+
+async def _discard(reader: asyncio.StreamReader, count: int, timeout: float) -> None:
+    """Read and forget up to ``count`` bytes (until EOF or ``timeout``)."""
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(timeout):
+            while count > 0:
+                chunk = await reader.read(min(count, 1 << 16))
+                if not chunk:
+                    return
+                count -= len(chunk)
