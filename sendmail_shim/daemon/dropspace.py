@@ -71,10 +71,10 @@ def _remove(path: str, name: str, st: os.stat_result, why: str) -> int:
     except FileNotFoundError:
         return 0
     except OSError as exc:
-        log.error("cannot remove drop_file=%r uid=%d size=%d reason=%r: %s; remove it by hand",
+        log.error("cannot remove drop_file=%s uid=%d size=%d reason=%r: %s; remove it by hand",
                   name, st.st_uid, st.st_size, why, exc.strerror)
         return 0
-    log.warning("removed drop_file=%r uid=%d size=%d reason=%r", name, st.st_uid, st.st_size,
+    log.warning("removed drop_file=%s uid=%d size=%d reason=%r", name, st.st_uid, st.st_size,
                 why)
     return _size(st)
 
@@ -123,8 +123,9 @@ def set_aside(config: Config, name: str, fd: int | None, uid: int, why: str) -> 
     """
     corrupt = config.layout.state_dir("corrupt")
     src = os.path.join(config.layout.maildrop, name)
-    dst = os.path.join(corrupt, CORRUPT_PREFIX + name.replace("/", "_")[:80] + "."
-                       + os.urandom(4).hex())
+    dst = os.path.join(corrupt, CORRUPT_PREFIX + name[:100])
+    if os.path.lexists(dst):
+        dst += "." + os.urandom(4).hex()
     kept = "nothing kept"
     if fd is not None:
         try:
@@ -140,10 +141,10 @@ def set_aside(config: Config, name: str, fd: int | None, uid: int, why: str) -> 
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.error("corrupt drop_file=%r uid=%d reason=%r action='cannot remove it (%s): "
+        log.error("corrupt drop_file=%s uid=%d reason=%r action='cannot remove it (%s): "
                   "skipped from now on; remove %s by hand'", name, uid, why, exc.strerror, src)
         return False
-    log.error("corrupt drop_file=%r uid=%d reason=%r action='removed, %s; inspect it; "
+    log.error("corrupt drop_file=%s uid=%d reason=%r action='removed, %s; inspect it; "
               "nothing was delivered'", name, uid, why, kept)
     try:
         trim_corrupt(config)

@@ -59,6 +59,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from sendmail_shim.config import Config
 from sendmail_shim.daemon import dropnotice, dropspace
+from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store.outcome import Verdict
 from sendmail_shim.store.state import State
@@ -261,8 +262,8 @@ class Pickup:
             return self._quarantine(config, name, f"bad request: {exc}", st.st_uid)
         caller = Caller(uid=st.st_uid, gid=st.st_gid, pid=None)
         try:
-            verdict = dropspace.accept_relieved(config, state, fields, message, caller,
-                                                origin="maildrop")
+            verdict = accept_submission(config, state, fields, message, caller,
+                                        origin="maildrop")
         except Exception as exc:
             if self.stop.is_set():
                 log.warning("pickup interrupted by shutdown drop_file=%s uid=%d: kept for the "
@@ -288,6 +289,9 @@ class Pickup:
             # goes back to the sender as a notice; the file goes once the notice is queued.
             if not self._notify(config, name, fields, message, st, verdict):
                 return "kept"
+            log.warning("dropped drop_file=%s uid=%d status=%d enhanced=%s reason=%r "
+                        "action='a notice went to the sender (see the bounced line)'", name,
+                        st.st_uid, verdict.code, verdict.enhanced, verdict.text)
         _unlink(path, name, st.st_uid)
         return "removed"
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from sendmail_shim.config import Config
-from sendmail_shim.daemon import pickup
+from sendmail_shim.daemon import dropspace, pickup
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store import outcome, spool
@@ -127,9 +127,9 @@ class TestIngest:
 
     def test_only_m_files_are_ingested(self, config: Config, state: State) -> None:
         drop(config, "t.1.aa")  # still being written
-        drop(config, "x.other")
+        drop(config, "x.other")  # a name no front end writes: removed (dropspace)
         assert pickup.scan(config, state) == 0
-        assert maildrop(config) == ["t.1.aa", "x.other"] and queued(config) == []
+        assert maildrop(config) == ["t.1.aa"] and queued(config) == []
 
     def test_stale_tmp_files_go_fresh_ones_stay(self, config: Config, state: State) -> None:
         old = drop(config, "t.old")
@@ -147,9 +147,10 @@ HOSTILE = {  # name: (content and mode, or None for a special entry; the logged 
     "m.garbage": ((b"GET / HTTP/1.0\r\n\r\n", 0o640), "bad request: does not start"),
     "m.truncated": ((request()[:-4], 0o640), "truncated or oversized"),
     "m.badsize": ((b"SMSHIM1\nmode submit\nsize abc\n\nx\nEND\n", 0o640), "bad size"),
-    "m.huge": ((request(body=b"x" * (protocol.MAX_HEADER_BYTES + LIMIT + 1000)), 0o640),
+    "m.huge": ((b"SMSHIM1\n" + b"x" * (protocol.MAX_HEADER_BYTES + LIMIT + 1000), 0o640),
                f"larger than message_size_limit ({LIMIT})"),
 }
+NOTHING_TO_KEEP = ("m.symlink", "m.fifo")  # removed; a copy of their bytes would mean nothing
 
 
 class TestHostileEntries:
@@ -181,8 +182,11 @@ class TestHostileEntries:
         drop(config, "m.zz.good")
         with caplog.at_level(logging.ERROR, "sendmail_shim.daemon.pickup"):
             assert self.scan_bounded(config, state) == 2
-        assert corrupt(config) == [f"drop.{name}"]
+        assert corrupt(config) == ([] if name in NOTHING_TO_KEEP else [f"drop.{name}"])
         assert maildrop(config) == [] and len(queued(config)) == 1  # the good one went on
+        for kept in corrupt(config):  # the head only, and the daemon's own file
+            st = os.stat(os.path.join(config.layout.state_dir("corrupt"), kept))
+            assert st.st_size <= dropspace.CORRUPT_KEEP and st.st_mode & 0o777 == 0o600
         assert f"corrupt drop_file={name} uid={UID}" in caplog.text and reason in caplog.text
         assert target.read_bytes() == request()  # a symlink's target is never touched
 
@@ -290,7 +294,8 @@ class TestTransientTrouble:
         monkeypatch.setattr(os, "open", fake_open)
         scanner = pickup.Pickup()
         scanner.scan(config, state)
-        assert maildrop(config) == ["m.emfile"] and corrupt(config) == ["drop.m.eacces"]
+        # One the daemon may not read is removed, nothing of it kept (dropspace.set_aside).
+        assert maildrop(config) == ["m.emfile"] and corrupt(config) == []
         del failing["m.emfile"]  # descriptors are back
         scanner.scan(config, state)
         monkeypatch.undo()
