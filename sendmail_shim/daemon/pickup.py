@@ -20,10 +20,11 @@ Guarantees:
   name (renamed after its fsync) and a complete request (size and END
   trailer agree);
 * one bad entry never stops the scan: a file proven bad (its type, owner
-  proof, size or request format) is moved to ``corrupt/`` (``drop.<name>``)
-  and logged with its owner uid and the reason; a directory is never moved
-  there (its owner could keep writing into it through a descriptor): an empty
-  one is removed, another is logged once and skipped.  An error that does not
+  proof or request format) is removed, its head copied into ``corrupt/``
+  (``drop.<name>``, daemon-owned: dropspace.set_aside) and logged with its
+  owner uid and the reason; a directory is never moved there (its owner
+  could keep writing into it through a descriptor): an empty one is removed,
+  another is logged once and skipped.  An error that does not
   prove the file bad (EMFILE, ENOMEM, EIO, an exception in the intake) keeps
   the file for the next scan, and only after MAX_FAILURES such scans is it
   set aside: acknowledged mail is never stranded by the daemon's own trouble;
@@ -34,17 +35,26 @@ Guarantees:
 * no descriptor leaks (each is closed in ``finally``) and no FIFO blocks the
   scan (non-regular entries are refused from ``lstat`` and never opened; the
   open is O_NONBLOCK|O_NOFOLLOW in case the entry was swapped meanwhile);
-* a file is unlinked as soon as the intake gave a final verdict (accepted
-  or refused for good); a temporary refusal (4xx) is tried once more at the
-  end of the scan, one file at a time (two drop files of one submission may
-  have been in flight together), then kept for the next scan;
-  ``maildrop/`` is fsynced after a scan that removed files;
+* exit 0 means delivered or bounced: a file is unlinked as soon as it is
+  queued, or refused for good and its notice to the sender is queued
+  (daemon/dropnotice.py; a file over the size limit too, from its request
+  header); only what passes by itself waits (:func:`waits`: the spool's disk,
+  a twin in flight, the rate quota): it is tried once more at the end of the
+  scan, one file at a time (two drop files of one submission may have been in
+  flight together), then kept for the next scan, and bounced once older than
+  ``retry.lifetime``; a site's files waiting for its quota beyond its share
+  of the drop area (dropspace.share) are bounced at once.  Every other
+  refusal, a 4xx included (``452 4.5.3``), is final at the first scan, so no
+  file is tried forever; ``maildrop/`` is fsynced after a scan that removed
+  files;
+* space: each scan first runs dropspace.sweep (names no front end writes,
+  stale and over-share ``t.`` files), so no site keeps more than its share;
 * the scan checks its stop event between files, so a stopping daemon waits
   for at most the PARALLEL files in hand (see daemon.main: the worker is
   joined before the state is closed); an intake error while stopping keeps
   the file.
 
-``t.`` files older than a day are removed.
+``t.`` files older than dropspace.STALE_TMP (10 minutes) are removed.
 """
 
 from __future__ import annotations

@@ -426,3 +426,35 @@ class TestParallelScan:
             drop(config, name)
         pickup.scan(config, state)
         assert started == names  # one owner here: its oldest first, in order
+
+
+class TestSpaceGuard:
+    """dropspace: no site keeps more than its share of the spool's disk in maildrop/."""
+
+    def test_unfinished_files_past_the_share_go_newest_first(self, config: Config) -> None:
+        share = dropspace.share(config)
+        names = ["t.1", "t.2", "t.3"]
+        for n, name in enumerate(names):
+            drop(config, name, b"x" * (share // 2))
+            os.utime(os.path.join(config.layout.maildrop, name), (1e9 + n, 1e9 + n))
+        drop(config, "zz.park")
+        freed = dropspace.sweep(config, now=1e9 + 10)
+        assert maildrop(config) == ["t.1", "t.2"]  # within the share: the two oldest
+        assert freed >= share // 2
+
+    def test_refused_files_in_corrupt_are_capped(self, config: Config, state: State,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(dropspace, "CORRUPT_FILES", 3)
+        for n in range(5):
+            drop(config, f"m.bad{n}", b"garbage" * 100_000)
+        pickup.scan(config, state)
+        assert len(corrupt(config)) == 3 and maildrop(config) == []
+
+    def test_a_full_disk_is_relieved_and_the_submission_taken(
+            self, config: Config, state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+        drop(config, "zz.park")
+        answers = [outcome.tempfail("disk full", dropspace.FULL),
+                   outcome.accepted("Ok: queued as X")]
+        monkeypatch.setattr(dropspace, "accept_submission", lambda *_a, **_k: answers.pop(0))
+        verdict = dropspace.accept_relieved(config, state, [], b"", Caller(UID, GID, 1))
+        assert verdict.accepted and maildrop(config) == []
