@@ -149,7 +149,8 @@ class Pickup:
         self.stop = stop if stop is not None else threading.Event()
         self._stuck: set[str] = set()
         self._failures: dict[str, int] = {}  # name -> unexplained failures so far
-        self._waiting: dict[int, int] = {}  # uid -> bytes of its files waiting for its quota
+        # uid -> {name: bytes} of its files waiting for its quota, in this scan
+        self._waiting: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
 
     def _retry_or_quarantine(self, config: Config, name: str, why: str, uid: int | None) -> str:
@@ -284,7 +285,7 @@ class Pickup:
         if not verdict.accepted:
             age = time.time() - st.st_mtime
             if waits(verdict) and age < config.retry.lifetime:
-                if verdict.enhanced != QUOTA_WAIT or self._may_wait(config, st.st_uid,
+                if verdict.enhanced != QUOTA_WAIT or self._may_wait(config, st.st_uid, name,
                                                                     len(data)):
                     return "busy"  # a full spool, a twin in flight, the quota: try later
                 verdict = Verdict(verdict.code, verdict.enhanced, verdict.status,
@@ -324,13 +325,14 @@ class Pickup:
         _unlink(path=os.path.join(config.layout.maildrop, name), name=name, uid=st.st_uid)
         return "removed"
 
-    def _may_wait(self, config: Config, uid: int, size: int) -> bool:
-        """Whether one more waiting file of ``size`` keeps ``uid`` within its share."""
+    def _may_wait(self, config: Config, uid: int, name: str, size: int) -> bool:
+        """Whether waiting file ``name`` of ``size`` keeps ``uid`` within its share."""
         with self._lock:
-            held = self._waiting.get(uid, 0) + size
-            if held > dropspace.share(config):
+            files = self._waiting.setdefault(uid, {})
+            others = sum(held for other, held in files.items() if other != name)
+            if others + size > dropspace.share(config):
                 return False
-            self._waiting[uid] = held
+            files[name] = size
             return True
 
     def _notify(self, config: Config, name: str, fields: list[tuple[str, str]],

@@ -319,6 +319,21 @@ class TestTransientTrouble:
         assert scanner.scan(config, state) == 1
         assert len(queued(config)) == 1
 
+    def test_files_waiting_for_the_quota_stay_within_the_share(
+            self, config: Config, state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+        over = outcome.Verdict(452, "4.7.1", 77, "site site1.test is over its quota")
+        monkeypatch.setattr(pickup, "accept_submission", lambda *_a, **_k: over)
+        part = dropspace.share(config) * 2 // 5  # two fit in the share, three do not
+        for name in ("m.1", "m.2", "m.3"):
+            drop(config, name, request(body=b"Subject: q\n\n" + b"x" * part))
+        scanner = pickup.Pickup()
+        for _ in range(3):  # every scan tries each twice: a file is counted once
+            scanner.scan(config, state)
+            assert len(maildrop(config)) == 2
+        [notice] = queued(config)  # the third was bounced, with the reason
+        _envelope, data = spool.read_entry(config.layout, spool.INCOMING, notice)
+        assert b"over its quota" in data and b"share of the drop area" in data
+
     def test_a_stopping_scan_takes_nothing_more(self, config: Config, state: State) -> None:
         drop(config, "m.1.aa")
         stop = threading.Event()
