@@ -408,7 +408,22 @@ class Pickup:
         if not removed:
             self._stuck.add(name)
             return "kept"
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            self._twins(config, name, st, why)
         return "moved"
+
+    def _twins(self, config: Config, name: str, st: os.stat_result, why: str) -> None:
+        """Set aside the other names of a refused file with several links, now: once this
+        name is gone, a twin would have one link and pass for a proven drop file."""
+        maildrop = config.layout.maildrop
+        for other in os.listdir(maildrop):
+            try:
+                twin = os.lstat(os.path.join(maildrop, other))
+            except OSError:
+                continue
+            if other != name and (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino):
+                dropspace.set_aside(config, other, None, twin.st_uid,
+                                    f"another name of {name}: {why}")
 
 
 def _unlink(path: str, name: str, uid: int) -> None:
