@@ -10,8 +10,10 @@ the spool is the drop file removed.
 Trusts: the uid and gid of the drop file (pickup proved them) and nothing in
 the request: every field may be what made the intake refuse it.
 Guarantees: the notice goes to the envelope sender the site gave when that
-address is valid, else to the site's default sender (``policy.sender``); the
-null sender and ``-N never`` get none (as every bounce); an invalid ``-V`` is
+address is valid and in one of the site's domains, else to the site's default
+sender (``policy.sender``): a refused drop file never turns into a notice to
+an address outside the site (backscatter past the sender policy); the null
+sender and ``-N never`` get none (as every bounce); an invalid ``-V`` is
 left out of the notice.  The notice lists the recipients the request names
 (at most MAX_LISTED; the rest are counted), or says that none could be read.
 Raises OSError when the notice could not be written (the caller keeps the
@@ -51,6 +53,12 @@ def _recipients(sub: Submission, message: bytes) -> list[str]:
     return [printable(word, 300) for word in words]
 
 
+def _own(addr: str, domains: tuple[str, ...]) -> bool:
+    """Whether ``addr`` is in one of the site's domains (or below one)."""
+    domain = addr.rsplit("@", 1)[-1].lower()
+    return any(domain == d.lower() or domain.endswith("." + d.lower()) for d in domains)
+
+
 def _permanent(verdict: Verdict) -> Outcome:
     """The refusal as a permanent outcome: a 4xx that waits no longer becomes its 5xx."""
     enhanced = "5" + verdict.enhanced[1:] if verdict.enhanced[:1] == "4" else verdict.enhanced
@@ -72,6 +80,8 @@ def notify_refused(config: Config, fields: list[tuple[str, str]], message: bytes
         sender = envelope_sender(sub.sender, site, config)
     except CompositionError:
         sender = default_sender(site, config)  # the address given was what was refused
+    if sender and not _own(sender, site.domains):
+        sender = default_sender(site, config)  # no backscatter to an address it chose
     try:
         envid = check_envid(sub.envid)
     except CompositionError:

@@ -473,3 +473,24 @@ class TestSpaceGuard:
         monkeypatch.setattr(dropspace, "accept_submission", lambda *_a, **_k: answers.pop(0))
         verdict = dropspace.accept_relieved(config, state, [], b"", Caller(UID, GID, 1))
         assert verdict.accepted and maildrop(config) == []
+
+
+class TestNotices:
+    """A refused drop file is bounced to its sender (daemon/dropnotice.py)."""
+
+    @pytest.mark.parametrize(("sender", "notified"), [
+        ("writer@site1.test", "writer@site1.test"),
+        ("writer@mail.site1.test", "writer@mail.site1.test"),
+        ("victim@elsewhere.example", "noreply@site1.test"),  # never backscatter outside
+        ("a..b@site1.test", "noreply@site1.test"),  # refused by the grammar
+    ])
+    def test_the_notice_goes_to_the_sender_within_the_site(
+            self, config: Config, state: State, sender: str, notified: str) -> None:
+        fields = [("mode", "submit"), ("sender", sender), ("rcpt", 'a"b"@example.net')]
+        drop(config, "m.1.aa", protocol.encode_request(fields, b"Subject: s\n\nbody\n"))
+        assert pickup.scan(config, state) == 1
+        [notice] = queued(config)
+        envelope, data = spool.read_entry(config.layout, spool.INCOMING, notice)
+        assert envelope.sender == "" and envelope.recipients == [notified]
+        assert b"Status: 5.1.3" in data and b"bad recipient address" in data
+        assert maildrop(config) == []
