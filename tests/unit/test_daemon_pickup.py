@@ -492,5 +492,5 @@ class TestNotices:
         [notice] = queued(config)
         envelope, data = spool.read_entry(config.layout, spool.INCOMING, notice)
         assert envelope.sender == "" and envelope.recipients == [notified]
-        assert b"Status: 5.1.3" in data and b"bad recipient address" in data
+        assert b"Status: 5.1.3" in data and b" address: address <" in data
         assert maildrop(config) == []
