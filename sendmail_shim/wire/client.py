@@ -19,7 +19,8 @@ Guarantees:
   committed before its reply was lost is dropped too; its ``subid`` (the same
   bytes on both roads) makes the daemon queue it once.  Exit 0 only after one
   of the two is durable: :class:`DropRefused` when the drop file could not be
-  written either.
+  written either, :class:`DropVetoed` when the caller's check (the front end's
+  frontend/precheck.py) says the daemon would refuse it anyway.
 * :func:`write_drop_file` leaves a drop file complete (fsynced, renamed from
   ``t.`` to ``m.``) or not at all under an ``m.`` name, mode exactly 0640.
 
