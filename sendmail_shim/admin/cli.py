@@ -561,7 +561,10 @@ def config_check(config_path: str | None) -> None:
                                  "could use the operator's blocklist access key")
     problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
                              "could use the operator's SNDS key")
+    own_fs, fs_text = spool_filesystem(config.spool)
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    if not own_fs:
+        warnings.append(fs_text)
     warnings += stand_in_problems(config)
     if config.state_backend == "redis":
         warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
@@ -575,6 +578,8 @@ def config_check(config_path: str | None) -> None:
                f"{len(config.sites)} sites, {len(config.relays)} relays, spool {config.spool}, "
                f"state {config.state_backend}"
                + (f" (node {config.node})" if config.state_backend == "redis" else ""))
+    if own_fs:
+        click.echo(fs_text)
     for problem in problems:
         click.echo(f"problem: {problem}")
     for warning in warnings:
@@ -649,6 +654,26 @@ def stand_in_problems(config: Config) -> list[str]:
                      "user may listen on: while the resolver is down a site can answer the "
                      "daemon's MX and blocklist queries (and burn relays); use port 53")
     return found
+
+
+def spool_filesystem(spool: str) -> tuple[bool, str]:
+    """Whether the spool is on a file system of its own, and a line saying so.
+
+    Every site may write into maildrop/ (daemon/dropspace.py): on a shared file
+    system a site could fill the disk of everything else, and what it holds open
+    is bounded only by the kernel.
+    """
+    root = os.path.realpath(spool)
+    try:
+        own = os.stat(root).st_dev != os.stat(os.path.dirname(root)).st_dev
+    except OSError as exc:
+        return False, f"cannot tell whether the spool {root} is on its own file system " \
+                      f"({exc.strerror}); it should be"
+    if own or root == "/":
+        return True, f"spool {root} is on its own file system"
+    return False, (f"spool {root} shares the file system of its parent directory: a site that "
+                   "fills maildrop/ while holding its files open fills that whole file system; "
+                   "mount a file system of its own there (with usrquota for the site uids)")
 
 
 def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:

@@ -82,8 +82,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from sendmail_shim.config import Config
+from sendmail_shim.daemon import dropspace
 from sendmail_shim.daemon.workers import IntakeWorkers
-from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller, exempt_uids
 from sendmail_shim.policy.peers import (  # the /proc/net/tcp reading, shared with other services
     ESTABLISHED,
@@ -358,7 +358,7 @@ class CaptureHandler:
         message = envelope.original_content or b""  # CRLF: intake applies wire/lineends.py
         fields = [(protocol.MODE, protocol.SUBMIT), (protocol.SENDER, envelope.mail_from)]
         fields += [(protocol.RCPT, rcpt) for rcpt in envelope.rcpt_tos]
-        verdict = await self.intake.run(uid, accept_submission, self.config, self.state,
+        verdict = await self.intake.run(uid, dropspace.accept_relieved, self.config, self.state,
                                         fields, message, Caller(uid=uid, gid=gid, pid=None),
                                         "capture")
         log.info("captured uid=%d peer=%s original_dst=%s helo=%r status=%d reply=%r",

@@ -20,10 +20,11 @@ Guarantees:
   name (renamed after its fsync) and a complete request (size and END
   trailer agree);
 * one bad entry never stops the scan: a file proven bad (its type, owner
-  proof, size or request format) is moved to ``corrupt/`` (``drop.<name>``)
-  and logged with its owner uid and the reason; a directory is never moved
-  there (its owner could keep writing into it through a descriptor): an empty
-  one is removed, another is logged once and skipped.  An error that does not
+  proof or request format) is removed, its head copied into ``corrupt/``
+  (``drop.<name>``, daemon-owned: dropspace.set_aside) and logged with its
+  owner uid and the reason; a directory is never moved there (its owner
+  could keep writing into it through a descriptor): an empty one is removed,
+  another is logged once and skipped.  An error that does not
   prove the file bad (EMFILE, ENOMEM, EIO, an exception in the intake) keeps
   the file for the next scan, and only after MAX_FAILURES such scans is it
   set aside: acknowledged mail is never stranded by the daemon's own trouble;
@@ -34,17 +35,26 @@ Guarantees:
 * no descriptor leaks (each is closed in ``finally``) and no FIFO blocks the
   scan (non-regular entries are refused from ``lstat`` and never opened; the
   open is O_NONBLOCK|O_NOFOLLOW in case the entry was swapped meanwhile);
-* a file is unlinked as soon as the intake gave a final verdict (accepted
-  or refused for good); a temporary refusal (4xx) is tried once more at the
-  end of the scan, one file at a time (two drop files of one submission may
-  have been in flight together), then kept for the next scan;
-  ``maildrop/`` is fsynced after a scan that removed files;
+* exit 0 means delivered or bounced: a file is unlinked as soon as it is
+  queued, or refused for good and its notice to the sender is queued
+  (daemon/dropnotice.py; a file over the size limit too, from its request
+  header); only what passes by itself waits (:func:`waits`: the spool's disk,
+  a twin in flight, the rate quota): it is tried once more at the end of the
+  scan, one file at a time (two drop files of one submission may have been in
+  flight together), then kept for the next scan, and bounced once older than
+  ``retry.lifetime``; a site's files waiting for its quota beyond its share
+  of the drop area (dropspace.share) are bounced at once.  Every other
+  refusal, a 4xx included (``452 4.5.3``), is final at the first scan, so no
+  file is tried forever; ``maildrop/`` is fsynced after a scan that removed
+  files;
+* space: each scan first runs dropspace.sweep (names no front end writes,
+  stale and over-share ``t.`` files), so no site keeps more than its share;
 * the scan checks its stop event between files, so a stopping daemon waits
   for at most the PARALLEL files in hand (see daemon.main: the worker is
   joined before the state is closed); an intake error while stopping keeps
   the file.
 
-``t.`` files older than a day are removed.
+``t.`` files older than dropspace.STALE_TMP (10 minutes) are removed.
 """
 
 from __future__ import annotations
@@ -58,20 +68,25 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from sendmail_shim.config import Config
+from sendmail_shim.daemon import dropnotice, dropspace
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller
+from sendmail_shim.store.outcome import Verdict
 from sendmail_shim.store.state import State
-from sendmail_shim.wire import protocol
+from sendmail_shim.wire import protocol, sysexits
 from sendmail_shim.wire.durable import fsync_dir
 from sendmail_shim.wire.paths import MODE_DROP_FILE
 
 log = logging.getLogger(__name__)
-STALE_TMP = 86400.0
+STALE_TMP = dropspace.STALE_TMP
 MAX_FAILURES = 5  # unexplained failures of one drop file before it is set aside
 PARALLEL = 8  # drop files ingested at once (their commits share fsyncs)
 # Errors that say the daemon is short of something, not that the file is bad.
 TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN,
                        errno.EINTR, errno.ENOSPC, errno.EDQUOT})
+QUOTA_WAIT = "4.7.1"  # the quota's rate limit (policy/quota.py)
+WAITING = frozenset({"4.3.0", "4.3.1", "4.7.1"})  # refusals a drop file waits out (see waits())
+NOTICE_HEAD = 1 << 16  # of an oversized drop file's message, what a notice's header copy reads
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
@@ -134,6 +149,8 @@ class Pickup:
         self.stop = stop if stop is not None else threading.Event()
         self._stuck: set[str] = set()
         self._failures: dict[str, int] = {}  # name -> unexplained failures so far
+        # uid -> {name: bytes} of its files waiting for its quota, in this scan
+        self._waiting: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
 
     def _retry_or_quarantine(self, config: Config, name: str, why: str, uid: int | None) -> str:
@@ -152,6 +169,12 @@ class Pickup:
         """Ingest every finished drop file; the number of entries dealt with."""
         maildrop = config.layout.maildrop
         drop_gid = os.stat(maildrop).st_gid
+        try:
+            dropspace.sweep(config)  # stranger names, stale and over-share t. files
+        except OSError as exc:
+            log.warning("cannot sweep %s: %s", maildrop, exc)
+        with self._lock:
+            self._waiting.clear()
         names = _fair_order(maildrop, os.listdir(maildrop))
         self._stuck.intersection_update(names)  # forget entries that are gone
         for gone in set(self._failures) - set(names):
@@ -233,7 +256,7 @@ class Pickup:
             st = os.fstat(fd)  # the descriptor we read is what counts, not the name
             problem = unproven(st, drop_gid)
             if problem is not None:
-                return self._quarantine(config, name, problem, st.st_uid)
+                return self._quarantine(config, name, problem, st.st_uid, fd)
             cap = protocol.MAX_HEADER_BYTES + config.message_size_limit + 64
             try:
                 data = _read(fd, cap + 1)
@@ -243,9 +266,7 @@ class Pickup:
         finally:
             os.close(fd)
         if len(data) > cap:
-            return self._quarantine(
-                config, name, f"larger than message_size_limit ({config.message_size_limit})",
-                st.st_uid)
+            return self._too_big(config, name, data, st)
         try:
             fields, message = protocol.decode_request(data)
         except (protocol.ProtocolError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
@@ -261,19 +282,71 @@ class Pickup:
                 return "kept"
             log.exception("intake failed drop_file=%s uid=%d", name, st.st_uid)
             return self._retry_or_quarantine(config, name, f"intake failed: {exc!r}", st.st_uid)
-        if verdict.code // 100 == 4:
-            return "busy"  # temporary trouble (spool full): keep the file, try again later
         if not verdict.accepted:
-            # The writer was told "accepted" (exit 0) long ago; a refusal now is final.
-            log.warning("dropped drop_file=%s uid=%d reason=%r", name, st.st_uid, verdict.text)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error("cannot remove drop_file=%s uid=%d after its verdict: %s; remove it by "
-                      "hand or it is ingested again", name, st.st_uid, exc)
+            age = time.time() - st.st_mtime
+            if waits(verdict) and age < config.retry.lifetime:
+                if verdict.enhanced != QUOTA_WAIT or self._may_wait(config, st.st_uid, name,
+                                                                    len(data)):
+                    return "busy"  # a full spool, a twin in flight, the quota: try later
+                verdict = Verdict(verdict.code, verdict.enhanced, verdict.status,
+                                  f"{verdict.text}; and the drop files of uid {st.st_uid} "
+                                  "waiting for its quota pass its share of the drop area "
+                                  f"({dropspace.share(config)} bytes)")
+            elif waits(verdict):
+                verdict = Verdict(verdict.code, verdict.enhanced, verdict.status,
+                                  f"{verdict.text} (still so after {age / 3600:.1f} h: "
+                                  f"retry.lifetime {config.retry.lifetime:g} s)")
+            # The writer was told "accepted" (exit 0) long ago: a refusal now is final and
+            # goes back to the sender as a notice; the file goes once the notice is queued.
+            if not self._notify(config, name, fields, message, st, verdict):
+                return "kept"
+            log.warning("dropped drop_file=%s uid=%d status=%d enhanced=%s reason=%r "
+                        "action='a notice went to the sender (see the bounced line)'", name,
+                        st.st_uid, verdict.code, verdict.enhanced, verdict.text)
+        _unlink(path, name, st.st_uid)
         return "removed"
+
+    def _too_big(self, config: Config, name: str, data: bytes, st: os.stat_result) -> str:
+        """A drop file over the size limit: bounced (its request header read) and removed."""
+        why = f"larger than message_size_limit ({config.message_size_limit})"
+        end = data.find(protocol.HEADER_END, len(protocol.MAGIC) - 1)
+        try:
+            if not data.startswith(protocol.MAGIC) or not 0 <= end <= protocol.MAX_HEADER_BYTES:
+                raise protocol.ProtocolError("no request header")
+            fields = protocol.decode_header(data[len(protocol.MAGIC) : end + 1])
+        except (protocol.ProtocolError, ValueError):
+            return self._quarantine(config, name, why, st.st_uid)
+        start = end + len(protocol.HEADER_END)
+        verdict = Verdict(552, "5.3.4", sysexits.EX_DATAERR,
+                          f"message {why}; nothing was queued")
+        if not self._notify(config, name, fields, data[start : start + NOTICE_HEAD], st,
+                            verdict):
+            return "kept"
+        _unlink(path=os.path.join(config.layout.maildrop, name), name=name, uid=st.st_uid)
+        return "removed"
+
+    def _may_wait(self, config: Config, uid: int, name: str, size: int) -> bool:
+        """Whether waiting file ``name`` of ``size`` keeps ``uid`` within its share."""
+        with self._lock:
+            files = self._waiting.setdefault(uid, {})
+            others = sum(held for other, held in files.items() if other != name)
+            if others + size > dropspace.share(config):
+                return False
+            files[name] = size
+            return True
+
+    def _notify(self, config: Config, name: str, fields: list[tuple[str, str]],
+                message: bytes, st: os.stat_result, verdict: Verdict) -> bool:
+        """Bounce a refused drop file to its sender; False (file kept) when that failed."""
+        try:
+            dropnotice.notify_refused(config, fields, message, st.st_uid, st.st_gid, verdict,
+                                      name)
+        except OSError as exc:
+            log.error("notice_failed drop_file=%s uid=%d reason=%r action='the drop file is "
+                      "kept and bounced at a later scan; free space on the spool disk'",
+                      name, st.st_uid, str(exc))
+            return False
+        return True
 
     def _tidy_tmp(self, config: Config, name: str, now: float) -> None:
         path = os.path.join(config.layout.maildrop, name)
@@ -292,19 +365,22 @@ class Pickup:
                 pass
 
     def _quarantine(self, config: Config, name: str, why: str,
-                    uid: int | None = None) -> str:
-        """Move a refused entry to ``corrupt/``; never raises.  Returns 'moved' or 'kept'."""
+                    uid: int | None = None, fd: int | None = None) -> str:
+        """Set a refused entry aside (dropspace.set_aside); never raises.  'moved' or 'kept'.
+
+        ``fd``: a descriptor open on it, when the caller has one (its head is kept).
+        """
         layout = config.layout
         src = os.path.join(layout.maildrop, name)
         if uid is None:
             uid = _owner(src)
         try:
-            is_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+            st = os.lstat(src)
         except FileNotFoundError:
             return "moved"
         except OSError:
-            is_dir = False
-        if is_dir:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             # Never into corrupt/: a site holding a descriptor of its directory could
             # go on creating files in it there.  An empty one goes; others stay.
             try:
@@ -318,28 +394,57 @@ class Pickup:
             log.error("corrupt drop_file=%s uid=%s reason=%r action='removed the empty "
                       "directory'", name, uid, why)
             return "moved"
-        dst = os.path.join(layout.state_dir("corrupt"), "drop." + name)
-        if os.path.lexists(dst):
-            dst += "." + os.urandom(4).hex()
-        try:
-            os.rename(src, dst)
-        except FileNotFoundError:
-            return "moved"
-        except OSError as exc:
-            try:
-                os.unlink(src)
+        own = None
+        if fd is None and st is not None and stat.S_ISREG(st.st_mode):
+            try:  # its head is kept for the operator; never a FIFO (checked just above)
+                own = fd = os.open(src, OPEN_FLAGS)
             except OSError:
-                self._stuck.add(name)
-                log.error("corrupt drop_file=%s uid=%s reason=%r action='cannot move it to "
-                          "corrupt/ (%s) nor remove it; skipped from now on: remove "
-                          "%s by hand'", name, uid, why, exc.strerror, src)
-                return "kept"
-            log.error("corrupt drop_file=%s uid=%s reason=%r action='removed: could not move "
-                      "it to corrupt/ (%s)'", name, uid, why, exc.strerror)
-            return "moved"
-        log.error("corrupt drop_file=%s uid=%s reason=%r moved_to=%s action='inspect it; "
-                  "nothing was delivered'", name, uid, why, dst)
+                fd = None
+        try:
+            removed = dropspace.set_aside(config, name, fd, -1 if uid is None else uid, why)
+        finally:
+            if own is not None:
+                os.close(own)
+        if not removed:
+            self._stuck.add(name)
+            return "kept"
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            self._twins(config, name, st, why)
         return "moved"
+
+    def _twins(self, config: Config, name: str, st: os.stat_result, why: str) -> None:
+        """Set aside the other names of a refused file with several links, now: once this
+        name is gone, a twin would have one link and pass for a proven drop file."""
+        maildrop = config.layout.maildrop
+        for other in os.listdir(maildrop):
+            try:
+                twin = os.lstat(os.path.join(maildrop, other))
+            except OSError:
+                continue
+            if other != name and (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino):
+                dropspace.set_aside(config, other, None, twin.st_uid,
+                                    f"another name of {name}: {why}")
+
+
+def _unlink(path: str, name: str, uid: int) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("cannot remove drop_file=%s uid=%d after its verdict: %s; remove it by "
+                  "hand or it is ingested again", name, uid, exc)
+
+
+def waits(verdict: Verdict) -> bool:
+    """Whether a drop file refused with ``verdict`` is tried again at the next scan.
+
+    Only trouble that passes by itself waits: the daemon's storage (451 4.3.0, 4.3.1),
+    a twin of the same submission in flight (451 4.3.0) and a rate quota (452 4.7.1).
+    Any other refusal, a 4xx included (452 4.5.3 too many recipients), is final at
+    the first scan: the same file would get the same answer forever.
+    """
+    return verdict.code // 100 == 4 and verdict.enhanced in WAITING
 
 
 def _owner(path: str) -> int | None:

@@ -74,7 +74,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from sendmail_shim.daemon import listing
+from sendmail_shim.daemon import dropspace, listing
 from sendmail_shim.daemon.sockets import (
     READ_TIMEOUT,
     DaemonServer,
@@ -86,7 +86,7 @@ from sendmail_shim.daemon.sockets import (
     systemd_socket,
 )
 from sendmail_shim.delivery.runner import QueueRunner
-from sendmail_shim.intake.accept import accept_submission, storage_trouble
+from sendmail_shim.intake.accept import storage_trouble
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store import spool
 from sendmail_shim.store.outcome import Verdict
@@ -292,6 +292,13 @@ class SubmissionServer(DaemonServer):
         except protocol.ProtocolError as exc:
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         if size > self.config.message_size_limit:
+            # Read the body before answering, as an SMTP server reads DATA before its 552:
+            # a Unix socket closed with unread bytes resets the peer, whose front end would
+            # then lose this reply and take the drop road with the message.
+            # Time-bounded as a message at four times the limit: a writer slower than that
+            # is cut off (its front end then drops it, and pickup bounces the drop file).
+            await _discard(reader, size + len(protocol.TRAILER),
+                           READ_TIMEOUT + 4 * self.config.message_size_limit / 1e6)
             return protocol.format_reply(
                 552, sysexits.EX_DATAERR,
                 f"message of {size} bytes exceeds message_size_limit "
@@ -317,9 +324,10 @@ class SubmissionServer(DaemonServer):
                                         "try again later")
         caller = Caller(uid=uid, gid=gid, pid=pid)
         # One hop to an intake thread, within this uid's share (daemon/workers.py), for
-        # the whole hand-off: state, compose, commit, bookkeeping.
+        # the whole hand-off: state, compose, commit, bookkeeping (and, on a full disk,
+        # a sweep of maildrop/ and one more try: daemon/dropspace.py).
         verdict: Verdict = await self.daemon.intake.run(
-            uid, accept_submission, self.config, self.state, fields, message, caller)
+            uid, dropspace.accept_relieved, self.config, self.state, fields, message, caller)
         if verdict.accepted:
             self._runner().poke()
         return protocol.format_reply(verdict.code, verdict.status,
@@ -427,3 +435,14 @@ class Listener:
 
     async def wait_closed(self) -> None:
         return None
+
+
+async def _discard(reader: asyncio.StreamReader, count: int, timeout: float) -> None:
+    """Read and forget up to ``count`` bytes (until EOF or ``timeout``)."""
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(timeout):
+            while count > 0:
+                chunk = await reader.read(min(count, 1 << 16))
+                if not chunk:
+                    return
+                count -= len(chunk)

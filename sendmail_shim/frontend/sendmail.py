@@ -6,7 +6,9 @@ which learns the uid from the kernel.  (Postfix says the same of its sendmail:
 access control is enforced in postdrop; this merely produces a friendlier
 interface.)
 Guarantees: exit 0 only once the message is durable, either in the daemon's
-spool (the daemon said so) or in a drop file the daemon will ingest; nothing on
+spool (the daemon said so) or in a drop file the daemon will ingest (before a
+drop file, frontend/precheck.py refuses with 65 what the daemon would refuse
+whatever its policy: bad addresses, no recipient, a bad -V); nothing on
 stdout in mail mode and nothing on stderr on success; a sysexits code and one
 line on stderr naming what to do otherwise.
 
@@ -28,6 +30,7 @@ from sendmail_shim.wire.client import (
     DaemonUnreachable,
     Dropped,
     DropRefused,
+    DropVetoed,
     ask_streaming,
     hand_off,
 )
@@ -85,10 +88,23 @@ def submit_message(inv: Invocation, layout: SpoolLayout, limit: int) -> int:
                      f"fatal: message rejected: {exc}; nothing was queued. Fix how the "
                      "script builds its headers (a CR from a form field in a header?).")
     request = encode_request(_submission_fields(inv), message)
+
+    def vet() -> str | None:
+        """Before a drop file: what the daemon would refuse whatever its policy."""
+        from sendmail_shim.frontend.precheck import problem  # the drop road only
+
+        return problem(inv, message)
+
     try:
-        result = hand_off(layout.socket, layout.maildrop, request)
+        result = hand_off(layout.socket, layout.maildrop, request, vet)
     except DropRefused as exc:
         return _drop_refused(layout, exc)
+    except DropVetoed as exc:
+        return _fail(
+            sysexits.EX_DATAERR,
+            f"fatal: message rejected: {exc.problem}; nothing was queued (the daemon is not "
+            f"answering: {exc.why}). Correct the message and send it again.",
+        )
     if isinstance(result, Dropped):
         return sysexits.EX_OK
     if result.code >= 400 or result.status != 0:

@@ -12,8 +12,13 @@ refused, nothing queued) -> quota (checked and reserved in one transaction)
 -> spool commit -> "accepted".  The verdict is "accepted"
 only after ``spool.commit`` returned, so the message is on disk; a failed
 commit gives its quota reservation back.  Outbreak rules run after a quota
-refusal and after an acceptance, and suspend the site when they trip.  Every
-outcome is logged in one line with the queue id, site, uid and script.
+refusal and after an acceptance, and suspend the site when they trip.  A drop
+file (``origin="maildrop"``) over its quota is not refused to anyone: its
+writer got exit 0 long ago and pickup tries it again at each scan until the
+window allows (daemon/pickup.py), so it is neither counted as a quota refusal
+nor run through the quota_refusals rule, before compose or after it: a retry
+is never a fresh refusal.  Every outcome is logged in one line with the queue
+id, site, uid and script.
 
 The cheap refusals come before any work proportional to the message: a
 suspended site, and a site (or account) whose quota leaves no room for even
@@ -35,6 +40,9 @@ commit; a second submission of a committed id is answered "250 already
 queued as <id>" and not queued again (a drop file is then unlinked, logged
 ``duplicate``); one whose first copy is being committed right now gets 451
 (the drop file waits for the next scan).  A failed commit releases the id.
+A commit that finds its queue id in use (``spool.QueueIdTaken``: nothing
+written) is given back and the intake runs again under a new id, up to
+MAX_ID_CLASHES times.
 A crash between the commit and its confirmation leaves a claimed row that
 the daemon settles at start from the spool (``settle_submissions``), so a
 crash never loses mail.  The one documented duplicate: the confirmation
@@ -43,7 +51,9 @@ drop-file copy arrives.
 
 Storage trouble (ENOSPC, quota, SQLite "database or disk is full" or
 "disk I/O error") never escapes as an exception: it is a 451 / exit 75 that
-names the spool's disk.  Bookkeeping after the commit (recipient domains,
+names the spool's disk, ``4.3.1`` (mail system full) when the disk is full,
+else ``4.3.0`` (the daemon then sweeps the drop area and tries once more:
+daemon/dropspace.py).  Bookkeeping after the commit (recipient domains,
 outbreak rules) cannot turn an accepted message into a failure.
 
 SQLite work per accepted message: two write transactions, the quota one
@@ -75,6 +85,7 @@ from sendmail_shim.wire import lineends, protocol, sysexits
 from sendmail_shim.wire.logline import Angled, Fields
 
 log = logging.getLogger(__name__)
+MAX_ID_CLASHES = 3  # spool.QueueIdTaken: intakes under a new id before a 451
 
 
 def storage_trouble(layout_root: str, exc: BaseException) -> str | None:
@@ -89,6 +100,13 @@ def storage_trouble(layout_root: str, exc: BaseException) -> str | None:
                 f"no space left on the disk holding the spool {layout_root}, or it is failing; "
                 "the operator must free space there")
     return None
+
+
+def storage_status(exc: BaseException) -> str:
+    """RFC 3463 status of a storage failure: 4.3.1 (mail system full) for a full disk."""
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.Error) and "full" in str(exc))
+    return "4.3.1" if full else "4.3.0"
 
 
 def settle_submissions(config: Config, state: State) -> None:
@@ -125,7 +143,7 @@ def _trip(config: Config, state: State, site: Site, reason: str | None) -> None:
 
 def accept_submission(
     config: Config, state: State, fields: list[tuple[str, str]], message: bytes,
-    caller: Caller, origin: str = "socket",
+    caller: Caller, origin: str = "socket", clashes: int = 0,
 ) -> outcome.Verdict:
     """Identify, compose, check and queue one message; the verdict for the caller."""
     started = time.monotonic()  # the accepted line's ms= (the accept->250 metric)
@@ -155,7 +173,7 @@ def accept_submission(
     over = (check_quota(config, state, site, caller.uid, 1, now)
             if subid is None or state.submission(caller.uid, subid) is None else None)
     if over is not None:
-        return _refuse_quota(config, state, site, early, caller.uid, None, over, now)
+        return _refuse_quota(config, state, site, early, caller.uid, None, over, now, origin)
     try:  # the line-ending rule first: every later step reads the lines the relay gets
         envelope, final = compose(sub, lineends.normalize(message), site, caller, config,
                                   queue_id, now)
@@ -199,8 +217,9 @@ def accept_submission(
                 verdict, reserved = reserve_quota(config, state, site, caller.uid, nrcpt,
                                                   envelope.script, now)
                 if reserved is None:
-                    state.record(site.name, caller.uid, REFUSED_QUOTA, nrcpt, envelope.script,
-                                 ts=now)
+                    if origin != "maildrop":  # a drop file waits (see the docstring)
+                        state.record(site.name, caller.uid, REFUSED_QUOTA, nrcpt,
+                                     envelope.script, ts=now)
                 else:
                     reservation = reserved
                     if subid is not None:
@@ -213,7 +232,8 @@ def accept_submission(
             raise
         why = storage_trouble(root, exc)
         log.error("tempfail %s reason=%r", facts, why)
-        return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later")
+        return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later",
+                                storage_status(exc))
     if known is not None:
         first, in_flight = known
         facts = facts.replaced(queue_id=first)
@@ -227,8 +247,9 @@ def accept_submission(
         log.warning("refused %s sender=<%s> nrcpt=%d status=%d enhanced=%s reason=quota "
                     "text=%r", facts, envelope.sender, nrcpt, verdict.code, verdict.enhanced,
                     verdict.text)
-        _after(facts, lambda: _trip(config, state, site,
-                                    outbreak.after_quota_refusal(state, site, now)))
+        if origin != "maildrop":  # a drop file waits for its window (see the docstring)
+            _after(facts, lambda: _trip(config, state, site,
+                                        outbreak.after_quota_refusal(state, site, now)))
         return verdict
     try:
         if score is not None:  # before_ack scored it: the runner does not score it again
@@ -241,10 +262,17 @@ def accept_submission(
         _after(facts, lambda: state.forget(reservation))
         if subid is not None:
             _after(facts, lambda: state.end_submission(caller.uid, subid, committed=False))
+        if isinstance(exc, spool.QueueIdTaken) and clashes < MAX_ID_CLASHES:
+            # Nothing was written: the whole intake again, under a new id (the id is in
+            # the Received and Message-Id lines), so no message is ever replaced.
+            log.warning("queue_id_clash %s action='taken again under a new queue id'", facts)
+            return accept_submission(config, state, fields, message, caller, origin,
+                                     clashes + 1)
         why = storage_trouble(root, exc) or f"the spool {root} could not store the message " \
                                               f"({exc.strerror or exc})"
         log.error("tempfail %s reason=%r", facts, f"spool write failed: {why}")
-        return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later")
+        return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later",
+                                storage_status(exc))
     # The message is on disk: from here on nothing may turn it into a failure.
     domains = sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients})
 
@@ -270,10 +298,14 @@ def accept_submission(
 
 
 def _refuse_quota(config: Config, state: State, site: Site, facts: Fields, uid: int,
-                  script: str | None, verdict: outcome.Verdict, now: float) -> outcome.Verdict:
-    """Over quota before compose: counted and logged as the later refusal, rules run."""
+                  script: str | None, verdict: outcome.Verdict, now: float,
+                  origin: str) -> outcome.Verdict:
+    """Over quota before compose: counted and logged as the later refusal, rules run
+    (not for a drop file, which waits for its window: see the module docstring)."""
     log.warning("refused %s nrcpt=1 status=%d enhanced=%s reason=quota text=%r", facts,
                 verdict.code, verdict.enhanced, verdict.text)
+    if origin == "maildrop":
+        return verdict
     _after(facts, lambda: state.record(site.name, uid, REFUSED_QUOTA, 1, script, ts=now))
     _after(facts, lambda: _trip(config, state, site,
                                 outbreak.after_quota_refusal(state, site, now)))

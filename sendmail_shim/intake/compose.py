@@ -63,7 +63,7 @@ from sendmail_shim.store.headers import (
 )
 from sendmail_shim.wire import protocol
 
-MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ENVID = protocol.MAX_ENVID  # RFC 3461 4.4
 
 
 class CompositionError(Exception):
@@ -155,7 +155,7 @@ def check_envid(envid: str | None) -> str | None:
     """``-V``: printable ASCII without spaces, at most MAX_ENVID characters."""
     if envid is None:
         return None
-    if len(envid) > MAX_ENVID or not all(0x21 <= ord(c) <= 0x7E for c in envid):
+    if protocol.bad_envid(envid):  # the front end checks the same before the drop road
         raise CompositionError(f"bad envelope id (-V) {printable(envid, 40)!r}: use at most "
                                f"{MAX_ENVID} printable ASCII characters without spaces",
                                554, "5.5.4")

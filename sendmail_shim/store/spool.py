@@ -3,10 +3,17 @@
 Trusts: nothing under the spool that it did not write itself; every queue id
 is checked against :data:`QUEUE_ID` before it becomes part of a path.
 Guarantees (ARCHITECTURE.md, "Spool commit protocol"): :func:`commit` writes
-``tmp/<id>`` (0600, O_EXCL|O_NOFOLLOW), fsyncs it, renames it into
-``incoming/`` and fsyncs that directory before returning (concurrent commits
-share one such fsync, begun after each one's rename: ``durable.GroupSync``);
-only then does the daemon answer "accepted".  A crash leaves either nothing or a whole file; files
+``tmp/<id>`` (0600, O_EXCL|O_NOFOLLOW), fsyncs it, links it into
+``incoming/`` (then unlinks the ``tmp/`` name) and fsyncs that directory
+before returning (concurrent commits share one such fsync, begun after each
+one's link: ``durable.GroupSync``);
+only then does the daemon answer "accepted".  A commit never replaces a
+message: the id must be absent from every state directory, and the file
+enters ``incoming/`` by ``link()`` (which fails on an existing name), not by
+``rename()``; a clash raises :class:`QueueIdTaken` and the caller retries with
+a new id.  Ids issued by one process are strictly increasing
+(:func:`new_queue_id`), so within the daemon a clash needs another process or
+a clock stepped back.  A crash leaves either nothing or a whole file; files
 left in ``tmp/`` are removed by :func:`clean_tmp` at start.  A queue file is
 immutable once committed; what changes (attempts, recipients done, last error,
 next attempt) lives in ``status/<id>.json``, replaced atomically.
@@ -47,11 +54,28 @@ class QueueIdError(ValueError):
     pass
 
 
+class QueueIdTaken(FileExistsError):
+    """:func:`commit` found the queue id in use: nothing was written; take a new id."""
+
+
+_last_id = 0
+_last_id_lock = threading.Lock()
+
+
 def new_queue_id() -> str:
-    """16 hex digits: milliseconds since the epoch (sortable) and 20 random bits."""
+    """16 hex digits: milliseconds since the epoch (sortable) and 20 random bits.
+
+    Strictly increasing within a process: two ids of the same millisecond never
+    share the random part (the next one is one more), so the daemon, which issues
+    every id of intake, bounces and notices, cannot hand out one id twice.
+    """
+    global _last_id
     millis = int(time.time() * 1000) & ((1 << 44) - 1)
     rand = int.from_bytes(os.urandom(3), "big") & 0xFFFFF
-    return f"{millis:011X}{rand:05X}"
+    with _last_id_lock:
+        value = max((millis << 20) | rand, _last_id + 1) & ((1 << 64) - 1)
+        _last_id = value
+    return f"{value:016X}"
 
 
 def check_queue_id(queue_id: str) -> str:
@@ -130,15 +154,32 @@ def commit(layout: paths.SpoolLayout, envelope: Envelope, message: bytes) -> Non
     """Write the message durably into ``incoming/`` (see the module docstring).
 
     Concurrent commits share the fsync of ``incoming/`` (group commit): each
-    returns only after an fsync that began after its own rename succeeded.
+    returns only after an fsync that began after its own link succeeded.
+    Raises :class:`QueueIdTaken` (nothing written) when a message with this id
+    exists in any state, or its ``tmp/`` name is in use.
     """
     queue_id = check_queue_id(envelope.queue_id)
+    if find_state(layout, queue_id) is not None:
+        raise QueueIdTaken(f"queue id {queue_id} is in use")
     tmp = os.path.join(layout.tmp, queue_id)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, paths.MODE_QUEUE_FILE)
-    write_synced(fd, tmp, QUEUE_MAGIC + envelope.to_json() + b"\n" + message)
+    try:
+        fd = os.open(tmp, flags, paths.MODE_QUEUE_FILE)
+    except FileExistsError:
+        raise QueueIdTaken(f"queue id {queue_id} is being written") from None
     incoming = layout.state_dir(INCOMING)
-    os.rename(tmp, os.path.join(incoming, queue_id))
+    try:
+        write_synced(fd, tmp, QUEUE_MAGIC + envelope.to_json() + b"\n" + message)
+        # link(), not rename(): an existing incoming/<id> is never replaced.  Another
+        # state's copy was checked above; ids move between states by rename only.
+        os.link(tmp, os.path.join(incoming, queue_id))
+    except FileExistsError:
+        raise QueueIdTaken(f"queue id {queue_id} is in use") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
     _group_sync(incoming).sync()
 
 

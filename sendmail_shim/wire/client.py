@@ -7,7 +7,10 @@ Guarantees:
 * :func:`ask` sends one request and returns the parsed reply, or raises
   :class:`DaemonUnreachable` when no complete, intelligible reply came (no
   daemon, a full listen queue for CONNECT_TRIES tries, REPLY_TIMEOUT, a reply
-  lost or cut short).  Used for submissions and for flush, mailq and the
+  lost or cut short).  A send cut short by the daemon (it answered early, e.g.
+  ``552`` on the size field, and closed) is not "no reply": the reply it wrote
+  is read and is the verdict, so a refusal never sends the message down the
+  drop road.  Used for submissions and for flush, mailq and the
   operator's control requests.  :func:`ask_streaming` does the same but hands
   the body on as it arrives (listings: memory does not grow with the queue).
 * :func:`hand_off` is the road every submission takes: the daemon's verdict,
@@ -16,7 +19,8 @@ Guarantees:
   committed before its reply was lost is dropped too; its ``subid`` (the same
   bytes on both roads) makes the daemon queue it once.  Exit 0 only after one
   of the two is durable: :class:`DropRefused` when the drop file could not be
-  written either.
+  written either, :class:`DropVetoed` when the caller's check (the front end's
+  frontend/precheck.py) says the daemon would refuse it anyway.
 * :func:`write_drop_file` leaves a drop file complete (fsynced, renamed from
   ``t.`` to ``m.``) or not at all under an ``m.`` name, mode exactly 0640.
 
@@ -100,6 +104,15 @@ class DropRefused(Exception):
         self.error = error
 
 
+class DropVetoed(Exception):
+    """No verdict (``why``), and the request would be refused anyway (``problem``): no drop."""
+
+    def __init__(self, why: str, problem: str) -> None:
+        super().__init__(f"{problem} (the daemon did not answer: {why})")
+        self.why = why
+        self.problem = problem
+
+
 class Reply:
     """What the daemon answered: SMTP code, exit status, text, and the body after the line."""
 
@@ -155,8 +168,14 @@ def _exchange(socket_path: str, request: bytes, timeout: float,
                 raise DaemonUnreachable(f"cannot connect to {socket_path}: {exc.strerror}",
                                         exc.errno or 0) from exc
         try:
-            sock.sendall(request)
-            sock.shutdown(_socket.SHUT_WR)
+            try:
+                sock.sendall(request)
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                # The daemon may have answered early and closed (a 552 on the size field
+                # before the body): its reply is still there to read.  Only when none
+                # came is this "no verdict" (the recv below fails or finds nothing).
+                pass
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -221,11 +240,13 @@ def ask_streaming(socket_path: str, request: bytes, out: Callable[[bytes], objec
     return line[0]
 
 
-def hand_off(socket_path: str, maildrop: str, request: bytes) -> Reply | Dropped:
+def hand_off(socket_path: str, maildrop: str, request: bytes,
+             vet: Callable[[], str | None] | None = None) -> Reply | Dropped:
     """The daemon's verdict on ``request``, else a drop file (see the module docstring).
 
     A ``421`` (:data:`protocol.BUSY`) is never returned: the request is dropped.
-    Raises :class:`DropRefused` when there was no verdict and the drop file failed.
+    Raises :class:`DropRefused` when there was no verdict and the drop file failed,
+    :class:`DropVetoed` when ``vet`` (called only before a drop file) gave a reason.
     """
     try:
         reply = ask(socket_path, request)
@@ -235,6 +256,9 @@ def hand_off(socket_path: str, maildrop: str, request: bytes) -> Reply | Dropped
         if reply.code != protocol.BUSY:
             return reply
         why = reply.text  # this uid has too many connections open
+    problem = vet() if vet is not None else None
+    if problem is not None:
+        raise DropVetoed(why, problem)
     try:
         return Dropped(write_drop_file(maildrop, request), why)
     except OSError as exc:

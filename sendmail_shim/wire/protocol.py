@@ -114,6 +114,14 @@ def _unescape(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+MAX_ENVID = 100  # RFC 3461 4.4
+
+
+def bad_envid(envid: str) -> bool:
+    """Whether ``envid`` (-V) is not an ENVID: printable ASCII, no spaces, at most MAX_ENVID."""
+    return len(envid) > MAX_ENVID or not all(0x21 <= ord(c) <= 0x7E for c in envid)
+
+
 def new_subid() -> str:
     """A fresh submission id: 32 random lower-case hex digits."""
     return os.urandom(16).hex()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from sendmail_shim.config import Config
-from sendmail_shim.daemon import pickup
+from sendmail_shim.daemon import dropspace, pickup
 from sendmail_shim.intake.accept import accept_submission
 from sendmail_shim.policy.identity import Caller
 from sendmail_shim.store import outcome, spool
@@ -127,9 +127,9 @@ class TestIngest:
 
     def test_only_m_files_are_ingested(self, config: Config, state: State) -> None:
         drop(config, "t.1.aa")  # still being written
-        drop(config, "x.other")
+        drop(config, "x.other")  # a name no front end writes: removed (dropspace)
         assert pickup.scan(config, state) == 0
-        assert maildrop(config) == ["t.1.aa", "x.other"] and queued(config) == []
+        assert maildrop(config) == ["t.1.aa"] and queued(config) == []
 
     def test_stale_tmp_files_go_fresh_ones_stay(self, config: Config, state: State) -> None:
         old = drop(config, "t.old")
@@ -147,9 +147,10 @@ HOSTILE = {  # name: (content and mode, or None for a special entry; the logged 
     "m.garbage": ((b"GET / HTTP/1.0\r\n\r\n", 0o640), "bad request: does not start"),
     "m.truncated": ((request()[:-4], 0o640), "truncated or oversized"),
     "m.badsize": ((b"SMSHIM1\nmode submit\nsize abc\n\nx\nEND\n", 0o640), "bad size"),
-    "m.huge": ((request(body=b"x" * (protocol.MAX_HEADER_BYTES + LIMIT + 1000)), 0o640),
+    "m.huge": ((b"SMSHIM1\n" + b"x" * (protocol.MAX_HEADER_BYTES + LIMIT + 1000), 0o640),
                f"larger than message_size_limit ({LIMIT})"),
 }
+NOTHING_TO_KEEP = ("m.symlink", "m.fifo")  # removed; a copy of their bytes would mean nothing
 
 
 class TestHostileEntries:
@@ -181,8 +182,11 @@ class TestHostileEntries:
         drop(config, "m.zz.good")
         with caplog.at_level(logging.ERROR, "sendmail_shim.daemon.pickup"):
             assert self.scan_bounded(config, state) == 2
-        assert corrupt(config) == [f"drop.{name}"]
+        assert corrupt(config) == ([] if name in NOTHING_TO_KEEP else [f"drop.{name}"])
         assert maildrop(config) == [] and len(queued(config)) == 1  # the good one went on
+        for kept in corrupt(config):  # the head only, and the daemon's own file
+            st = os.stat(os.path.join(config.layout.state_dir("corrupt"), kept))
+            assert st.st_size <= dropspace.CORRUPT_KEEP and st.st_mode & 0o777 == 0o600
         assert f"corrupt drop_file={name} uid={UID}" in caplog.text and reason in caplog.text
         assert target.read_bytes() == request()  # a symlink's target is never touched
 
@@ -290,7 +294,8 @@ class TestTransientTrouble:
         monkeypatch.setattr(os, "open", fake_open)
         scanner = pickup.Pickup()
         scanner.scan(config, state)
-        assert maildrop(config) == ["m.emfile"] and corrupt(config) == ["drop.m.eacces"]
+        # One the daemon may not read is removed, nothing of it kept (dropspace.set_aside).
+        assert maildrop(config) == ["m.emfile"] and corrupt(config) == []
         del failing["m.emfile"]  # descriptors are back
         scanner.scan(config, state)
         monkeypatch.undo()
@@ -313,6 +318,21 @@ class TestTransientTrouble:
         assert maildrop(config) == ["m.1.aa"] and corrupt(config) == []
         assert scanner.scan(config, state) == 1
         assert len(queued(config)) == 1
+
+    def test_files_waiting_for_the_quota_stay_within_the_share(
+            self, config: Config, state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+        over = outcome.Verdict(452, "4.7.1", 77, "site site1.test is over its quota")
+        monkeypatch.setattr(pickup, "accept_submission", lambda *_a, **_k: over)
+        part = dropspace.share(config) * 2 // 5  # two fit in the share, three do not
+        for name in ("m.1", "m.2", "m.3"):
+            drop(config, name, request(body=b"Subject: q\n\n" + b"x" * part))
+        scanner = pickup.Pickup()
+        for _ in range(3):  # every scan tries each twice: a file is counted once
+            scanner.scan(config, state)
+            assert len(maildrop(config)) == 2
+        [notice] = queued(config)  # the third was bounced, with the reason
+        _envelope, data = spool.read_entry(config.layout, spool.INCOMING, notice)
+        assert b"over its quota" in data and b"share of the drop area" in data
 
     def test_a_stopping_scan_takes_nothing_more(self, config: Config, state: State) -> None:
         drop(config, "m.1.aa")
@@ -421,3 +441,56 @@ class TestParallelScan:
             drop(config, name)
         pickup.scan(config, state)
         assert started == names  # one owner here: its oldest first, in order
+
+
+class TestSpaceGuard:
+    """dropspace: no site keeps more than its share of the spool's disk in maildrop/."""
+
+    def test_unfinished_files_past_the_share_go_newest_first(self, config: Config) -> None:
+        share = dropspace.share(config)
+        names = ["t.1", "t.2", "t.3"]
+        for n, name in enumerate(names):
+            drop(config, name, b"x" * (share // 2))
+            os.utime(os.path.join(config.layout.maildrop, name), (1e9 + n, 1e9 + n))
+        drop(config, "zz.park")
+        freed = dropspace.sweep(config, now=1e9 + 10)
+        assert maildrop(config) == ["t.1", "t.2"]  # within the share: the two oldest
+        assert freed >= share // 2
+
+    def test_refused_files_in_corrupt_are_capped(self, config: Config, state: State,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(dropspace, "CORRUPT_FILES", 3)
+        for n in range(5):
+            drop(config, f"m.bad{n}", b"garbage" * 100_000)
+        pickup.scan(config, state)
+        assert len(corrupt(config)) == 3 and maildrop(config) == []
+
+    def test_a_full_disk_is_relieved_and_the_submission_taken(
+            self, config: Config, state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+        drop(config, "zz.park")
+        answers = [outcome.tempfail("disk full", dropspace.FULL),
+                   outcome.accepted("Ok: queued as X")]
+        monkeypatch.setattr(dropspace, "accept_submission", lambda *_a, **_k: answers.pop(0))
+        verdict = dropspace.accept_relieved(config, state, [], b"", Caller(UID, GID, 1))
+        assert verdict.accepted and maildrop(config) == []
+
+
+class TestNotices:
+    """A refused drop file is bounced to its sender (daemon/dropnotice.py)."""
+
+    @pytest.mark.parametrize(("sender", "notified"), [
+        ("writer@site1.test", "writer@site1.test"),
+        ("writer@mail.site1.test", "writer@mail.site1.test"),
+        ("victim@elsewhere.example", "noreply@site1.test"),  # never backscatter outside
+        ("a..b@site1.test", "noreply@site1.test"),  # refused by the grammar
+    ])
+    def test_the_notice_goes_to_the_sender_within_the_site(
+            self, config: Config, state: State, sender: str, notified: str) -> None:
+        fields = [("mode", "submit"), ("sender", sender), ("rcpt", 'a"b"@example.net')]
+        drop(config, "m.1.aa", protocol.encode_request(fields, b"Subject: s\n\nbody\n"))
+        assert pickup.scan(config, state) == 1
+        [notice] = queued(config)
+        envelope, data = spool.read_entry(config.layout, spool.INCOMING, notice)
+        assert envelope.sender == "" and envelope.recipients == [notified]
+        assert b"Status: 5.1.3" in data and b" address: address <" in data
+        assert maildrop(config) == []
