@@ -286,6 +286,24 @@ class Shim:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+@contextlib.contextmanager
+def spool_on_tmpfs(shim_factory: Any, size: str) -> Iterator[tuple[Shim, Any, int]]:
+    """A shim whose spool is a tmpfs of ``size`` (a full disk on demand); unmounted after.
+    Yields the shim, the relay maker and the relay's port."""
+    make_relay, make_shim = shim_factory
+    port = free_port()
+    shim = make_shim([port])
+    daemon = pwd.getpwnam(DAEMON_USER)
+    subprocess.run(["mount", "-t", "tmpfs", "-o",
+                    f"size={size},mode=0755,uid={daemon.pw_uid},gid={daemon.pw_gid}", "tmpfs",
+                    shim.spool], check=True)
+    try:
+        yield shim, make_relay, port
+    finally:
+        shim.stop()
+        subprocess.run(["umount", "-l", shim.spool], check=False)
+
+
 @pytest.fixture
 def shim_factory(workdir: str, accounts: dict[str, pwd.struct_passwd]) -> Iterator[Any]:
     made: list[Shim | Relay] = []

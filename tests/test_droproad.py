@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import DAEMON_USER, Relay, Shim, free_port, wait_until, with_site_keys
+from conftest import Relay, Shim, free_port, spool_on_tmpfs, wait_until, with_site_keys
 
 SENDER = "writer@site1.test"
 CORRUPT_KEEP = 1 << 16  # dropspace.CORRUPT_KEEP: what corrupt/ keeps of a refused drop file
@@ -163,20 +163,10 @@ def test_early_552_is_the_verdict_not_a_drop(shim_factory: Any) -> None:
 @pytest.fixture
 def small_spool(shim_factory: Any, accounts: dict[str, pwd.struct_passwd]
                 ) -> Iterator[tuple[Shim, Relay]]:
-    make_relay, make_shim = shim_factory
-    port = free_port()
-    shim = make_shim([port])
-    daemon = accounts[DAEMON_USER]
-    subprocess.run(["mount", "-t", "tmpfs", "-o",
-                    f"size=16m,mode=0755,uid={daemon.pw_uid},gid={daemon.pw_gid}", "tmpfs",
-                    shim.spool], check=True)
-    try:
+    with spool_on_tmpfs(shim_factory, "16m") as (shim, make_relay, port):
         relay = make_relay(shim.logins, port)
         relay.start()
         yield shim, relay
-    finally:
-        shim.stop()
-        subprocess.run(["umount", "-l", shim.spool], check=False)
 
 
 def as_site(user: str, script: str) -> None:

@@ -18,24 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import DAEMON_USER, Relay, Shim, free_port, wait_until
+from conftest import Relay, Shim, spool_on_tmpfs, wait_until
 
 
 @pytest.fixture
 def tmpfs_shim(shim_factory: Any, accounts: dict[str, pwd.struct_passwd]
                ) -> Iterator[tuple[Shim, Relay]]:
-    make_relay, make_shim = shim_factory
-    port = free_port()
-    shim = make_shim([port])
-    daemon = accounts[DAEMON_USER]
-    subprocess.run(["mount", "-t", "tmpfs", "-o",
-                    f"size=2m,mode=0755,uid={daemon.pw_uid},gid={daemon.pw_gid}", "tmpfs",
-                    shim.spool], check=True)
-    try:
+    with spool_on_tmpfs(shim_factory, "2m") as (shim, make_relay, port):
         yield shim, make_relay(shim.logins, port)
-    finally:
-        shim.stop()
-        subprocess.run(["umount", "-l", shim.spool], check=False)
 
 
 def filler(shim: Shim) -> str:
