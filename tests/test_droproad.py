@@ -71,7 +71,8 @@ REFUSED = {
     "bad -V": (["-V", "has space"], b"Subject: v\n\nbody\n", {"envid": "has space"},
                ["x@example.net"], "bad envelope id"),
     "1001 recipients": (None, b"Subject: many\n\nbody\n", {},
-                        [f"r{n}@example.net" for n in range(1001)], "1001 recipients"),
+                        [f"r{n}@example.net" for n in range(1001)],
+                        "more than 1000 recipient addresses"),
 }
 
 

@@ -31,7 +31,7 @@ from sendmail_shim.config import Config
 from sendmail_shim.delivery import bounce
 from sendmail_shim.intake.compose import CompositionError, Submission, check_envid, envelope_sender
 from sendmail_shim.policy.identity import Caller, identify
-from sendmail_shim.policy.sender import default_sender
+from sendmail_shim.policy.sender import default_sender, is_sites
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
 from sendmail_shim.store.envelope import Envelope
@@ -51,12 +51,6 @@ def _recipients(sub: Submission, message: bytes) -> list[str]:
             if header_name(field) in ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"):
                 words.extend(addr for _name, addr in getaddresses([header_value(field)]) if addr)
     return [printable(word, 300) for word in words]
-
-
-def _own(addr: str, domains: tuple[str, ...]) -> bool:
-    """Whether ``addr`` is in one of the site's domains (or below one)."""
-    domain = addr.rsplit("@", 1)[-1].lower()
-    return any(domain == d.lower() or domain.endswith("." + d.lower()) for d in domains)
 
 
 def _permanent(verdict: Verdict) -> Outcome:
@@ -80,7 +74,7 @@ def notify_refused(config: Config, fields: list[tuple[str, str]], message: bytes
         sender = envelope_sender(sub.sender, site, config)
     except CompositionError:
         sender = default_sender(site, config)  # the address given was what was refused
-    if sender and not _own(sender, site.domains):
+    if sender and not is_sites(sender, site, config):
         sender = default_sender(site, config)  # no backscatter to an address it chose
     try:
         envid = check_envid(sub.envid)

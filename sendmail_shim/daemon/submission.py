@@ -360,7 +360,7 @@ class SubmissionServer(DaemonServer):
         if self.runner is not None:
             self.runner.poke(force=True, uid=None if everything else uid)
         log.info("flush requested uid=%d pid=%d scope=%s", uid, pid,
-                 "all" if everything else f"uid {uid}")
+                 "all" if everything else "own")  # own: this uid's mail
         return protocol.format_reply(250, 0, "queue run started" if everything else
                                      f"queue run started for the mail of uid {uid}")
 

@@ -135,9 +135,13 @@ class Scanner:
         status.score = score
         status.scanned = spool.SCANNED_OK if whole else spool.SCANNED_PARTIAL
         action = decide(self.config, score)
-        log.info("scanned queue_id=%s site=%s score=%.1f max_score=%g action=%s%s", queue_id,
-                 printable(site.name), score, self.config.scan.max_score, action,
-                 "" if whole else f" scanned_bytes={len(part)} size={len(message)}")
+        if whole:
+            log.info("scanned queue_id=%s site=%s score=%.1f max_score=%g action=%s", queue_id,
+                     printable(site.name), score, self.config.scan.max_score, action)
+        else:
+            log.info("scanned queue_id=%s site=%s score=%.1f max_score=%g action=%s "
+                     "scanned_bytes=%d size=%d", queue_id, printable(site.name), score,
+                     self.config.scan.max_score, action, len(part), len(message))
         await asyncio.to_thread(self._settle, site, state, queue_id, env, status, action)
         return HELD if action == "hold" else DELIVER
 

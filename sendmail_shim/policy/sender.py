@@ -13,6 +13,14 @@ kept: it impersonates nobody and only means "send no bounce".  A From:
 header outside those domains is kept, rewritten to the site's address with the
 original moved to Reply-To (DMARC-safe contact forms), or refused, per
 ``sender_policy.from_header`` (default keep).
+
+Hosted domains are never borrowed: an address belongs to the site that owns
+the MOST SPECIFIC hosted domain matching it (``shop.site1.example``, hosted as
+site2, is site2's, not site1's though it is a subdomain of site1's domain), and
+an address in another hosted site's domain is never kept: with ``keep`` the
+envelope sender and the From: are rewritten as with ``rewrite`` (``refuse``
+still refuses).  A contact form may put a visitor's outside address in From:,
+but never a neighbour's: that is the one spoof the host can always see.
 """
 
 from __future__ import annotations
@@ -35,6 +43,44 @@ def default_sender(site: Site, config: Config) -> str:
     return f"noreply@{config.hostname}"
 
 
+def _own_domains(site: Site) -> list[str]:
+    domains = [d.lower().rstrip(".") for d in site.domains]
+    if site.sender and "@" in site.sender:
+        domains.append(site.sender.rsplit("@", 1)[1].lower().rstrip("."))
+    return domains
+
+
+_hosted: tuple[Config, dict[str, frozenset[str]]] | None = None
+
+
+def hosted_domains(config: Config) -> dict[str, frozenset[str]]:
+    """Every site's domain -> the sites that own it; built once per configuration."""
+    global _hosted
+    cached = _hosted
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    owners: dict[str, set[str]] = {}
+    for site in config.sites.values():
+        for domain in _own_domains(site):
+            owners.setdefault(domain, set()).add(site.name)
+    index = {domain: frozenset(names) for domain, names in owners.items()}
+    _hosted = (config, index)
+    return index
+
+
+def hosted_owners(address: str, config: Config) -> frozenset[str]:
+    """The sites owning the most specific hosted domain of ``address`` (empty: not hosted)."""
+    if "@" not in address:
+        return frozenset()
+    index = hosted_domains(config)
+    labels = address.rsplit("@", 1)[1].lower().rstrip(".").split(".")
+    for start in range(len(labels)):  # the longest suffix first
+        owners = index.get(".".join(labels[start:]))
+        if owners is not None:
+            return owners
+    return frozenset()
+
+
 def site_domains(site: Site, config: Config) -> tuple[str, ...]:
     domains = list(site.domains)
     if site.sender:
@@ -47,6 +93,21 @@ def belongs(address: str, domains: tuple[str, ...]) -> bool:
         return False
     domain = address.rsplit("@", 1)[1].lower().rstrip(".")
     return any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+def is_sites(address: str, site: Site, config: Config,
+             domains: tuple[str, ...] | None = None) -> bool:
+    """In the site's domains, and not in a more specific domain another site is hosted as."""
+    if not belongs(address, site_domains(site, config) if domains is None else domains):
+        return False
+    owners = hosted_owners(address, config)
+    return not owners or site.name in owners
+
+
+def _neighbours(address: str, site: Site, config: Config) -> bool:
+    """In a domain another hosted site owns (most specific match)."""
+    owners = hosted_owners(address, config)
+    return bool(owners) and site.name not in owners
 
 
 def _refusal(site: Site, what: str, address: str, domains: tuple[str, ...]) -> Verdict:
@@ -65,21 +126,21 @@ def apply_sender_policy(site: Site, config: Config, envelope: Envelope,
     """
     domains = site_domains(site, config)
     notes: list[tuple[str, str]] = []
-    if envelope.sender and not belongs(envelope.sender, domains):
+    if envelope.sender and not is_sites(envelope.sender, site, config, domains):
         if site.envelope_policy == "refuse":
             return _refusal(site, "envelope sender", envelope.sender or "", domains)
-        if site.envelope_policy == "rewrite":
+        if site.envelope_policy == "rewrite" or _neighbours(envelope.sender, site, config):
             notes.append(("sender_rewritten_from", envelope.sender))
             envelope.sender = default_sender(site, config)
-    if site.from_policy == "keep":
-        return message, notes
     headers, rest = split_header_block(message)
     froms = [i for i, h in enumerate(headers) if header_name(h) == "from"]
     addresses = [a for i in froms for _n, a in getaddresses([header_value(headers[i])]) if a]
-    if all(belongs(a, domains) for a in addresses):
+    if all(is_sites(a, site, config, domains) for a in addresses):
+        return message, notes
+    if site.from_policy == "keep" and not any(_neighbours(a, site, config) for a in addresses):
         return message, notes
     if site.from_policy == "refuse":
-        bad = next(a for a in addresses if not belongs(a, domains))
+        bad = next(a for a in addresses if not is_sites(a, site, config, domains))
         return _refusal(site, "From: address", bad, domains)
     original = "; ".join(header_value(headers[i]) for i in froms)
     names = [n for i in froms for n, _a in getaddresses([header_value(headers[i])]) if n]
