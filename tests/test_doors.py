@@ -200,7 +200,7 @@ def test_a_suspension_by_the_service_is_the_daemons_and_site_lists(
         assert answers[-1].startswith("action=DEFER_IF_PERMIT 4.7.1 site site1.test is now "
                                       "suspended"), answers
         shim = svc.shim
-        wait_until(lambda: "suspended site=site1.test actor=\"policy service\"" in
+        wait_until(lambda: "suspended site=site1.test actor=\"policy service (outbreak rule)\"" in
                    shim.daemon_log(), 10, "the daemon's suspended line")
         assert "held=1 " in shim.daemon_log()
         assert len(shim.queue_files("hold")) == 1 and not shim.queue_files("deferred")
