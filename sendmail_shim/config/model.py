@@ -572,6 +572,11 @@ class Config:
     message_size_limit: int = key(paths.DEFAULT_MESSAGE_SIZE_LIMIT, kind=Whole(1),
                                   doc="the largest message in bytes; one plain top-level line "
                                       "like spool")
+    spool_site_share: float = key(
+        0.25, kind=Fraction(lambda x: 0 < x <= 1, "0 < share <= 1", "a number above 0, at most 1"),
+        doc="when the spool's file system runs low (under a tenth of it, or four messages of "
+            "message_size_limit, free), a site whose queued mail would pass this share of it "
+            "gets 451 4.3.1 while the other sites' mail is still accepted")
     hostname: str = key(kind=Text(), factory=socket.gethostname,
                         doc="this host's name for Message-Id, Received and bounces",
                         default_text="the machine's name")

@@ -3,7 +3,8 @@
 Trusts: the :class:`~sendmail_shim.policy.identity.Caller` it is given, whose uid the
 kernel vouched for (peer credentials or drop-file owner); nothing else.
 Guarantees, in this order: identify (uid + hints -> site) -> suspended? ->
-over quota already? -> the line-ending
+over quota already? -> over its share of a spool running out of space
+(policy/spoolshare.py)? -> the line-ending
 rule (wire/lineends.py: LF line ends and no CR from here on, for every road;
 a CR or NUL inside the header block is refused, 554 5.6.0 / exit 65) -> compose ->
 sender policy -> policy checks -> content score (only with
@@ -72,7 +73,7 @@ from collections.abc import Callable
 
 from sendmail_shim.config import Config, Site
 from sendmail_shim.intake.compose import CompositionError, Submission, compose
-from sendmail_shim.policy import content, outbreak
+from sendmail_shim.policy import content, outbreak, spoolshare
 from sendmail_shim.policy import limits as policy
 from sendmail_shim.policy.identity import Caller, identify
 from sendmail_shim.policy.quota import check_quota, reserve_quota
@@ -174,6 +175,10 @@ def accept_submission(
             if subid is None or state.submission(caller.uid, subid) is None else None)
     if over is not None:
         return _refuse_quota(config, state, site, early, caller.uid, None, over, now, origin)
+    crowded = spoolshare.over_share(config, site.name, len(message))
+    if crowded is not None:  # the spool's disk runs low and this site holds its share
+        log.warning("tempfail %s size=%d reason=%r", early, len(message), crowded.text)
+        return crowded
     try:  # the line-ending rule first: every later step reads the lines the relay gets
         envelope, final = compose(sub, lineends.normalize(message), site, caller, config,
                                   queue_id, now)
@@ -274,6 +279,7 @@ def accept_submission(
         return outcome.tempfail(f"site {site.name}: {why}; nothing was queued, try again later",
                                 storage_status(exc))
     # The message is on disk: from here on nothing may turn it into a failure.
+    spoolshare.note_queued(config, site.name, envelope.size)
     domains = sorted({r.rsplit("@", 1)[-1].lower() for r in envelope.recipients})
 
     def confirm() -> None:
