@@ -113,7 +113,7 @@ NLM_F_REQUEST = 1
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 
 
-def _diag_row(local: Endpoint, remote: Endpoint) -> TcpRow | None:
+def diag_row(local: Endpoint, remote: Endpoint) -> TcpRow | None:
     """The TCP socket whose own end is ``local`` and other end ``remote``, asked of the
     kernel by its four-tuple (sock_diag): one lookup, whatever the number of sockets
     (reading /proc/net/tcp costs 20 ms with a few thousand).  None: no such socket;
@@ -140,7 +140,7 @@ def loopback_owner(local: Endpoint, peer: Endpoint,
     """The uid of the local client socket at ``peer`` connected to our ``local``; None
     when it cannot be proven (no such socket or several, not ESTABLISHED, inode 0)."""
     try:
-        row = _diag_row(peer, local)
+        row = diag_row(peer, local)
         theirs = [] if row is None else [row]
     except OSError:
         try:

@@ -113,13 +113,39 @@ def test_one_proc_read_proves_every_connection_waiting(monkeypatch: pytest.Monke
     reads = []
     monkeypatch.setattr(capture, "tcp_rows", lambda: reads.append(1) or rows)
 
-    async def prove_all() -> list[int]:
-        prover = Prover(lambda: NEVER)
-        owners = await asyncio.gather(*(prover.owner(conn) for conn in conns))
-        return [owner.uid for owner in owners]
+    def no_sock_diag(local: object, remote: object) -> None:
+        raise OSError("sock_diag unavailable")  # the kernel does not answer: /proc it is
 
-    assert asyncio.run(prove_all()) == [1001 + n % 2 for n in range(300)]
+    monkeypatch.setattr(capture, "diag_row", no_sock_diag)
+    assert asyncio.run(_prove_all(conns)) == [1001 + n % 2 for n in range(300)]
     assert len(reads) <= 2
+
+
+async def _prove_all(conns: list[Connection]) -> list[int]:
+    prover = Prover(lambda: NEVER)
+    owners = await asyncio.gather(*(prover.owner(conn) for conn in conns))
+    return [owner.uid for owner in owners]
+
+
+def test_sock_diag_proves_without_reading_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh attack F6: reading /proc/net/tcp grows with every socket the sites hold
+    (60 ms under a 16,000-socket flood); a four-tuple lookup does not, so /proc is not
+    read at all when the kernel answers."""
+    conns = [Connection(endpoint("10.201.0.1", 40000 + n), LISTENER, ORIGINAL, inode=500 + n)
+             for n in range(50)]
+    rows = {(row.local, row.remote): row for n, conn in enumerate(conns) for row in (
+        TcpRow(LISTENER, conn.peer, ESTABLISHED, uid=110, inode=500 + n),
+        TcpRow(conn.peer, ORIGINAL, ESTABLISHED, uid=1001 + n % 2, inode=9000 + n))}
+
+    def proc_read() -> list[TcpRow]:
+        raise AssertionError("/proc/net/tcp read although sock_diag answered")
+
+    monkeypatch.setattr(capture, "tcp_rows", proc_read)
+    monkeypatch.setattr(capture, "diag_row", lambda local, remote: rows.get((local, remote)))
+    assert asyncio.run(_prove_all(conns)) == [1001 + n % 2 for n in range(50)]
+    unknown = Connection(endpoint("10.201.0.9", 41000), LISTENER, ORIGINAL, inode=77)
+    with pytest.raises(Refused):
+        asyncio.run(_prove_all([unknown]))
 
 
 def test_a_uid_waits_only_for_its_own_slots() -> None:
