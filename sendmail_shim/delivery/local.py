@@ -16,6 +16,7 @@ import asyncio
 from typing import Protocol
 
 from sendmail_shim.config import LocalTransport, Relay
+from sendmail_shim.delivery.loopback import prove_server
 from sendmail_shim.delivery.relay import RelaySession, RelaysUnavailable, connect_plain, smtp_data
 from sendmail_shim.store.address import needs_smtputf8, paths_for
 from sendmail_shim.store.envelope import Envelope
@@ -56,7 +57,13 @@ class LmtpSession:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(transport.host, transport.port), TIMEOUT)
         session = cls(reader, writer, transport.label)
-        code, text = await session._reply()
+        try:
+            code, text = await session._reply()
+            # After the greeting (the server has accepted), before LHLO and any mail.
+            await prove_server(writer.get_extra_info("socket"), transport.label)
+        except BaseException:
+            writer.close()
+            raise
         if code != 220:
             writer.close()
             raise LmtpError(f"greeting {code} {text}")

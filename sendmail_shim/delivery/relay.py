@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from sendmail_shim.config import Relay, RelayLogin
+from sendmail_shim.delivery.loopback import prove_server
 from sendmail_shim.delivery.timing import timed_connect, timed_transaction
 from sendmail_shim.store.address import needs_smtputf8, paths_for
 from sendmail_shim.store.envelope import Envelope
@@ -327,8 +328,12 @@ async def _connect(relay: Relay, login: RelayLogin | None, hostname: str,
         start_tls=relay.tls == "starttls",
         tls_context=_tls_context(relay) if relay.tls != "none" else None,
     )
-    await client.connect()
+    await client.connect()  # the greeting (and, with starttls, EHLO and STARTTLS)
     try:
+        # Before AUTH or any mail: a server on a local address must be a trusted user's.
+        transport = client.transport
+        await prove_server(transport.get_extra_info("socket") if transport else None,
+                           relay.label if socket_path is None else socket_path)
         if login is not None:
             await client.login(login.user, login.read_password())
     except BaseException:
