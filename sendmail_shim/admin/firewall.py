@@ -13,9 +13,14 @@ configured listener of this host (``metrics.listen``, the policy service's
 ``inet:`` listen, the capture port) is reachable on a local address only by
 its users (root, the daemon's user, ``metrics.allow_users`` or
 ``policy_service.allow_users``; for the capture port, connections the nat rule
-redirected and the exempt users): a site uid's new connection is logged
-(rate-limited) and dropped, in the ``listeners`` chain.  The services check
-the same in-process (``policy/peers.py``); the firewall is the second wall.  With ``state.backend:
+redirected and the exempt users), and so is each relay and the
+``local_transport`` on an address of this host on a port other than 25, 465
+and 587 (the exempt users and the uids of a site whose ``allow_submission``
+names the relay: a local Postfix with permit_mynetworks would otherwise relay
+for a site uid with no login, quota or log): a site uid's new connection is
+logged (rate-limited) and dropped, in the ``listeners`` chain.  The services check
+the same in-process (``policy/peers.py``; for relays, the daemon checks the
+server's owner: ``delivery/loopback.py``); the firewall is the second wall.  With ``state.backend:
 redis`` over TCP, new connections to the Redis server's address and port are
 let through only for the same exempt uids: a site could otherwise fill its
 ``maxclients`` with idle connections (Redis keeps them before any AUTH), so

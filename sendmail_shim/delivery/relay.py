@@ -7,6 +7,9 @@ connecting, TLS, the greeting, EHLO or AUTH fails; each message yields one
 :class:`~sendmail_shim.store.outcome.Outcome` per recipient; network trouble is always
 temporary.  A password is read from its file when a session opens and is never
 logged.  One :class:`RelaySession` carries a batch of messages of one site.
+A relay on an address of this host must be served by a trusted user
+(loopback.py, checked after the greeting, before AUTH or any mail): another
+owner is a relay that failed to connect.
 
 When the relay's EHLO offers PIPELINING (RFC 2920; Postfix and smtp-sink do),
 MAIL, every RCPT and DATA go out in one write and their replies are read in
