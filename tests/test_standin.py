@@ -176,6 +176,9 @@ def test_config_check_warns_of_a_relay_and_local_transport_on_an_unprivileged_po
     relay_line = next(ln for ln in text.splitlines() if f"relay 127.0.0.1:{port}" in ln)
     assert relay_line.startswith("warning:") and "checks the owner" in relay_line
     assert f"local_transport smtp:127.0.0.1:{local}" in text
+    shim.edit_config("sites:\n", "loopback_server_users: [postfix, shimsite1]\nsites:\n")
+    text = shim.admin("config", "check", "--config", shim.config).stdout.decode()
+    assert f"loopback_server_users names uid {site_uid()}, a uid of site(s) site1.test" in text
 
 
 def test_firewall_keeps_site_uids_off_loopback_relay_and_local_transport_ports(

@@ -659,6 +659,14 @@ def stand_in_problems(config: Config) -> list[str]:
                          "before AUTH or any mail (root, its own user, loopback_server_users) "
                          "and waits while another uid answers, but use a port below 1024 or a "
                          "Unix socket (smtp:unix:/PATH, lmtp:unix:/PATH)")
+    from sendmail_shim.policy.peers import uids_of  # lazy, as the other checks
+
+    for uid in sorted(uids_of(config.loopback_server_users)):
+        names = [site.name for site in config.sites_of_uid(uid)]
+        if names:
+            found.append(f"loopback_server_users names uid {uid}, a uid of site(s) "
+                         f"{', '.join(names)}: the daemon would send other sites' logins and "
+                         "mail to a server that site runs; remove it")
     local = [ns for ns in config.resolver_nameservers
              if site_can_listen(ns, config.resolver_port)]
     if local:
