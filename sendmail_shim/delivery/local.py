@@ -5,11 +5,11 @@ TCP or a Unix socket, checked by config.py).
 Guarantees: no site's relay login is ever sent here; a server on a local
 address gets nothing (not even LHLO) unless loopback.py proves its owner
 trusted; SMTP goes through the same client as the relay (relay.py); LMTP
-(RFC 2033) is spoken here, reading one
-reply per accepted recipient after the data, so each recipient gets its own
-outcome.  Sessions are reused for a batch, like relay sessions.  LMTP uses the
-same address paths (address.py) and the same data preparation
-(relay.smtp_data: CRLF, long lines broken like Postfix) as the relay client.
+(RFC 2033) is spoken here, reading one reply per accepted recipient after the
+data, so each recipient gets its own outcome.  Sessions are reused for a
+batch, like relay sessions.  LMTP uses the same address paths (address.py) and
+the same data preparation (relay.smtp_data: CRLF, long lines broken like
+Postfix) as the relay client.
 """
 
 from __future__ import annotations
