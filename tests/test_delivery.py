@@ -227,7 +227,8 @@ def test_several_recipients_into_smtp_sink(shim_factory: Any, workdir: str) -> N
     (relay.py; the unit tests show the batching), and the sink takes every recipient."""
     _make_relay, make_shim = shim_factory
     port = free_port()
-    shim = make_shim([port])
+    # smtp-sink accepts as nobody: a server the daemon trusts on loopback (loopback.py)
+    shim = make_shim([port], extra="loopback_server_users: [nobody]\n")
     login = shim.sites["site1.test"]
     shim.edit_config(f"    relay_login: {{user: {login.login}, password_file: "
                      f"{os.path.join(workdir, 'secrets', login.name)}}}\n", "")  # sink: no AUTH

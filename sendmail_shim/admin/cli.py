@@ -647,6 +647,26 @@ def stand_in_problems(config: Config) -> list[str]:
         found.append(f"scan: spamd on {scan.host}:{scan.port}, a port any user may listen on: "
                      "while spamd is down a site can score its own mail 0 and other sites' "
                      "mail high; use scan.socket or a port below 1024 (spamd's 783)")
+    servers = [(f"relay {relay.label}", relay.host, relay.port) for relay in config.relays]
+    transport = config.local_transport
+    if transport is not None and not transport.socket_path:
+        servers.append((f"local_transport {transport.label}", transport.host, transport.port))
+    for name, host, port in servers:
+        if site_can_listen(host, port):
+            found.append(f"{name}: a port of this host that any user may listen on: while the "
+                         "server is down a site can take the port and receive the other sites' "
+                         "logins and mail; the daemon checks the owner of the server's socket "
+                         "before AUTH or any mail (root, its own user, loopback_server_users) "
+                         "and waits while another uid answers, but use a port below 1024 or a "
+                         "Unix socket (smtp:unix:/PATH, lmtp:unix:/PATH)")
+    from sendmail_shim.policy.peers import uids_of  # lazy, as the other checks
+
+    for uid in sorted(uids_of(config.loopback_server_users)):
+        names = [site.name for site in config.sites_of_uid(uid)]
+        if names:
+            found.append(f"loopback_server_users names uid {uid}, a uid of site(s) "
+                         f"{', '.join(names)}: the daemon would send other sites' logins and "
+                         "mail to a server that site runs; remove it")
     local = [ns for ns in config.resolver_nameservers
              if site_can_listen(ns, config.resolver_port)]
     if local:

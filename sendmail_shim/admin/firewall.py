@@ -13,9 +13,14 @@ configured listener of this host (``metrics.listen``, the policy service's
 ``inet:`` listen, the capture port) is reachable on a local address only by
 its users (root, the daemon's user, ``metrics.allow_users`` or
 ``policy_service.allow_users``; for the capture port, connections the nat rule
-redirected and the exempt users): a site uid's new connection is logged
-(rate-limited) and dropped, in the ``listeners`` chain.  The services check
-the same in-process (``policy/peers.py``); the firewall is the second wall.  With ``state.backend:
+redirected and the exempt users), and so is each relay and the
+``local_transport`` on an address of this host on a port other than 25, 465
+and 587 (the exempt users and the uids of a site whose ``allow_submission``
+names the relay: a local Postfix with permit_mynetworks would otherwise relay
+for a site uid with no login, quota or log): a site uid's new connection is
+logged (rate-limited) and dropped, in the ``listeners`` chain.  The services check
+the same in-process (``policy/peers.py``; for relays, the daemon checks the
+server's owner: ``delivery/loopback.py``); the firewall is the second wall.  With ``state.backend:
 redis`` over TCP, new connections to the Redis server's address and port are
 let through only for the same exempt uids: a site could otherwise fill its
 ``maxclients`` with idle connections (Redis keeps them before any AUTH), so
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 
 from sendmail_shim.config import Config
 from sendmail_shim.policy.identity import daemon_uids, exempt_uids
-from sendmail_shim.policy.peers import uids_of
+from sendmail_shim.policy.peers import is_local_address, uids_of
 
 TABLE = "sendmail_shim"
 SMTP_PORTS = (25, 465, 587)
@@ -109,9 +114,43 @@ def listeners(config: Config) -> list[Listener]:
         port = int(listen.rpartition(":")[2])
         found.append(Listener("policy service", port,
                               sorted(base | uids_of(config.policy_service.allow_users))))
+    found += local_servers(config)
     if config.firewall.capture_port:
         found.append(Listener("capture", config.firewall.capture_port, exempt_uids(config),
                               redirected=True))
+    return found
+
+
+def _on_this_host(host: str) -> bool:
+    try:
+        v4, v6 = resolve(host)
+    except OSError:
+        return False
+    return any(is_local_address(ipaddress.ip_address(a)) for a in v4 + v6)
+
+
+def local_servers(config: Config) -> list[Listener]:
+    """Relays and the local_transport on an address of this host, on a port other than
+    25, 465 and 587 (those are smtp_out's): only the exempt uids (root, the daemon's user,
+    firewall.exempt_users) and the uids of a site whose allow_submission names the relay
+    may connect; a site uid would otherwise speak SMTP to them past the daemon (a Postfix
+    with permit_mynetworks relays for it with no login, quota or log)."""
+    exempt = exempt_uids(config)
+    found = []
+    for relay in config.relays:
+        if relay.port in SMTP_PORTS or not _on_this_host(relay.host):
+            continue
+        allowed = set(exempt)
+        for site in config.sites.values():
+            if relay.host in site.allow_submission:
+                allowed.update(site.uids)
+        found.append(Listener(f"relay {relay.name or ''} on this host".replace("  ", " "),
+                              relay.port, sorted(allowed)))
+    transport = config.local_transport
+    if (transport is not None and not transport.socket_path
+            and transport.port not in SMTP_PORTS and _on_this_host(transport.host)):
+        found.append(Listener(f"local_transport ({transport.protocol})", transport.port,
+                              exempt))
     return found
 
 
@@ -128,6 +167,10 @@ def plan(config: Config) -> Plan:
             site_rules.append((site.name, sorted(set(site.uids)), sorted(v4s), sorted(v6s)))
     return Plan(exempt_uids(config), site_rules, config.firewall.capture_port,
                 config.firewall.log_rate, *state_server(config), listeners(config))
+
+
+def _ports(p: Plan) -> list[int]:
+    return list(dict.fromkeys(listener.port for listener in p.listeners))  # in order, once
 
 
 def _elements(values: list[str] | list[int]) -> str:
@@ -150,7 +193,7 @@ def render_nft(config: Config) -> str:
         f"\t\ttcp dport {{ {ports} }} ct state new jump smtp_out",
         *(f"\t\t{family} daddr {{ {', '.join(addrs)} }} tcp dport {p.state_port} ct state new "
           "jump state_out" for family, addrs in (("ip", p.state4), ("ip6", p.state6)) if addrs),
-        *([f"\t\tfib daddr type local tcp dport {{ {', '.join(str(x.port) for x in p.listeners)} "
+        *([f"\t\tfib daddr type local tcp dport {{ {', '.join(map(str, _ports(p)))} "
            "} ct state new jump listeners"] if p.listeners else []),
         "\t}",
         "\tchain smtp_out {",
@@ -234,7 +277,7 @@ def render_iptables(config: Config, family: int = 4) -> str:
                   "\"sendmail-shim blocked state: \"", f"-A {chain}_STATE -j DROP"]
     if p.listeners:
         lines[3:3] = [f":{chain}_LISTEN - [0:0]"]
-        listen_ports = ",".join(str(x.port) for x in p.listeners)
+        listen_ports = ",".join(map(str, _ports(p)))
         lines += [f"-F {chain}_LISTEN",
                   f"-I OUTPUT -p tcp -m addrtype --dst-type LOCAL -m multiport --dports "
                   f"{listen_ports} -m conntrack --ctstate NEW -j {chain}_LISTEN"]

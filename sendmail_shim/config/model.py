@@ -673,6 +673,14 @@ class Config:
     local_transport: LocalTransport | None = key(
         None, kind=Optional(Transport()),
         doc="where local mail goes; setting it turns on routing by MX", default_text="none")
+    loopback_server_users: tuple[str, ...] = key(
+        ("postfix", "dovecot"), kind=Strings(),
+        doc="users besides root and the daemon's own whose server the daemon trusts on an "
+            "address of this host (a relay or local_transport on 127.0.0.1 or ::1): before "
+            "AUTH or any mail it asks the kernel who accepted the connection, and a server of "
+            "any other uid (a site listening on the port while the real server is down) gets "
+            "nothing: the relay counts as down and the mail waits; a name that does not exist "
+            "is skipped")
     routing: dict[str, str] = key(
         kind=Deferred("a mapping of domain to local, remote or auto"), factory=dict,
         doc="pins that decide before DNS", default_text="none")

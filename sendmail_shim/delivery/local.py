@@ -2,12 +2,14 @@
 
 Trusts: the local MTA's replies; the configured ``local_transport`` (loopback
 TCP or a Unix socket, checked by config.py).
-Guarantees: no site's relay login is ever sent here; SMTP goes through the same
-client as the relay (relay.py); LMTP (RFC 2033) is spoken here, reading one
-reply per accepted recipient after the data, so each recipient gets its own
-outcome.  Sessions are reused for a batch, like relay sessions.  LMTP uses the
-same address paths (address.py) and the same data preparation
-(relay.smtp_data: CRLF, long lines broken like Postfix) as the relay client.
+Guarantees: no site's relay login is ever sent here; a server on a local
+address gets nothing (not even LHLO) unless loopback.py proves its owner
+trusted; SMTP goes through the same client as the relay (relay.py); LMTP
+(RFC 2033) is spoken here, reading one reply per accepted recipient after the
+data, so each recipient gets its own outcome.  Sessions are reused for a
+batch, like relay sessions.  LMTP uses the same address paths (address.py) and
+the same data preparation (relay.smtp_data: CRLF, long lines broken like
+Postfix) as the relay client.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 from typing import Protocol
 
 from sendmail_shim.config import LocalTransport, Relay
+from sendmail_shim.delivery.loopback import prove_server
 from sendmail_shim.delivery.relay import RelaySession, RelaysUnavailable, connect_plain, smtp_data
 from sendmail_shim.store.address import needs_smtputf8, paths_for
 from sendmail_shim.store.envelope import Envelope
@@ -56,7 +59,13 @@ class LmtpSession:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(transport.host, transport.port), TIMEOUT)
         session = cls(reader, writer, transport.label)
-        code, text = await session._reply()
+        try:
+            code, text = await session._reply()
+            # After the greeting (the server has accepted), before LHLO and any mail.
+            await prove_server(writer.get_extra_info("socket"), transport.label)
+        except BaseException:
+            writer.close()
+            raise
         if code != 220:
             writer.close()
             raise LmtpError(f"greeting {code} {text}")

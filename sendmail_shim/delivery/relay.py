@@ -7,6 +7,9 @@ connecting, TLS, the greeting, EHLO or AUTH fails; each message yields one
 :class:`~sendmail_shim.store.outcome.Outcome` per recipient; network trouble is always
 temporary.  A password is read from its file when a session opens and is never
 logged.  One :class:`RelaySession` carries a batch of messages of one site.
+A relay on an address of this host must be served by a trusted user
+(loopback.py, checked after the greeting, before AUTH or any mail): another
+owner is a relay that failed to connect.
 
 When the relay's EHLO offers PIPELINING (RFC 2920; Postfix and smtp-sink do),
 MAIL, every RCPT and DATA go out in one write and their replies are read in
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from sendmail_shim.config import Relay, RelayLogin
+from sendmail_shim.delivery.loopback import prove_server
 from sendmail_shim.delivery.timing import timed_connect, timed_transaction
 from sendmail_shim.store.address import needs_smtputf8, paths_for
 from sendmail_shim.store.envelope import Envelope
@@ -327,8 +331,12 @@ async def _connect(relay: Relay, login: RelayLogin | None, hostname: str,
         start_tls=relay.tls == "starttls",
         tls_context=_tls_context(relay) if relay.tls != "none" else None,
     )
-    await client.connect()
+    await client.connect()  # the greeting (and, with starttls, EHLO and STARTTLS)
     try:
+        # Before AUTH or any mail: a server on a local address must be a trusted user's.
+        transport = client.transport
+        await prove_server(transport.get_extra_info("socket") if transport else None,
+                           relay.label if socket_path is None else socket_path)
         if login is not None:
             await client.login(login.user, login.read_password())
     except BaseException:

@@ -104,7 +104,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sendmail_shim.config import Config, Relay, Site
-from sendmail_shim.delivery import bounce
+from sendmail_shim.delivery import bounce, loopback
 from sendmail_shim.delivery.local import Session, open_local_session
 from sendmail_shim.delivery.relay import RelaysUnavailable, SessionBroken, open_session
 from sendmail_shim.delivery.route import FAIL, LOCAL, REMOTE, Router
@@ -473,6 +473,7 @@ class FlushScope:
 class QueueRunner:
     def __init__(self, config: Config, state: State) -> None:
         self.config = config
+        loopback.configure(config)  # whose servers on local addresses are trusted
         self.state = state
         # DNS routing matters only where there is somewhere local to deliver to.
         self.router = Router(config) if config.local_transport is not None else None
@@ -505,6 +506,7 @@ class QueueRunner:
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: new sites, relays and routing from the next run on."""
         self.config = config
+        loopback.configure(config)
         self.router = Router(config) if config.local_transport is not None else None
         self.scanner.reconfigure(config)
         self._idle.trim(0)  # kept sessions: logins and relays may have changed

@@ -2,7 +2,9 @@
 
 Used by the capture listener (daemon/capture.py: a redirected connection's
 owner), the metrics endpoint (daemon/metrics.py) and the relay's policy
-service (relaypolicy/server.py): the services a site uid must not reach.
+service (relaypolicy/server.py): the services a site uid must not reach; and,
+from the client's side, by delivery/loopback.py: the owner of the server socket
+that a relay or local_transport connection on a local address reached.
 
 Trusts: the kernel's /proc/net/tcp and tcp6 of this network namespace, and
 only for the exact connection in hand (the four-tuple is unique while it is

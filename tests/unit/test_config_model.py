@@ -22,8 +22,8 @@ def test_key_tuples_are_derived_in_schema_order() -> None:
         "spool", "message_size_limit", "hostname", "node", "state", "log", "metrics", "relays",
         "pools", "retry", "queue_scan_interval", "connections_per_uid", "sites", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
-        "local_transport", "routing", "resolver", "firewall", "reputation", "scan",
-        "policy_service")
+        "local_transport", "loopback_server_users", "routing", "resolver", "firewall",
+        "reputation", "scan", "policy_service")
     assert config.RELAY_KEYS == ("host", "port", "tls", "verify", "ca_file", "timeout",
                                  "allow_plaintext", "sessions", "name", "pool", "standby",
                                  "public_ip")
