@@ -264,6 +264,15 @@ def render_iptables(config: Config, family: int = 4) -> str:
                       f"{uid} -j RETURN" for uid in listener.uids]
         lines += [f"-A {chain}_LISTEN -m limit --limit {p.log_rate} -j LOG --log-prefix "
                   "\"sendmail-shim blocked listener: \"", f"-A {chain}_LISTEN -j DROP"]
+    if p.capture_port:  # capture_guard: only the daemon answers on the capture port
+        lines[3:3] = [f":{chain}_GUARD - [0:0]"]
+        lines += [f"-F {chain}_GUARD",
+                  f"-I OUTPUT -p tcp --sport {p.capture_port} --tcp-flags SYN,ACK SYN,ACK "
+                  f"-j {chain}_GUARD"]
+        lines += [f"-A {chain}_GUARD -m owner --uid-owner {uid} -j RETURN"
+                  for uid in p.capture_owners]
+        lines += [f"-A {chain}_GUARD -m limit --limit {p.log_rate} -j LOG --log-prefix "
+                  "\"sendmail-shim capture squatter: \"", f"-A {chain}_GUARD -j DROP"]
     lines.append("COMMIT")
     if p.capture_port:
         lines += ["*nat", f":{chain}_CAPTURE - [0:0]", f"-F {chain}_CAPTURE",
