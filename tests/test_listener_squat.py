@@ -177,8 +177,9 @@ def test_policy_service_waits_for_its_port_and_names_the_holder(
 def test_config_check_warns_of_listeners_a_site_can_take_or_holds(
         shim_factory: Any, workdir: str, squatters: list[subprocess.Popen[str]]) -> None:
     _make_relay, make_shim = shim_factory
-    metrics_port, capture_port = free_port(), free_port()
-    shim = make_shim([free_port()], extra=f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n")
+    metrics_port, capture_port, policy_port = free_port(), free_port(), free_port()
+    shim = make_shim([free_port()], extra=f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n"
+                     f"policy_service: {{listen: 'inet:127.0.0.1:{policy_port}'}}\n")
     shim.edit_config("sites:\n", f"firewall:\n  capture: {{listen_port: {capture_port}}}\n"
                      "sites:\n")
     squatters.append(squat(os.path.join(workdir, "c.txt"), metrics_port))
@@ -191,6 +192,10 @@ def test_config_check_warns_of_listeners_a_site_can_take_or_holds(
                in w for w in warnings), text
     assert any(f"metrics.listen: 127.0.0.1:{metrics_port} is held now by uid {uid} "
                "(shimsite1, site site1.test)" in w for w in warnings), text
-    assert any("policy_service.listen: 127.0.0.1:10031 is a port any user" in w
-               for w in warnings), text
+    assert not any("policy_service" in w for w in warnings), text  # not served on this host
     assert not any("held now" in w and "capture" in w for w in warnings), text
+    # The policy service's port, once something listens there (the relay host): a site.
+    squatters.append(squat(os.path.join(workdir, "p.txt"), policy_port))
+    text = shim.admin("config", "check", "--config", shim.config).stdout.decode()
+    assert f"policy_service.listen: 127.0.0.1:{policy_port} is a port any user" in text, text
+    assert f"policy_service.listen: 127.0.0.1:{policy_port} is held now by uid {uid}" in text

@@ -659,7 +659,8 @@ def stand_in_problems(config: Config) -> list[str]:
 
 def squattable_listeners(config: Config) -> list[str]:
     """The TCP listeners of this host's own services (firewall.capture.listen_port,
-    metrics.listen, the policy service's ``inet:``): one on a port any user may bind is
+    metrics.listen, the policy service's ``inet:`` when something listens there, i.e.
+    on the relay host: web nodes do not run it): one on a port any user may bind is
     a warning (a site can take it while the service restarts: issue 21, F2/F3), and one
     held right now by a process not of root or the daemon's user names that process's
     uid and site."""
@@ -679,9 +680,10 @@ def squattable_listeners(config: Config) -> list[str]:
     listen = config.policy_service.listen
     if listen.startswith("inet:"):
         host, _, number = listen[5:].rpartition(":")
-        listeners.append(("policy_service.listen", host.strip("[]"), int(number),
-                          "the relay's policy requests, answering them as it likes; use "
-                          "unix:/run/sendmail-shim-policy/policy.sock"))
+        if port_holders(host.strip("[]"), int(number)):  # the service runs on this host
+            listeners.append(("policy_service.listen", host.strip("[]"), int(number),
+                              "the relay's policy requests, answering them as it likes; use "
+                              "unix:/run/sendmail-shim-policy/policy.sock"))
     try:
         ours = daemon_uids(config)
     except KeyError:
