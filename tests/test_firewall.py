@@ -477,6 +477,11 @@ def test_render_formats() -> None:
     assert "-A SENDMAIL_SHIM_LISTEN -p tcp --dport 10025 -m conntrack --ctstate DNAT -j " \
            "RETURN" in ipt
     assert "-d ::1" not in render_iptables(config, 6)
+    # capture_guard: a SYN-ACK on the capture port only from root or the daemon's user (0)
+    assert "tcp sport 10025 tcp flags & (syn | ack) == syn | ack meta skuid { 0 } accept" in nft
+    assert "tcp sport 10025 tcp flags & (syn | ack) == syn | ack drop" in nft
+    assert ("-I OUTPUT -p tcp --sport 10025 --tcp-flags SYN,ACK SYN,ACK -j SENDMAIL_SHIM_GUARD"
+            in ipt and "-A SENDMAIL_SHIM_GUARD -m owner --uid-owner 0 -j RETURN" in ipt)
     assert "state_out" not in nft and "STATE" not in ipt  # no shared state: no rule
     redis = parse_config({"relays": [{"host": "127.0.0.1", "port": 2525, "tls": "none"}],
                           "state": {"backend": "redis", "url": "redis://[::1]:6380/0"},

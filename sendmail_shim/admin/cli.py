@@ -667,12 +667,60 @@ def stand_in_problems(config: Config) -> list[str]:
             found.append(f"loopback_server_users names uid {uid}, a uid of site(s) "
                          f"{', '.join(names)}: the daemon would send other sites' logins and "
                          "mail to a server that site runs; remove it")
+    found += squattable_listeners(config)
     local = [ns for ns in config.resolver_nameservers
              if site_can_listen(ns, config.resolver_port)]
     if local:
         found.append(f"resolver: {', '.join(local)} port {config.resolver_port}, a port any "
                      "user may listen on: while the resolver is down a site can answer the "
                      "daemon's MX and blocklist queries (and burn relays); use port 53")
+    return found
+
+
+def squattable_listeners(config: Config) -> list[str]:
+    """The TCP listeners of this host's own services (firewall.capture.listen_port,
+    metrics.listen, the policy service's ``inet:`` when something listens there, i.e.
+    on the relay host: web nodes do not run it): one on a port any user may bind is
+    a warning (a site can take it while the service restarts: issue 21, F2/F3), and one
+    held right now by a process not of root or the daemon's user names that process's
+    uid and site."""
+    from sendmail_shim.policy.identity import daemon_uids
+    from sendmail_shim.policy.peers import port_holders, who_holds
+
+    listeners: list[tuple[str, str, int, str]] = []
+    if config.firewall.capture_port:
+        for host in ("127.0.0.1", "::1"):
+            listeners.append(("firewall.capture.listen_port", host, config.firewall.capture_port,
+                              "other sites' redirected port-25 SMTP (the firewall's "
+                              "capture_guard chain drops it, so their mail waits)"))
+    if config.metrics_listen:
+        host, _, number = config.metrics_listen.rpartition(":")
+        listeners.append(("metrics.listen", host.strip("[]"), int(number),
+                          "the metrics scrapes (the daemon runs on without its listener)"))
+    listen = config.policy_service.listen
+    if listen.startswith("inet:"):
+        host, _, number = listen[5:].rpartition(":")
+        if port_holders(host.strip("[]"), int(number)):  # the service runs on this host
+            listeners.append(("policy_service.listen", host.strip("[]"), int(number),
+                              "the relay's policy requests, answering them as it likes; use "
+                              "unix:/run/sendmail-shim-policy/policy.sock"))
+    try:
+        ours = daemon_uids(config)
+    except KeyError:
+        ours = {0}
+    found = []
+    for key, host, port, what in listeners:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if site_can_listen(host, port):
+            found.append(f"{key}: {shown} is a port any user may listen on: while the daemon "
+                         f"is down a site can take it and receive {what}; use a port below "
+                         "1024")
+        if any(row.uid not in ours for row in port_holders(host, port)):
+            holder = who_holds(host, port, lambda uid: [
+                site.name for site in config.sites_of_uid(uid)])
+            found.append(f"{key}: {shown} is held now by {holder}, not by root or the "
+                         "daemon's user: stop that process (suspend its site) and restart "
+                         "the daemon")
     return found
 
 

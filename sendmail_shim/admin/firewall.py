@@ -26,7 +26,13 @@ let through only for the same exempt uids: a site could otherwise fill its
 ``maxclients`` with idle connections (Redis keeps them before any AUTH), so
 that the nodes fail open and each one counts the site's quota alone.  With
 ``firewall.capture.listen_port`` set, port-25 traffic of every other uid is
-redirected to the daemon's capture listener instead (capture.py).  The file
+redirected to the daemon's capture listener instead (capture.py), and the
+``capture_guard`` chain drops the SYN-ACK of any socket on the capture port
+not owned by root or the daemon's user (issue 21, F2): a site listening there
+while the daemon is down, or on the one loopback address the daemon could not
+bind, never completes a redirected handshake, so no other site's SMTP reaches
+it (the sender's engine times out and keeps its mail).  A SYN-ACK with no
+socket (syncookies, under a SYN flood) is dropped too: fail closed.  The file
 is idempotent (it deletes and recreates only its own table).  ``check``
 compares the live table with the rendered one as nft itself prints both, by
 loading the rendered rules into a scratch network namespace.
@@ -85,6 +91,7 @@ class Plan:
     state6: list[str]
     state_port: int | None
     listeners: list[Listener]
+    capture_owners: list[int]  # who may answer on the capture port: root, the daemon's user
 
 
 def state_server(config: Config) -> tuple[list[str], list[str], int | None]:
@@ -166,7 +173,8 @@ def plan(config: Config) -> Plan:
                 v6s.update(v6)
             site_rules.append((site.name, sorted(set(site.uids)), sorted(v4s), sorted(v6s)))
     return Plan(exempt_uids(config), site_rules, config.firewall.capture_port,
-                config.firewall.log_rate, *state_server(config), listeners(config))
+                config.firewall.log_rate, *state_server(config), listeners(config),
+                sorted(daemon_uids(config)))
 
 
 def _ports(p: Plan) -> list[int]:
@@ -242,6 +250,16 @@ def render_nft(config: Config) -> str:
             "\t\tmeta skuid @exempt_uids return",
             f"\t\ttcp dport 25 redirect to :{p.capture_port}",
             "\t}",
+            # Only the daemon may answer on the capture port: a site listening there (the
+            # daemon down, or holding [::1] only) never completes a redirected handshake.
+            "\tchain capture_guard {",
+            "\t\ttype filter hook output priority filter; policy accept;",
+            f"\t\ttcp sport {p.capture_port} tcp flags & (syn | ack) == syn | ack meta skuid "
+            f"{{ {', '.join(map(str, p.capture_owners))} }} accept",
+            f"\t\ttcp sport {p.capture_port} tcp flags & (syn | ack) == syn | ack limit rate "
+            f'{p.log_rate} log prefix "sendmail-shim capture squatter: " level warn',
+            f"\t\ttcp sport {p.capture_port} tcp flags & (syn | ack) == syn | ack drop",
+            "\t}",
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -289,6 +307,15 @@ def render_iptables(config: Config, family: int = 4) -> str:
                       f"{uid} -j RETURN" for uid in listener.uids]
         lines += [f"-A {chain}_LISTEN -m limit --limit {p.log_rate} -j LOG --log-prefix "
                   "\"sendmail-shim blocked listener: \"", f"-A {chain}_LISTEN -j DROP"]
+    if p.capture_port:  # capture_guard: only the daemon answers on the capture port
+        lines[3:3] = [f":{chain}_GUARD - [0:0]"]
+        lines += [f"-F {chain}_GUARD",
+                  f"-I OUTPUT -p tcp --sport {p.capture_port} --tcp-flags SYN,ACK SYN,ACK "
+                  f"-j {chain}_GUARD"]
+        lines += [f"-A {chain}_GUARD -m owner --uid-owner {uid} -j RETURN"
+                  for uid in p.capture_owners]
+        lines += [f"-A {chain}_GUARD -m limit --limit {p.log_rate} -j LOG --log-prefix "
+                  "\"sendmail-shim capture squatter: \"", f"-A {chain}_GUARD -j DROP"]
     lines.append("COMMIT")
     if p.capture_port:
         lines += ["*nat", f":{chain}_CAPTURE - [0:0]", f"-F {chain}_CAPTURE",

@@ -421,7 +421,9 @@ class Firewall:
         doc="users that may deliver out themselves, such as postfix")
     capture_port: int | None = key(None, kind=Optional(Whole(1), falsy=True),
                                    name="capture.listen_port",
-                                   doc="the daemon's capture port", default_text="no capture")
+                                   doc="the daemon's capture port (on 127.0.0.1 and ::1); take "
+                                       "one below 1024, which no site can bind",
+                                   default_text="no capture")
     log_rate: str = key("10/minute", kind=Rate(), doc="how often refused connections are logged")
 
 

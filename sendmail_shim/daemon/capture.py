@@ -64,12 +64,25 @@ with the site's login), so a site's built-in SMTP engine keeps working under
 its quotas and a CR inside its header block gets ``554 5.6.0`` as on every
 other road; the reply is the intake's verdict; every message is logged with its original
 destination.  It listens only on 127.0.0.1 and ::1.
+
+A port someone else holds (issue 21, F2: a site listening on the capture
+port's 127.0.0.1 or [::1] while the daemon restarts): each address is bound
+on its own (:class:`CaptureListeners`); one that is taken is logged as
+``capture_squatted`` (an error, with the holder's uid, user and site from
+/proc/net/tcp) and retried every BIND_RETRY seconds, while the daemon starts
+and serves everything else.  The log claims only the addresses it holds
+(``capture_listening``).  That the squatter gets none of the redirected SMTP
+is the firewall's part: its ``capture_guard`` chain (admin/firewall.py)
+drops the handshake replies of any socket on the capture port not owned by
+root or the daemon's user, so a redirected connection to a squatter never
+completes, and the site's SMTP engine keeps its mail and retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import pwd
@@ -95,6 +108,7 @@ from sendmail_shim.policy.peers import (  # the /proc/net/tcp reading, shared wi
     endpoint,
     show,
     tcp_rows,
+    who_holds,
 )
 from sendmail_shim.store.state import State
 from sendmail_shim.wire import protocol
@@ -116,6 +130,9 @@ WAITING_FACTOR = 16  # a uid may hold this many times its slots open (the rest w
 SLOT_WAIT = 30.0  # seconds a connection waits, not greeted, for one of its uid's slots
 IDLE_TIMEOUT = 60.0  # seconds without a command before a session is closed
 BUSY_LOG_INTERVAL = 10.0  # one "busy" log line per uid in this many seconds
+CAPTURE_HOSTS = ("127.0.0.1", "::1")
+BIND_RETRY = 5.0  # seconds between two attempts to bind a capture address someone holds
+SQUAT_LOG_INTERVAL = 60.0  # the capture_squatted error again this often while it lasts
 
 
 def original_destination(sock: Any) -> Endpoint | None:
@@ -458,9 +475,74 @@ class CaptureSMTP(SMTP):
                 self.transport.close()
 
 
+class CaptureListeners:
+    """The capture listener's sockets on 127.0.0.1 and [::1]: each address is bound on
+    its own; one that cannot be bound (a site listens there: issue 21, F2) is logged as
+    an error naming the holder and retried every BIND_RETRY seconds until it is ours.
+    Only addresses actually held are ever logged as listening (``capture_listening``)."""
+
+    def __init__(self, config: Config, port: int, factory: Callable[[], SMTP]) -> None:
+        self.config = config
+        self.port = port
+        self.factory = factory
+        self.servers: list[asyncio.AbstractServer] = []
+        self._retry: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        missing = [host for host in CAPTURE_HOSTS if not await self._bind(host, True)]
+        if missing:
+            self._retry = asyncio.get_running_loop().create_task(self._retry_forever(missing))
+
+    async def _bind(self, host: str, first: bool) -> bool:
+        """True when ``host`` is held now, or can never be (no such address: nobody can
+        bind it either); False when someone else holds it (logged when ``first``)."""
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                self.factory, host=host, port=self.port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                log.warning("capture_unavailable address=%s error=%r: this address is not "
+                            "served (the host has no such loopback address)",
+                            show(endpoint(host, self.port)), str(exc))
+                return exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+            if first:
+                self._squatted(host)
+            return False
+        self.servers.append(server)
+        log.info("capture_listening address=%s", show(endpoint(host, self.port)))
+        return True
+
+    def _squatted(self, host: str) -> None:
+        holder = who_holds(host, self.port, lambda uid: [
+            s.name for s in self.config.sites_of_uid(uid)])
+        log.error("capture_squatted address=%s holder=%r: another process listens on the "
+                  "capture port, so redirected port-25 SMTP of the sites cannot reach the "
+                  "daemon there; the firewall's capture_guard chain drops its replies (no "
+                  "site's SMTP reaches it; sites' port-25 mail waits in their own queues), "
+                  "retrying every %gs; stop that process (and suspend its site), and use a "
+                  "capture port below 1024 so no site can take it",
+                  show(endpoint(host, self.port)), holder, BIND_RETRY)
+
+    async def _retry_forever(self, missing: list[str]) -> None:
+        since = time.monotonic()
+        while missing:
+            await asyncio.sleep(BIND_RETRY)
+            missing = [host for host in missing if not await self._bind(host, False)]
+            if missing and time.monotonic() - since >= SQUAT_LOG_INTERVAL:
+                since = time.monotonic()
+                for host in missing:
+                    self._squatted(host)
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        for server in self.servers:
+            server.close()
+
+
 async def start_capture(config: Config, state: State, port: int,
                         handlers: list[CaptureHandler], intake: IntakeWorkers | None = None
-                        ) -> list[asyncio.AbstractServer]:
+                        ) -> CaptureListeners:
     """Listen on loopback; ``handlers`` receives the handler so a reload can update it."""
     handler = CaptureHandler(config, state, intake)
     handlers.append(handler)
@@ -471,12 +553,6 @@ async def start_capture(config: Config, state: State, port: int,
                            data_size_limit=config.message_size_limit, decode_data=False,
                            enable_SMTPUTF8=True, timeout=IDLE_TIMEOUT)
 
-    loop = asyncio.get_running_loop()
-    servers: list[asyncio.AbstractServer] = [
-        await loop.create_server(factory, host="127.0.0.1", port=port)]
-    try:
-        servers.append(await loop.create_server(factory, host="::1", port=port))
-    except OSError as exc:
-        log.warning("capture listener on [::1]:%d unavailable: %s", port, exc)
-    log.info("capture listener on 127.0.0.1:%d and [::1]:%d", port, port)
-    return servers
+    listeners = CaptureListeners(config, port, factory)
+    await listeners.start()
+    return listeners

@@ -20,7 +20,10 @@ SIGHUP reloads the configuration (``systemctl reload``); a bad file is
 refused and the running configuration kept; every server reads the new one.
 Metrics (``metrics.listen``/``textfile``, ``daemon/metrics.py``) start with the
 sockets and stop before the state is closed; without them prometheus_client is
-not imported.
+not imported.  The mail path never depends on a side listener: a metrics port
+or capture address someone else holds (a site, issue 21 F2/F3) is an error
+naming the holder and is retried in the background; the daemon starts and
+delivers.
 
 Socket activation: when systemd passes the hand-off socket (LISTEN_FDS), the
 daemon serves it instead of binding the path, and leaves it in place on exit.
@@ -55,7 +58,7 @@ import filelock
 
 from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import pickup
-from sendmail_shim.daemon.capture import CaptureHandler, start_capture
+from sendmail_shim.daemon.capture import CaptureHandler, CaptureListeners, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
 from sendmail_shim.daemon.logsetup import metrics_enabled
 from sendmail_shim.daemon.submission import SubmissionServer
@@ -97,7 +100,7 @@ class Daemon:
         self.submission = SubmissionServer(self)
         self.control = ControlServer(self)
         self._capture_handlers: list[CaptureHandler] = []
-        self._captures: list[asyncio.AbstractServer] = []
+        self._captures: list[CaptureListeners] = []
         self._stop = asyncio.Event()
         self._halt = threading.Event()  # seen by worker threads: stop between two items
         self._pickup = pickup.Pickup(self._halt)
@@ -238,9 +241,9 @@ class Daemon:
                 pass
             await asyncio.to_thread(self._open_state)
         if self.config.firewall.capture_port:
-            self._captures = await start_capture(self.config, self._state(),
-                                                 self.config.firewall.capture_port,
-                                                 self._capture_handlers, self.intake)
+            self._captures = [await start_capture(self.config, self._state(),
+                                                  self.config.firewall.capture_port,
+                                                  self._capture_handlers, self.intake)]
         assert self.watch is not None, "_open_state creates the watch"
         await asyncio.gather(self._runner().run_forever(), self._pickup_forever(),
                              self.watch.run(), self._follow_forever())

@@ -27,7 +27,10 @@ Three parts, each cheap and off the message path:
   not list every site, login and volume), logged at most once a minute per
   client and/or a node_exporter textfile rewritten every
   ``metrics.interval`` (``metrics.textfile``, written to a temporary name and
-  renamed, so node_exporter never reads half a file).
+  renamed, so node_exporter never reads half a file).  A port that cannot be
+  bound (a site listening on it while the daemon restarts: issue 21, F3) never
+  stops the daemon: ``metrics_unavailable`` (an error naming the holder's uid,
+  user and site) and a retry every BIND_RETRY seconds; mail flows meanwhile.
 
 Per-site series are safe with thousands of sites: by default only the
 ``metrics.top_sites`` busiest sites (by messages accepted since the daemon
@@ -93,6 +96,8 @@ SITE_STATUSES = ("accepted", "refused", "sent", "deferred", "bounced")
 # Errors worth an alert: each is a log line at warning or error that means trouble.
 ERROR_EVENTS = ("tempfail", "internal_error", "paused", "bookkeeping_failed",
                 "outbreak_rules_skipped", "corrupt", "cannot", "scan_unavailable")
+BIND_RETRY = 5.0  # seconds between two attempts to open a metrics port someone else holds
+SQUAT_LOG_EVERY = 60.0  # its metrics_unavailable error again this often while it lasts
 SCORE_BUCKETS = (-5.0, 0.0, 2.0, 5.0, 10.0, 20.0, 100.0, 1000.0)  # spamd's content scores
 
 
@@ -568,27 +573,62 @@ class Exposition:
         self._server: BaseServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the bind retry thread vs stop()
+        self._squat_logged = 0.0
 
     def start(self) -> None:
         """Hook the handler to the logger; open the listener; start the textfile writer."""
         config = self.config()
         logging.getLogger("sendmail_shim").addHandler(self.handler)
-        if config.metrics_listen:
-            host, port = parse_listen(config.metrics_listen)
-            handler = type("MetricsHandler", (_Handler,), {
-                "registry": self.registry, "gate": metrics_gate(config),
-                "refusals": peers.LogLimit(REFUSED_LOG_EVERY)})
-            self._server = _Server(host, port, handler)
-            thread = threading.Thread(target=self._server.serve_forever, name="metrics http",
-                                      daemon=True)
+        if config.metrics_listen and not self._listen(config, config.metrics_listen, True):
+            thread = threading.Thread(target=self._listen_later,
+                                      args=(config, config.metrics_listen),
+                                      name="metrics bind retry", daemon=True)
             thread.start()
             self._threads.append(thread)
-            log.info("metrics_listening listen=%s", config.metrics_listen)
         if config.metrics_textfile:
             thread = threading.Thread(target=self._write_forever, name="metrics textfile",
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _listen(self, config: Config, listen: str, first: bool) -> bool:
+        """Open the HTTP listener; False (an error naming the holder, when ``first`` or
+        every SQUAT_LOG_EVERY) when its port is taken: the daemon runs on without it."""
+        host, port = parse_listen(listen)
+        handler = type("MetricsHandler", (_Handler,), {
+            "registry": self.registry, "gate": metrics_gate(config),
+            "refusals": peers.LogLimit(REFUSED_LOG_EVERY)})
+        try:
+            server = _Server(host, port, handler)
+        except OSError as exc:
+            now = time.monotonic()
+            if first or now - self._squat_logged >= SQUAT_LOG_EVERY:
+                self._squat_logged = now
+                holder = peers.who_holds(host, port, lambda uid: [
+                    site.name for site in config.sites_of_uid(uid)])
+                log.error("metrics_unavailable listen=%s error=%r holder=%r action='mail is "
+                          "accepted and delivered without the metrics listener; retrying every "
+                          "%gs; stop the process holding the port (suspend its site if it is "
+                          "one), and use a metrics.listen port below 1024 so no site can take "
+                          "it'", listen, str(exc), holder, BIND_RETRY)
+            return False
+        with self._lock:
+            if self._stop.is_set():
+                server.server_close()
+                return True
+            self._server = server
+        thread = threading.Thread(target=server.serve_forever, name="metrics http",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        log.info("metrics_listening listen=%s", listen)
+        return True
+
+    def _listen_later(self, config: Config, listen: str) -> None:
+        while not self._stop.wait(BIND_RETRY):
+            if self._listen(config, listen, False):
+                return
 
     def _write_forever(self) -> None:
         failing = False
@@ -609,7 +649,8 @@ class Exposition:
 
     def stop(self) -> None:
         logging.getLogger("sendmail_shim").removeHandler(self.handler)
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

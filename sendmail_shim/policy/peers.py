@@ -19,6 +19,8 @@ in ``uids``; a peer on another host only when its address is in
 ``networks``.  An unknown owner is refused (fail closed).  :class:`LogLimit`
 lets a repeated line through at most once per interval per key, and counts
 the rest, so a flood of refused connections cannot flood the log.
+:func:`who_holds` names the uid, user and site of the socket listening on a
+port the daemon could not bind (a site squatting a listener's port).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 PROC_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
 ESTABLISHED = 0x01  # TCP_ESTABLISHED in the "st" column
+LISTEN = 0x0A  # TCP_LISTEN
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[Address, int]
@@ -106,6 +109,37 @@ def tcp_rows(paths: tuple[str, ...] = PROC_TCP, port: int | None = None) -> list
                                    _decode_proc_address(fields[2]), int(fields[3], 16),
                                    int(fields[7]), int(fields[9])))
     return rows
+
+
+def port_holders(host: str, port: int, paths: tuple[str, ...] = PROC_TCP) -> list[TcpRow]:
+    """The listening sockets that take ``host``:``port`` (bound to that address, or to
+    the wildcard of its family; an IPv6 wildcard also takes IPv4 unless V6ONLY, which
+    /proc does not show, so it is counted).  Empty when /proc is unreadable."""
+    want = endpoint(host.strip("[]"), port)[0]
+    wild = {ipaddress.IPv4Address(0), ipaddress.IPv6Address(0)}
+    try:
+        rows = tcp_rows(paths, port=port)
+    except OSError:
+        return []
+    return [r for r in rows if r.state == LISTEN and r.local[1] == port
+            and (r.local[0] == want or r.local[0] in wild)]
+
+
+def who_holds(host: str, port: int, sites_of: Callable[[int], list[str]],
+              paths: tuple[str, ...] = PROC_TCP) -> str:
+    """``host``:``port``'s holders for an operator: uid, user name and site(s), e.g.
+    ``uid 1001 (shimsite1, site site1)``; ``unknown (...)`` when /proc shows none (a
+    socket of another network namespace, or a port being closed)."""
+    names = []
+    for uid in sorted({row.uid for row in port_holders(host, port, paths)}):
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = "no user"
+        sites = sites_of(uid)
+        names.append(f"uid {uid} ({user}, " + (f"site {', '.join(sites)})" if sites
+                                                else "no site)"))
+    return ", ".join(names) or "unknown (no listening socket found in /proc/net/tcp)"
 
 
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h): one socket looked up by its four-tuple

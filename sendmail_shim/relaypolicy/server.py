@@ -33,6 +33,15 @@ every :data:`REFRESH` seconds, the service asks it to follow the file
 ``site suspend`` or ``quota set`` made through another process is seen within
 that time; and the daemon on the same spool follows the suspensions this
 service writes the same way (its ``suspended`` line, held mail, notice).
+
+A TCP port someone else holds (a site listening on it while the service
+restarts, issue 21 F3) does not end the service: it logs
+``policy_service_unavailable`` naming the holder (uid, user, site) and binds
+again every BIND_RETRY seconds, so systemd's start limit never leaves it down
+for good.  While the port is held, the holder answers the relay's Postfix:
+that is why ``inet:`` on a port any user may bind is a ``config check``
+warning and the packaged default is a Unix socket (``unix:``), which no site
+can take.  Other bind errors (a bad address, permission) still exit (71/77).
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ log = logging.getLogger(__name__)
 REFRESH = 0.25  # seconds between two looks at the state's changes (suspensions seen by then)
 LOG_EVERY = 60.0  # seconds: one line per client and kind of trouble in this time
 SOCKET_MODE = 0o660
+BIND_RETRY = 5.0  # seconds between two attempts to bind a TCP port another process holds
+SQUAT_LOG_EVERY = 60.0  # the policy_service_unavailable error again this often
 
 
 def open_state(config: Config) -> State:
@@ -240,14 +251,41 @@ class PolicyServer:
                                   f"a member of it): {exc}") from exc
             os.chmod(path, SOCKET_MODE)
         else:
-            host, _, port = self.listen[5:].rpartition(":")
-            server = await asyncio.start_server(self.handle, host.strip("[]"), int(port),
-                                                limit=limit, backlog=1024, reuse_address=True)
+            server = await self.bind_tcp()
         log.info("policy_service_listening listen=%s sites_with_login=%d", self.listen,
                  len(self.decider.logins))
         self.sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
         gc.freeze()  # the configuration and the modules: never garbage, never walked again
         return server
+
+    async def bind_tcp(self) -> asyncio.Server:
+        """The ``inet:`` listener; while another process holds its port (a site, during a
+        restart: issue 21, F3), an error naming the holder every SQUAT_LOG_EVERY seconds
+        and a new attempt every BIND_RETRY seconds, rather than an exit that systemd's
+        start limit would make final."""
+        host, _, port = self.listen[5:].rpartition(":")
+        host = host.strip("[]")
+        logged = None
+        while True:
+            try:
+                return await asyncio.start_server(self.handle, host, int(port),
+                                                  limit=codec.MAX_REQUEST, backlog=1024,
+                                                  reuse_address=True)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                now = time.monotonic()
+                if logged is None or now - logged >= SQUAT_LOG_EVERY:
+                    logged = now
+                    holder = peers.who_holds(host, int(port), lambda uid: [
+                        site.name for site in self.config.sites_of_uid(uid)])
+                    log.error("policy_service_unavailable listen=%s holder=%r action='the "
+                              "relay gets no answer from this service meanwhile (or the "
+                              "holder's); stop that process (suspend its site if it is one), "
+                              "and listen on unix:/run/sendmail-shim-policy/policy.sock, which "
+                              "no site can take'; retrying every %gs", self.listen, holder,
+                              BIND_RETRY)
+                await asyncio.sleep(BIND_RETRY)
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""

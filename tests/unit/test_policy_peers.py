@@ -94,3 +94,24 @@ def test_follow_sees_another_processes_suspension_once(tmp_path: Path) -> None:
     finally:
         daemon.close()
         service.close()
+
+
+def test_who_holds_names_the_listening_sockets_owner_and_site() -> None:
+    import pwd
+
+    with socket.socket() as srv, socket.socket(socket.AF_INET6) as wild:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        me = os.geteuid()
+        user = pwd.getpwuid(me).pw_name
+        assert [r.uid for r in peers.port_holders("127.0.0.1", port)] == [me]
+        assert peers.port_holders("::1", port) == []  # another address, not the wildcard
+        assert peers.who_holds("127.0.0.1", port, lambda uid: ["s1"]) == \
+            f"uid {me} ({user}, site s1)"
+        wild.bind(("::", 0))
+        wild.listen(1)
+        other = wild.getsockname()[1]
+        assert peers.who_holds("::1", other, lambda uid: []) == f"uid {me} ({user}, no site)"
+        assert peers.who_holds("127.0.0.1", other, lambda uid: []).startswith(f"uid {me}")
+    assert peers.who_holds("127.0.0.1", port, lambda uid: []).startswith("unknown")
