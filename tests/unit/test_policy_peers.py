@@ -3,8 +3,10 @@ and the state following another process's suspensions (store/state.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,36 +17,34 @@ from sendmail_shim.store.state import State
 from sendmail_shim.wire import paths
 
 
-def test_loopback_owner_is_this_process_uid_by_the_exact_connection() -> None:
+@contextlib.contextmanager
+def _loopback_pair() -> Iterator[tuple[peers.Endpoint, peers.Endpoint]]:
+    """An accepted loopback connection of this process: (our end, the client's end)."""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         client = socket.create_connection(srv.getsockname())
         accepted, _ = srv.accept()
         with client, accepted:
-            local = peers.endpoint(*accepted.getsockname())
-            peer = peers.endpoint(*accepted.getpeername())
-            assert peers.loopback_owner(local, peer) == os.geteuid()
-            # the same through /proc/net/tcp (the fallback)
-            rows = [r for r in peers.tcp_rows(port=peer[1]) if r.local == peer]
-            assert [r.uid for r in rows] == [os.geteuid()]
-            # another four-tuple is nobody's
-            assert peers.loopback_owner(local, (peer[0], 1)) is None
+            yield peers.endpoint(*accepted.getsockname()), peers.endpoint(*accepted.getpeername())
+
+
+def test_loopback_owner_is_this_process_uid_by_the_exact_connection() -> None:
+    with _loopback_pair() as (local, peer):
+        assert peers.loopback_owner(local, peer) == os.geteuid()
+        # the same through /proc/net/tcp (the fallback)
+        rows = [r for r in peers.tcp_rows(port=peer[1]) if r.local == peer]
+        assert [r.uid for r in rows] == [os.geteuid()]
+        # another four-tuple is nobody's
+        assert peers.loopback_owner(local, (peer[0], 1)) is None
 
 
 def test_gate_allows_listed_uids_and_networks_only() -> None:
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
-        client = socket.create_connection(srv.getsockname())
-        accepted, _ = srv.accept()
-        with client, accepted:
-            local = peers.endpoint(*accepted.getsockname())
-            peer = peers.endpoint(*accepted.getpeername())
-            me = os.geteuid()
-            assert peers.PeerGate(frozenset({me})).judge(local, peer).allowed
-            refused = peers.PeerGate(frozenset({me + 1})).judge(local, peer)
-            assert not refused.allowed and refused.who == f"uid:{me}"
+    with _loopback_pair() as (local, peer):
+        me = os.geteuid()
+        assert peers.PeerGate(frozenset({me})).judge(local, peer).allowed
+        refused = peers.PeerGate(frozenset({me + 1})).judge(local, peer)
+        assert not refused.allowed and refused.who == f"uid:{me}"
     remote = peers.endpoint("192.0.2.25", 40000)
     here = peers.endpoint("192.0.2.1", 10031)
     gate = peers.PeerGate(frozenset(), peers.networks(["192.0.2.25/32"]))
