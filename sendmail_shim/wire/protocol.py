@@ -54,6 +54,11 @@ MAGIC = b"SMSHIM1\n"
 HEADER_END = b"\n\n"
 TRAILER = b"END\n"
 MAX_HEADER_BYTES = 1 << 20  # a million bytes of envelope is plenty: 10,000 recipients
+# Fields of one request header: the daemon takes at most 1,000 recipients, so 4,096 fields
+# are room for them and every other field.  The daemon decodes a socket request's header
+# on its event loop, before any per-uid share applies: a bounded count keeps a hostile
+# header of a million short lines (262,000 fields cost 10 ms each) from stalling it.
+MAX_FIELDS = 4096
 BUSY = 421  # reply code: too many connections from this uid; nothing was read
 
 # Field names.
@@ -235,6 +240,8 @@ def decode_header(header: bytes) -> Fields:
     """Fields of a request header (everything between MAGIC and the blank line)."""
     if len(header) > MAX_HEADER_BYTES + len(HEADER_END):
         raise ProtocolError(f"header longer than {MAX_HEADER_BYTES} bytes")
+    if header.count(b"\n") > MAX_FIELDS + 1:  # counted in C before any line is decoded
+        raise ProtocolError(f"more than {MAX_FIELDS} header fields")
     fields: Fields = []
     for line in header.split(b"\n"):
         if not line:
