@@ -4,7 +4,8 @@ Trusts: the envelope and the outcomes it is given.
 Guarantees: a bounce is a multipart/report (report-type=delivery-status) with a
 human part naming the site, the queue id and what to do, a
 message/delivery-status part with one block per failed recipient (RFC 3464
-fields), and the original headers as text/rfc822-headers; it is sent with the
+fields), and the original headers (whole fields, at most BOUNCE_SIZE_LIMIT
+bytes, as Postfix's bounce_size_limit) as text/rfc822-headers; it is sent with the
 null sender, so a bounce is never bounced; mail from the null sender or with
 ``-N never`` gets none (the caller checks ``Envelope.wants_failure_notice``).
 Every text put into a header or a delivery-status field is one line: the
@@ -25,6 +26,23 @@ from sendmail_shim.store.address import printable
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.headers import mail_date, split_header_block
 from sendmail_shim.store.outcome import Outcome
+
+BOUNCE_SIZE_LIMIT = 50_000  # bytes of the original's headers returned (Postfix's bounce_size_limit)
+
+
+def _returned_headers(message: bytes) -> list[bytes]:
+    """The original's header fields, whole fields up to BOUNCE_SIZE_LIMIT bytes: a notice
+    is not a way to mail oneself a site's own content past its quota."""
+    fields, _body = split_header_block(message)
+    kept: list[bytes] = []
+    total = 0
+    for field in fields:
+        total += len(field)
+        if total > BOUNCE_SIZE_LIMIT:
+            kept.append(b"X-Sendmail-Shim-Note: the other header fields are not returned\n")
+            break
+        kept.append(field)
+    return kept
 
 
 def _rfc822_type(addr: str) -> str:
@@ -47,7 +65,7 @@ def build_bounce(config: Config, original: Envelope, message: bytes,
     """Envelope and bytes of the notice for ``failures`` of ``original``."""
     queue_id = spool.new_queue_id()
     boundary = f"{queue_id}.{int(now)}/{config.hostname}"
-    headers, _body = split_header_block(message)
+    headers = _returned_headers(message)
     listing = "\n".join(f"<{one_line(rcpt)}>: {one_line(out.describe())}"
                         for rcpt, out in failures.items())
     site = one_line(original.site, 200)

@@ -199,6 +199,18 @@ def test_long_header_lines_leave_at_most_998_octets(config: Config,
     assert b"y" * 5000 in rejoined
 
 
+def test_returned_headers_stop_at_postfixs_bounce_size_limit(config: Config,
+                                                              original: Envelope) -> None:
+    """Issue 21, second fresh attack: drop-file notices carried 87 KB of a site's own
+    padding headers past its quota; the copy stops at whole fields within 50,000 bytes."""
+    padding = b"".join(b"X-Pad-%03d: " % n + b"p" * 200 + b"\n" for n in range(400))
+    message = b"Subject: s\n" + padding + b"\nbody\n"
+    _env, data = bounce.build_bounce(config, original, message, FAILURES, NOW)
+    assert b"Subject: s\n" in data and b"X-Pad-000: " in data
+    assert b"X-Pad-399" not in data and b"the other header fields are not returned" in data
+    assert len(data) < bounce.BOUNCE_SIZE_LIMIT + 10_000
+
+
 class TestQueueBounce:
     def test_queued_into_incoming(self, config: Config, spool_layout: paths.SpoolLayout,
                                   original: Envelope) -> None:
