@@ -19,7 +19,8 @@ UNDECLARED = {"Config.path", "Site.name"}  # set by the loader, not read from a 
 
 def test_key_tuples_are_derived_in_schema_order() -> None:
     assert config.TOP_KEYS == (
-        "spool", "message_size_limit", "hostname", "node", "state", "log", "metrics", "relays",
+        "spool", "message_size_limit", "spool_site_share", "hostname", "node", "state", "log",
+        "metrics", "relays",
         "pools", "retry", "queue_scan_interval", "connections_per_uid", "sites", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
         "local_transport", "loopback_server_users", "routing", "resolver", "firewall",
