@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import Relay, Shim, free_port, wait_until
 
-from sendmail_shim.admin.cli import protected_hardlinks_problem
+from sendmail_shim.admin.configcheck import protected_hardlinks_problem
 from sendmail_shim.config import load_config
 from sendmail_shim.daemon import pickup
 from sendmail_shim.store import spool
