@@ -81,7 +81,6 @@ completes, and the site's SMTP engine keeps its mail and retries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -89,7 +88,7 @@ import pwd
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +97,7 @@ from aiosmtpd.smtp import SMTP
 
 from sendmail_shim.config import Config
 from sendmail_shim.daemon import dropspace
-from sendmail_shim.daemon.workers import IntakeWorkers
+from sendmail_shim.daemon.workers import IntakeWorkers, PerUid, SlotTimeout
 from sendmail_shim.policy.identity import Caller, exempt_uids
 from sendmail_shim.policy.peers import (  # the /proc/net/tcp reading, shared with other services
     ESTABLISHED,
@@ -275,10 +274,11 @@ def prove_batch(conns: list[Connection], never: frozenset[int]) -> list[Owner | 
 
 
 class Prover:
-    """Proofs of ownership, batched: one /proc read for every connection waiting then.
+    """Proofs of ownership, batched on a thread of their own (:func:`prove_batch`: by
+    sock_diag, else one /proc read for every connection waiting then).
 
     A connection is added to the batch after it was accepted, and the batch's
-    read starts after that, so the read sees the connection's rows.
+    lookups start after that, so they see the connection's rows.
     """
 
     def __init__(self, never: Callable[[], frozenset[int]]) -> None:
@@ -313,42 +313,6 @@ class Prover:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-
-
-class SlotTimeout(Exception):
-    """No slot of the uid became free in time."""
-
-
-class PerUid:
-    """``size`` slots per uid; a uid's entry is forgotten when nobody holds or waits."""
-
-    def __init__(self) -> None:
-        self._open: dict[int, int] = {}  # holding or waiting
-        self._slots: dict[int, asyncio.Semaphore] = {}
-
-    def open(self, uid: int) -> int:
-        return self._open.get(uid, 0)
-
-    @contextlib.asynccontextmanager
-    async def slot(self, uid: int, size: int, wait: float | None = None) -> AsyncIterator[None]:
-        """Hold one of ``uid``'s slots; :class:`SlotTimeout` after ``wait`` seconds."""
-        self._open[uid] = self._open.get(uid, 0) + 1
-        slots = self._slots.setdefault(uid, asyncio.Semaphore(size))
-        try:
-            try:
-                async with asyncio.timeout(wait):
-                    await slots.acquire()
-            except TimeoutError:
-                raise SlotTimeout from None
-            try:
-                yield
-            finally:
-                slots.release()
-        finally:
-            self._open[uid] -= 1
-            if not self._open[uid]:
-                del self._open[uid]
-                del self._slots[uid]
 
 
 class CaptureHandler:

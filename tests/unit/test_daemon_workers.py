@@ -32,7 +32,7 @@ def test_one_uid_holds_at_most_its_share_and_another_uid_runs_meanwhile() -> Non
         assert await asyncio.wait_for(workers.run(2, lambda: "other"), 2) == "other"
         release.set()
         assert await asyncio.gather(*hostile) == [1] * 10
-        assert workers._slots == {} and workers._users == {}  # nothing kept per uid
+        assert workers._shares._slots == {} and workers._shares._open == {}  # nothing kept per uid
         workers.close()
 
     asyncio.run(main())
