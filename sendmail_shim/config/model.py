@@ -557,7 +557,7 @@ class Scan:
                     doc="after_commit: the runner scores queued mail, the hand-off never "
                         "waits; before_ack: a caller on the socket waits for spamd and a "
                         "message above max_score is refused (exit 77, 550 5.7.1), which adds "
-                        "spamd's time to every mail() (see README, Content scoring)")
+                        "spamd's time to every mail() (see docs/policy.md, Content scoring)")
     notify_every: float = key(3600.0, kind=Duration(),
                               doc="at most one admin.notify notice per site in this time for "
                                   "held mail; the others are logged")

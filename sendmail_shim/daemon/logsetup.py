@@ -11,7 +11,7 @@ metrics count events whether or not they are written out.
 Every value a site controls (a script header, an address, a drop file's name, a
 relay's reply) is quoted by ``wire/logline.py``'s rule before it reaches a line,
 and a traceback's lines are indented: no site can write a line, or a field,
-of its own (README "Logs").  syslog gets the same one-line message.
+of its own (docs/observability.md, "Logs").  syslog gets the same one-line message.
 """
 
 from __future__ import annotations

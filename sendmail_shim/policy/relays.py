@@ -5,7 +5,7 @@ with a score band or ``hold: true``).  Without ``pools:`` there is one implicit
 pool, ``default``, of every relay: the delivery of old configurations does not
 change.
 
-Decisions (README "Relay pools and cold standby"):
+Decisions (docs/routing.md, "Relay pools and cold standby"):
 
 * which pool (:func:`choose_pool`): a message whose scanner score lies in a
   hold pool's band is held, even from a pinned site (a pin chooses the IP, it

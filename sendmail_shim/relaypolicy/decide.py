@@ -32,7 +32,7 @@ Guarantees:
   what the site or operator can do; it holds no password and no attribute the
   client did not send itself.
 
-Decisions (README "More than one web server"):
+Decisions (docs/cluster.md):
 - Counting: the relay counts in its own kind, :data:`RELAY_ACCEPTED` (messages,
   with their recipients as ``n``), compared against the same limits as the
   shim's ``accepted``.  Mail that went through a shim is counted once in each

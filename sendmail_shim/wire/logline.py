@@ -16,7 +16,7 @@ back:
 - the text line is rendered from that: the template's own words as they are, and
   every value by :func:`quote`.
 
-The quoting rule (README "Logs"): a value that is a *plain token* (printable
+The quoting rule (docs/observability.md, "Logs"): a value that is a *plain token* (printable
 ASCII without space, ``"``, ``'``, ``\\``, ``=``, ``<``, ``>``, not ending in
 ``:`` or ``;``) is written as it is, so ``grep queue_id=0194...`` and ``grep
 site=example.com`` keep working; any other value is written as a JSON string
