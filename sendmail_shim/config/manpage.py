@@ -30,6 +30,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("REPUTATION", model.Reputation), ("REPUTATION ZONES", model.Zone),
     ("SCAN", model.Scan),
     ("POLICY SERVICE", model.PolicyService),
+    ("DKIM", model.Dkim),
 )
 INTROS = {
     "POOLS": "Each entry of pools; without pools, every relay is in the pool default.",

@@ -132,6 +132,10 @@ class Relay:
                                 doc="the address receivers see this relay's mail come from "
                                     "(IPv4 or IPv6): the reputation watch looks it up in "
                                     "reputation.zones", default_text="not watched")
+    dkim_sign: bool = key(True, kind=Flag(),
+                          doc="sign mail sent through this relay with the site's DKIM key "
+                              "(false for a relay that signs itself or refuses a second "
+                              "DKIM-Signature, as Amazon SES does)")
 
     @property
     def label(self) -> str:
@@ -155,6 +159,9 @@ class Pool:
                                   default_text="no upper bound")
     hold: bool = key(False, kind=Flag(),
                      doc="messages routed here are held for the operator, never sent")
+    dkim_sign: bool = key(True, kind=Flag(),
+                          doc="sign mail sent through this pool's relays (a relay signs only "
+                              "when its pool and its own dkim_sign both say so)")
 
     def takes(self, score: float) -> bool:
         """True when ``score`` lies in [min_score, max_score)."""
@@ -425,6 +432,37 @@ class Firewall:
                                        "one below 1024, which no site can bind",
                                    default_text="no capture")
     log_rate: str = key("10/minute", kind=Rate(), doc="how often refused connections are logged")
+
+
+@dataclass(frozen=True)
+class Dkim:
+    """Per-site DKIM signing: where keys live, how they rotate, how DNS is told."""
+
+    keys: str | None = key(None, kind=Optional(schema.absolute_path(), falsy=True),
+                           doc="the directory of the private keys and their states (the "
+                               "daemon's own, mode 0700)", default_text="SPOOL/dkim")
+    ed25519: bool = key(False, kind=Flag(),
+                        doc="also make an Ed25519 key for each domain and add its signature "
+                            "(RFC 8463) beside the RSA one, never alone")
+    rsa_bits: int = key(2048, kind=Whole(2048, 4096), doc="the size of new RSA keys")
+    delegate_zone: str | None = key(
+        None, kind=Optional(Domain(), falsy=True),
+        doc="a zone the operator controls: each site domain CNAMEs two fixed selectors "
+            "to names under it once, and rotation needs nothing more from the customer",
+        default_text="none: each new selector is published in the site's own zone")
+    rotate_every: float | None = key(None, kind=Optional(Duration(floor=86400.0), falsy=True),
+                                     doc="make a new pending key when the active one is this "
+                                         "old (180d is common)", default_text="never")
+    overlap: float = key(7 * 86400.0, kind=Duration(),
+                         doc="how long a replaced key stays published (retiring) before it "
+                             "is revoked")
+    recheck_interval: float = key(3600.0, kind=Duration(floor=10.0),
+                                  doc="how often active keys are checked against DNS")
+    pending_interval: float = key(300.0, kind=Duration(floor=1.0),
+                                  doc="how often pending keys are looked up in DNS")
+    host_domain: str | None = key(None, kind=Optional(Domain(), falsy=True),
+                                  doc="the host's own domain: bounces and operator notices are "
+                                      "signed with its key", default_text="none")
 
 
 @dataclass(frozen=True)
@@ -702,10 +740,17 @@ class Config:
     policy_service: PolicyService = key(
         PolicyService(), kind=Section(PolicyService, "POLICY SERVICE"),
         doc="the relay's Postfix policy service (sendmail-shim-admin policy serve)")
+    dkim: Dkim = key(Dkim(), kind=Section(Dkim, "DKIM"),
+                     doc="per-site DKIM signing, key rotation and DNS")
 
     @property
     def layout(self) -> paths.SpoolLayout:
         return paths.SpoolLayout(self.spool)
+
+    @property
+    def dkim_keys(self) -> str:
+        """The DKIM key directory: ``dkim.keys``, else ``<spool>/dkim``."""
+        return self.dkim.keys or os.path.join(self.spool, "dkim")
 
     def sites_of_uid(self, uid: int) -> list[Site]:
         return [site for site in self.sites.values() if uid in site.uids]
@@ -768,3 +813,4 @@ REPUTATION_KEYS = top_names(Reputation)
 ZONE_KEYS = top_names(Zone)
 SCAN_KEYS = top_names(Scan)
 POLICY_SERVICE_KEYS = top_names(PolicyService)
+DKIM_KEYS = top_names(Dkim)

@@ -13,7 +13,7 @@ from sendmail_shim.config import manpage, model, schema
 MAN = os.path.join(os.path.dirname(__file__), "..", "..", "man", "sendmail-shim.yaml.5")
 CLASSES = (model.Config, model.Relay, model.Pool, model.RetryPolicy, model.Site, model.Quota,
            model.OutbreakRules, model.RelayLogin, model.Admin, model.Firewall,
-           model.Reputation, model.Zone, model.Scan, model.PolicyService)
+           model.Reputation, model.Zone, model.Scan, model.PolicyService, model.Dkim)
 UNDECLARED = {"Config.path", "Site.name"}  # set by the loader, not read from a key
 
 
@@ -24,10 +24,10 @@ def test_key_tuples_are_derived_in_schema_order() -> None:
         "pools", "retry", "queue_scan_interval", "connections_per_uid", "sites", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
         "local_transport", "loopback_server_users", "routing", "resolver", "firewall",
-        "reputation", "scan", "policy_service")
+        "reputation", "scan", "policy_service", "dkim")
     assert config.RELAY_KEYS == ("host", "port", "tls", "verify", "ca_file", "timeout",
                                  "allow_plaintext", "sessions", "name", "pool", "standby",
-                                 "public_ip")
+                                 "public_ip", "dkim_sign")
     assert config.SITE_KEYS == ("uids", "docroots", "domains", "sender", "relay_login",
                                 "quota", "sender_policy", "outbreak", "dkim_selectors",
                                 "allow_submission", "pool")
