@@ -180,6 +180,28 @@ class KeyStore:
         found = [r for r in self.records(domain) if r.state == ACTIVE]
         return sorted(found, key=lambda r: ALGORITHMS.index(r.algorithm))
 
+    def signing(self, domain: str) -> list[KeyRecord]:
+        """The selectors to sign ``domain``'s mail with now, at most one per algorithm.
+
+        An active key whose record DNS last contradicted (``mismatch``, ``missing``)
+        never signs; in its place the newest retiring key of the same algorithm
+        that DNS last served exactly does (it is still published during the
+        overlap), else that algorithm signs nothing.  A DNS timeout never changes
+        ``dns``, so a blip keeps the last state known to be good.
+        """
+        records = self.records(domain)
+        chosen: list[KeyRecord] = []
+        for algorithm in ALGORITHMS:
+            active = [r for r in records if r.algorithm == algorithm and r.state == ACTIVE]
+            good = [r for r in active if r.dns not in (DNS_MISMATCH, DNS_MISSING)]
+            if not good and active:
+                good = sorted((r for r in records if r.algorithm == algorithm
+                               and r.state == RETIRING and r.dns == DNS_OK),
+                              key=lambda r: r.created, reverse=True)
+            if good:
+                chosen.append(good[-1] if good[0].state == ACTIVE else good[0])
+        return chosen
+
     def private_key_path(self, domain: str, selector: str) -> str:
         return os.path.join(self.root, _check_label("domain", domain),
                             _check_label("selector", selector) + ".pem")

@@ -75,3 +75,19 @@ def test_state_file_is_replaced_whole(tmp_path: object) -> None:
     leftovers = [n for n in os.listdir(os.path.join(str(tmp_path), "example.com"))
                  if n.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_signing_skips_a_key_dns_contradicts_for_a_retiring_one_dns_serves(
+        tmp_path: object) -> None:
+    store = KeyStore(str(tmp_path))
+    store.generate("example.com", "old", dkimkeys.RSA, now=1.0)
+    store.generate("example.com", "new", dkimkeys.RSA, now=2.0)
+    store.set_state("example.com", "old", dkimkeys.RETIRING)
+    store.set_dns("example.com", "old", dkimkeys.DNS_OK)
+    store.set_state("example.com", "new", dkimkeys.ACTIVE)
+    assert [r.selector for r in store.signing("example.com")] == ["new"]
+    store.set_dns("example.com", "new", dkimkeys.DNS_MISMATCH)
+    assert [r.selector for r in store.signing("example.com")] == ["old"]
+    store.set_state("example.com", "old", dkimkeys.REVOKED)
+    assert store.signing("example.com") == []
+    assert store.signing("unknown.example") == []
