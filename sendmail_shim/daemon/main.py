@@ -132,7 +132,7 @@ class Daemon:
         server = await self.submission.start()
         control = await self.control.start()
         exposition = self._start_metrics()
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         log.info("started spool=%s socket=%s relays=%s sites=%d connections_per_uid=%d",
                  layout.root, layout.socket,
                  ",".join(r.label for r in self.config.relays) or "none",
@@ -279,8 +279,9 @@ class Daemon:
                 pass
             self.pickup_wake.clear()
 
-    def reload(self) -> None:
-        """SIGHUP: read the configuration again; keep the old one if the new one is bad.
+    def reload(self) -> str | None:
+        """SIGHUP (or the control socket's ``reload``): read the configuration and the
+        site fragments again; keep the old one if the new one is bad (its error returned).
 
         Sites, quotas, policies, relays, routing and logins change at once; the
         spool, the capture port, the admin group, the node name and the state backend
@@ -290,7 +291,7 @@ class Daemon:
             new = load_config(self.config.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            return
+            return str(exc)
         if _restart_keys(new) != _restart_keys(self.config):
             log.warning("reload: spool, firewall.capture, admin.group, log.format, "
                         "log.target, metrics.listen/textfile, node or state changed; restart "
@@ -304,6 +305,10 @@ class Daemon:
             self.watch.poke()  # the zones or relays may have changed
         log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
                  ",".join(r.label for r in new.relays) or "none")
+        return None
+
+    def _on_hup(self) -> None:
+        self.reload()
 
     def _state(self) -> State:
         assert self.state is not None, "serve() creates the state"
