@@ -60,8 +60,10 @@ def review(config: Config) -> Review:
                                  "could use the operator's blocklist access key")
     problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
                              "could use the operator's SNDS key")
+    site_problems, site_warnings = sites_dir_review(config)
+    problems += site_problems
     own_fs, fs_text = spool_filesystem(config.spool)
-    warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    warnings = [w for w in (protected_hardlinks_problem(),) if w] + site_warnings
     if not own_fs:
         warnings.append(fs_text)
     warnings += stand_in_problems(config)
@@ -250,3 +252,29 @@ def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
     return None
 
 
+def sites_dir_review(config: Config) -> tuple[list[str], list[str]]:
+    """The fragments' directory: who may write it (problems), files it does not read.
+
+    Whoever can write a fragment can give any uid a site and its mail; so the
+    directory and its files must be writable by their owner only, and that owner
+    must be root or the main file's owner.
+    """
+    from sendmail_shim.config import fragments  # lazy, as the other checks
+
+    directory = fragments.directory_of(config.path, config.sites_dir)
+    if directory is None or not os.path.isdir(directory):
+        return [], []
+    owners = {0}
+    if config.path is not None:
+        owners.add(os.stat(config.path).st_uid)
+    problems = []
+    for path in [directory, *(os.path.join(directory, n) for n in fragments.listing(directory))]:
+        st = os.lstat(path)
+        if st.st_mode & 0o022 or st.st_uid not in owners:
+            problems.append(f"{path}: writable by others than root and the configuration's "
+                            f"owner (mode {st.st_mode & 0o7777:04o}, uid {st.st_uid}): whoever "
+                            "writes a site file can send as any uid; chown root and chmod "
+                            "go-w")
+    warnings = [f"{directory}/{name}: not read (only NAME.yaml is); rename it to "
+                f"{name[:-4]}.yaml" for name in fragments.ignored(directory)]
+    return problems, warnings

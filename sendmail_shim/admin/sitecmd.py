@@ -80,11 +80,12 @@ def _emit(outcome: Outcome, as_json: bool) -> None:
         click.echo(json.dumps(outcome.as_json(), sort_keys=False))
     else:
         for section in outcome.sections:
-            values = {k: v for k, v in section.items() if k != "section" and v is not None}
+            values = {k: v for k, v in section.items()
+                      if k != "section" and v is not None and v != []}
             head = values.pop("state", None)
             text = values.pop("text", None)
-            click.echo(f"{section['section']}: " + " ".join(
-                x for x in (str(head) if head else "", text or "") if x))
+            click.echo(f"{section['section']}: {head or ''}".rstrip()
+                       + (f"\n  {text}" if text and head else f" {text}" if text else ""))
             for key, value in values.items():
                 shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
                 click.echo(f"  {key:<14} {shown}")

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from sendmail_shim.config.errors import ConfigError
+from sendmail_shim.config.schema import Problem
 
 SUFFIX = ".yaml"
 DEFAULT_DIR = "sites.d"
@@ -150,6 +151,22 @@ def read_all(directory: str | None, swap: dict[str, str | None] | None = None
         else:
             found.append(read_fragment(path_of(directory, name)))
     return found
+
+
+_UNKNOWN_KEY = re.compile(r"^unknown key '([^']*)'")
+
+
+def located(path: str, problem: Problem) -> str:
+    """A site key's problem in a fragment, with the line of its top-level key when known."""
+    if problem.where == "top level":
+        where, what = "", problem.what
+        unknown = _UNKNOWN_KEY.match(what)
+        key = unknown.group(1) if unknown else ""
+    else:
+        where, what = f"{problem.where}: ", problem.what
+        key = problem.where.split(".")[0].split("[")[0]
+    line = line_of(path, key) if key else None
+    return (f"line {line}: " if line is not None else "") + where + what
 
 
 def line_of(path: str, key: str) -> int | None:

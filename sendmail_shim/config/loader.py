@@ -227,9 +227,8 @@ def _add_fragments(r: _Reader, config: Config, sites: dict[str, Site],
         try:
             sites[name] = _site(r, name, fragment.raw, "top level", config)
         except Problem as problem:
-            line = fragments.line_of(fragment.path, problem.where.split(".")[0].split("[")[0])
-            at = f"line {line}: " if line is not None else ""
-            raise ConfigError(f"{fragment.path}: {at}{problem}") from None
+            raise ConfigError(f"{fragment.path}: {fragments.located(fragment.path, problem)}"
+                              ) from None
         origins[name] = fragment.path
 
 
