@@ -695,7 +695,7 @@ class Config:
         None, kind=Optional(schema.absolute_path(), falsy=True),
         doc="a directory of more sites, one file NAME.yaml per site holding site NAME's keys, "
             "read after sites: (hidden files and other suffixes are ignored; see "
-            "docs/sites.md); sendmail-shim-admin site add writes there",
+            "docs/configuration.md); sendmail-shim-admin site add writes there",
         default_text="sites.d beside the configuration file")
     relay_login_command: str | None = key(
         None, kind=Optional(schema.absolute_path(), falsy=True),
