@@ -18,8 +18,9 @@ import time
 from typing import Any
 
 import pytest
-
 from conftest import ADMIN, DAEMON_USER, Relay, Shim, ensure_user, free_port, wait_until
+
+from sendmail_shim.wire import client, protocol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PANELS = os.path.join(REPO, "packaging", "panels")
@@ -219,6 +220,11 @@ def test_a_hand_written_yaml_error_is_refused_with_file_and_line(
     shim.signal_daemon(signal.SIGHUP)
     wait_until(lambda: "reload refused" in shim.daemon_log(), 15, "the refused reload")
     assert f"{broken}: line 3" in shim.daemon_log()
+    # The control socket's reload (what site add sends) answers with the refusal.
+    reply = client.ask(os.path.join(shim.spool, "control", "control.sock"),
+                       protocol.encode_request(protocol.control_fields("reload", {}), b""), 60)
+    assert (reply.code, reply.status) == (554, 78)
+    assert f"{broken}: line 3, column 1: not valid YAML" in reply.text
     # The running configuration is kept: the sites still send.
     assert shim.sendmail(["-t", "-i"], MESSAGE, user="shimsite1").returncode == 0
     relay.wait(1)

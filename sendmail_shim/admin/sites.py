@@ -56,7 +56,7 @@ import yaml
 
 from sendmail_shim.config import QUOTA_KEYS, Config, ConfigError, Site, fragments, load_config
 from sendmail_shim.config.schema import Domain, Problem
-from sendmail_shim.wire import client, durable, protocol, sysexits
+from sendmail_shim.wire import client, durable, paths, protocol, sysexits
 
 LOCK_NAME = ".lock"
 LOCK_TIMEOUT = 120.0  # seconds a command waits for another one on the same directory
@@ -117,11 +117,21 @@ class Request:
 
 # -- where things are -----------------------------------------------------------------
 
-def site_dir(config: Config) -> str:
-    directory = fragments.directory_of(config.path, config.sites_dir)
-    if directory is None:
+def site_dir(config_path: str | None) -> str:
+    """The fragments' directory, from the main file alone (the lock is taken there before
+    the whole configuration is read; a bad ``sites_dir`` is the loader's error then)."""
+    path = paths.find_config(config_path)
+    if path is None:
         raise SiteError(sysexits.EX_CONFIG, "no configuration file: site commands write "
                                             "beside one (--config FILE)")
+    try:
+        raw = fragments.read_yaml(path)
+    except ConfigError as exc:
+        raise SiteError(sysexits.EX_CONFIG, str(exc)) from None
+    given = raw.get("sites_dir") if isinstance(raw, dict) else None
+    directory = fragments.directory_of(path, given if isinstance(given, str) and
+                                       os.path.isabs(given) else None)
+    assert directory is not None
     return directory
 
 
@@ -411,11 +421,10 @@ def add(config_path: str | None, request: Request, secret: Secret) -> Outcome:
     password = check_secret(secret.text) if secret.text is not None else None
     quota = quota_values(request.quota)
     uids = list(dict.fromkeys(u.pw_uid for u in users))
-    config = load(config_path)
-    directory = site_dir(config)
+    directory = site_dir(config_path)
     outcome = Outcome(request.name, "add")
     with locked(directory):
-        config = load(config_path)  # again, under the lock: another command may have written
+        config = load(config_path)  # under the lock: what the other commands wrote
         where = origins(config, directory)
         path = fragments.path_of(directory, request.name)
         existing = config.sites.get(request.name)
@@ -514,8 +523,7 @@ def change(config_path: str | None, request: Request) -> Outcome:
     """``site change``: the given lists replace the site's; quota keys are set one by one."""
     check_name(request.name)
     quota = quota_values(request.quota)
-    config = load(config_path)
-    directory = site_dir(config)
+    directory = site_dir(config_path)
     outcome = Outcome(request.name, "change")
     with locked(directory):
         config = load(config_path)
@@ -587,8 +595,7 @@ def remove(config_path: str | None, name: str, queued: str = "refuse",
     from sendmail_shim.store import spool
 
     check_name(name)
-    config = load(config_path)
-    directory = site_dir(config)
+    directory = site_dir(config_path)
     outcome = Outcome(name, "remove")
     with locked(directory):
         config = load(config_path)
