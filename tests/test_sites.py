@@ -407,3 +407,31 @@ def test_virtualmin_server_and_sub_server(panel: tuple[Shim, Relay]) -> None:
         done = run_hook(shim, [VIRTUALMIN], dict(env, VIRTUALSERVER_ACTION="DELETE_DOMAIN"))
         assert done.returncode == 0, done.stderr
     assert not {"vm.test", "sub.vm.test"} & site_names(shim)
+
+
+def test_a_failed_relay_command_is_reported_and_run_again(panel: tuple[Shim, Relay],
+                                                          workdir: str) -> None:
+    shim, relay = panel
+    script = os.path.join(workdir, "relay-login")
+    with open(script) as fh:
+        working = fh.read()
+    with open(script, "w") as fh:
+        fh.write("#!/bin/sh\necho 'relay.example: connection refused' >&2\nexit 3\n")
+    args = ("site", "add", "late.test", "--uid", "shimpanel3", "--domain", "late.test",
+            "--password-stdin", "--json")
+    done = admin(shim, *args, stdin="late-password-1234\n")
+    assert done.returncode == 69, done.stderr
+    result = answer(done)
+    assert section(result, "relay") == {"section": "relay", "command": f"{script} add late.test",
+                                        "ok": False, "text": "relay.example: connection refused"}
+    assert section(result, "daemon")["state"] == "reloaded"  # the site is in place
+    assert "late.test" in site_names(shim)
+    with open(script, "w") as fh:
+        fh.write(working)
+    other = admin(shim, *args, stdin="another-password-1234\n")
+    assert other.returncode == 73 and "another password" in other.stderr
+    again = admin(shim, *args, stdin="late-password-1234\n")
+    assert again.returncode == 0, again.stderr
+    assert answer(again)["changed"] is False and section(answer(again), "relay")["ok"] is True
+    assert shim.sendmail(["-t", "-i"], MESSAGE, user="shimpanel3").returncode == 0
+    delivered_as(relay, "late.test")

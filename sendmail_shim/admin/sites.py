@@ -436,9 +436,7 @@ def add(config_path: str | None, request: Request, secret: Secret) -> Outcome:
                                 f"({where[request.name]}) with other uids, domains or "
                                 "docroots: use 'site change', or 'site remove' first")
             outcome.add("site", state="unchanged", **site_summary(existing, path))
-            login = existing.relay_login
-            if login is not None and not os.path.exists(login.password_file):
-                _write_secret(config, login.password_file, request.name, password, outcome)
+            _again(config, existing, password, outcome)
             return outcome
         check_claims(config, request.name, uids, domains, docroots, where)
         login_name = request.login or request.name
@@ -471,8 +469,29 @@ def add(config_path: str | None, request: Request, secret: Secret) -> Outcome:
     return outcome
 
 
+def _again(config: Config, site: Site, given: str | None, outcome: Outcome) -> None:
+    """``site add`` of a site as it is: a missing password file is written again, and
+    ``relay_login_command`` runs again (a hook retried after the relay was down)."""
+    login = site.relay_login
+    if login is None:
+        return
+    try:
+        with open(login.password_file, encoding="utf-8") as fh:
+            current: str | None = fh.readline().rstrip("\r\n")
+    except FileNotFoundError:
+        current = None
+    if current is None:
+        current = _write_secret(config, login.password_file, site.name, given, outcome)
+    elif given is not None and given != current:
+        raise SiteError(sysexits.EX_CANTCREAT, f"site {site.name} exists with another "
+                        f"password ({login.password_file}); remove the site first, or write "
+                        "the new password into that file")
+    if config.relay_login_command is not None:
+        relay_side(config, outcome, login.user, current, login.password_file, adding=True)
+
+
 def _write_secret(config: Config, path: str, name: str, given: str | None,
-                  outcome: Outcome) -> str | None:
+                  outcome: Outcome) -> str:
     """Write the password file (given, else generated and shown once); the password."""
     password = given if given is not None else secrets.token_urlsafe(24)
     directory = os.path.dirname(path)

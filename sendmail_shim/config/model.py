@@ -701,7 +701,8 @@ class Config:
         None, kind=Optional(schema.absolute_path(), falsy=True),
         doc="a program that creates a site's login at the relay: site add runs PROGRAM add "
             "LOGIN with the password on stdin, site remove runs PROGRAM remove LOGIN (as "
-            "root; exit 0 is success)", default_text="none: site add prints the saslpasswd2 "
+            "root; exit 0 is success; site add of an unchanged site runs it again, so it "
+            "must take an existing login)", default_text="none: site add prints the saslpasswd2 "
                                                      "command and the Dovecot passwd-file line")
     default_site: Site | None = key(
         None, kind=Deferred("refuse, or a site mapping without uids, see SITES"),
