@@ -129,6 +129,12 @@ def test_add_change_remove_with_a_running_daemon(panel: tuple[Shim, Relay]) -> N
     assert section(answer(done), "site")["domains"] == ["new.test", "www.new.test"]
     again = admin(shim, "site", "change", "new.test", "--per-hour", "5", "--json")
     assert answer(again)["changed"] is False  # idempotent
+    done = admin(shim, "site", "change", "new.test", "--login", "renamed.test", "--json")
+    assert done.returncode == 0, done.stderr
+    relays = [s["command"] for s in answer(done)["sections"] if s["section"] == "relay"]
+    assert [c.split()[1:] for c in relays] == [["add", "renamed.test"], ["remove", "new.test"]]
+    assert shim.sendmail(["-t", "-i"], MESSAGE, user="shimpanel1").returncode == 0
+    delivered_as(relay, "renamed.test")
 
     done = admin(shim, "site", "remove", "new.test", "--json")
     assert done.returncode == 0, done.stderr
@@ -138,7 +144,8 @@ def test_add_change_remove_with_a_running_daemon(panel: tuple[Shim, Relay]) -> N
     refused = shim.sendmail(["-t", "-i"], MESSAGE, user="shimpanel1")
     assert refused.returncode == 77, refused.stderr
     with open(relay.logins_file) as fh:
-        assert "new.test:" not in fh.read()
+        logins = fh.read()
+    assert "new.test:" not in logins and "renamed.test:" not in logins
     gone = admin(shim, "site", "remove", "new.test", "--json")  # idempotent
     assert gone.returncode == 0 and answer(gone)["changed"] is False
 

@@ -566,10 +566,12 @@ def change(config_path: str | None, request: Request) -> Outcome:
         if request.domains is not None:
             body["domains"] = domains
         docroots = list(site.docroots)
-        if request.docroots is not None:
-            docroots = check_docroots(request.docroots, [pwd.getpwuid(u) for u in uids
-                                                         if _has_user(u)])
-            body["docroots"] = docroots
+        if request.docroots is not None or request.uids is not None:
+            # New users or new docroots: each docroot must lie in a home of the users.
+            given = request.docroots if request.docroots is not None else docroots
+            docroots = check_docroots(given, [pwd.getpwuid(u) for u in uids if _has_user(u)])
+            if request.docroots is not None:
+                body["docroots"] = docroots
         check_claims(config, request.name, uids, domains, docroots, where)
         if request.sender is not None:
             body["sender"] = request.sender
@@ -584,7 +586,16 @@ def change(config_path: str | None, request: Request) -> Outcome:
                                fragment_text("change", body))
         outcome.changed = True
         outcome.add("site", state="changed", **site_summary(new.sites[request.name], path))
+        old, renamed = site.relay_login, new.sites[request.name].relay_login
+        moved = old is not None and renamed is not None and renamed.user != old.user
+        if moved and renamed is not None:
+            # The new login exists at the relay (same password) before the daemon uses it.
+            with open(renamed.password_file, encoding="utf-8") as fh:
+                password = fh.readline().rstrip("\r\n")
+            relay_side(new, outcome, renamed.user, password, renamed.password_file, True)
         reload_daemon(new, outcome)
+        if moved and old is not None:
+            relay_side(new, outcome, old.user, None, old.password_file, False)
     return outcome
 
 
