@@ -246,6 +246,11 @@ def test_a_hand_written_yaml_error_is_refused_with_file_and_line(
 def test_parallel_commands_wait_for_each_other(panel: tuple[Shim, Relay]) -> None:
     """Four panel hooks at once, and the same add three times at once."""
     shim, relay = panel
+    # What a command killed mid-way leaves: the next one cleans it under the lock.
+    os.makedirs(os.path.join(shim.workdir, "sites.d"), exist_ok=True)
+    for sub in ("sites.d", "secrets"):
+        with open(os.path.join(shim.workdir, sub, ".p0.test.tmp-1-0123abcd"), "w") as fh:
+            fh.write("uids: [")
     commands = [[ADMIN, "site", "add", f"p{i}.test", "--uid", user, "--domain", f"p{i}.test",
                  "--json"] for i, user in enumerate(PANEL_USERS)]
     commands += [[ADMIN, "site", "add", "same.test", "--uid", "shimstranger", "--domain",
@@ -259,6 +264,7 @@ def test_parallel_commands_wait_for_each_other(panel: tuple[Shim, Relay]) -> Non
     assert site_names(shim) >= {"p0.test", "p1.test", "p2.test", "p3.test", "same.test"}
     left = [n for n in os.listdir(os.path.join(shim.workdir, "sites.d")) if n.startswith(".")]
     assert left == [".lock"]
+    assert not [n for n in os.listdir(os.path.join(shim.workdir, "secrets")) if ".tmp-" in n]
     for i, user in enumerate(PANEL_USERS):
         assert shim.sendmail(["-t", "-i"], MESSAGE, user=user).returncode == 0
         delivered_as(relay, f"p{i}.test")

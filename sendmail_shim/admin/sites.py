@@ -9,7 +9,8 @@ the secret (its format).
 Guarantees, in this order for every command:
 
 - one command at a time per fragment directory (``flock`` on
-  ``sites.d/.lock``; two panel hooks at once wait for each other);
+  ``sites.d/.lock``; two panel hooks at once wait for each other); the
+  temporary files of a command killed mid-way are removed under the lock;
 - the configuration is read and the request checked against it; an error
   changes nothing (a sysexits status and one line naming the site, the file
   and what to do);
@@ -137,8 +138,13 @@ def site_dir(config_path: str | None) -> str:
 
 def secrets_dir(config: Config) -> str:
     """``secrets/`` beside the configuration file (docs/install.md)."""
-    assert config.path is not None
-    return os.path.join(os.path.dirname(os.path.abspath(config.path)), SECRETS_DIR)
+    return secrets_of(config.path)
+
+
+def secrets_of(config_path: str | None) -> str:
+    path = paths.find_config(config_path)
+    assert path is not None, "site_dir() refused a missing configuration file"
+    return os.path.join(os.path.dirname(os.path.abspath(path)), SECRETS_DIR)
 
 
 def daemon_gid(config: Config) -> int:
@@ -152,8 +158,9 @@ def daemon_gid(config: Config) -> int:
 
 
 @contextlib.contextmanager
-def locked(directory: str) -> Iterator[None]:
-    """Hold ``directory/.lock`` (one site command at a time per directory)."""
+def locked(directory: str, *also: str) -> Iterator[None]:
+    """Hold ``directory/.lock`` (one site command at a time per directory); then clean
+    the temporary files of ``directory`` and ``also``."""
     os.makedirs(directory, mode=MODE_FRAGMENT_DIR, exist_ok=True)
     fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                  0o600)
@@ -169,9 +176,23 @@ def locked(directory: str) -> Iterator[None]:
                                     f"{directory}/{LOCK_NAME} for {LOCK_TIMEOUT:.0f}s; try "
                                     "again later") from None
                 time.sleep(0.05)
+        for where in (directory, *also):
+            _clean_temporaries(where)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+
+
+def _clean_temporaries(where: str) -> None:
+    """Remove what a command killed mid-way left (only ever ours: we hold the lock)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(where):
+            if _TEMPORARY.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(where, name))
 
 
 def load(config_path: str | None, replace: dict[str, str | None] | None = None) -> Config:
@@ -423,7 +444,7 @@ def add(config_path: str | None, request: Request, secret: Secret) -> Outcome:
     uids = list(dict.fromkeys(u.pw_uid for u in users))
     directory = site_dir(config_path)
     outcome = Outcome(request.name, "add")
-    with locked(directory):
+    with locked(directory, secrets_of(config_path)):
         config = load(config_path)  # under the lock: what the other commands wrote
         where = origins(config, directory)
         path = fragments.path_of(directory, request.name)
@@ -544,7 +565,7 @@ def change(config_path: str | None, request: Request) -> Outcome:
     quota = quota_values(request.quota)
     directory = site_dir(config_path)
     outcome = Outcome(request.name, "change")
-    with locked(directory):
+    with locked(directory, secrets_of(config_path)):
         config = load(config_path)
         where = origins(config, directory)
         path = fragments.path_of(directory, request.name)
@@ -627,7 +648,7 @@ def remove(config_path: str | None, name: str, queued: str = "refuse",
     check_name(name)
     directory = site_dir(config_path)
     outcome = Outcome(name, "remove")
-    with locked(directory):
+    with locked(directory, secrets_of(config_path)):
         config = load(config_path)
         path = fragments.path_of(directory, name)
         site = config.sites.get(name)
