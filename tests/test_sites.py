@@ -191,6 +191,9 @@ BAD = {
                       "cannot be a site name"),
     "bad domain": (["x.test", "--uid", "shimpanel1", "--domain", "-x-"], "", 65,
                    "not a domain name"),
+    "sender not an address (the whole-configuration check)": (
+        ["x.test", "--uid", "shimpanel3", "--domain", "x.test", "--sender", "nobody"], "", 65,
+        "x.test.yaml: line 5: sender: expected an address"),
 }
 
 

@@ -540,6 +540,13 @@ def _checked(config_path: str | None, directory: str, name: str,
     temporary = write_temporary(directory, name, data, MODE_FRAGMENT)
     try:
         return temporary, load(config_path, {name: temporary})
+    except SiteError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if str(exc).startswith(fragments.path_of(directory, name) + ":"):
+            raise SiteError(sysexits.EX_DATAERR, f"refused by the configuration check: "
+                                                 f"{exc}") from None  # the request's value
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

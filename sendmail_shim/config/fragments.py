@@ -55,6 +55,11 @@ class Fragment:
     name: str
     path: str
     raw: Any
+    source: str = ""  # the file read, when not ``path`` (the admin command's candidate)
+
+    def where(self, problem: Problem) -> str:
+        """``problem`` of this fragment, with the line of its key (``located``)."""
+        return located(self.source or self.path, problem)
 
 
 def directory_of(config_path: str | None, sites_dir: str | None) -> str | None:
@@ -147,7 +152,7 @@ def read_all(directory: str | None, swap: dict[str, str | None] | None = None
             if instead is None:
                 continue
             fragment = read_fragment(instead, name)
-            found.append(Fragment(name, path_of(directory, name), fragment.raw))
+            found.append(Fragment(name, path_of(directory, name), fragment.raw, instead))
         else:
             found.append(read_fragment(path_of(directory, name)))
     return found

@@ -227,8 +227,7 @@ def _add_fragments(r: _Reader, config: Config, sites: dict[str, Site],
         try:
             sites[name] = _site(r, name, fragment.raw, "top level", config)
         except Problem as problem:
-            raise ConfigError(f"{fragment.path}: {fragments.located(fragment.path, problem)}"
-                              ) from None
+            raise ConfigError(f"{fragment.path}: {fragment.where(problem)}") from None
         origins[name] = fragment.path
 
 
