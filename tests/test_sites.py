@@ -451,3 +451,27 @@ def test_a_failed_relay_command_is_reported_and_run_again(panel: tuple[Shim, Rel
     assert answer(again)["changed"] is False and section(answer(again), "relay")["ok"] is True
     assert shim.sendmail(["-t", "-i"], MESSAGE, user="shimpanel3").returncode == 0
     delivered_as(relay, "late.test")
+
+
+def test_config_check_reviews_who_may_read_and_write_site_files(
+        panel: tuple[Shim, Relay]) -> None:
+    shim, _ = panel
+    directory = os.path.join(shim.workdir, "sites.d")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "hand.test.yaml")
+    with open(path, "w") as fh:
+        fh.write("uids: [shimpanel3]\ndomains: [hand.test]\n")
+    os.chmod(path, 0o600)  # an editor under umask 077
+    checked = admin(shim, "config", "check")
+    assert checked.returncode == 78
+    assert f"{path}: the daemon's user (uid {pwd.getpwnam(DAEMON_USER).pw_uid}) cannot read" \
+        in checked.stdout
+    os.chmod(path, 0o664)
+    checked = admin(shim, "config", "check")
+    assert checked.returncode == 78 and f"{path}: writable by others" in checked.stdout
+    os.chmod(path, 0o644)
+    with open(os.path.join(directory, "typo.test.yml"), "w") as fh:
+        fh.write("uids: [shimpanel4]\n")
+    checked = admin(shim, "config", "check")
+    assert checked.returncode == 0, checked.stdout
+    assert "typo.test.yml: not read (only NAME.yaml is)" in checked.stdout

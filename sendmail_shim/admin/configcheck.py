@@ -13,6 +13,7 @@ prints the review (admin/cli.py).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from sendmail_shim.config import Config
@@ -267,6 +268,10 @@ def sites_dir_review(config: Config) -> tuple[list[str], list[str]]:
     owners = {0}
     if config.path is not None:
         owners.add(os.stat(config.path).st_uid)
+    try:
+        daemon = os.stat(config.spool)  # the spool's owner is the daemon's user
+    except OSError:
+        daemon = None
     problems = []
     for path in [directory, *(os.path.join(directory, n) for n in fragments.listing(directory))]:
         st = os.lstat(path)
@@ -275,6 +280,20 @@ def sites_dir_review(config: Config) -> tuple[list[str], list[str]]:
                             f"owner (mode {st.st_mode & 0o7777:04o}, uid {st.st_uid}): whoever "
                             "writes a site file can send as any uid; chown root and chmod "
                             "go-w")
+        if daemon is not None and not _readable(st, daemon.st_uid, daemon.st_gid):
+            problems.append(f"{path}: the daemon's user (uid {daemon.st_uid}) cannot read it "
+                            "(mode {:04o}): its next reload would be refused; chmod "
+                            "0644".format(st.st_mode & 0o7777))
     warnings = [f"{directory}/{name}: not read (only NAME.yaml is); rename it to "
                 f"{name[:-4]}.yaml" for name in fragments.ignored(directory)]
     return problems, warnings
+
+
+def _readable(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether a user ``uid`` of primary group ``gid`` may read (list) this file."""
+    bits = 0o4 | (0o1 if stat.S_ISDIR(st.st_mode) else 0)
+    if st.st_uid == uid:
+        return st.st_mode >> 6 & bits == bits
+    if st.st_gid == gid:
+        return st.st_mode >> 3 & bits == bits
+    return st.st_mode & bits == bits
