@@ -16,8 +16,10 @@ A full disk: when the state database cannot be opened at start, the daemon
 still serves its sockets (submissions and control requests are answered
 ``451`` with the reason) and retries every STATE_RETRY seconds; pickup, the
 queue runner and the capture listener start once it opens.
-SIGHUP reloads the configuration (``systemctl reload``); a bad file is
-refused and the running configuration kept; every server reads the new one.
+SIGHUP (``systemctl reload``), or a ``reload`` request on the control socket
+(what ``site add``, ``change`` and ``remove`` send), reloads the configuration
+and its site files; a bad file is refused and the running configuration kept;
+every server reads the new one.
 Metrics (``metrics.listen``/``textfile``, ``daemon/metrics.py``) start with the
 sockets and stop before the state is closed; without them prometheus_client is
 not imported.  The mail path never depends on a side listener: a metrics port
