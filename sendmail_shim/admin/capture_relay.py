@@ -2,7 +2,9 @@
 
 For the newcomer's demo and for tests: it stands in for the smarthost.
 Trusts: nothing from clients; only logins listed in its logins file
-(``user:password`` per line) may send.
+(``user:password`` per line, read again for each connection, so a login
+added meanwhile, as ``site add``'s ``relay_login_command`` does, works at
+once, as with a relay's sasldb) may send.
 Guarantees: every accepted message is a file in ``<maildir>/new/`` (written in
 ``tmp/``, fsynced, renamed), holding the DATA bytes exactly as received after
 dot-unstuffing (CRLF line endings); beside it
@@ -90,7 +92,7 @@ async def serve_capture_relay(host: str, port: int, maildir: str, logins_file: s
     """Run until cancelled."""
     if not allow_remote and not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"{host} is not a loopback address")
-    logins = read_logins(logins_file)
+    read_logins(logins_file)  # an unreadable file fails now, not at the first client
     handler = MaildirHandler(maildir)
     tls_context = None
     if tls_cert and tls_key:
@@ -99,7 +101,7 @@ async def serve_capture_relay(host: str, port: int, maildir: str, logins_file: s
 
     def factory() -> SMTP:
         return SMTP(handler, hostname="capture-relay.localhost",
-                    authenticator=_authenticator(logins),
+                    authenticator=_authenticator(read_logins(logins_file)),
                     auth_required=True,
                     auth_require_tls=tls_context is not None and not implicit_tls,
                     tls_context=None if implicit_tls else tls_context, decode_data=False,

@@ -190,7 +190,7 @@ def queue_flush(config_path: str | None) -> None:
 
 @cli.group()
 def site() -> None:
-    """Sites: list, show, suspend, resume."""
+    """Sites: list, show, add, change, remove, suspend, resume."""
 
 
 @site.command("list")
@@ -580,6 +580,10 @@ def demo(keep_running: bool) -> None:
     from sendmail_shim.admin.demo import run_demo
 
     run_demo(keep_running, _load)
+
+
+# site add|change|remove (admin/sitecmd.py) join the site group above.
+from sendmail_shim.admin import sitecmd  # noqa: E402,F401
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ prints the review (admin/cli.py).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from sendmail_shim.config import Config
@@ -60,8 +61,10 @@ def review(config: Config) -> Review:
                                  "could use the operator's blocklist access key")
     problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
                              "could use the operator's SNDS key")
+    site_problems, site_warnings = sites_dir_review(config)
+    problems += site_problems
     own_fs, fs_text = spool_filesystem(config.spool)
-    warnings = [w for w in (protected_hardlinks_problem(),) if w]
+    warnings = [w for w in (protected_hardlinks_problem(),) if w] + site_warnings
     if not own_fs:
         warnings.append(fs_text)
     warnings += stand_in_problems(config)
@@ -250,3 +253,47 @@ def protected_hardlinks_problem(path: str = PROTECTED_HARDLINKS) -> str | None:
     return None
 
 
+def sites_dir_review(config: Config) -> tuple[list[str], list[str]]:
+    """The fragments' directory: who may write it (problems), files it does not read.
+
+    Whoever can write a fragment can give any uid a site and its mail; so the
+    directory and its files must be writable by their owner only, and that owner
+    must be root or the main file's owner.
+    """
+    from sendmail_shim.config import fragments  # lazy, as the other checks
+
+    directory = fragments.directory_of(config.path, config.sites_dir)
+    if directory is None or not os.path.isdir(directory):
+        return [], []
+    owners = {0}
+    if config.path is not None:
+        owners.add(os.stat(config.path).st_uid)
+    try:
+        daemon = os.stat(config.spool)  # the spool's owner is the daemon's user
+    except OSError:
+        daemon = None
+    problems = []
+    for path in [directory, *(os.path.join(directory, n) for n in fragments.listing(directory))]:
+        st = os.lstat(path)
+        if st.st_mode & 0o022 or st.st_uid not in owners:
+            problems.append(f"{path}: writable by others than root and the configuration's "
+                            f"owner (mode {st.st_mode & 0o7777:04o}, uid {st.st_uid}): whoever "
+                            "writes a site file can send as any uid; chown root and chmod "
+                            "go-w")
+        if daemon is not None and not _readable(st, daemon.st_uid, daemon.st_gid):
+            problems.append(f"{path}: the daemon's user (uid {daemon.st_uid}) cannot read it "
+                            "(mode {:04o}): its next reload would be refused; chmod "
+                            "0644".format(st.st_mode & 0o7777))
+    warnings = [f"{directory}/{name}: not read (only NAME.yaml is); rename it to "
+                f"{name[:-4]}.yaml" for name in fragments.ignored(directory)]
+    return problems, warnings
+
+
+def _readable(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether a user ``uid`` of primary group ``gid`` may read (list) this file."""
+    bits = 0o4 | (0o1 if stat.S_ISDIR(st.st_mode) else 0)
+    if st.st_uid == uid:
+        return st.st_mode >> 6 & bits == bits
+    if st.st_gid == gid:
+        return st.st_mode >> 3 & bits == bits
+    return st.st_mode & bits == bits

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from sendmail_shim.config import schema
+from sendmail_shim.config import fragments, schema
 from sendmail_shim.config.errors import ConfigError
 from sendmail_shim.config.model import (
     ADMIN_SITE,
@@ -166,7 +166,7 @@ def _keyed_by_text(value: Any, where: str) -> dict[str, Any]:
 
 
 def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
-                   path: str | None) -> Config:
+                   path: str | None, swap: dict[str, str | None] | None = None) -> Config:
     """The keys that depend on others: sites, default_site, accounts, routing."""
     config = Config(path=path, **values)
     sites_raw = data.get("sites") or {}
@@ -177,6 +177,10 @@ def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
             raise Problem(f"sites.{name}", "this name is reserved; choose another")
     sites = {str(name): _site(r, str(name), body, f"sites.{name}", config)
              for name, body in sites_raw.items()}
+    origins = {name: f"{path} (sites.{name})" for name in sites}
+    if path is not None:
+        _add_fragments(r, config, sites, origins, swap)
+    _check_claims(sites, origins)
     default = data.get("default_site", "refuse")
     default_site = None
     if default != "refuse":
@@ -201,6 +205,58 @@ def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
                      routing=routing)
     _check_pools(config)
     return config
+
+
+def _add_fragments(r: _Reader, config: Config, sites: dict[str, Site],
+                   origins: dict[str, str], swap: dict[str, str | None] | None) -> None:
+    """The sites of ``sites_dir`` after those of ``sites:``; then who claims what.
+
+    Errors name the fragment's file (and the line of the key when known), or
+    both files of a clash; they are ConfigErrors, not Problems, so that
+    ``parse_config`` does not prefix the main file's name.
+    """
+    directory = fragments.directory_of(config.path, config.sites_dir)
+    for fragment in fragments.read_all(directory, swap):
+        name = fragment.name
+        if name in sites:
+            raise ConfigError(f"site {name} is defined twice: in {origins[name]} and in "
+                              f"{fragment.path}; remove one")
+        if name in ("default", ADMIN_SITE):
+            raise ConfigError(f"{fragment.path}: the site name {name} is reserved; rename "
+                              "the file")
+        try:
+            sites[name] = _site(r, name, fragment.raw, "top level", config)
+        except Problem as problem:
+            raise ConfigError(f"{fragment.path}: {fragment.where(problem)}") from None
+        origins[name] = fragment.path
+
+
+def _check_claims(sites: dict[str, Site], origins: dict[str, str]) -> None:
+    """A domain belongs to one site; one uid's sites do not share a docroot.
+
+    A site could otherwise send as another's domain (its sender policy and DKIM
+    key follow the domain), or the docroot hint could not tell two sites of one
+    uid apart.  One pass with indexes: linear in the number of sites.
+    """
+    domains: dict[str, str] = {}
+    docroots: dict[tuple[int, str], str] = {}
+    for site in sites.values():
+        for domain in site.domains:
+            other = domains.setdefault(domain, site.name)
+            if other != site.name:
+                raise ConfigError(
+                    f"domain {domain} is claimed by site {other} ({origins.get(other, other)}) "
+                    f"and by site {site.name} ({origins.get(site.name, site.name)}): a domain "
+                    "belongs to one site; remove it from one of them")
+        for uid in set(site.uids):
+            for root in set(site.docroots):
+                other = docroots.setdefault((uid, root), site.name)
+                if other != site.name:
+                    raise ConfigError(
+                        f"uid {uid} has docroot {root} in site {other} "
+                        f"({origins.get(other, other)}) and in site {site.name} "
+                        f"({origins.get(site.name, site.name)}): the docroot could not tell "
+                        "them apart; give each site its own docroot")
 
 
 def _check_pools(config: Config) -> None:
@@ -231,12 +287,17 @@ def _check_pools(config: Config) -> None:
                                  f"{', '.join(sorted(known))})")
 
 
-def parse_config(raw: Any, path: str | None) -> Config:
-    """Build a :class:`Config` from the YAML tree ``raw`` read from ``path``."""
+def parse_config(raw: Any, path: str | None,
+                 swap: dict[str, str | None] | None = None) -> Config:
+    """Build a :class:`Config` from the YAML tree ``raw`` read from ``path``.
+
+    With a ``path``, the site fragments of ``sites_dir`` join ``sites:``
+    (``fragments.py``); ``swap`` replaces some of them (``fragments.read_all``).
+    """
     r = _Reader()
     try:
         values, data = r.values(Config, raw, "top level")
-        config = _finish_config(r, values, data, path)
+        config = _finish_config(r, values, data, path, swap)
     except Problem as problem:
         raise ConfigError(f"{path or '<built-in defaults>'}: {problem}") from None
     if path is not None:  # a tree built in memory has no file for the front end to read
@@ -259,8 +320,13 @@ def _check_frontend_agrees(config: Config, path: str | None) -> None:
         )
 
 
-def load_config(explicit: str | None = None) -> Config:
-    """Find (``paths.find_config``), read and check the configuration."""
+def load_config(explicit: str | None = None,
+                swap: dict[str, str | None] | None = None) -> Config:
+    """Find (``paths.find_config``), read and check the configuration and its fragments.
+
+    ``swap``: the admin command's check of a fragment before it is put in
+    place (``fragments.read_all``).
+    """
     path = paths.find_config(explicit)
     if path is None:
         return parse_config({}, None)
@@ -271,4 +337,4 @@ def load_config(explicit: str | None = None) -> Config:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(raw, path)
+    return parse_config(raw, path, swap)

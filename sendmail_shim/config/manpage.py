@@ -34,7 +34,11 @@ SECTIONS: tuple[tuple[str, type], ...] = (
 )
 INTROS = {
     "POOLS": "Each entry of pools; without pools, every relay is in the pool default.",
-    "SITES": "Each entry of sites; default_site takes the same keys but uids.",
+    "SITES": "Each entry of sites, and each file NAME.yaml of sites_dir (site NAME; the file "
+             "holds these keys; read in file-name order after sites:; hidden files and other "
+             "suffixes are not read; a site in both, a domain of two sites, or one docroot "
+             "in two sites of one uid is an error naming both files); default_site takes "
+             "the same keys but uids.",
     "QUOTA": "The keys of quota, default_quota and accounts.USER.quota; null is unlimited.",
     "REPUTATION ZONES": "Each entry of reputation.zones.  The defaults ship none; see "
                         "REPUTATION WATCH below for what the answers mean and for "

@@ -691,6 +691,19 @@ class Config:
     sites: dict[str, Site] = key(
         kind=Deferred("a mapping of site name to site, see SITES"), factory=dict,
         doc="the sites; the names default and _admin are reserved", default_text="none")
+    sites_dir: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True),
+        doc="a directory of more sites, one file NAME.yaml per site holding site NAME's keys, "
+            "read after sites: (hidden files and other suffixes are ignored; see "
+            "docs/configuration.md); sendmail-shim-admin site add writes there",
+        default_text="sites.d beside the configuration file")
+    relay_login_command: str | None = key(
+        None, kind=Optional(schema.absolute_path(), falsy=True),
+        doc="a program that creates a site's login at the relay: site add runs PROGRAM add "
+            "LOGIN with the password on stdin, site remove runs PROGRAM remove LOGIN (as "
+            "root; exit 0 is success; site add of an unchanged site runs it again, so it "
+            "must take an existing login)", default_text="none: site add prints the saslpasswd2 "
+                                                     "command and the Dovecot passwd-file line")
     default_site: Site | None = key(
         None, kind=Deferred("refuse, or a site mapping without uids, see SITES"),
         doc="refuse (a uid in no site gets exit status 77), or the site of unknown uids",

@@ -12,8 +12,10 @@ unread; a request is read with READ_TIMEOUT per part and handed to
 storage trouble ``451`` naming the disk, and any other failure ``500`` with a
 traceback in the daemon's log, never a silent close.  Releasing or resuming
 pokes the queue runner so the mail goes now; burning or restoring a relay
-flushes the deferred mail of that relay's pool (onto its new active relays), and
-``relay-list`` gets the runner's in-memory answers of each relay.
+flushes the deferred mail of that relay's pool (onto its new active relays),
+``relay-list`` gets the runner's in-memory answers of each relay, and ``reload``
+reloads the configuration as SIGHUP does, answering ``554`` (78) with the
+loader's error when the new one is refused (the running one is kept).
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ class ControlServer(DaemonServer):
             return protocol.format_reply(500, sysexits.EX_PROTOCOL, f"bad request: {exc}")
         action, args = protocol.decode_control(fields)
         actor = f"operator uid {uid}"
+        if action == "reload":  # the admin command's site add/change/remove, after a write
+            log.info("reload asked by %s", actor)
+            refused = self.daemon.reload()
+            if refused is not None:
+                return protocol.format_reply(554, sysexits.EX_CONFIG,
+                                             f"reload refused, the running configuration is "
+                                             f"kept: {refused}")
+            return protocol.format_reply(250, 0, "ok", f"reloaded: {len(self.config.sites)} "
+                                                       "sites\n")
         if self.state is None:
             return protocol.format_reply(451, sysexits.EX_TEMPFAIL, f"{self._unavailable}")
         try:

@@ -16,8 +16,10 @@ A full disk: when the state database cannot be opened at start, the daemon
 still serves its sockets (submissions and control requests are answered
 ``451`` with the reason) and retries every STATE_RETRY seconds; pickup, the
 queue runner and the capture listener start once it opens.
-SIGHUP reloads the configuration (``systemctl reload``); a bad file is
-refused and the running configuration kept; every server reads the new one.
+SIGHUP (``systemctl reload``), or a ``reload`` request on the control socket
+(what ``site add``, ``change`` and ``remove`` send), reloads the configuration
+and its site files; a bad file is refused and the running configuration kept;
+every server reads the new one.
 Metrics (``metrics.listen``/``textfile``, ``daemon/metrics.py``) start with the
 sockets and stop before the state is closed; without them prometheus_client is
 not imported.  The mail path never depends on a side listener: a metrics port
@@ -132,7 +134,7 @@ class Daemon:
         server = await self.submission.start()
         control = await self.control.start()
         exposition = self._start_metrics()
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         log.info("started spool=%s socket=%s relays=%s sites=%d connections_per_uid=%d",
                  layout.root, layout.socket,
                  ",".join(r.label for r in self.config.relays) or "none",
@@ -279,8 +281,9 @@ class Daemon:
                 pass
             self.pickup_wake.clear()
 
-    def reload(self) -> None:
-        """SIGHUP: read the configuration again; keep the old one if the new one is bad.
+    def reload(self) -> str | None:
+        """SIGHUP (or the control socket's ``reload``): read the configuration and the
+        site fragments again; keep the old one if the new one is bad (its error returned).
 
         Sites, quotas, policies, relays, routing and logins change at once; the
         spool, the capture port, the admin group, the node name and the state backend
@@ -290,7 +293,7 @@ class Daemon:
             new = load_config(self.config.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            return
+            return str(exc)
         if _restart_keys(new) != _restart_keys(self.config):
             log.warning("reload: spool, firewall.capture, admin.group, log.format, "
                         "log.target, metrics.listen/textfile, node or state changed; restart "
@@ -304,6 +307,10 @@ class Daemon:
             self.watch.poke()  # the zones or relays may have changed
         log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
                  ",".join(r.label for r in new.relays) or "none")
+        return None
+
+    def _on_hup(self) -> None:
+        self.reload()
 
     def _state(self) -> State:
         assert self.state is not None, "serve() creates the state"

@@ -53,6 +53,9 @@ class Running(Protocol):
     pickup_wake: asyncio.Event  # set: scan the drop area now
     intake: IntakeWorkers  # the intake's threads, a share per uid (daemon/workers.py)
 
+    def reload(self) -> str | None:
+        """Read the configuration again; the error when it is refused (the old one kept)."""
+
 
 class DaemonServer:
     """A socket server of the running daemon: what it reads is always the daemon's current."""

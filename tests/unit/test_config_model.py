@@ -21,7 +21,8 @@ def test_key_tuples_are_derived_in_schema_order() -> None:
     assert config.TOP_KEYS == (
         "spool", "message_size_limit", "spool_site_share", "hostname", "node", "state", "log",
         "metrics", "relays",
-        "pools", "retry", "queue_scan_interval", "connections_per_uid", "sites", "default_site",
+        "pools", "retry", "queue_scan_interval", "connections_per_uid", "sites", "sites_dir",
+        "relay_login_command", "default_site",
         "default_quota", "outbreak", "accounts", "admin", "local_mx", "local_addresses",
         "local_transport", "loopback_server_users", "routing", "resolver", "firewall",
         "reputation", "scan", "policy_service", "dkim")
