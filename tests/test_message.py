@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from sendmail_shim.frontend.message import MessageTooBig, read_message
+from sendmail_shim.frontend.sendmail import MessageTooBig, read_message
 from sendmail_shim.wire.lineends import LineEndError
 
 

@@ -12,10 +12,8 @@ be grouped (``-ti``); an argument may be attached or separate (``-fX``,
 ``-f X``); ``-o`` takes the rest of its word (``-oem``, ``-oi``); repeats are
 allowed and the last value wins.
 
-Stdlib-free: this runs on every PHP mail() call.
+Stdlib-free, no ``__future__`` import either: this runs on every PHP mail() call.
 """
-
-from __future__ import annotations
 
 # Flag -> (takes an argument, what we do with it).  "accepted" flags change
 # what happens; "ignored" flags are read and dropped without side effects.
