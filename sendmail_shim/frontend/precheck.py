@@ -23,8 +23,6 @@ pure-stdlib ``store.address``, loaded then only (pyproject.toml lists this
 import as the front end's one exception besides -bs).
 """
 
-from __future__ import annotations
-
 from sendmail_shim.frontend.argv import Invocation
 from sendmail_shim.wire.protocol import MAX_ENVID, bad_envid
 
