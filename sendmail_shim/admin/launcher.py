@@ -1,4 +1,4 @@
-"""``sendmail-shim-admin launcher``: a front end launcher for a pip or venv install as lean as the .deb's.
+"""``sendmail-shim-admin launcher``: a pip or venv install's launcher, as lean as the .deb's.
 
 PHP waits for the front end on every ``mail()``, and most of its time is the
 interpreter's start.  The .deb's launcher (``packaging/bin/sendmail-shim``)
@@ -114,7 +114,7 @@ def write_launcher(target: str | None = None, text: str | None = None) -> str:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
         with os.fdopen(fd, "w") as fh:
             fh.write(text or launcher_text())
-        os.chmod(tmp, 0o755)  # whatever the umask: PHP runs it as each site's user
+        os.chmod(tmp, 0o755)  # noqa: S103 - whatever the umask: every site's PHP runs it
         os.replace(tmp, path)
     except OSError as exc:
         try:
