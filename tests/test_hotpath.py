@@ -23,7 +23,6 @@ BANNED = {"asyncio", "dns", "yaml", "click", "aiosmtplib", "aiosmtpd", "platform
 HOT_PATH = {
     "_socket",  # the C module; `socket` would cost an enum import
     "sendmail_shim", "sendmail_shim.frontend", "sendmail_shim.frontend.sendmail",
-    "sendmail_shim.frontend.argv",
     "sendmail_shim.wire", "sendmail_shim.wire.client", "sendmail_shim.wire.lineends",
     "sendmail_shim.wire.paths", "sendmail_shim.wire.protocol",
 }
