@@ -19,6 +19,11 @@ def test_demo_end_to_end(tmp_path: os.PathLike[str]) -> None:
         assert "MAIL FROM  : <noreply@demo.example>" in out
         assert "RCPT TO    : <someone@example.net>" in out
         assert "\n.\n(the line above is a lone dot" in out
+        # The README's first command ends with the lean launcher, not pip's wrapper.
+        assert f"lean launcher: wrote {os.path.join(os.path.dirname(ADMIN), 'sendmail-shim')}" \
+            in out
+    with open(os.path.join(os.path.dirname(ADMIN), "sendmail-shim")) as fh:
+        assert fh.readline().rstrip().endswith(" -IS")
     config = os.path.join(home, ".config", "sendmail-shim", "config.yaml")
     assert os.path.exists(config)
     secret = os.path.join(home, ".config", "sendmail-shim", "secrets", "demo.example")

@@ -32,7 +32,7 @@ from forkserver import ForkServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sendmail_shim.frontend.argv import UsageError, parse_argv
+from sendmail_shim.frontend.sendmail import UsageError, parse_argv
 from sendmail_shim.wire import protocol
 
 pytestmark = [needs_root, pytest.mark.root]

@@ -44,7 +44,7 @@ def test_the_tree_keeps_the_contract(tree: Path) -> None:
 
 
 @pytest.mark.parametrize(("module", "line", "contract"), [
-    ("frontend/argv.py", "from sendmail_shim.config import Config  # noqa", "the front end"),
+    ("frontend/sendmail.py", "from sendmail_shim.config import Config  # noqa", "the front end"),
     ("frontend/sendmail.py", "import yaml  # noqa", "the front end"),
     ("store/spool.py", "from sendmail_shim.admin import cli  # noqa", "layers point down"),
     ("intake/accept.py", "from sendmail_shim.delivery import runner  # noqa",

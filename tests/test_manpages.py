@@ -12,7 +12,7 @@ import pytest
 from sendmail_shim import config
 from sendmail_shim.admin.cli import cli
 from sendmail_shim.config import manpage, model
-from sendmail_shim.frontend.argv import FLAGS, MODES
+from sendmail_shim.frontend.sendmail import FLAGS, MODES
 from sendmail_shim.wire import paths
 
 MAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man")

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from sendmail_shim.frontend.message import MessageTooBig, read_message
+from sendmail_shim.frontend.sendmail import MessageTooBig, read_message
 from sendmail_shim.wire.lineends import LineEndError
 
 
@@ -79,23 +79,42 @@ POSTFIX = "/usr/sbin/postdrop"
 
 
 @pytest.fixture(scope="module")
-def postfix_sendmail() -> str:
+def postfix_config(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A private Postfix configuration directory (``sendmail -C``) with its own queue.
+
+    No master runs for it, so no pickup takes the maildrop file before the test reads
+    it, whether or not the system's Postfix runs; the system's files are not touched.
+    Root may name any configuration directory (Postfix trusts the super-user; others
+    need alternate_config_directories in the default main.cf).
+    """
     if os.geteuid() != 0 or not os.path.exists(POSTFIX):
         pytest.skip("needs root and Debian's postfix")
-    if not os.path.exists("/etc/postfix/main.cf"):
-        shutil.copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")
-    return "/usr/sbin/sendmail"
+    conf = tmp_path_factory.mktemp("postfix")
+    template = "/etc/postfix/main.cf"
+    if not os.path.exists(template):
+        template = "/usr/share/postfix/main.cf.debian"
+    with open(template) as src, open(conf / "main.cf", "w") as dst:
+        dst.write(src.read())
+        dst.write(f"\nqueue_directory = {conf}/spool\ndata_directory = {conf}/data\n")
+    maildrop = conf / "spool" / "maildrop"
+    maildrop.mkdir(parents=True)
+    shutil.chown(maildrop, "postfix", "postdrop")
+    maildrop.chmod(0o1730)  # Postfix's own mode for maildrop/
+    return str(conf)
 
 
-def postfix_stores(sendmail: str, args: list[str], data: bytes) -> bytes:
-    maildrop = "/var/spool/postfix/maildrop"
+def postfix_stores(conf: str, args: list[str], data: bytes) -> bytes:
+    """What Postfix's sendmail (and postdrop) store for ``args`` and ``data``, as postcat shows."""
+    maildrop = os.path.join(conf, "spool", "maildrop")
     before = set(os.listdir(maildrop))
-    subprocess.run([sendmail, *args], input=data, check=True, capture_output=True)
+    # postdrop warns on stderr that no pickup listens: captured, and the file stays.
+    subprocess.run(["/usr/sbin/sendmail", "-C", conf, *args], input=data, check=True,
+                   capture_output=True)
     new = sorted(set(os.listdir(maildrop)) - before)
     assert len(new) == 1
     path = os.path.join(maildrop, new[0])
     try:
-        return subprocess.run(["postcat", "-bh", path], check=True,
+        return subprocess.run(["postcat", "-c", conf, "-bh", path], check=True,
                               capture_output=True).stdout
     finally:
         os.unlink(path)
@@ -117,9 +136,9 @@ class TestPostfixParity:
     """Same argv and stdin as Debian's Postfix sendmail: same stored bytes."""
 
     @pytest.mark.parametrize(("flags", "data"), CASES)
-    def test_same_bytes_as_postfix(self, postfix_sendmail: str, flags: list[str],
+    def test_same_bytes_as_postfix(self, postfix_config: str, flags: list[str],
                                    data: bytes) -> None:
-        theirs = postfix_stores(postfix_sendmail, [*flags, "rcpt@example.test"], data)
+        theirs = postfix_stores(postfix_config, [*flags, "rcpt@example.test"], data)
         if theirs and not theirs.endswith(b"\n"):
             # Postfix keeps an unterminated last line as a continuation record, which
             # postcat prints bare and Postfix's smtp client ends with CRLF on the wire.

@@ -573,6 +573,22 @@ def capture_relay(listen: str, maildir: str, logins_file: str,
 
 
 @cli.command()
+@click.option("--output", metavar="FILE", default=None,
+              help="Where to write it (default: the sendmail-shim beside this command, in a "
+                   "virtualenv).")
+def launcher(output: str | None) -> None:
+    """Write the lean front end launcher (python3 -IS) over pip's sendmail-shim wrapper."""
+    from sendmail_shim.admin.launcher import LauncherError, write_launcher
+
+    try:
+        path = write_launcher(output)
+    except LauncherError as exc:
+        click.echo(f"sendmail-shim-admin: launcher: {exc}", err=True)
+        sys.exit(sysexits.EX_CANTCREAT)
+    click.echo(f"wrote {path} (python3 -IS, sys.path: this install's site-packages)")
+
+
+@cli.command()
 @click.option("--keep-running", is_flag=True,
               help="Leave the daemon and the relay running after the demo message arrives.")
 def demo(keep_running: bool) -> None:

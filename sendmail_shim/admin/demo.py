@@ -26,6 +26,7 @@ from typing import Any
 import click
 from platformdirs import user_data_dir
 
+from sendmail_shim.admin.launcher import LauncherError, in_virtualenv, write_launcher
 from sendmail_shim.config import Config
 from sendmail_shim.wire import paths
 
@@ -106,6 +107,14 @@ def run_demo(keep_running: bool, load: Callable[[str], Config]) -> None:
     bindir = os.path.dirname(sys.argv[0]) if os.sep in sys.argv[0] else ""
     admin_cmd = shutil.which("sendmail-shim-admin", path=bindir or None) or sys.argv[0]
     sendmail_cmd = shutil.which("sendmail-shim", path=bindir or None) or "sendmail-shim"
+    beside = os.path.join(bindir, "sendmail-shim")
+    if in_virtualenv() and bindir and os.path.exists(beside):
+        # The README's first command ends with the launcher a site should use: python3 -IS
+        # and this install's site-packages, not pip's wrapper (admin/launcher.py).
+        try:
+            click.echo(f"lean launcher: wrote {write_launcher(beside)}")
+        except LauncherError as exc:
+            click.echo(f"lean launcher not written: {exc}", err=True)
     env = dict(os.environ, SENDMAIL_SHIM_CONFIG=config_file)
     before = set(os.listdir(os.path.join(maildir, "new"))) if os.path.isdir(
         os.path.join(maildir, "new")) else set()

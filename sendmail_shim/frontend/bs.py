@@ -38,7 +38,7 @@ from aiosmtpd.smtp import SMTP
 from sendmail_shim.wire import client, lineends, protocol, sysexits
 
 if TYPE_CHECKING:
-    from sendmail_shim.frontend.argv import Invocation
+    from sendmail_shim.frontend.sendmail import Invocation
     from sendmail_shim.wire.paths import SpoolLayout
 
 

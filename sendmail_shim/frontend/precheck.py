@@ -23,9 +23,7 @@ pure-stdlib ``store.address``, loaded then only (pyproject.toml lists this
 import as the front end's one exception besides -bs).
 """
 
-from __future__ import annotations
-
-from sendmail_shim.frontend.argv import Invocation
+from sendmail_shim.frontend.sendmail import Invocation
 from sendmail_shim.wire.protocol import MAX_ENVID, bad_envid
 
 _EXTRACTED = (b"to", b"cc", b"bcc")

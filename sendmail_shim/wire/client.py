@@ -66,16 +66,13 @@ two links and be refused too (and its name is 64 random bits in a directory
 nobody but the daemon may list).
 
 Stdlib only, and lazily so: ``_socket`` (``socket`` costs an enum import) and
-``time`` are imported when first needed; this runs on every PHP mail() call.
+``time`` are imported when first needed, the drop road's ``os`` and
+``durable`` only on that road; this runs on every PHP mail() call.  No
+``from __future__ import annotations`` either (it imports ``__future__``):
+annotations naming what only mypy imports are quoted.
 """
 
-from __future__ import annotations
-
-import os
-
 from sendmail_shim.wire import protocol
-from sendmail_shim.wire.durable import fsync_dir, write_synced
-from sendmail_shim.wire.paths import MODE_DROP_FILE
 
 TYPE_CHECKING = False  # typing and collections cost milliseconds; mypy reads this name
 if TYPE_CHECKING:
@@ -142,7 +139,7 @@ class Dropped:
 
 
 def _exchange(socket_path: str, request: bytes, timeout: float,
-              piece: Callable[[bytes], None]) -> None:
+              piece: "Callable[[bytes], None]") -> None:
     """Send ``request``, then hand every piece of the reply to ``piece`` until the end.
 
     Raises :class:`DaemonUnreachable` when the exchange fails.
@@ -209,7 +206,7 @@ def ask(socket_path: str, request: bytes, timeout: float = REPLY_TIMEOUT) -> Rep
         raise DaemonUnreachable(str(exc)) from None
 
 
-def ask_streaming(socket_path: str, request: bytes, out: Callable[[bytes], object],
+def ask_streaming(socket_path: str, request: bytes, out: "Callable[[bytes], object]",
                   timeout: float = REPLY_TIMEOUT) -> Reply:
     """Like :func:`ask`, but the body goes to ``out`` piece by piece as it arrives.
 
@@ -241,7 +238,7 @@ def ask_streaming(socket_path: str, request: bytes, out: Callable[[bytes], objec
 
 
 def hand_off(socket_path: str, maildrop: str, request: bytes,
-             vet: Callable[[], str | None] | None = None) -> Reply | Dropped:
+             vet: "Callable[[], str | None] | None" = None) -> "Reply | Dropped":
     """The daemon's verdict on ``request``, else a drop file (see the module docstring).
 
     A ``421`` (:data:`protocol.BUSY`) is never returned: the request is dropped.
@@ -266,6 +263,10 @@ def hand_off(socket_path: str, maildrop: str, request: bytes,
 
 
 def _fsync_drop_dir(path: str) -> None:
+    import os
+
+    from sendmail_shim.wire.durable import fsync_dir
+
     try:
         fsync_dir(path)
     except PermissionError:
@@ -277,6 +278,11 @@ def _fsync_drop_dir(path: str) -> None:
 
 def write_drop_file(maildrop: str, request: bytes) -> str:
     """Write ``request`` durably into the drop directory; return the final file name."""
+    import os  # the drop road only: the socket road never loads it
+
+    from sendmail_shim.wire.durable import write_synced
+    from sendmail_shim.wire.paths import MODE_DROP_FILE
+
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _attempt in range(10):
         token = os.urandom(8).hex()

@@ -13,8 +13,6 @@ Stdlib-free apart from ``os`` (and ``threading`` in :class:`GroupSync`, which
 only the daemon uses): the front end's drop-file road uses this module.
 """
 
-from __future__ import annotations
-
 import os
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sendmail_shim.frontend.argv import FLAGS, UsageError, parse_argv
+from sendmail_shim.frontend.sendmail import FLAGS, UsageError, parse_argv
 
 
 class TestRealCallers:
