@@ -334,14 +334,16 @@ class Signer:
         if not domain.isascii():
             return domain, [], UNSIGNED
         entry = self._domain(domain)
-        for selector, why in entry.failed:
-            log.warning("dkim_key_unusable queue_id=%s site=%s domain=%s selector=%s "
-                        "reason=%r action='the message goes out without this signature; fix "
-                        "or replace the key (sendmail-shim-admin dkim show)'",
-                        envelope.queue_id, printable(envelope.site), domain, selector, why)
         keys = entry.keys
         if keys and keys[0].algorithm != dkimkeys.RSA:
             keys = []  # Ed25519 never alone: Microsoft and Yahoo do not verify it
+        for selector, why in entry.failed:
+            log.warning("dkim_key_unusable queue_id=%s site=%s domain=%s selector=%s "
+                        "reason=%r action='the message goes out %s; fix or replace the key "
+                        "(sendmail-shim-admin dkim show)'", envelope.queue_id,
+                        printable(envelope.site), domain, selector, why,
+                        "signed by " + ",".join(k.selector for k in keys) if keys
+                        else "unsigned")
         if not keys:
             return domain, [], ERROR if entry.failed else UNSIGNED
         return domain, keys, SIGNED

@@ -298,3 +298,40 @@ def test_a_failure_while_signing_sends_unsigned(
     assert _wire(dkim.Signer(config), make_envelope(MESSAGE)) == smtp_data(MESSAGE)
     assert _results(caplog) == ["error"]
     assert "engine failure" in caplog.text
+
+
+def test_metrics_count_each_result_from_the_log(make_config: MakeConfig,
+                                                make_envelope: MakeEnvelope) -> None:
+    """sendmail_shim_dkim_signatures_total{result} moves with the signer's own log lines."""
+    from prometheus_client import CollectorRegistry
+
+    from sendmail_shim.daemon.metrics import EventMetrics
+
+    config = make_config(relays=[{"host": "127.0.0.1", "port": 2525, "tls": "none"},
+                                 {"host": "127.0.0.1", "port": 2526, "tls": "none",
+                                  "dkim_sign": False}])
+    store = _keys(config.dkim_keys, SITE1, dkimkeys.RSA)
+    signer = dkim.Signer(config)
+    registry = CollectorRegistry()
+    handler = EventMetrics(registry)
+    logger = logging.getLogger("sendmail_shim.delivery.dkim")
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        env = make_envelope(MESSAGE)
+        _wire(signer, env)
+        _wire(signer, env)
+        _wire(signer, env, config.relays[1])
+        _wire(signer, env, message=MESSAGE.replace(b"site1.test", b"example.net"))
+        _wire(signer, env, message=b"Subject: no from\n\nx\n")
+        os.unlink(store.private_key_path(SITE1, "s0rsa"))
+        _wire(dkim.Signer(config), env)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    name = "sendmail_shim_dkim_signatures_total"
+    got = {r: registry.get_sample_value(name, {"result": r}) for r in dkim.RESULTS}
+    assert got == {"signed": 2, "unsigned": 1, "foreign": 1, "error": 1, "off": 1}
+    assert registry.get_sample_value("sendmail_shim_errors_total",
+                                     {"event": "dkim_key_unusable"}) == 1
