@@ -60,6 +60,8 @@ def review(config: Config) -> Review:
                                  "could use the operator's blocklist access key")
     problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
                              "could use the operator's SNDS key")
+    from sendmail_shim.delivery.dkim import key_problems  # lazy: cryptography
+    problems += key_problems(config)
     own_fs, fs_text = spool_filesystem(config.spool)
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     if not own_fs:

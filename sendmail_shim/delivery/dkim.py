@@ -377,3 +377,27 @@ class Signer:
             entry.retry = time.monotonic() + RETRY_FAILED
         self._domains[domain] = entry
         return entry
+
+
+def key_problems(config: Config) -> list[str]:
+    """What ``config check`` names: each signing key (or state file) the signer could not
+    use, and each domain whose keys would sign nothing (an Ed25519 key with no RSA key)."""
+    store = dkimkeys.KeyStore(config.dkim_keys)
+    problems = []
+    for domain in store.domains():
+        try:
+            records = store.signing(domain)
+        except dkimkeys.KeyStoreError as exc:
+            problems.append(f"DKIM {domain}: {exc}; its mail goes out unsigned")
+            continue
+        usable = []
+        for record in records:
+            try:
+                usable.append(load_key(store, record).algorithm)
+            except dkimkeys.KeyStoreError as exc:
+                problems.append(f"DKIM {domain} selector {record.selector}: {exc}")
+        if usable and dkimkeys.RSA not in usable:
+            problems.append(f"DKIM {domain}: only an Ed25519 key signs, and it never signs "
+                            f"alone: its mail goes out unsigned; make an RSA key: "
+                            f"sendmail-shim-admin dkim rotate --domain {domain}")
+    return problems

@@ -335,3 +335,19 @@ def test_metrics_count_each_result_from_the_log(make_config: MakeConfig,
     assert got == {"signed": 2, "unsigned": 1, "foreign": 1, "error": 1, "off": 1}
     assert registry.get_sample_value("sendmail_shim_errors_total",
                                      {"event": "dkim_key_unusable"}) == 1
+
+
+def test_config_check_names_each_unusable_key(make_config: MakeConfig) -> None:
+    from sendmail_shim.admin.configcheck import review
+
+    config = make_config()
+    store = _keys(config.dkim_keys, SITE1, dkimkeys.RSA, dkimkeys.ED25519)
+    assert not [p for p in review(config).problems if p.startswith("DKIM")]
+    path = store.private_key_path(SITE1, "s0rsa")
+    Path(path).write_bytes(b"garbage")
+    problems = [p for p in review(config).problems if p.startswith("DKIM")]
+    assert len(problems) == 2 and "selector s0rsa" in problems[0] and path in problems[0]
+    assert problems[1].startswith(f"DKIM {SITE1}: only an Ed25519 key signs")
+    _keys(config.dkim_keys, SITE2, dkimkeys.RSA)
+    Path(config.dkim_keys, SITE2, dkimkeys.STATE_FILE).write_text("[")
+    assert dkim.key_problems(config)[2].startswith(f"DKIM {SITE2}: DKIM state file")
