@@ -52,6 +52,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -234,14 +235,16 @@ class _DomainKeys:
 
 def load_key(store: dkimkeys.KeyStore, record: dkimkeys.KeyRecord) -> SigningKey:
     """A selector's parsed key; ``KeyStoreError`` naming the file when it is unusable:
-    unreadable, not a PEM private key, or not the key its record publishes."""
+    unreadable, not a PEM private key (OpenSSL checks an RSA key's consistency as it
+    loads it: tens of milliseconds, once per key and change), or not the key its record
+    publishes."""
     from cryptography.hazmat.primitives import serialization
 
     pem = store.private_key(record.domain, record.selector)
     path = store.private_key_path(record.domain, record.selector)
     try:
-        algorithm, public = dkimkeys.public_value(pem)
         key = serialization.load_pem_private_key(pem, password=None)
+        algorithm, public = dkimkeys.public_of(key)
     except (ValueError, TypeError) as exc:
         raise dkimkeys.KeyStoreError(
             f"DKIM key {path} is not a usable private key ({exc}); make a new key: "
@@ -265,6 +268,7 @@ class Signer:
         self.config = config
         self.store = dkimkeys.KeyStore(config.dkim_keys)
         self._domains: dict[str, _DomainKeys] = {}
+        self._loading = threading.Lock()  # one reader of changed keys at a time
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -361,6 +365,14 @@ class Signer:
         cached = self._domains.get(domain)
         if cached is not None and cached.stamp == stamp and time.monotonic() < cached.retry:
             return cached
+        with self._loading:  # messages signed at once in threads: the keys are read once
+            cached = self._domains.get(domain)
+            if (cached is not None and cached.stamp == stamp
+                    and time.monotonic() < cached.retry):
+                return cached
+            return self._read(domain, stamp)
+
+    def _read(self, domain: str, stamp: tuple[int, int, int]) -> _DomainKeys:
         entry = _DomainKeys(stamp, [], [], float("inf"))
         if stamp != (0, 0, 0):
             try:

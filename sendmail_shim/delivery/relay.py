@@ -36,7 +36,9 @@ is reset (RSET) and the session serves the next message.
 
 The bytes are made once per attempt (``smtp_data``), then passed through the
 session's ``wire`` (the queue runner sets delivery/dkim.py's signer: DKIM
-signatures for this relay, the last change to the message) and dot-stuffed.
+signatures for this relay, the last change to the message), in a worker thread
+(cryptography >= 47 signs RSA without the GIL, so a second core takes the
+signature while the loop serves other sessions), and dot-stuffed.
 """
 
 from __future__ import annotations
@@ -194,8 +196,8 @@ class RelaySession:
                           *(option.encode("ascii") for option in options)])
         rcpts = [b"RCPT TO:" + paths[rcpt].encode(encoding) for rcpt in recipients]
         data = smtp_data(message)  # once per attempt, then signed (or not) for this relay
-        if self.wire is not None:
-            data = self.wire(envelope, data, self.relay)
+        if self.wire is not None:  # in a thread: OpenSSL signs beside the loop (no GIL)
+            data = await asyncio.to_thread(self.wire, envelope, data, self.relay)
         if client.supports_extension("pipelining"):
             return await self._send_pipelined(mail, rcpts, recipients, data, results)
         try:
