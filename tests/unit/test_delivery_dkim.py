@@ -351,3 +351,23 @@ def test_config_check_names_each_unusable_key(make_config: MakeConfig) -> None:
     _keys(config.dkim_keys, SITE2, dkimkeys.RSA)
     Path(config.dkim_keys, SITE2, dkimkeys.STATE_FILE).write_text("[")
     assert dkim.key_problems(config)[2].startswith(f"DKIM {SITE2}: DKIM state file")
+
+
+def test_a_bounce_is_signed_with_the_host_domain_key(make_config: MakeConfig,
+                                                     make_envelope: MakeEnvelope) -> None:
+    """bounce.py's own notice (From MAILER-DAEMON@hostname, origin bounce, the site's
+    lane) signs with dkim.host_domain's key, never the site's."""
+    from sendmail_shim.delivery.bounce import build_bounce
+    from sendmail_shim.store.outcome import Outcome
+
+    config = make_config(dkim={"host_domain": "mx.test"})
+    _keys(config.dkim_keys, SITE1, dkimkeys.RSA)
+    host = _keys(config.dkim_keys, "mx.test", dkimkeys.RSA)
+    original = make_envelope(MESSAGE, sender="noreply@site1.test")
+    env, notice = build_bounce(config, original, MESSAGE,
+                               {"x@example.net": Outcome.from_reply(550, "5.1.1 no", "r")},
+                               1_800_000_000.0)
+    assert env.origin == "bounce" and env.site == SITE1
+    signed = _wire(dkim.Signer(config), env, message=notice)
+    assert signed.startswith(b"DKIM-Signature:") and b"d=mx.test;" in signed
+    assert _verify(signed, host) == ["s0rsa"]
