@@ -47,6 +47,7 @@ or its pool's ``dkim_sign`` is false).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -276,7 +277,15 @@ class Signer:
             self.store = dkimkeys.KeyStore(config.dkim_keys)
             self._domains.clear()
 
-    def wire(self, envelope: Envelope, data: bytes, relay: Relay) -> bytes:
+    async def wire(self, envelope: Envelope, data: bytes, relay: Relay) -> bytes:
+        """:meth:`signed`, in a worker thread when the relay signs: OpenSSL signs RSA
+        without the GIL (cryptography >= 47), so another core takes the signature while
+        the loop serves the other sessions.  A relay that does not sign costs no thread."""
+        if not self._signs(relay):
+            return self.signed(envelope, data, relay)
+        return await asyncio.to_thread(self.signed, envelope, data, relay)
+
+    def signed(self, envelope: Envelope, data: bytes, relay: Relay) -> bytes:
         """``data`` (``smtp_data``'s output) as it goes to ``relay``: signed or as it is.
 
         Never raises: whatever goes wrong, the message goes out unsigned (logged).

@@ -36,9 +36,8 @@ is reset (RSET) and the session serves the next message.
 
 The bytes are made once per attempt (``smtp_data``), then passed through the
 session's ``wire`` (the queue runner sets delivery/dkim.py's signer: DKIM
-signatures for this relay, the last change to the message), in a worker thread
-(cryptography >= 47 signs RSA without the GIL, so a second core takes the
-signature while the loop serves other sessions), and dot-stuffed.
+signatures for this relay, the last change to the message, made in a worker
+thread) and dot-stuffed.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ import functools
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -137,7 +136,7 @@ def _tls_context(relay: Relay) -> ssl.SSLContext:
 
 # What the bytes become on their way to this relay (delivery/dkim.py Signer.wire: the
 # DKIM signatures, the last change): (envelope, smtp_data's output, relay) -> bytes.
-Wire = Callable[[Envelope, bytes, Relay], bytes]
+Wire = Callable[[Envelope, bytes, Relay], Awaitable[bytes]]
 
 
 @dataclass
@@ -196,8 +195,8 @@ class RelaySession:
                           *(option.encode("ascii") for option in options)])
         rcpts = [b"RCPT TO:" + paths[rcpt].encode(encoding) for rcpt in recipients]
         data = smtp_data(message)  # once per attempt, then signed (or not) for this relay
-        if self.wire is not None:  # in a thread: OpenSSL signs beside the loop (no GIL)
-            data = await asyncio.to_thread(self.wire, envelope, data, self.relay)
+        if self.wire is not None:
+            data = await self.wire(envelope, data, self.relay)
         if client.supports_extension("pipelining"):
             return await self._send_pipelined(mail, rcpts, recipients, data, results)
         try:

@@ -340,7 +340,7 @@ class TestPipelining:
         dot-stuffed."""
         calls: list[tuple[str, bytes, str]] = []
 
-        def wire(env: Envelope, data: bytes, relay: Relay) -> bytes:
+        async def wire(env: Envelope, data: bytes, relay: Relay) -> bytes:
             calls.append((env.queue_id, data, relay.label))
             return b"X-Signed: .yes\r\n" + data
 
