@@ -36,7 +36,10 @@ Guarantees:
   retried after :data:`RETRY_FAILED` seconds (a fixed permission needs no state
   change).  The body hash and the signed header text are computed once per
   message and shared by both signatures; one RSA-2048 signature costs about
-  0.3 ms of CPU (OpenSSL through ``cryptography``).
+  0.3 ms of CPU (OpenSSL through ``cryptography``), made in a worker thread
+  (:meth:`Signer.wire`) so that a free core signs beside the queue runner's loop.
+  Keys are parsed under a lock: OpenSSL 3 checks an RSA key as it loads it (about
+  40 ms), and every lane would otherwise load a changed key at once.
 
 Every attempt logs ``dkim queue_id=... site=... result=... domain=... selectors=...``
 (debug: the metrics count ``sendmail_shim_dkim_signatures_total{result}`` from it):
