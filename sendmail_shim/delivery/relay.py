@@ -36,8 +36,7 @@ is reset (RSET) and the session serves the next message.
 
 The bytes are made once per attempt (``smtp_data``), then passed through the
 session's ``wire`` (the queue runner sets delivery/dkim.py's signer: DKIM
-signatures for this relay, the last change to the message, made in a worker
-thread) and dot-stuffed.
+signatures for this relay, the last change to the message) and dot-stuffed.
 """
 
 from __future__ import annotations
