@@ -63,6 +63,8 @@ def review(config: Config) -> Review:
                              "could use the operator's SNDS key")
     site_problems, site_warnings = sites_dir_review(config)
     problems += site_problems
+    from sendmail_shim.delivery.dkim import key_problems  # lazy: cryptography
+    problems += key_problems(config)
     own_fs, fs_text = spool_filesystem(config.spool)
     warnings = [w for w in (protected_hardlinks_problem(),) if w] + site_warnings
     if not own_fs:

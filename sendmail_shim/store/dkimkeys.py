@@ -97,9 +97,15 @@ class KeyRecord:
 def public_value(private_pem: bytes) -> tuple[str, str]:
     """(algorithm, p= value) of a PEM private key; ``ValueError`` if it is neither kind."""
     from cryptography.hazmat.primitives import serialization
+
+    return public_of(serialization.load_pem_private_key(private_pem, password=None))
+
+
+def public_of(key: object) -> tuple[str, str]:
+    """(algorithm, p= value) of a parsed private key; ``ValueError`` if it is neither kind."""
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-    key = serialization.load_pem_private_key(private_pem, password=None)
     if isinstance(key, rsa.RSAPrivateKey):
         der = key.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
