@@ -25,13 +25,11 @@ from typing import Any
 import pytest
 
 from sendmail_shim.config import Config
+from sendmail_shim.delivery import keptsessions, lanes, record
 from sendmail_shim.delivery import runner as runner_module
-from sendmail_shim.delivery.runner import (
-    MAX_INTERNAL_FAILURES,
-    QueueRunner,
-    _AnswerBook,
-    backoff,
-)
+from sendmail_shim.delivery.answerbook import AnswerBook
+from sendmail_shim.delivery.record import MAX_INTERNAL_FAILURES, backoff
+from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
 from sendmail_shim.store.outcome import OK, Outcome
@@ -57,7 +55,9 @@ def config(make_config: Callable[..., Config], relay_server: tuple[RelayHandler,
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [T0]
-    monkeypatch.setattr(runner_module, "time", SimpleNamespace(time=lambda: now[0]))
+    fake = SimpleNamespace(time=lambda: now[0])
+    for module in (runner_module, record):  # every clock of a run and of its records
+        monkeypatch.setattr(module, "time", fake)
     return now
 
 
@@ -426,17 +426,17 @@ class TestFairness:
         # other site waits behind at most two messages per session (the arrival is noticed
         # while the next ones are in hand), not behind the backlog.
         position = self._backlog_then_another_site(config, runner, sessions, 200)
-        assert sessions.most_open == runner_module.MAX_SESSIONS
-        assert position < 10 + 2 * runner_module.MAX_SESSIONS + 4
+        assert sessions.most_open == lanes.MAX_SESSIONS
+        assert position < 10 + 2 * lanes.MAX_SESSIONS + 4
 
     def test_a_site_gives_its_session_to_a_waiting_site(
             self, config: Config, runner: QueueRunner, sessions: FakeSessions,
             monkeypatch: pytest.MonkeyPatch) -> None:
         # No site to spare: the backlog's sessions give way, the last after its turn.
-        monkeypatch.setattr(runner_module, "MAX_PARALLEL_SITES", 1)
-        monkeypatch.setattr(runner_module, "LANE_TURN", 5)
+        monkeypatch.setattr(lanes, "MAX_PARALLEL_SITES", 1)
+        monkeypatch.setattr(lanes, "LANE_TURN", 5)
         position = self._backlog_then_another_site(config, runner, sessions, 200)
-        assert position < 10 + 2 * runner_module.MAX_SESSIONS + 5 + 4
+        assert position < 10 + 2 * lanes.MAX_SESSIONS + 5 + 4
 
 
 class TestParallelSessions:
@@ -478,7 +478,7 @@ class TestKeptSessions:
     def test_mail_arriving_after_the_lane_ended_reuses_its_session(
             self, config: Config, runner: QueueRunner, relay: RelayHandler,
             opened: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(runner_module, "IDLE_SESSION", 0.5)
+        monkeypatch.setattr(keptsessions, "IDLE_SESSION", 0.5)
 
         async def scenario() -> None:
             task = asyncio.create_task(runner.run_forever())
@@ -542,7 +542,7 @@ class TestKeptSessions:
     def test_kept_sessions_and_lanes_together_stay_within_max_sessions(
             self, config: Config, runner: QueueRunner, sessions: FakeSessions,
             monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(runner_module, "MAX_SESSIONS", 2)
+        monkeypatch.setattr(lanes, "MAX_SESSIONS", 2)
         sessions.pause = 0.02
 
         async def scenario() -> None:
@@ -676,7 +676,7 @@ class TestAnswerBook:
                 time.sleep(0.3)  # a slow transaction: the others hand in meanwhile
             written.update(uid for _site, uid, _kind, _ts in group)
 
-        book = _AnswerBook(write)
+        book = AnswerBook(write)
         seen_on_return: dict[int, bool] = {}
 
         def hand_in(uid: int) -> None:
@@ -699,7 +699,7 @@ class TestAnswerBook:
         def write(group: list[Any]) -> None:
             raise RuntimeError("boom")
 
-        book = _AnswerBook(write)
+        book = AnswerBook(write)
         with pytest.raises(RuntimeError):
             book.record([(None, 1, "relay_ok", 0.0)])  # type: ignore[list-item]
         with pytest.raises(RuntimeError):  # the next one writes (and fails) on its own
