@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from sendmail_shim.config import Config
 from sendmail_shim.delivery import bounce
+from sendmail_shim.delivery.removal import Removal, Removals
 from sendmail_shim.delivery.schedule import Schedule
 from sendmail_shim.store import spool
 from sendmail_shim.store.address import printable
@@ -79,9 +80,17 @@ class Recorder:
         self.config = config
         self.schedule = schedule
         self.unsaved: list[Attempt] = []  # outcomes the disk refused: delivery is paused
+        self.removals = Removals()  # delivered messages, unlinked in the background
+
+    @property
+    def blocked(self) -> bool:
+        """Bookkeeping the disk refused waits (an outcome or a removal): send nothing."""
+        return bool(self.unsaved or self.removals.failed)
 
     def retry_unsaved(self) -> bool:
         """Write the outcomes that failed before; True when all of them are on disk now."""
+        if self.removals.failed and not self.removals.retry_failed():
+            return False
         while self.unsaved:
             attempt = self.unsaved[0]
             try:
@@ -227,15 +236,9 @@ class Recorder:
                              queue_id, printable(env.sender))
             attempt.step = 2
         if attempt.step == 2:
-            if attempt.deferred is None:
-                try:
-                    spool.remove_delivered(layout, queue_id, attempt.state)
-                except FileNotFoundError:
-                    # Held by the operator meanwhile; its status says it is done.
-                    log.info("moved_meanwhile queue_id=%s site=%s", queue_id, printable(env.site))
-                else:
-                    log.info("removed queue_id=%s site=%s delivered=%d bounced=%d", queue_id,
-                             printable(env.site), len(status.done), len(status.failed))
+            if attempt.deferred is None:  # every recipient is done: removed in the background
+                self.removals.add(Removal(layout, queue_id, attempt.state, env.site,
+                                          len(status.done), len(status.failed)))
             else:
                 deferred, first = attempt.deferred, attempt.first
                 assert first is not None

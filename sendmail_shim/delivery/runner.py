@@ -129,6 +129,7 @@ log = logging.getLogger(__name__)
 REFILL_EVERY = 0.2  # seconds: arrivals during a run are looked for at most this often
 RUN_CHUNK = 5000  # messages taken into one run; the rest in the next (bounded memory)
 FLUSH_STEP = 250  # a flush's messages read at once: the sessions start after the first step
+REMOVAL_WAIT = 30.0  # seconds a stopping runner waits for the removals handed in
 
 @dataclass
 class FlushScope:
@@ -158,6 +159,7 @@ class QueueRunner:
         self._stopping = False  # read by the _due thread too: a plain flag is enough
         self._schedule = Schedule()
         self._recorder = Recorder(config, self._schedule)  # outcomes to disk (record.py)
+        self._removals = self._recorder.removals  # delivered, being unlinked (removal.py)
         self._indexed = False  # the schedule holds every deferred message
         self._index_task: asyncio.Task[None] | None = None
         self._taken: set[str] = set()  # queue ids taken into the current run
@@ -209,6 +211,9 @@ class QueueRunner:
         finally:
             self._idle.enabled = False
             await self._idle.close_all()
+            # Delivered messages still being removed: gone before the daemon exits (a
+            # removal left undone means one more delivery after the restart).
+            await asyncio.to_thread(self._removals.wait, REMOVAL_WAIT)
 
     async def _run_forever(self) -> None:
         while not self._stopping:
@@ -234,7 +239,8 @@ class QueueRunner:
         async with self._lock:
             self.wake.clear()
             self._poked.clear()
-            if self._recorder.unsaved and not await asyncio.to_thread(self._recorder.retry_unsaved):
+            if self._recorder.blocked and not await asyncio.to_thread(
+                    self._recorder.retry_unsaved):
                 return 0  # still cannot record what was sent: send nothing more
             force, self._force = self._force, False
             only, self._force_only = self._force_only, None
@@ -250,6 +256,8 @@ class QueueRunner:
                 self._requeue_leftovers(run)
                 self._taken.clear()
                 self._sites.clear()
+            if not self._idle.enabled:  # a lone run (no run_forever) ends with its removals
+                await asyncio.to_thread(self._removals.wait, REMOVAL_WAIT)
             if (self._more or self._flushing) and not self._stopping:
                 self._more = False
                 self.wake.set()  # the rest of a long queue: the next run follows at once
@@ -270,7 +278,7 @@ class QueueRunner:
         for queue_id in spool.queue_ids(layout, spool.DEFERRED):
             if self._stopping:
                 return
-            if queue_id in self._taken:
+            if queue_id in self._taken or queue_id in self._removals:
                 continue
             self._schedule.put(queue_id, spool.read_status(layout, queue_id).next_attempt)
         self._indexed = True
@@ -285,7 +293,7 @@ class QueueRunner:
         while True:
             self._start_lanes(run)
             if (flushed is None and self._flushing and not self._stopping
-                    and not self._recorder.unsaved and run.taken < RUN_CHUNK
+                    and not self._recorder.blocked and run.taken < RUN_CHUNK
                     and run.queued() < FLUSH_STEP):
                 # The flush's next step is read while the sessions deliver the last one.
                 flushed = asyncio.ensure_future(asyncio.to_thread(
@@ -315,14 +323,14 @@ class QueueRunner:
             if refill_at is not None and loop.time() >= refill_at:
                 self._poked.clear()
                 refill_at, last_refill = None, loop.time()
-                if not self._stopping and not self._recorder.unsaved:
+                if not self._stopping and not self._recorder.blocked:
                     # Sites already in this run take their new mail in the next one: it
                     # queues behind their backlog anyway.  Another site's starts now.
                     run.add(await asyncio.to_thread(self._due, False, frozenset(run.queues)))
 
     def _start_lanes(self, run: Run) -> None:
         """Sessions for sites without one (round-robin), then more for long queues."""
-        if self._stopping or self._recorder.unsaved:
+        if self._stopping or self._recorder.blocked:
             return
         per_site = min((r.sessions for r in self.config.relays), default=1)
         for site in list(run.order):
@@ -356,7 +364,7 @@ class QueueRunner:
     @property
     def paused(self) -> bool:
         """True while an attempt's outcome could not be written (delivery stops)."""
-        return bool(self._recorder.unsaved)
+        return bool(self._recorder.blocked)
 
 
     def _due(self, force: bool, skip: frozenset[str]) -> dict[str, list[tuple[str, str]]]:
@@ -381,7 +389,7 @@ class QueueRunner:
             if not room:
                 self._more = True
                 break
-            if queue_id in self._taken:
+            if queue_id in self._taken or queue_id in self._removals:
                 continue
             site = self._sites.get(queue_id) or self._site_of(spool.INCOMING, queue_id)
             if site is None:
@@ -398,7 +406,7 @@ class QueueRunner:
         if not skip:  # the flush's first step; _serve takes the next ones while it delivers
             room -= self._take_flushed(due, min(room, FLUSH_STEP))
         for queue_id in self._schedule.take_due(now, room):
-            if queue_id in self._taken:
+            if queue_id in self._taken or queue_id in self._removals:
                 continue
             if self._stopping:
                 self._schedule.put(queue_id, now)
@@ -426,7 +434,7 @@ class QueueRunner:
         while self._flushing and looked < most and not self._stopping:
             queue_id = self._flushing.popleft()
             looked += 1
-            if queue_id in self._taken:
+            if queue_id in self._taken or queue_id in self._removals:
                 continue
             env = self._envelope_of(spool.DEFERRED, queue_id)
             if env is None:
@@ -495,7 +503,7 @@ class QueueRunner:
             await asyncio.to_thread(self._hold, site_name, items)
             return
         if site is None:
-            while queue and not self._stopping and not self._recorder.unsaved:
+            while queue and not self._stopping and not self._recorder.blocked:
                 state, queue_id = queue.popleft()
                 await self._record(state, queue_id, None, {}, Outcome.network(
                     f"site {printable(site_name)} is no longer in the configuration; add it back "
@@ -541,7 +549,7 @@ class QueueRunner:
         while queue:
             if self._stopping:
                 return  # shutdown: the message in hand was recorded, the rest waits
-            if self._recorder.unsaved:
+            if self._recorder.blocked:
                 return  # paused: what was sent is not recorded yet
             if served and run.full() and run.waiting(site_name) and (
                     run.lanes[site_name] > 1 or served >= lanes.LANE_TURN):

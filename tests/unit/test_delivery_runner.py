@@ -228,7 +228,7 @@ class TestPermanentFailures:
             self, config: Config, runner: QueueRunner, relay: RelayHandler,
             sender: str, notify: str | None, caplog: pytest.LogCaptureFixture) -> None:
         enqueue(config, "nosuch@example.net", sender=sender, notify=notify)
-        with caplog.at_level(logging.INFO, "sendmail_shim.delivery.runner"):
+        with caplog.at_level(logging.INFO, "sendmail_shim.delivery"):
             run(runner)
         assert empty(config) and relay.received == []
         assert "bounced queue_id=" in caplog.text and "bounce_queued" not in caplog.text
@@ -279,7 +279,7 @@ class TestIsolation:
         monkeypatch.setattr(QueueRunner, "_route", route)
         broken = enqueue(config, "boom@example.net")
         enqueue(config, "fine@example.net")
-        with caplog.at_level(logging.ERROR, "sendmail_shim.delivery.runner"):
+        with caplog.at_level(logging.ERROR, "sendmail_shim.delivery"):
             assert run(runner) == 2
             assert [t.rcpt_tos for t in relay.received] == [["fine@example.net"]]
             for n in range(1, MAX_INTERNAL_FAILURES):
