@@ -31,6 +31,8 @@ class Run:
     lanes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     taken: int = 0  # messages taken into this run
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a look at incoming/ ended
+    refilling: bool = False  # a look at incoming/ is under way
 
     def add(self, due: dict[str, list[tuple[str, str]]]) -> None:
         for site, items in due.items():

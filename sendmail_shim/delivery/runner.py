@@ -127,6 +127,7 @@ from sendmail_shim.store.state import RELAY_5XX, RELAY_OK, State
 
 log = logging.getLogger(__name__)
 REFILL_EVERY = 0.2  # seconds: arrivals during a run are looked for at most this often
+LINGER_SLACK = 0.05  # seconds an empty lane waits beyond REFILL_EVERY for the look it awaits
 RUN_CHUNK = 5000  # messages taken into one run; the rest in the next (bounded memory)
 FLUSH_STEP = 250  # a flush's messages read at once: the sessions start after the first step
 REMOVAL_WAIT = 30.0  # seconds a stopping runner waits for the removals handed in
@@ -323,10 +324,20 @@ class QueueRunner:
             if refill_at is not None and loop.time() >= refill_at:
                 self._poked.clear()
                 refill_at, last_refill = None, loop.time()
-                if not self._stopping and not self._recorder.blocked:
-                    # Sites already in this run take their new mail in the next one: it
-                    # queues behind their backlog anyway.  Another site's starts now.
-                    run.add(await asyncio.to_thread(self._due, False, frozenset(run.queues)))
+                if not self._stopping and not self._recorder.blocked and \
+                        run.taken < RUN_CHUNK:
+                    # A site with mail still queued in this run takes its new mail in the
+                    # next one: it queues behind that backlog anyway.  Another site's
+                    # starts now, and so does that of a site whose lanes wait for more
+                    # (_linger): a burst of one site's single messages goes on over the
+                    # sessions it holds, without a new run, lane or session check each.
+                    backlog = frozenset(site for site, queue in run.queues.items() if queue)
+                    run.refilling = True
+                    try:
+                        run.add(await asyncio.to_thread(self._due, False, backlog))
+                    finally:
+                        run.refilling = False
+                        run.arrived.set()
 
     def _start_lanes(self, run: Run) -> None:
         """Sessions for sites without one (round-robin), then more for long queues."""
@@ -546,7 +557,7 @@ class QueueRunner:
         """A lane's messages over its channels, until one of the ends _lane names."""
         site_name = site.name
         served = 0
-        while queue:
+        while queue or await self._linger(run, site_name, queue):
             if self._stopping:
                 return  # shutdown: the message in hand was recorded, the rest waits
             if self._recorder.blocked:
@@ -565,6 +576,29 @@ class QueueRunner:
             served += 1
             if self.state.suspension(site_name) is not None:
                 return  # an outbreak rule tripped: the next lane holds the rest
+
+    async def _linger(self, run: Run, site_name: str, queue: deque[tuple[str, str]]) -> bool:
+        """An empty lane's wait for the look at ``incoming/`` that a poke started (at most
+        :data:`REFILL_EVERY` and a little): True when it brought this site more mail.
+
+        Only while the run was poked (new mail arrived), nothing stops or pauses it and
+        no other site waits for a session: a lingering lane holds its slot no longer than
+        one look.  Then the lane's session sends the new mail at once (Postfix's queue
+        manager hands a new message to a waiting delivery agent the same way).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFILL_EVERY + LINGER_SLACK
+        while not queue:
+            if self._stopping or self._recorder.blocked or run.waiting(site_name) or not (
+                    self._poked.is_set() or run.refilling) or run.taken >= RUN_CHUNK:
+                return False
+            run.arrived.clear()
+            try:
+                async with asyncio.timeout_at(None if run.refilling else deadline):
+                    await run.arrived.wait()  # a look under way always ends with arrived
+            except TimeoutError:
+                return bool(queue)
+        return True
 
     async def _deliver_one(self, site: Site, state: str, queue_id: str, pools: Pools,
                            local: Channel | None) -> None:
@@ -599,15 +633,18 @@ class QueueRunner:
             results.update(await local.send(env, message, to_local))
         relayed = {r: results[r] for r in to_relay}
         self.relay_stats.note(list(relayed.values()))
-
-        def settle() -> bool:  # in a thread: the loop never waits on the state or the disk
-            queued_bounce = self._recorder.after_attempt(state, queue_id, (env, message),
-                                                         results, None, status)
-            self._watch_relay_answers(site, env, relayed)
-            return queued_bounce
-
-        if await asyncio.to_thread(settle):
-            self.poke()  # a bounce was queued: deliver it in the next run
+        entry = (env, message)
+        if all(r in results and results[r].kind == OK for r in pending):
+            # Every recipient delivered: the record is log lines and a removal handed to
+            # removal.py's threads, no disk work, so it is written here without a hop.
+            queued_bounce = self._recorder.after_attempt(state, queue_id, entry, results, None,
+                                                         status)
+        else:  # status, bounce or deferral: the disk, in a thread (the loop never waits)
+            queued_bounce = await asyncio.to_thread(self._recorder.after_attempt, state,
+                                                    queue_id, entry, results, None, status)
+        await self._watch_relay_answers(site, env, relayed)
+        if queued_bounce:
+            self.wake.set()  # a bounce was queued: deliver it in the next run
 
     def _hold_for_pool(self, state: str, queue_id: str, site_name: str, pool: str,
                        why: str) -> None:
@@ -627,7 +664,7 @@ class QueueRunner:
                       status: spool.Status | None = None) -> None:
         if await asyncio.to_thread(self._recorder.after_attempt, state, queue_id, entry, results,
                                    trouble, status):
-            self.poke()  # a bounce was queued: deliver it in the next run
+            self.wake.set()  # a bounce was queued: deliver it in the next run
 
 
     async def _route(self, recipients: list[str]
@@ -650,9 +687,10 @@ class QueueRunner:
                 decided[rcpt] = Outcome.network(route.reason)
         return decided, to_relay, to_local
 
-    def _watch_relay_answers(self, site: Site, env: Envelope,
-                             results: dict[str, Outcome]) -> None:
-        """Feed the relay's answers to the outbreak rules (relay_5xx_share), in groups."""
+    async def _watch_relay_answers(self, site: Site, env: Envelope,
+                                   results: dict[str, Outcome]) -> None:
+        """Feed the relay's answers to the outbreak rules (relay_5xx_share), in groups;
+        returns once they were written and the rule checked (answerbook.py)."""
         if env.origin in ("bounce", "notice"):
             return
         now = time.time()
@@ -660,7 +698,7 @@ class QueueRunner:
                    for out in results.values()
                    if out.kind == OK or (out.kind == PERM and out.code >= 500)]
         if answers:
-            self._answers.record(answers)
+            await self._answers.record(answers)
 
     def _feed_outbreak_rules(self, group: list[Answer]) -> None:
         """Write one group of answers in one state transaction, then check the rule once
