@@ -52,11 +52,9 @@ class AnswerBook:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._pending:
-                    self._cond.wait(IDLE_EXIT)
-                    if not self._pending:
-                        self._writer = False
-                        return
+                if not self._cond.wait_for(lambda: self._pending, IDLE_EXIT):
+                    self._writer = False
+                    return
                 batch, self._pending = self._pending, []
             try:
                 self._write([answer for answers, _loop, _done in batch for answer in answers])

@@ -83,11 +83,9 @@ class Removals:
     def _work(self) -> None:
         while True:
             with self._cond:
-                if not self._queue:
-                    self._cond.wait(IDLE_EXIT)
-                    if not self._queue:
-                        self._threads -= 1
-                        return
+                if not self._cond.wait_for(lambda: self._queue, IDLE_EXIT):
+                    self._threads -= 1
+                    return
                 removal = self._queue.popleft()
                 self._busy += 1
             done = _remove(removal)

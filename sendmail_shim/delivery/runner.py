@@ -2,19 +2,18 @@
 
 Trusts: queue files (the daemon wrote them) but re-validates them on read; a
 file that does not parse moves to ``corrupt/`` and is never delivered.
-Guarantees:
+Its parts, one concern each: ``lanes`` (a run's per-site queues and the fairness
+bounds), ``channels`` (a lane's sessions, one per pool), ``keptsessions`` (sessions
+kept between a site's lanes), ``record`` (an attempt's outcome to disk, backoff),
+``removal`` (delivered messages unlinked in the background), ``answerbook`` (the
+relay's answers to the outbreak rules in groups) and ``schedule`` (the deferred
+index).  Guarantees:
 
 * a message leaves the spool only when every recipient has a final outcome
-  (delivered or bounced).  A message delivered to all its recipients is only
-  removed (no status is written, the removal is not fsync'd): a crash before
-  that reaches the disk re-sends it (at-least-once, as every MTA), never
-  skips it.  Refused recipients are written to ``status/`` before their
-  bounce is queued, waiting ones with the deferral;
-* bookkeeping that fails (a full disk: the status, the bounce, the removal)
-  never makes the runner send again: the attempt's outcome is kept in memory,
-  delivery pauses (nothing is sent) and every run first retries that
-  bookkeeping; when it succeeds, delivery resumes.  Only a restart while
-  paused forgets it, and then the message in question is sent once more;
+  (delivered or bounced); outcomes, bounces and deferrals are written as
+  record.py says, removals as removal.py says (a message being removed is
+  never taken again); bookkeeping that fails (a full disk) pauses delivery
+  until it is written, and nothing is sent twice because of it;
 * temporary trouble (4xx, network, TLS, AUTH) waits with exponential backoff
   and jitter (``retry.initial`` doubling up to ``retry.maximum``); after
   ``retry.lifetime`` in the queue the remaining recipients are bounced;
@@ -25,33 +24,37 @@ Guarantees:
   at start, then fed by the runner's own deferrals); new mail is announced by
   :meth:`QueueRunner.poke` and found by listing ``incoming/`` (names only).
   An idle runner with a long deferred queue reads nothing until one is due;
-  a flush (``force``) list[Answer] ``deferred/`` once and takes every message in it.
+  a flush (``force``) lists ``deferred/`` once and takes every message in it.
   A run takes at most :data:`RUN_CHUNK` messages and the next run follows at
   once, so a long queue starts at once and costs the same per message;
-* fairness: each site has its own work queue in a run; sites get sessions
-  round-robin, at most :data:`lanes.MAX_PARALLEL_SITES` sites and
-  :data:`lanes.MAX_SESSIONS` sessions at once.  A site with a long queue opens one
-  more session per :data:`lanes.LANE_BATCH` waiting messages, up to the smallest
-  ``sessions`` of the relays.  When no slot is free and another site waits,
-  a session ends after its message in hand (at once if its site holds
-  several, else after :data:`lanes.LANE_TURN` messages) and the waiting site gets
-  it.  Mail of another site that arrives during a run joins it within
-  :data:`REFILL_EVERY`; a site's own new mail waits for the next run (it
-  would queue behind its backlog anyway).  The messages of one site are
-  sent in queue order over its sessions, each session reused for many;
-* a site's relay sessions outlive its lane by :data:`IDLE_SESSION` seconds
-  (:class:`IdleSessions`, Postfix's connection cache: ``smtp_connection_cache_on_demand``
+* fairness (lanes.py): each site has its own work queue in a run; sites get
+  sessions round-robin, at most ``MAX_PARALLEL_SITES`` sites and ``MAX_SESSIONS``
+  sessions at once.  A site with a long queue opens one more session per
+  ``LANE_BATCH`` waiting messages, up to the smallest ``sessions`` of the relays.
+  When no slot is free and another site waits, a session ends after its message
+  in hand (at once if its site holds several, else after ``LANE_TURN`` messages)
+  and the waiting site gets it.  Mail that arrives during a run is looked for
+  within :data:`REFILL_EVERY`: another site's joins the run; a site that still has
+  mail queued in the run gets its new mail in the next run (it would queue behind
+  that backlog anyway); a site whose lanes ran out of mail meanwhile waits for that
+  one look (:meth:`QueueRunner._linger`, only while no other site waits for a
+  session) and sends its new mail over the sessions it holds.  A burst of one
+  site's single messages (PHP's mail() in a loop) is then one run over kept
+  sessions, not a run, a lane and a session check per message.  The messages of
+  one site are sent in queue order over its sessions, each session reused for many;
+* a site's relay sessions outlive its lane by ``IDLE_SESSION`` seconds
+  (keptsessions.py, Postfix's connection cache: ``smtp_connection_cache_on_demand``
   with its 2 s ``smtp_connection_cache_time_limit``): the site's next lane under the same
   configuration takes one instead of connecting and logging in again, after an RSET shows
   it still works (as Postfix checks a cached session); a session that fails the check
   is closed and a new one opened, so no message waits because of it.  Only
-  :meth:`QueueRunner.run_forever` keeps sessions; at most :data:`lanes.MAX_SESSIONS` are kept
+  :meth:`QueueRunner.run_forever` keeps sessions; at most ``MAX_SESSIONS`` are kept
   (the oldest closed first), never one whose relay was down, and all are closed on a
-  reload or at shutdown.  A burst of single messages (PHP's mail()) then costs one
-  login per site, not one per message;
+  reload or at shutdown;
 * :meth:`QueueRunner.stop` (daemon shutdown) lets each site finish the
   message in hand, including recording its outcome, and starts no other, so
-  a SIGTERM never leaves a message the relay accepted unrecorded;
+  a SIGTERM never leaves a message the relay accepted unrecorded; run_forever
+  returns after the removals handed in are done (at most :data:`REMOVAL_WAIT`);
 * with a ``local_transport`` configured, each recipient is routed by its
   domain's real MX (route.py): local ones go to the local MTA without any site
   login, remote ones to the relay as the site; NXDOMAIN and null MX bounce,
@@ -69,10 +72,16 @@ Guarantees:
   restore), ``poke(force=True, uid=...)`` one uid's (a site's ``sendmail -q``:
   one site's flush never retries another site's mail).  Each relay's answers are
   counted in :attr:`QueueRunner.relay_stats`;
-* the relay's answers feed the ``relay_5xx_share`` rule in groups (:class:`AnswerBook`):
-  the answers settled while one group is written form the next, written in one
-  state transaction and checked once per site; a message's settling ends only after
-  its answers were written and checked, so a lane never runs ahead of the rule;
+* the relay's answers feed the ``relay_5xx_share`` rule in groups (answerbook.py);
+  a message's settling ends only after its answers were written and checked, so a
+  lane never runs ahead of the rule;
+* the loop does no disk writes and no state work: listings of ``incoming/`` and
+  ``deferred/``, status writes, bounces, deferrals and removals run in threads; a
+  message whose recipients were all delivered is recorded on the loop (log lines,
+  its removal handed to removal.py's threads), with no thread hop.  The one read
+  left on the loop is the message in hand's queue file and status (files written
+  moments ago, in the page cache: about 30 µs, less than the hop that would move
+  it; measured in docs/performance.md);
 * with ``scan.enabled``, a message is scored by spamd before its first attempt
   (scan.py): held above the maximum, deferred or sent unscored when spamd is
   down (``scan.on_failure``), never scored twice; its score then picks the pool;
@@ -80,8 +89,8 @@ Guarantees:
   routing, sending or recording one message is caught, the message is deferred
   with ``last_error`` naming the exception (and logged with its queue id, site
   and what to do next), and the run goes on with the next message.  After
-  :data:`MAX_INTERNAL_FAILURES` such failures in a row the message moves to
-  hold for the operator (``queue show``, then ``queue release`` or
+  ``MAX_INTERNAL_FAILURES`` (record.py) such failures in a row the message moves
+  to hold for the operator (``queue show``, then ``queue release`` or
   ``queue delete``) instead of being retried forever.  A queue file that does
   not parse moves to ``corrupt/``; one site's failing run does not stop the
   others.
@@ -385,7 +394,7 @@ class QueueRunner:
 
         ``incoming/`` is listed (its names only: it holds what arrived since the last
         run); deferred messages come from the schedule, never from a scan, except
-        that a flush list[Answer] ``deferred/`` once and is worked off chunk by chunk: a
+        that a flush lists ``deferred/`` once and is worked off chunk by chunk: a
         run takes its first :data:`FLUSH_STEP` here, and :meth:`_serve` reads the next
         step while the sessions deliver (they start without waiting for all).
         What does not fit in this run is left for the next, which follows at once.
