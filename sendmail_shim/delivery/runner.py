@@ -606,8 +606,12 @@ class QueueRunner:
                 async with asyncio.timeout_at(None if run.refilling else deadline):
                     await run.arrived.wait()  # a look under way always ends with arrived
             except TimeoutError:
-                return bool(queue)
-        return True
+                break
+        if queue and run.waiting(site_name):  # the look brought a site that waits for a
+            run.order.remove(site_name)  # session: it goes first, this site's mail after
+            run.order.append(site_name)
+            return False
+        return bool(queue)
 
     async def _deliver_one(self, site: Site, state: str, queue_id: str, pools: Pools,
                            local: Channel | None) -> None:

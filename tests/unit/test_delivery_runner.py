@@ -29,6 +29,7 @@ from sendmail_shim.delivery import keptsessions, lanes, record
 from sendmail_shim.delivery import runner as runner_module
 from sendmail_shim.delivery.answerbook import AnswerBook
 from sendmail_shim.delivery.record import MAX_INTERNAL_FAILURES, backoff
+from sendmail_shim.delivery.removal import Removal, Removals
 from sendmail_shim.delivery.runner import QueueRunner
 from sendmail_shim.store import spool
 from sendmail_shim.store.envelope import Envelope
@@ -470,6 +471,93 @@ async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+class TestLinger:
+    """A lane that ran out of mail while its site's new mail arrives sends it on the
+    session it holds: no new run, lane or session check per message."""
+
+    def test_a_sites_burst_of_single_messages_goes_on_over_its_lane(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runner_module, "REFILL_EVERY", 0.05)
+        sessions.pause = 0.02
+        runs: list[int] = []
+        real_run_once = runner.run_once
+
+        async def counted() -> int:
+            runs.append(1)
+            return await real_run_once()
+
+        monkeypatch.setattr(runner, "run_once", counted)
+
+        async def scenario() -> None:
+            task = asyncio.create_task(runner.run_forever())
+            for n in range(12):  # PHP's mail() in a loop: one message at a time
+                enqueue(config, f"r{n}@example.net")
+                runner.poke()
+                await asyncio.sleep(0.015)
+            await until(lambda: len(sessions.sent) == 12 and empty(config))
+            runner.stop()
+            await task
+
+        asyncio.run(scenario())
+        # One run over the lane's session (without the linger: 5 runs, 4 RSET checks).
+        assert len(runs) <= 2 and sessions.checked <= 1 and sessions.opened <= 2, runs
+
+    def test_a_lane_does_not_wait_while_another_site_waits_for_a_session(
+            self, config: Config, runner: QueueRunner, sessions: FakeSessions,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(lanes, "MAX_SESSIONS", 1)
+        monkeypatch.setattr(runner_module, "REFILL_EVERY", 0.3)
+
+        async def scenario() -> None:
+            task = asyncio.create_task(runner.run_forever())
+            enqueue(config, "a@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 1)
+            # site1's lane is empty now; mail of both sites arrives: site2 waits for the
+            # one session, so site1's lane ends instead of waiting for the look.
+            enqueue(config, "b@example.net", site=SITE2, sender="noreply@site2.test")
+            enqueue(config, "c@example.net")
+            runner.poke()
+            await until(lambda: len(sessions.sent) == 3 and empty(config))
+            runner.stop()
+            await task
+
+        asyncio.run(scenario())
+        assert sessions.sent[1] == SITE2 and sessions.most_open == 1
+
+
+class TestRemoval:
+    """Delivered messages are removed in the background, and never taken meanwhile."""
+
+    def test_a_message_being_removed_is_not_taken_again(
+            self, config: Config, runner: QueueRunner) -> None:
+        delivered = enqueue(config, "a@example.net")
+        other = enqueue(config, "b@example.net")
+        runner._removals._pending.add(delivered)  # handed in, its unlink not done yet
+        due = runner._due(False, frozenset())
+        assert due == {SITE: [(spool.INCOMING, other)]}
+
+    def test_a_failed_removal_is_kept_and_retried(
+            self, config: Config, spool_layout: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        queue_id = enqueue(config, "a@example.net")
+        real = spool.remove_delivered
+        broken = [True]
+
+        def remove_delivered(*args: Any) -> None:
+            if broken[0]:
+                raise OSError(errno.EROFS, "Read-only file system")
+            real(*args)
+
+        monkeypatch.setattr(spool, "remove_delivered", remove_delivered)
+        removals = Removals()
+        removals.add(Removal(config.layout, queue_id, spool.INCOMING, SITE, 1, 0))
+        assert removals.wait(5) and removals.failed and queue_id in removals
+        assert not removals.retry_failed() and queue_id in removals  # still refused
+        broken[0] = False
+        assert removals.retry_failed() and queue_id not in removals and empty(config)
 
 
 class TestKeptSessions:
