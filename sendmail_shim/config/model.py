@@ -14,6 +14,7 @@ the attribute names are the interface the whole daemon uses.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -703,8 +704,10 @@ class Config:
         PolicyService(), kind=Section(PolicyService, "POLICY SERVICE"),
         doc="the relay's Postfix policy service (sendmail-shim-admin policy serve)")
 
-    @property
+    @functools.cached_property
     def layout(self) -> paths.SpoolLayout:
+        """The spool's directory names, built once per configuration (every message
+        asked for it several times: nine path joins each)."""
         return paths.SpoolLayout(self.spool)
 
     def sites_of_uid(self, uid: int) -> list[Site]:
