@@ -406,7 +406,10 @@ class TestFairness:
                 arrived.append(delivered)
 
         sessions.on_send = other_site_arrives
-        sessions.pause = 0.02  # a relay's pace: the look for the arrival takes far less
+        # A relay's pace: the look for the arrival (a thread hop) takes far less, even on
+        # a loaded machine (0.02 s left too little once a delivered message's record
+        # stopped hopping to a thread: the lanes ran faster than the look).
+        sessions.pause = 0.05
         assert run(runner) == backlog + 1
         assert arrived == [10] and sessions.sent.count(SITE2) == 1 and empty(config)
         return sessions.sent.index(SITE2)
