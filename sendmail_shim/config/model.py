@@ -14,6 +14,7 @@ the attribute names are the interface the whole daemon uses.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -756,8 +757,10 @@ class Config:
     dkim: Dkim = key(Dkim(), kind=Section(Dkim, "DKIM"),
                      doc="per-site DKIM signing, key rotation and DNS")
 
-    @property
+    @functools.cached_property
     def layout(self) -> paths.SpoolLayout:
+        """The spool's directory names, built once per configuration (every message
+        asked for it several times: nine path joins each)."""
         return paths.SpoolLayout(self.spool)
 
     @property
