@@ -108,7 +108,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sendmail_shim.config import Config, Relay, Site
-from sendmail_shim.delivery import bounce, lanes, loopback
+from sendmail_shim.delivery import lanes, loopback
 from sendmail_shim.delivery.answerbook import Answer, AnswerBook
 from sendmail_shim.delivery.channels import Channel, Pools
 from sendmail_shim.delivery.dkim import Signer
