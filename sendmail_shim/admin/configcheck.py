@@ -60,6 +60,12 @@ def review(config: Config) -> Review:
                                  "could use the operator's blocklist access key")
     problems += _open_secret("reputation.snds_url_file", rep.snds_url_file,
                              "could use the operator's SNDS key")
+    from sendmail_shim.admin.dkimkeys import problems as dkim_problems  # lazy, as the others
+
+    problems += dkim_problems(config)
+    if config.dkim.update_key_file:
+        problems += _open_secret("dkim.update_key_file", config.dkim.update_key_file,
+                                 "could publish DNS records in the operator's zone")
     own_fs, fs_text = spool_filesystem(config.spool)
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     if not own_fs:

@@ -246,22 +246,30 @@ class KeyStore:
             return new
 
     def generate(self, domain: str, selector: str, algorithm: str, *, rsa_bits: int = 2048,
-                 now: float | None = None, note: str = "") -> KeyRecord:
-        """Make a pending key under a selector the domain has never used."""
+                 now: float | None = None, note: str = "", reuse: bool = False) -> KeyRecord:
+        """Make a pending key under a selector the domain has never used (``reuse``: or
+        whose key is revoked)."""
         domain = _check_label("domain", domain)
         selector = _check_label("selector", selector)
         pem = new_private_key(algorithm, rsa_bits)
-        return self.add(domain, selector, pem, now=now, note=note)
+        return self.add(domain, selector, pem, now=now, note=note, reuse=reuse)
 
     def add(self, domain: str, selector: str, pem: bytes, *, now: float | None = None,
-            note: str = "") -> KeyRecord:
-        """Store ``pem`` as a pending key of ``domain`` under a new selector."""
+            note: str = "", reuse: bool = False) -> KeyRecord:
+        """Store ``pem`` as a pending key of ``domain`` under a new selector.
+
+        ``reuse``: a selector whose key is revoked may be taken again (the two fixed
+        selectors of CNAME delegation alternate); its revoked record is dropped.
+        """
         algorithm, public = public_value(pem)
         stamp = time.time() if now is None else now
         rec = KeyRecord(domain=domain, selector=selector, algorithm=algorithm, state=PENDING,
                         public=public, created=stamp, changed=stamp, note=note)
 
         def put(records: list[KeyRecord]) -> list[KeyRecord]:
+            if reuse:
+                records = [r for r in records
+                           if not (r.selector == selector and r.state == REVOKED)]
             if any(r.selector == selector for r in records):
                 raise KeyStoreError(f"DKIM selector {selector} of {domain} is already in use; "
                                     f"choose another selector")
