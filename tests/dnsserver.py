@@ -6,7 +6,8 @@ names not in the zone answer NXDOMAIN with an SOA in the authority section.
 ``Zone.failures`` makes one query type of one name fail: ``{("mx.test", "AAAA"):
 "servfail" | "refused" | "timeout"}`` (real nameservers that answer A and
 fail AAAA).
-Counts queries per name so tests can see the cache at work.
+Counts queries per name so tests can see the cache at work.  ``Zone.set`` changes
+a name's records while the server runs (a DKIM key published, replaced, removed).
 ``serving(records)`` runs one on a free port for the length of a ``with`` block.
 """
 
@@ -35,6 +36,15 @@ class Zone:
         self.ttl = ttl
         self.queries: Counter[str] = Counter()
         self.failures: dict[tuple[str, str], str] = {}
+
+    def set(self, name: str, rdtype: str, values: list[str] | None) -> None:
+        """Change the records of ``name`` now (None removes them): DNS changing under a
+        running daemon."""
+        key = (name.lower().rstrip(".") + ".", rdtype)
+        if values is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = list(values)
 
     def answer(self, wire: bytes) -> bytes | None:
         query = dns.message.from_wire(wire)
