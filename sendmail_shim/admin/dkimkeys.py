@@ -295,6 +295,9 @@ def _domain_problems(config: Config, store: KeyStore, domain: str, where: str,
     for rec in records:
         if rec.state == REVOKED:
             continue
+        if rec.state == PENDING and now - rec.created > 2 * 86400:
+            found.append(f"{where}: selector {rec.selector} has waited {_age(now - rec.created)} "
+                         f"for DNS ({rec.note or 'not looked up yet: is the daemon running?'})")
         key_path = store.private_key_path(domain, rec.selector)
         try:
             kst = os.stat(key_path)
@@ -317,9 +320,6 @@ def _domain_problems(config: Config, store: KeyStore, domain: str, where: str,
             found.append(f"{where}: selector {rec.selector}: key file {key_path} does not hold "
                          f"the key its record publishes; sendmail-shim-admin dkim rotate "
                          f"{domain}")
-        if rec.state == PENDING and now - rec.created > 2 * 86400:
-            found.append(f"{where}: selector {rec.selector} has waited {_age(now - rec.created)} "
-                         f"for DNS ({rec.note or 'not looked up yet: is the daemon running?'})")
     if records and not any(r.state == ACTIVE for r in records):
         found.append(f"{where}: no active key: its mail goes unsigned until DNS serves a "
                      "pending key (sendmail-shim-admin dkim show " + domain + ")")

@@ -195,7 +195,7 @@ def test_rotate_every_makes_a_pending_key_and_tells_the_record(
     run_pass(watch, config, now)
     made = [r for r in store.records(SITE1) if r.state == "pending"]
     assert len(made) == 1 and made[0].selector == "shim20270714"
-    body = [m for m in notices(config) if "new DKIM keys" in m["Subject"]][0].get_payload()
+    body = next(m for m in notices(config) if "new DKIM keys" in m["Subject"]).get_payload()
     assert f"shim20270714._domainkey.{SITE1}. IN TXT" in body
     assert made[0].public[:200] in body
     run_pass(watch, config, now + 60)  # one pending key at a time
@@ -251,7 +251,7 @@ def test_delegated_selectors_alternate_and_wait_for_the_revocation(
     assert second.selector == "shim2"
     store.set_state(SITE1, "shim1", "retiring", now=T0)
     store.set_state(SITE1, "shim2", "active")
-    with pytest.raises(dkimkeys.KeyStoreError, match="shim1 is revoked on .* dkim revoke"):
+    with pytest.raises(dkimkeys.KeyStoreError, match=r"shim1 is revoked on .* dkim revoke"):
         dkimdns.new_key(config, store, SITE1, dkimkeys.RSA, T0)
     store.set_state(SITE1, "shim1", "revoked")
     third = dkimdns.new_key(config, store, SITE1, dkimkeys.RSA, T0)
