@@ -567,7 +567,10 @@ def dkim_publish(config_path: str | None, name: str | None) -> None:
                                      "update_key_file, update_zone or delegate_zone)")
         store = KeyStore(config.dkim_keys)
         domains = dkimkeys.domains_of(config, name) if name else store.domains()
-        return dkimkeys.publish(config, [r for d in domains for r in store.records(d)])
+        text = dkimkeys.publish(config, [r for d in domains for r in store.records(d)])
+        if text.startswith(dkimkeys.UPDATE_FAILED):
+            raise dkimkeys.DkimError(text)
+        return text
 
     _dkim(config_path, work)
 

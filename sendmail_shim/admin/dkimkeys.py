@@ -39,6 +39,8 @@ from sendmail_shim.store.dkimkeys import (
     public_value,
 )
 
+UPDATE_FAILED = "DNS UPDATE failed"
+
 
 class DkimError(Exception):
     """The operator asked for something that cannot be done; the text says why."""
@@ -159,7 +161,7 @@ def publish(config: Config, recs: list[KeyRecord]) -> str:
     try:
         names = dkimdns.publish(config, records)
     except dkimdns.UpdateError as exc:
-        return (f"DNS UPDATE failed: {exc}; the daemon publishes pending keys again at each "
+        return (f"{UPDATE_FAILED}: {exc}; the daemon publishes pending keys again at each "
                 "pass (dkim.pending_interval)")
     return f"published by DNS UPDATE in {config.dkim.publish_zone}: " + (
         ", ".join(names) or "nothing (no record under the zone)")

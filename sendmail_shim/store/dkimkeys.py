@@ -232,7 +232,11 @@ class KeyStore:
         import filelock
 
         self._ensure_dir(self.root)
-        lock = filelock.FileLock(os.path.join(self.root, ".lock"))
+        path = os.path.join(self.root, ".lock")
+        if not os.path.exists(path):  # made by root (the admin command): the daemon's too
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, MODE_FILE))
+            self._own(path, MODE_FILE)
+        lock = filelock.FileLock(path)
         with lock:
             yield
 
