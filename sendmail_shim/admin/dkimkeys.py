@@ -40,6 +40,7 @@ from sendmail_shim.store.dkimkeys import (
 )
 
 UPDATE_FAILED = "DNS UPDATE failed"
+PENDING_PATIENCE = 2 * 86400.0  # a pending key waiting longer is a config check problem
 
 
 class DkimError(Exception):
@@ -256,16 +257,24 @@ def delegation(config: Config, name: str) -> str:
 
 def problems(config: Config, now: float | None = None) -> list[str]:
     """Each problem of the key store, named for ``config check``."""
+    return review(config, now)[0]
+
+
+def review(config: Config, now: float | None = None) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the key store for ``config check``: a domain whose only
+    keys are pending and younger than PENDING_PATIENCE is a warning (waiting for DNS is
+    the normal first step), every other key trouble is a problem."""
     stamp = time.time() if now is None else now
     root = config.dkim_keys
     found: list[str] = []
     owners = site_of_domain(config)
+    warnings: list[str] = []
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        return []
+        return [], []
     except OSError as exc:
-        return [f"dkim: key directory {root}: {exc.strerror}; run config check as root"]
+        return [f"dkim: key directory {root}: {exc.strerror}; run config check as root"], []
     if st.st_mode & 0o077:
         found.append(f"dkim: key directory {root} has mode {st.st_mode & 0o777:04o}: other "
                      f"users may read or plant keys; chmod {MODE_DIR:04o} {root}")
@@ -278,12 +287,12 @@ def problems(config: Config, now: float | None = None) -> list[str]:
     for domain in store.domains():
         site = owners.get(domain)
         where = f"dkim: {domain} (site {site})" if site else f"dkim: {domain} (no site)"
-        found += _domain_problems(config, store, domain, where, stamp)
-    return found
+        found += _domain_problems(config, store, domain, where, stamp, warnings)
+    return found, warnings
 
 
 def _domain_problems(config: Config, store: KeyStore, domain: str, where: str,
-                     now: float) -> list[str]:
+                     now: float, warnings: list[str]) -> list[str]:
     found = []
     path = os.path.join(store.root, domain)
     try:
@@ -297,7 +306,7 @@ def _domain_problems(config: Config, store: KeyStore, domain: str, where: str,
     for rec in records:
         if rec.state == REVOKED:
             continue
-        if rec.state == PENDING and now - rec.created > 2 * 86400:
+        if rec.state == PENDING and now - rec.created > PENDING_PATIENCE:
             found.append(f"{where}: selector {rec.selector} has waited {_age(now - rec.created)} "
                          f"for DNS ({rec.note or 'not looked up yet: is the daemon running?'})")
         key_path = store.private_key_path(domain, rec.selector)
@@ -323,8 +332,11 @@ def _domain_problems(config: Config, store: KeyStore, domain: str, where: str,
                          f"the key its record publishes; sendmail-shim-admin dkim rotate "
                          f"{domain}")
     if records and not any(r.state == ACTIVE for r in records):
-        found.append(f"{where}: no active key: its mail goes unsigned until DNS serves a "
-                     "pending key (sendmail-shim-admin dkim show " + domain + ")")
+        text = (f"{where}: no active key: its mail goes unsigned until DNS serves a "
+                "pending key (sendmail-shim-admin dkim show " + domain + ")")
+        young = [r for r in records if r.state == PENDING
+                 and now - r.created <= PENDING_PATIENCE]
+        (warnings if young else found).append(text)
     elif any(r.state == ACTIVE and r.algorithm == ED25519 for r in records) and not any(
             r.state == ACTIVE and r.algorithm == RSA for r in records):
         found.append(f"{where}: an Ed25519 key is active without an RSA key; Ed25519 never "

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from sendmail_shim.config import Config
 from sendmail_shim.daemon import dkimdns
 from sendmail_shim.delivery.route import resolver_of
+from sendmail_shim.policy.periodic import Periodic
 from sendmail_shim.policy.sanctions import notify_admin
 from sendmail_shim.store.dkimkeys import (
     ACTIVE,
@@ -212,35 +213,22 @@ class Pass:
     republish: list[KeyRecord] = field(default_factory=list)
 
 
-class KeyWatch:
+class KeyWatch(Periodic):
     """The daemon's DKIM DNS watch (see the module docstring)."""
 
     def __init__(self, config: Callable[[], Config]) -> None:
+        super().__init__()
         self._config = config
-        self._wake = asyncio.Event()
-        self._stopping = False
         self._cache: dict[str, tuple[int, list[KeyRecord]]] = {}
 
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-
-    def poke(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        while not self._stopping:
-            config = self._config()
-            try:
-                await self.check(config, time.time())
-            except Exception:
-                log.exception("dkim_watch_failed: the pass is skipped and tried again after "
-                              "dkim.pending_interval")
-            try:
-                await asyncio.wait_for(self._wake.wait(), config.dkim.pending_interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+    async def round(self) -> float:
+        config = self._config()
+        try:
+            await self.check(config, time.time())
+        except Exception:
+            log.exception("dkim_watch_failed: the pass is skipped and tried again after "
+                          "dkim.pending_interval")
+        return config.dkim.pending_interval
 
     def _read(self, store: KeyStore, report: bool = True
               ) -> tuple[dict[str, list[KeyRecord]], int]:

@@ -104,7 +104,12 @@ def test_config_check_names_each_key_problem(make_config: MakeConfig) -> None:
     assert f"dkim: {SITE2} (site {SITE2}): selector bad (pending): key file" in found
     assert "is malformed" in found
     assert "selector bad has waited 5d for DNS" in found
-    assert f"{SITE2} (site {SITE2}): no active key" in found
+    assert f"{SITE2} (site {SITE2}): no active key" in found  # waited 5 days: a problem
+    # A young pending key with nothing active is the normal first step: a warning.
+    assert admin.review(config, now)[1] == [
+        f"dkim: fourth.test (site {SITE2}): no active key: its mail goes unsigned until DNS "
+        "serves a pending key (sendmail-shim-admin dkim show fourth.test)"]
+    assert "fourth.test (site site2.test): no active key" not in found
     assert "dkim: third.test (site site2.test): DKIM state file" in found
     assert "does not hold the key its record publishes" in found
 
