@@ -59,6 +59,13 @@ def daemon_owner(config: Config) -> tuple[int, int] | None:
 
 
 def store_of(config: Config) -> KeyStore:
+    """The key store to write, as the daemon's user when we run as root.  Refused before
+    the spool exists: root would make the key directory its own, which the daemon could
+    not read."""
+    if os.geteuid() == 0 and not os.path.isdir(config.spool):
+        raise DkimError(f"no spool at {config.spool}: create it first (sendmail-shim-admin "
+                        "spool init --user <the daemon's user>), so the keys are the "
+                        "daemon's")
     return KeyStore(config.dkim_keys, owner=daemon_owner(config))
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sendmail_shim.admin import dkimkeys as admin
-from sendmail_shim.config import ConfigError
+from sendmail_shim.config import Config, ConfigError
 from sendmail_shim.daemon import dkimdns
 from sendmail_shim.store import dkimkeys
 from sendmail_shim.store.dkimkeys import KeyStore
@@ -17,8 +17,15 @@ from sendmail_shim.store.dkimkeys import KeyStore
 from .conftest import SITE1, SITE2, MakeConfig
 
 
+def spooled(make_config: MakeConfig, **overrides: object) -> Config:
+    """A configuration whose spool exists (the admin command, as root, wants one)."""
+    config = make_config(**overrides)
+    os.makedirs(config.spool, exist_ok=True)
+    return config
+
+
 def test_make_site_keys_covers_every_domain_once(make_config: MakeConfig) -> None:
-    config = make_config(sites={SITE1: {"domains": [SITE1, "news.site1.test"]}},
+    config = spooled(make_config, sites={SITE1: {"domains": [SITE1, "news.site1.test"]}},
                          dkim={"ed25519": True})
     made = admin.make_site_keys(config, SITE1)
     assert sorted((r.domain, r.algorithm, r.state) for r in made) == [
@@ -30,7 +37,7 @@ def test_make_site_keys_covers_every_domain_once(make_config: MakeConfig) -> Non
 
 
 def test_show_prints_state_age_dns_and_the_exact_record(make_config: MakeConfig) -> None:
-    config = make_config()
+    config = spooled(make_config)
     (rec,) = admin.make_site_keys(config, SITE1)
     text = admin.show(config, SITE1, False, False)
     assert f"{SITE1} (site {SITE1}): signs with nothing" in text
@@ -48,7 +55,7 @@ def test_show_prints_state_age_dns_and_the_exact_record(make_config: MakeConfig)
 
 def test_rotate_refuses_a_second_pending_key_and_revoke_deletes(make_config: MakeConfig
                                                                 ) -> None:
-    config = make_config()
+    config = spooled(make_config)
     (first,) = admin.make_site_keys(config, SITE1)
     with pytest.raises(admin.DkimError, match="already pending"):
         admin.rotate(config, [SITE1])
@@ -142,3 +149,11 @@ def test_update_settings_come_together(make_config: MakeConfig) -> None:
     config = make_config(dkim={"update_server": "127.0.0.1", "update_key_file": "/etc/k",
                                "delegate_zone": "dkim.hoster.test"})
     assert config.dkim.publish_zone == "dkim.hoster.test"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root could make the spool its own")
+def test_root_makes_no_key_before_the_spool_exists(make_config: MakeConfig) -> None:
+    config = make_config()
+    with pytest.raises(admin.DkimError, match=r"no spool at .*spool init"):
+        admin.make_site_keys(config, SITE1)
+    assert not os.path.exists(config.spool)
