@@ -254,9 +254,11 @@ def test_update_with_a_wrong_tsig_key_is_refused_and_said(
 
 
 @pytest.fixture
-def rotation(shim_factory: Any, workdir: str) -> Iterator[tuple[Shim, Relay, DnsServer, str]]:
-    """A running daemon whose site1.test has an active key k1 served by the DNS server;
-    metrics in a textfile."""
+def rotation(shim_factory: Any, workdir: str, request: pytest.FixtureRequest
+             ) -> Iterator[tuple[Shim, Relay, DnsServer, str]]:
+    """A running daemon whose site1.test has an active key served by the DNS server;
+    metrics in a textfile; dkim.overlap 1h (or the test's indirect parameter)."""
+    overlap = getattr(request, "param", "1h")
     make_relay, make_shim = shim_factory
     metrics = os.path.join(workdir, "metrics")
     os.makedirs(metrics)
@@ -265,7 +267,7 @@ def rotation(shim_factory: Any, workdir: str) -> Iterator[tuple[Shim, Relay, Dns
     textfile = os.path.join(metrics, "shim.prom")
     with serving({("ns.test", "A"): ["127.0.0.1"]}, ttl=0) as server:
         port = free_port()
-        shim = make_shim([port], extra=dkim_config(server.port, overlap="1h") + (
+        shim = make_shim([port], extra=dkim_config(server.port, overlap=overlap) + (
             f"metrics: {{textfile: {textfile}, interval: 1s}}\n"))
         relay = make_relay(shim.logins, port)
         relay.start()
@@ -320,6 +322,7 @@ def test_a_mismatch_is_detected_shown_and_counted_while_mail_flows(
 
 
 @needs_signer
+@pytest.mark.parametrize("rotation", ["8s"], indirect=True)
 def test_full_rotation_under_a_running_daemon_never_fails_verification(
         rotation: tuple[Shim, Relay, DnsServer, str]) -> None:
     """Mail flows the whole time; each message the relay receives is verified by
@@ -359,10 +362,34 @@ def test_full_rotation_under_a_running_daemon_never_fails_verification(
     assert state_of(shim, old["selector"]).startswith("retiring")
     flow(3)
     assert list(checked.values())[-3:] == [new["selector"]] * 3
-    # Revoked (here by the operator instead of waiting the overlap): DNS publishes p=.
-    revoked = shim.admin("dkim", "revoke", "--config", shim.config, SITE, old["selector"])
-    assert revoked.returncode == 0, revoked.stderr
+    # The overlap (8s) passes: the daemon revokes the old key; DNS publishes p=.
+    wait_state(shim, old["selector"], "revoked/ok")
+    assert not os.path.exists(os.path.join(shim.spool, "dkim", SITE, old["selector"] + ".pem"))
     serve(server, old, "v=DKIM1; k=rsa; p=")
     flow(3)
     assert list(checked.values())[-3:] == [new["selector"]] * 3
     assert len(checked) == sent[0] == 12
+
+
+def test_dns_check_tells_which_key_signs_and_how_dmarc_aligns(
+        rotation: tuple[Shim, Relay, DnsServer, str]) -> None:
+    shim, _relay, server, _textfile = rotation
+    (active,) = keys(shim).values()
+    assert shim.admin("dkim", "rotate", "--config", shim.config, SITE).returncode == 0
+    pending = next(v for v in keys(shim).values() if v["state"] == "pending")
+    wait_until(lambda: keys(shim)[pending["selector"]]["dns"] == "missing", 15, "a look")
+    out = shim.admin("dns", "check", "--config", shim.config, SITE).stdout.decode()
+    assert (f"DKIM   ok          {active['selector']} (rsa, active) signs d={SITE}; DNS "
+            "serves it") in out
+    assert f"DKIM   pending     {pending['selector']} (rsa) waits: DNS has no key" in out
+    assert f"ALIGN  ok          DMARC passes for From @{SITE} through DKIM" in out
+    # Without the key in DNS and without SPF, DMARC fails: the check says so.
+    server.zone.set(f"{active['selector']}._domainkey.{SITE}", "TXT", None)
+    out = shim.admin("dns", "check", "--config", shim.config, SITE).stdout.decode()
+    assert f"DKIM   FAIL        {active['selector']} (rsa, active) signs d={SITE}; DNS " \
+           "missing now: publish" in out
+    assert f"ALIGN  FAIL        DMARC fails for From @{SITE}" in out
+    # With SPF authorising the relay's address, SPF alone aligns.
+    server.zone.set(SITE, "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    out = shim.admin("dns", "check", "--config", shim.config, SITE).stdout.decode()
+    assert f"ALIGN  ok          DMARC passes for From @{SITE} through SPF" in out
