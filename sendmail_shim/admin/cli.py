@@ -508,12 +508,16 @@ def dkim_show(config_path: str | None, as_json: bool, pending: bool, name: str |
 @dkim_group.command("rotate")
 @config_option
 @click.option("--all", "every", is_flag=True, help="Every site's domains (and host_domain).")
+@click.option("--domain", "domains", multiple=True, metavar="DOMAIN",
+              help="A domain (repeatable), as NAMES takes them too.")
 @click.argument("names", nargs=-1)
-def dkim_rotate(config_path: str | None, every: bool, names: tuple[str, ...]) -> None:
+def dkim_rotate(config_path: str | None, every: bool, domains: tuple[str, ...],
+                names: tuple[str, ...]) -> None:
     """Make a new pending key for sites or domains NAMES; it replaces the active one once
     DNS serves it."""
     from sendmail_shim.admin import dkimkeys
 
+    names = names + domains
     if bool(names) == every:
         raise click.UsageError("name sites or domains, or give --all")
 

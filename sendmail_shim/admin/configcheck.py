@@ -62,8 +62,8 @@ def review(config: Config) -> Review:
                              "could use the operator's SNDS key")
     from sendmail_shim.admin.dkimkeys import review as dkim_review  # lazy, as the others
 
-    key_problems, key_warnings = dkim_review(config)
-    problems += key_problems
+    dkim_found, dkim_warned = dkim_review(config)
+    problems += dkim_found
     if config.dkim.update_key_file:
         problems += _open_secret("dkim.update_key_file", config.dkim.update_key_file,
                                  "could publish DNS records in the operator's zone")
@@ -71,7 +71,7 @@ def review(config: Config) -> Review:
     warnings = [w for w in (protected_hardlinks_problem(),) if w]
     if not own_fs:
         warnings.append(fs_text)
-    warnings += stand_in_problems(config) + key_warnings
+    warnings += stand_in_problems(config) + dkim_warned
     if config.state_backend == "redis":
         warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
     readable = "but every site can read the configuration file (the sendmail front end reads it)"

@@ -12,7 +12,8 @@ command's changes are seen without a reload) and asks DNS (the resolver of
   find.  An Ed25519 key waits until its domain has an active RSA key (it never
   signs alone).  Until then the key's ``note`` says why it waits (no record, or
   another key at the name), shown by ``sendmail-shim-admin dkim show``.
-- every **active** and **retiring** key, once per ``dkim.recheck_interval``.
+- every **active** and **retiring** key, once per ``dkim.recheck_interval``
+  (counted from the last look, or from its last change of state if later).
   DNS serving another key or none at an active selector is a *mismatch*: the
   ``dns`` field says so, ``KeyStore.signing`` stops using the key (a retiring
   key DNS still serves stands in, else the domain's mail goes unsigned: never
@@ -169,8 +170,8 @@ def due(config: Config, rec: KeyRecord, now: float) -> bool:
     """Whether ``rec`` is looked up in this pass."""
     if rec.state == PENDING:
         return True
-    if rec.state in (ACTIVE, RETIRING):
-        return now - rec.dns_checked >= config.dkim.recheck_interval
+    if rec.state in (ACTIVE, RETIRING):  # a key that just changed state is as fresh
+        return now - max(rec.dns_checked, rec.changed) >= config.dkim.recheck_interval
     return False
 
 
