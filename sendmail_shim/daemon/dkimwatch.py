@@ -294,19 +294,20 @@ class KeyWatch(Periodic):
                              for r in records)
             if seen or revoke_due:
                 try:
-                    self._commit(config, store, domain, seen, now, done)
+                    records = self._commit(config, store, domain, seen, now, done)
                 except (OSError, KeyStoreError) as exc:
                     log.warning("dkim_keys_unwritable domain=%s reason=%r action=%r", domain,
                                 str(exc), "check the key directory's owner and free space")
                     continue
             if config.dkim.rotate_every:
-                self._rotate_due(config, store, domain, now, done)
+                self._rotate_due(config, store, domain, records, now, done)
         self._publish(config, done)
         self._notify(config, done)
         return done
 
     def _commit(self, config: Config, store: KeyStore, domain: str,
-                seen: dict[str, tuple[str, str]], now: float, done: Pass) -> None:
+                seen: dict[str, tuple[str, str]], now: float, done: Pass) -> list[KeyRecord]:
+        """Apply one domain's results under the store's lock; its records after."""
         changes: list[Change] = []
 
         def step(current: list[KeyRecord]) -> list[KeyRecord]:
@@ -344,15 +345,12 @@ class KeyWatch(Periodic):
                     pass
                 log.info("dkim_key_revoked domain=%s selector=%s", domain, rec.selector)
             done.changes.append(change)
+        return final
 
-    def _rotate_due(self, config: Config, store: KeyStore, domain: str, now: float,
-                    done: Pass) -> None:
+    def _rotate_due(self, config: Config, store: KeyStore, domain: str,
+                    records: list[KeyRecord], now: float, done: Pass) -> None:
         every = config.dkim.rotate_every
         assert every is not None
-        try:
-            records = store.records(domain)
-        except KeyStoreError:
-            return
         for algorithm in ALGORITHMS:
             active = [r for r in records if r.algorithm == algorithm and r.state == ACTIVE]
             if not active or any(r.algorithm == algorithm and r.state == PENDING
