@@ -97,11 +97,11 @@ class Change:
 
 def _waiting_note(config: Config, rec: KeyRecord, status: str, now: float) -> str:
     name = dkimdns.txt_name(config, rec)
-    if status == DNS_MISMATCH:
-        return (f"waits: DNS serves another key at {rec.name} (looked {_day(now)}); publish "
-                f"{name} TXT \"{rec.txt()}\"")
-    return (f"waits: DNS has no key at {rec.name} (looked {_day(now)}); publish {name} TXT "
-            f"\"{rec.txt()}\"")
+    what = "serves another key" if status == DNS_MISMATCH else "has no key"
+    cname = (f", and check that the customer's {rec.name} is a CNAME to {name}"
+             if name != rec.name else "")
+    return (f"waits: DNS {what} at {rec.name} (looked {_day(now)}); publish {name} TXT "
+            f"\"{rec.txt()}\"{cname}")
 
 
 def decide(config: Config, records: list[KeyRecord], seen: dict[str, tuple[str, str]],

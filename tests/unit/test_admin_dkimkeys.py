@@ -157,3 +157,12 @@ def test_root_makes_no_key_before_the_spool_exists(make_config: MakeConfig) -> N
     with pytest.raises(admin.DkimError, match=r"no spool at .*spool init"):
         admin.make_site_keys(config, SITE1)
     assert not os.path.exists(config.spool)
+
+
+def test_the_host_domain_is_site_admin(make_config: MakeConfig) -> None:
+    config = spooled(make_config, dkim={"host_domain": "shim.test"})
+    (rec,) = admin.make_site_keys(config, "_admin")
+    assert rec.domain == "shim.test"
+    assert "shim.test (site _admin)" in admin.show(config, None, False, False)
+    with pytest.raises(admin.DkimError, match="host_domain is not set"):
+        admin.make_site_keys(spooled(make_config, dkim={"host_domain": None}), "_admin")
