@@ -95,7 +95,8 @@ RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 SITE_STATUSES = ("accepted", "refused", "sent", "deferred", "bounced")
 # Errors worth an alert: each is a log line at warning or error that means trouble.
 ERROR_EVENTS = ("tempfail", "internal_error", "paused", "bookkeeping_failed",
-                "outbreak_rules_skipped", "corrupt", "cannot", "scan_unavailable")
+                "outbreak_rules_skipped", "corrupt", "cannot", "scan_unavailable",
+                "dkim_key_unusable")
 BIND_RETRY = 5.0  # seconds between two attempts to open a metrics port someone else holds
 SQUAT_LOG_EVERY = 60.0  # its metrics_unavailable error again this often while it lasts
 SCORE_BUCKETS = (-5.0, 0.0, 2.0, 5.0, 10.0, 20.0, 100.0, 1000.0)  # spamd's content scores
@@ -244,6 +245,11 @@ class EventMetrics(logging.Handler):
                                 "scan until it answers again (absent until the first scan)",
                                 registry=registry)
         self.dkim_keys = DkimKeyGauges(registry)
+        self.dkim = Counter(f"{p}_dkim_signatures", "Relay delivery attempts by DKIM result "
+                            "(delivery/dkim.py): signed, unsigned (nothing to sign with), "
+                            "foreign (From not the site's), error (a key could not be used: "
+                            "sent unsigned), off (the relay or its pool does not sign)",
+                            ["result"], registry=registry)
         self._site_lock = threading.Lock()
         self.site_counts: dict[tuple[str, str], int] = {}
         self.site_volume: dict[str, int] = {}
@@ -333,6 +339,8 @@ class EventMetrics(logging.Handler):
             self.scanner_up.set(1)
         elif name == "dkim_keys":
             self.dkim_keys.observe(event)
+        elif name == "dkim":
+            self.dkim.labels(event.get("result", "unsigned")).inc()
         elif name in ("pickup_retry", "dropped"):
             self.pickups.labels("retry" if name == "pickup_retry" else "refused").inc()
         if name in ERROR_EVENTS and level in ("warning", "error", "critical"):

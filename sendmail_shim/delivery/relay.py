@@ -33,6 +33,10 @@ quoted, exactly as the door accepted it.  Message data goes through
 ``smtp_line_length_limit`` does.  An address the client still cannot send (a
 queue file from before these checks) fails that message alone: the transaction
 is reset (RSET) and the session serves the next message.
+
+The bytes are made once per attempt (``smtp_data``), then passed through the
+session's ``wire`` (the queue runner sets delivery/dkim.py's signer: DKIM
+signatures for this relay, the last change to the message) and dot-stuffed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import functools
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -128,10 +133,16 @@ def _tls_context(relay: Relay) -> ssl.SSLContext:
     return context
 
 
+# What the bytes become on their way to this relay (delivery/dkim.py Signer.wire: the
+# DKIM signatures, the last change): (envelope, smtp_data's output, relay) -> bytes.
+Wire = Callable[[Envelope, bytes, Relay], Awaitable[bytes]]
+
+
 @dataclass
 class RelaySession:
     client: aiosmtplib.SMTP
     relay: Relay
+    wire: Wire | None = None  # None: smtp_data's output as it is (the local MTA)
 
     async def usable(self) -> bool:
         """Still connected and answering RSET with 250 (a kept session, before reuse:
@@ -182,8 +193,11 @@ class RelaySession:
         mail = b" ".join([b"MAIL FROM:" + sender_path.encode(encoding),
                           *(option.encode("ascii") for option in options)])
         rcpts = [b"RCPT TO:" + paths[rcpt].encode(encoding) for rcpt in recipients]
+        data = smtp_data(message)  # once per attempt, then signed (or not) for this relay
+        if self.wire is not None:
+            data = await self.wire(envelope, data, self.relay)
         if client.supports_extension("pipelining"):
-            return await self._send_pipelined(mail, rcpts, recipients, message, results)
+            return await self._send_pipelined(mail, rcpts, recipients, data, results)
         try:
             reply = await self._command(mail)
             if reply.code != 250:
@@ -201,7 +215,7 @@ class RelaySession:
                 await self._rset()
                 return results
             try:
-                reply = await client.data(smtp_data(message))
+                reply = await client.data(data)
                 done = Outcome.from_reply(reply.code, reply.message, label)
             except aiosmtplib.SMTPResponseException as exc:
                 done = _data_refused(exc.code, exc.message, label)
@@ -211,7 +225,7 @@ class RelaySession:
             raise SessionBroken(f"{label}: {exc}") from exc
 
     async def _send_pipelined(self, mail: bytes, rcpts: list[bytes], recipients: list[str],
-                              message: bytes, results: dict[str, Outcome]
+                              data: bytes, results: dict[str, Outcome]
                               ) -> dict[str, Outcome]:
         """The transaction with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one
         write, their replies read in order; the body only after DATA's 354.
@@ -244,7 +258,7 @@ class RelaySession:
             done = _data_refused(data_reply.code, data_reply.message, label)
             await self._abandon(data_reply)
         else:
-            body = _DOT.sub(b"..", smtp_data(message)) + b".\r\n"
+            body = _DOT.sub(b"..", data) + b".\r\n"
             (reply,) = await self._exchange(body, 1)
             done = (Outcome.from_reply(reply.code, reply.message, label) if reply.code == 250
                     else _data_refused(reply.code, reply.message, label))

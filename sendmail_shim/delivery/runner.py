@@ -105,6 +105,7 @@ from typing import Any
 
 from sendmail_shim.config import Config, Relay, Site
 from sendmail_shim.delivery import bounce, loopback
+from sendmail_shim.delivery.dkim import Signer
 from sendmail_shim.delivery.local import Session, open_local_session
 from sendmail_shim.delivery.relay import RelaysUnavailable, SessionBroken, open_session
 from sendmail_shim.delivery.route import FAIL, LOCAL, REMOTE, Router
@@ -478,6 +479,7 @@ class QueueRunner:
         # DNS routing matters only where there is somewhere local to deliver to.
         self.router = Router(config) if config.local_transport is not None else None
         self.scanner = Scanner(config, state)  # content scoring (scan.py), if scan.enabled
+        self.dkim = Signer(config)  # the relay road's DKIM signatures (dkim.py)
         self.wake = asyncio.Event()
         self._poked = asyncio.Event()  # an arrival during a run: look at incoming/ again
         self._force = False
@@ -509,6 +511,7 @@ class QueueRunner:
         loopback.configure(config)
         self.router = Router(config) if config.local_transport is not None else None
         self.scanner.reconfigure(config)
+        self.dkim.reconfigure(config)
         self._idle.trim(0)  # kept sessions: logins and relays may have changed
 
     def poke(self, force: bool = False, pool: str | None = None,
@@ -863,7 +866,9 @@ class QueueRunner:
                 raise RelaysUnavailable(Outcome.network(
                     f"pool {pool} has no relays (no relay names it in relays[].pool): the "
                     "mail waits; add a relay to the pool"))
-            return await open_session(active, login, config.hostname, site_name)
+            session = await open_session(active, login, config.hostname, site_name)
+            session.wire = self.dkim.wire  # DKIM, per message and relay (dkim.py)
+            return session
 
         relay = self._idle.take(site_name, config)
         if relay is None:  # a new session: kept ones give way so that all stay within bounds

@@ -101,13 +101,20 @@ def public_value(private_pem: bytes) -> tuple[str, str]:
     where cryptography allows it: a key that does not parse is still a ValueError.
     """
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     try:  # OpenSSL 3's RSA key check costs ~60 ms a key: 10 minutes for 10,000 domains
         key = serialization.load_pem_private_key(private_pem, password=None,
                                                  unsafe_skip_rsa_key_validation=True)
     except TypeError:  # cryptography < 39 (Debian 12 has 38) checks the key always
         key = serialization.load_pem_private_key(private_pem, password=None)
+    return public_of(key)
+
+
+def public_of(key: object) -> tuple[str, str]:
+    """(algorithm, p= value) of a parsed private key; ``ValueError`` if it is neither kind."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if isinstance(key, rsa.RSAPrivateKey):
         der = key.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -16,6 +16,7 @@ from sendmail_shim.delivery.relay import (
     LINE_LENGTH_LIMIT,
     RelaysUnavailable,
     SessionBroken,
+    Wire,
     open_session,
     smtp_data,
 )
@@ -223,13 +224,14 @@ class Recorder:
                 await writer.drain()
         writer.close()
 
-    def deliver(self, *messages: tuple[str, list[str]], timeout: float = 5
-                ) -> list[dict[str, Outcome] | Exception]:
+    def deliver(self, *messages: tuple[str, list[str]], timeout: float = 5,
+                wire: Wire | None = None) -> list[dict[str, Outcome] | Exception]:
         """Each (sender, recipients) sent in turn over one session; outcomes or exception."""
         async def go() -> list[dict[str, Outcome] | Exception]:
             server = await self.start()
             relay = Relay("127.0.0.1", self.port, tls="none", timeout=timeout)
             session = await open_session((relay,), None, "shim.test", "site1.test")
+            session.wire = wire
             out: list[dict[str, Outcome] | Exception] = []
             try:
                 for sender, rcpts in messages:
@@ -330,6 +332,25 @@ class TestPipelining:
         server = Recorder(trickle=0.15)  # 4 replies, 0.6 s in all, none later than 0.4 s
         (results,) = server.deliver((SENDER, ["a@example.net", "b@example.net"]), timeout=0.4)
         assert codes(results) == {"a@example.net": (OK, 250), "b@example.net": (OK, 250)}
+
+    @pytest.mark.parametrize("pipelining", [True, False])
+    def test_the_wire_hook_changes_the_bytes_once_per_attempt(self, pipelining: bool) -> None:
+        """The session's wire (the DKIM signer) gets smtp_data's bytes once per message,
+        whatever the number of recipients, and the relay receives what it returns,
+        dot-stuffed."""
+        calls: list[tuple[str, bytes, str]] = []
+
+        async def wire(env: Envelope, data: bytes, relay: Relay) -> bytes:
+            calls.append((env.queue_id, data, relay.label))
+            return b"X-Signed: .yes\r\n" + data
+
+        server = Recorder(pipelining=pipelining)
+        (results,) = server.deliver((SENDER, ["a@example.net", "b@example.net"]), wire=wire)
+        assert codes(results) == {"a@example.net": (OK, 250), "b@example.net": (OK, 250)}
+        assert calls == [("0" * 16, smtp_data(BODY), f"127.0.0.1:{server.port}")]
+        assert server.messages == [(["a@example.net", "b@example.net"],
+                                    b"X-Signed: .yes\r\nSubject: pipelined\r\n\r\n.a line "
+                                    b"that starts with a dot\r\nbody")]
 
     def test_without_pipelining_one_command_at_a_time(self) -> None:
         server = Recorder(pipelining=False)
