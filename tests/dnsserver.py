@@ -6,7 +6,10 @@ names not in the zone answer NXDOMAIN with an SOA in the authority section.
 ``Zone.failures`` makes one query type of one name fail: ``{("mx.test", "AAAA"):
 "servfail" | "refused" | "timeout"}`` (real nameservers that answer A and
 fail AAAA).
-Counts queries per name so tests can see the cache at work.
+Counts queries per name so tests can see the cache at work.  ``Zone.set`` changes
+a name's records while the server runs (a DKIM key published, replaced, removed);
+``Zone.forward`` sends names under a suffix to another server (a CNAME into a zone
+that server holds is followed, as a recursive resolver does).
 ``serving(records)`` runs one on a free port for the length of a ``with`` block.
 """
 
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 
 import dns.message
 import dns.name
+import dns.query
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
@@ -35,6 +39,18 @@ class Zone:
         self.ttl = ttl
         self.queries: Counter[str] = Counter()
         self.failures: dict[tuple[str, str], str] = {}
+        # Names under a suffix here are asked of that (host, port) server, as a
+        # recursive resolver would: a CNAME into an operator's zone served elsewhere.
+        self.forward: dict[str, tuple[str, int]] = {}
+
+    def set(self, name: str, rdtype: str, values: list[str] | None) -> None:
+        """Change the records of ``name`` now (None removes them): DNS changing under a
+        running daemon."""
+        key = (name.lower().rstrip(".") + ".", rdtype)
+        if values is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = list(values)
 
     def answer(self, wire: bytes) -> bytes | None:
         query = dns.message.from_wire(wire)
@@ -62,6 +78,13 @@ class Zone:
                 name, self.ttl, "IN", "CNAME", cname))
             target = cname[0].lower()
         values = self.records.get((target, rdtype))
+        upstream = [a for suffix, a in self.forward.items() if target.endswith("." + suffix)]
+        if upstream and not values:
+            asked = dns.query.udp(dns.message.make_query(target, rdtype), upstream[0][0],
+                                  port=upstream[0][1], timeout=3)
+            response.answer.extend(asked.answer)
+            response.set_rcode(asked.rcode())
+            return response.to_wire()
         if values:
             response.answer.append(dns.rrset.from_text_list(
                 target, self.ttl, "IN", rdtype, values))

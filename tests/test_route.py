@@ -244,4 +244,5 @@ def test_dns_check(routed: Any) -> None:
     assert out.returncode == 1
     assert "SPF    FAIL" in text and "ip4:127.0.0.1" in text  # what to publish
     assert "DMARC  missing" in text and "_dmarc.site2.test" in text
-    assert "DKIM   not checked" in text
+    assert "DKIM   missing" in text and "dkim make site2.test" in text
+    assert "ALIGN  FAIL" in text

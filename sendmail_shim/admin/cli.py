@@ -446,6 +446,139 @@ def dns_check(config_path: str | None, name: str) -> None:
     sys.exit(1 if problems else 0)
 
 
+@cli.group("dkim")
+def dkim_group() -> None:
+    """DKIM keys: make, show, rotate, revoke; CNAME delegation; DNS UPDATE."""
+
+
+def _dkim(config_path: str | None, work: Any) -> None:
+    """Run ``work(config)`` and print its text; failures as one line with a sysexits code."""
+    from sendmail_shim.admin.dkimkeys import DkimError
+    from sendmail_shim.store.dkimkeys import KeyStoreError
+
+    config = _load(config_path)
+    try:
+        text = work(config)
+    except (DkimError, KeyStoreError) as exc:
+        click.echo(f"sendmail-shim-admin: {exc}", err=True)
+        sys.exit(sysexits.EX_DATAERR)
+    except PermissionError as exc:
+        click.echo(f"sendmail-shim-admin: {exc}; the keys are the daemon's: run as root or as "
+                   "the daemon's user", err=True)
+        sys.exit(sysexits.EX_NOPERM)
+    if text:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+def _made(config: Config, made: list[Any], what: str) -> str:
+    from sendmail_shim.admin import dkimkeys
+
+    if not made:
+        return f"nothing to {what}: every domain has its keys (sendmail-shim-admin dkim show)"
+    lines = [f"{what}: {r.domain} {r.selector} ({r.algorithm}) pending: it signs once DNS "
+             "serves its record; the current key (if any) signs meanwhile" for r in made]
+    published = dkimkeys.publish(config, made)
+    shown = "".join(dkimkeys.show(config, d, False, True)
+                    for d in dict.fromkeys(r.domain for r in made))
+    return "\n".join(lines) + ("\n" + published if published else "") + "\n" + shown
+
+
+@dkim_group.command("make")
+@config_option
+@click.argument("name")
+def dkim_make(config_path: str | None, name: str) -> None:
+    """Make the keys site NAME's domains lack (RSA; Ed25519 too with dkim.ed25519)."""
+    from sendmail_shim.admin import dkimkeys
+
+    _dkim(config_path, lambda c: _made(c, dkimkeys.make_site_keys(c, name), "made"))
+
+
+@dkim_group.command("show")
+@config_option
+@json_option
+@click.option("--pending", is_flag=True, help="Only keys waiting for DNS.")
+@click.argument("name", required=False)
+def dkim_show(config_path: str | None, as_json: bool, pending: bool, name: str | None) -> None:
+    """Each domain's selectors (of site or domain NAME): state, age, DNS, the records."""
+    from sendmail_shim.admin import dkimkeys
+
+    _dkim(config_path, lambda c: dkimkeys.show(c, name, as_json, pending))
+
+
+@dkim_group.command("rotate")
+@config_option
+@click.option("--all", "every", is_flag=True, help="Every site's domains (and host_domain).")
+@click.option("--domain", "domains", multiple=True, metavar="DOMAIN",
+              help="A domain (repeatable), as NAMES takes them too.")
+@click.argument("names", nargs=-1)
+def dkim_rotate(config_path: str | None, every: bool, domains: tuple[str, ...],
+                names: tuple[str, ...]) -> None:
+    """Make a new pending key for sites or domains NAMES; it replaces the active one once
+    DNS serves it."""
+    from sendmail_shim.admin import dkimkeys
+
+    names = names + domains
+    if bool(names) == every:
+        raise click.UsageError("name sites or domains, or give --all")
+
+    def work(config: Config) -> str:
+        wanted = list(names) or [n for n, s in config.sites.items() if s.domains] + (
+            ["_admin"] if config.dkim.host_domain else [])
+        return _made(config, dkimkeys.rotate(config, wanted), "rotated")
+
+    _dkim(config_path, work)
+
+
+@dkim_group.command("revoke")
+@config_option
+@click.argument("domain")
+@click.argument("selector")
+def dkim_revoke(config_path: str | None, domain: str, selector: str) -> None:
+    """Revoke DOMAIN's SELECTOR now: its private key is deleted, its record gets p=."""
+    from sendmail_shim.admin import dkimkeys
+
+    def work(config: Config) -> str:
+        rec = dkimkeys.revoke(config, domain, selector)
+        published = dkimkeys.publish(config, [rec])
+        return (f"revoked {rec.domain} {rec.selector}; publish the empty key:\n"
+                + dkimkeys.show(config, rec.domain, False, False)
+                + (published + "\n" if published else ""))
+
+    _dkim(config_path, work)
+
+
+@dkim_group.command("delegation")
+@config_option
+@click.argument("name")
+def dkim_delegation(config_path: str | None, name: str) -> None:
+    """The CNAMEs site or domain NAME publishes once (dkim.delegate_zone)."""
+    from sendmail_shim.admin import dkimkeys
+
+    _dkim(config_path, lambda c: dkimkeys.delegation(c, name))
+
+
+@dkim_group.command("publish")
+@config_option
+@click.argument("name", required=False)
+def dkim_publish(config_path: str | None, name: str | None) -> None:
+    """Publish the current records (of NAME, or all) by DNS UPDATE now (dkim.update_*)."""
+    from sendmail_shim.admin import dkimkeys
+    from sendmail_shim.store.dkimkeys import KeyStore
+
+    def work(config: Config) -> str:
+        if config.dkim.publish_zone is None:
+            raise dkimkeys.DkimError("DNS UPDATE is not configured (dkim.update_server, "
+                                     "update_key_file, update_zone or delegate_zone)")
+        store = KeyStore(config.dkim_keys)
+        domains = dkimkeys.domains_of(config, name) if name else store.domains()
+        text = dkimkeys.publish(config, [r for d in domains for r in store.records(d)])
+        if text.startswith(dkimkeys.UPDATE_FAILED):
+            raise dkimkeys.DkimError(text)
+        return text
+
+    _dkim(config_path, work)
+
+
 @cli.group()
 def firewall() -> None:
     """Render and check the rules that make sendmail-shim the only way out."""

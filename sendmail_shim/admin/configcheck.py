@@ -63,13 +63,20 @@ def review(config: Config) -> Review:
                              "could use the operator's SNDS key")
     site_problems, site_warnings = sites_dir_review(config)
     problems += site_problems
+    from sendmail_shim.admin.dkimkeys import review as dkim_review  # lazy, as the others
+
+    dkim_found, dkim_warned = dkim_review(config)
+    problems += dkim_found
+    if config.dkim.update_key_file:
+        problems += _open_secret("dkim.update_key_file", config.dkim.update_key_file,
+                                 "could publish DNS records in the operator's zone")
     from sendmail_shim.delivery.dkim import key_problems  # lazy: cryptography
     problems += key_problems(config)
     own_fs, fs_text = spool_filesystem(config.spool)
     warnings = [w for w in (protected_hardlinks_problem(),) if w] + site_warnings
     if not own_fs:
         warnings.append(fs_text)
-    warnings += stand_in_problems(config)
+    warnings += stand_in_problems(config) + dkim_warned
     if config.state_backend == "redis":
         warnings += [w for w in (insecure(config.state_url, config.state_password_file),) if w]
     readable = "but every site can read the configuration file (the sendmail front end reads it)"

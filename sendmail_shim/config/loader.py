@@ -204,6 +204,7 @@ def _finish_config(r: _Reader, values: dict[str, Any], data: dict[str, Any],
     config = replace(config, sites=sites, default_site=default_site, accounts=accounts,
                      routing=routing)
     _check_pools(config)
+    _check_dkim_update(config)
     return config
 
 
@@ -257,6 +258,17 @@ def _check_claims(sites: dict[str, Site], origins: dict[str, str]) -> None:
                         f"({origins.get(other, other)}) and in site {site.name} "
                         f"({origins.get(site.name, site.name)}): the docroot could not tell "
                         "them apart; give each site its own docroot")
+
+
+def _check_dkim_update(config: Config) -> None:
+    """DNS UPDATE needs its server, its TSIG key and a zone, all three."""
+    dkim = config.dkim
+    if not (dkim.update_server or dkim.update_key_file):
+        return
+    if not dkim.update_server or not dkim.update_key_file:
+        raise Problem("dkim", "DNS UPDATE needs both update_server and update_key_file")
+    if not (dkim.update_zone or dkim.delegate_zone):
+        raise Problem("dkim", "DNS UPDATE needs a zone: set update_zone (or delegate_zone)")
 
 
 def _check_pools(config: Config) -> None:

@@ -464,6 +464,28 @@ class Dkim:
     host_domain: str | None = key(None, kind=Optional(Domain(), falsy=True),
                                   doc="the host's own domain: bounces and operator notices are "
                                       "signed with its key", default_text="none")
+    update_server: str | None = key(
+        None, kind=Optional(IPAddress(), falsy=True),
+        doc="publish key records by DNS UPDATE (RFC 2136, signed with TSIG) at this primary "
+            "server's address (BIND, Knot, PowerDNS); only names under update_zone",
+        default_text="none: the operator publishes the records")
+    update_port: int = key(53, kind=Whole(1, 65535), doc="the UPDATE server's port")
+    update_zone: str | None = key(None, kind=Optional(Domain(), falsy=True),
+                                  doc="the zone UPDATE writes into",
+                                  default_text="delegate_zone")
+    update_key_file: str | None = _secret_file(
+        "the TSIG key of the UPDATEs: BIND's key block (tsig-keygen) or one line "
+        "ALGORITHM:NAME:SECRET; readable only by root and the daemon's user (0640 "
+        "root:<daemon group>, or 0600 the daemon's)")
+
+    @property
+    def publish_zone(self) -> str | None:
+        """The zone UPDATE writes into when UPDATE is configured (update_zone, else
+        delegate_zone), else None."""
+        if not self.update_server or not self.update_key_file:
+            return None
+        zone = self.update_zone or self.delegate_zone
+        return zone.lower().rstrip(".") if zone else None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ drop files (``pickup``), the queue runner (``delivery.runner``) and the
 reputation watch of the relays (``delivery.reputation``).
 
 Trusts: its configuration (checked whole by ``config``) and the kernel; it
-reads nothing from callers itself.
+reads nothing from callers itself.  The DKIM DNS watch (``dkimwatch``) moves keys
+from pending to active once DNS serves them, rechecks active keys and revokes
+retired ones.
 Guarantees: one daemon per spool (a lock file: a second one exits 75 naming
 it); interrupted writes in ``tmp/`` are removed at start; drop files are
 ingested at start, on every scan and on a flush request (``sendmail -q``).
@@ -62,6 +64,7 @@ from sendmail_shim.config import Config, ConfigError, load_config
 from sendmail_shim.daemon import pickup
 from sendmail_shim.daemon.capture import CaptureHandler, CaptureListeners, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
+from sendmail_shim.daemon.dkimwatch import KeyWatch
 from sendmail_shim.daemon.logsetup import metrics_enabled
 from sendmail_shim.daemon.submission import SubmissionServer
 from sendmail_shim.daemon.workers import IntakeWorkers
@@ -96,6 +99,7 @@ class Daemon:
         self.state: State | None = None
         self.runner: QueueRunner | None = None
         self.watch: Watch | None = None  # the reputation watch (delivery/reputation.py)
+        self.keywatch = KeyWatch(lambda: self.config)  # DKIM keys against DNS
         self.unavailable: str | None = None  # why submissions are refused (state not open)
         self.pickup_wake = asyncio.Event()
         self.intake = IntakeWorkers()  # before the servers that hand their intakes to it
@@ -194,6 +198,7 @@ class Daemon:
             self.runner.stop()
         if self.watch is not None:
             self.watch.stop()
+        self.keywatch.stop()
         _done, late = await asyncio.wait(background, timeout=STOP_TIMEOUT)
         for task in late:
             log.warning("stopping: %s did not finish within %gs; cancelled", task.get_name(),
@@ -248,7 +253,7 @@ class Daemon:
                                                   self._capture_handlers, self.intake)]
         assert self.watch is not None, "_open_state creates the watch"
         await asyncio.gather(self._runner().run_forever(), self._pickup_forever(),
-                             self.watch.run(), self._follow_forever())
+                             self.watch.run(), self._follow_forever(), self.keywatch.run())
 
     async def _follow_forever(self) -> None:
         """Follow the state file's changes made by other processes (the relay's policy
@@ -305,6 +310,7 @@ class Daemon:
             handler.config = new
         if self.watch is not None:
             self.watch.poke()  # the zones or relays may have changed
+        self.keywatch.poke()  # the dkim: section may have changed
         log.info("reloaded %s: %d sites, relays=%s", new.path, len(new.sites),
                  ",".join(r.label for r in new.relays) or "none")
         return None

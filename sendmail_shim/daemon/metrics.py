@@ -137,6 +137,50 @@ def _count(text: str, default: int = 1) -> int:
         return default
 
 
+class DkimKeyGauges:
+    """The DKIM key gauges, set from the DNS watch's ``dkim_keys`` line after each pass
+    (daemon/dkimwatch.py): totals only, no per-domain label (10,000 sites); the ages are
+    computed at scrape time from the creation times the line carries."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = f"{PREFIX}_dkim"
+        self.pending = Gauge(f"{p}_keys_pending", "DKIM keys waiting until DNS serves their "
+                             "record (they do not sign yet)", registry=registry)
+        self.mismatch = Gauge(f"{p}_keys_dns_mismatch", "Active DKIM keys whose record DNS "
+                              "contradicts (another key or none): they do not sign",
+                              registry=registry)
+        self.unsigned = Gauge(f"{p}_domains_unsigned", "Domains with DKIM keys of which none "
+                              "signs now (pending only, or DNS contradicts)", registry=registry)
+        self.errors = Gauge(f"{p}_domains_unreadable", "Domains whose DKIM state file cannot "
+                            "be read (their mail goes unsigned)", registry=registry)
+        self._oldest_active = 0.0
+        self._oldest_pending = 0.0
+        Gauge(f"{p}_oldest_active_key_age_seconds", "Age of the oldest active DKIM key (0 "
+              "when none): rotation is overdue when it passes dkim.rotate_every",
+              registry=registry).set_function(lambda: self._age(self._oldest_active))
+        Gauge(f"{p}_oldest_pending_key_age_seconds", "How long the oldest pending DKIM key "
+              "has waited for DNS (0 when none)",
+              registry=registry).set_function(lambda: self._age(self._oldest_pending))
+
+    @staticmethod
+    def _age(created: float) -> float:
+        return max(0.0, time.time() - created) if created else 0.0
+
+    def observe(self, event: Event) -> None:
+        def number(key: str) -> float:
+            try:
+                return float(event.get(key, "0"))
+            except ValueError:
+                return 0.0
+
+        self.pending.set(number("pending"))
+        self.mismatch.set(number("mismatched"))
+        self.unsigned.set(number("unsigned"))
+        self.errors.set(number("errors"))
+        self._oldest_active = number("oldest_active")
+        self._oldest_pending = number("oldest_pending")
+
+
 class EventMetrics(logging.Handler):
     """Counters and histograms moved by log events (see the module docstring)."""
 
@@ -200,6 +244,7 @@ class EventMetrics(logging.Handler):
         self.scanner_up = Gauge(f"{p}_scanner_up", "1 while spamd answers, 0 from a failed "
                                 "scan until it answers again (absent until the first scan)",
                                 registry=registry)
+        self.dkim_keys = DkimKeyGauges(registry)
         self.dkim = Counter(f"{p}_dkim_signatures", "Relay delivery attempts by DKIM result "
                             "(delivery/dkim.py): signed, unsigned (nothing to sign with), "
                             "foreign (From not the site's), error (a key could not be used: "
@@ -292,6 +337,8 @@ class EventMetrics(logging.Handler):
             self.scanner_up.set(0)
         elif name == "scan_available":
             self.scanner_up.set(1)
+        elif name == "dkim_keys":
+            self.dkim_keys.observe(event)
         elif name == "dkim":
             self.dkim.labels(event.get("result", "unsigned")).inc()
         elif name in ("pickup_retry", "dropped"):

@@ -70,6 +70,7 @@ from sendmail_shim.config import Config
 from sendmail_shim.config.model import Zone
 from sendmail_shim.delivery.route import resolver_of
 from sendmail_shim.policy import relays as relay_marks
+from sendmail_shim.policy.periodic import Periodic
 from sendmail_shim.policy.sanctions import OperationError, notify_admin
 from sendmail_shim.store.state import State
 
@@ -336,45 +337,30 @@ def check_text(config: Config, state: State, name: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-class Watch:
+class Watch(Periodic):
     """The daemon's background watch (see the module docstring)."""
 
     def __init__(self, config: Callable[[], Config], state: State,
                  burned: Callable[[str], None] | None = None) -> None:
         """``burned(pool)`` is called (from a worker thread) after an auto-burn, so the
         daemon retries that pool's deferred mail on its new relays at once."""
+        super().__init__()
         self._config = config
         self.state = state
         self._burned = burned
         self.reported: dict[tuple[str, str], tuple[str, ...]] = {}  # (relay, zone) -> codes
-        self._wake = asyncio.Event()
-        self._stopping = False
 
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-
-    def poke(self) -> None:
-        """Check again now (a reload may have changed the zones or relays)."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        while not self._stopping:
-            config = self._config()
-            if watching(config):
-                try:
-                    results = await check(config)
-                    if self._stopping:
-                        break
-                    await asyncio.to_thread(self.observe, config, results)
-                except Exception:
-                    log.exception("reputation_watch_failed: the round is skipped and tried "
-                                  "again after reputation.interval")
+    async def round(self) -> float:
+        config = self._config()
+        if watching(config):
             try:
-                await asyncio.wait_for(self._wake.wait(), config.reputation.interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+                results = await check(config)
+                if not self._stopping:
+                    await asyncio.to_thread(self.observe, config, results)
+            except Exception:
+                log.exception("reputation_watch_failed: the round is skipped and tried "
+                              "again after reputation.interval")
+        return config.reputation.interval
 
     def observe(self, config: Config, results: list[Result]) -> None:
         """Log each result; a new listing notifies (and burns); a delisting is logged."""

@@ -95,10 +95,19 @@ class KeyRecord:
 
 
 def public_value(private_pem: bytes) -> tuple[str, str]:
-    """(algorithm, p= value) of a PEM private key; ``ValueError`` if it is neither kind."""
+    """(algorithm, p= value) of a PEM private key; ``ValueError`` if it is neither kind.
+
+    Only the public half is wanted, so the costly RSA consistency check is skipped
+    where cryptography allows it: a key that does not parse is still a ValueError.
+    """
     from cryptography.hazmat.primitives import serialization
 
-    return public_of(serialization.load_pem_private_key(private_pem, password=None))
+    try:  # OpenSSL 3's RSA key check costs ~60 ms a key: 10 minutes for 10,000 domains
+        key = serialization.load_pem_private_key(private_pem, password=None,
+                                                 unsafe_skip_rsa_key_validation=True)
+    except TypeError:  # cryptography < 39 (Debian 12 has 38) checks the key always
+        key = serialization.load_pem_private_key(private_pem, password=None)
+    return public_of(key)
 
 
 def public_of(key: object) -> tuple[str, str]:
@@ -238,7 +247,11 @@ class KeyStore:
         import filelock
 
         self._ensure_dir(self.root)
-        lock = filelock.FileLock(os.path.join(self.root, ".lock"))
+        path = os.path.join(self.root, ".lock")
+        if not os.path.exists(path):  # made by root (the admin command): the daemon's too
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, MODE_FILE))
+            self._own(path, MODE_FILE)
+        lock = filelock.FileLock(path)
         with lock:
             yield
 
@@ -252,22 +265,30 @@ class KeyStore:
             return new
 
     def generate(self, domain: str, selector: str, algorithm: str, *, rsa_bits: int = 2048,
-                 now: float | None = None, note: str = "") -> KeyRecord:
-        """Make a pending key under a selector the domain has never used."""
+                 now: float | None = None, note: str = "", reuse: bool = False) -> KeyRecord:
+        """Make a pending key under a selector the domain has never used (``reuse``: or
+        whose key is revoked)."""
         domain = _check_label("domain", domain)
         selector = _check_label("selector", selector)
         pem = new_private_key(algorithm, rsa_bits)
-        return self.add(domain, selector, pem, now=now, note=note)
+        return self.add(domain, selector, pem, now=now, note=note, reuse=reuse)
 
     def add(self, domain: str, selector: str, pem: bytes, *, now: float | None = None,
-            note: str = "") -> KeyRecord:
-        """Store ``pem`` as a pending key of ``domain`` under a new selector."""
+            note: str = "", reuse: bool = False) -> KeyRecord:
+        """Store ``pem`` as a pending key of ``domain`` under a new selector.
+
+        ``reuse``: a selector whose key is revoked may be taken again (the two fixed
+        selectors of CNAME delegation alternate); its revoked record is dropped.
+        """
         algorithm, public = public_value(pem)
         stamp = time.time() if now is None else now
         rec = KeyRecord(domain=domain, selector=selector, algorithm=algorithm, state=PENDING,
                         public=public, created=stamp, changed=stamp, note=note)
 
         def put(records: list[KeyRecord]) -> list[KeyRecord]:
+            if reuse:
+                records = [r for r in records
+                           if not (r.selector == selector and r.state == REVOKED)]
             if any(r.selector == selector for r in records):
                 raise KeyStoreError(f"DKIM selector {selector} of {domain} is already in use; "
                                     f"choose another selector")
