@@ -108,9 +108,21 @@ def test_add_change_remove_with_a_running_daemon(panel: tuple[Shim, Relay]) -> N
     assert done.returncode == 0, done.stderr
     result = answer(done)
     assert result["changed"] is True
-    assert [s["section"] for s in result["sections"]] == ["site", "password", "daemon", "relay"]
+    assert [s["section"] for s in result["sections"]] == ["site", "password", "dkim", "daemon",
+                                                          "relay"]
     assert section(result, "daemon")["state"] == "reloaded"
     assert section(result, "relay")["ok"] is True
+    # The site's DKIM key: made pending, owned by the daemon, its record printed to publish.
+    dkim = section(result, "dkim")
+    assert dkim["state"] == "keys made", dkim
+    [made] = dkim["made"]
+    domain, selector = made.split()[:2]
+    assert domain == "new.test"
+    assert any(line.startswith(f"{selector}._domainkey.new.test. IN TXT \"v=DKIM1; k=rsa; p=")
+               for line in dkim["publish"]), dkim["publish"]
+    key_file = os.path.join(shim.spool, "dkim", "new.test", selector + ".pem")
+    key_st = os.stat(key_file)
+    assert (key_st.st_uid, key_st.st_mode & 0o777) == (pwd.getpwnam(DAEMON_USER).pw_uid, 0o600)
     fragment = os.path.join(shim.workdir, "sites.d", "new.test.yaml")
     secret = os.path.join(shim.workdir, "secrets", "new.test")
     st = os.stat(secret)
@@ -127,6 +139,7 @@ def test_add_change_remove_with_a_running_daemon(panel: tuple[Shim, Relay]) -> N
                  "www.new.test", "--per-hour", "5", "--json")
     assert done.returncode == 0, done.stderr
     assert section(answer(done), "site")["domains"] == ["new.test", "www.new.test"]
+    assert [m.split()[0] for m in section(answer(done), "dkim")["made"]] == ["www.new.test"]
     again = admin(shim, "site", "change", "new.test", "--per-hour", "5", "--json")
     assert answer(again)["changed"] is False  # idempotent
     done = admin(shim, "site", "change", "new.test", "--login", "renamed.test", "--json")

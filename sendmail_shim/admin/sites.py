@@ -458,6 +458,7 @@ def add(config_path: str | None, request: Request, secret: Secret) -> Outcome:
                                 "docroots: use 'site change', or 'site remove' first")
             outcome.add("site", state="unchanged", **site_summary(existing, path))
             _again(config, existing, password, outcome)
+            dkim_keys(config, existing.name, outcome)
             return outcome
         check_claims(config, request.name, uids, domains, docroots, where)
         login_name = request.login or request.name
@@ -483,11 +484,40 @@ def add(config_path: str | None, request: Request, secret: Secret) -> Outcome:
         outcome.changed = True
         outcome.sections.insert(0, {"section": "site", "state": "added",
                                     **site_summary(new.sites[request.name], path)})
-        # The sections so far: site, password; then daemon and relay.  (Per-site DKIM
-        # keys and their DNS records join here as a section of their own.)
+        dkim_keys(new, request.name, outcome)
         reload_daemon(new, outcome)
         relay_side(new, outcome, login_name, created_secret, password_file, adding=True)
     return outcome
+
+
+def dkim_keys(config: Config, name: str, outcome: Outcome) -> None:
+    """The ``dkim`` section: each domain of the site gets its keys (pending until the
+    daemon sees DNS serve them; docs/dkim.md), and the records to publish are printed.
+
+    Keys already made are kept (``site add`` again, ``site change``): only a domain
+    without keys gets new ones.  A failure here leaves the site in place (its mail goes
+    out unsigned until ``sendmail-shim-admin dkim make`` succeeds) and says so.
+    """
+    from sendmail_shim.admin import dkimkeys  # lazy: cryptography, dnspython
+    from sendmail_shim.daemon import dkimdns
+    from sendmail_shim.store.dkimkeys import REVOKED, KeyStoreError
+
+    try:
+        made = dkimkeys.make_site_keys(config, name)
+        store = dkimkeys.store_of(config)
+        records = [r for d in dkimkeys.domains_of(config, name) for r in store.records(d)
+                   if r.state != REVOKED]
+    except (KeyStoreError, dkimkeys.DkimError, OSError) as exc:
+        outcome.add("dkim", state="failed",
+                    text=f"{exc}; the site's mail goes out unsigned until "
+                         f"'sendmail-shim-admin dkim make {name}' succeeds")
+        return
+    published = dkimkeys.publish(config, made) if made else ""
+    outcome.add("dkim", state="keys made" if made else "unchanged",
+                made=[f"{r.domain} {r.selector} ({r.algorithm})" for r in made],
+                publish=[dkimdns.zone_text(n, t, v) for r in records
+                         for n, t, v in dkimdns.records_to_publish(config, r)],
+                text=published or None)
 
 
 def _again(config: Config, site: Site, given: str | None, outcome: Outcome) -> None:
@@ -614,6 +644,8 @@ def change(config_path: str | None, request: Request) -> Outcome:
                                fragment_text("change", body))
         outcome.changed = True
         outcome.add("site", state="changed", **site_summary(new.sites[request.name], path))
+        if request.domains is not None:
+            dkim_keys(new, request.name, outcome)
         old, renamed = site.relay_login, new.sites[request.name].relay_login
         moved = old is not None and renamed is not None and renamed.user != old.user
         if moved and renamed is not None:
