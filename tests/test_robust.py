@@ -147,7 +147,8 @@ class TestIsolation:
         done = shim.sendmail(["-i", "good@example.net"], b"Subject: good\n\nx\n")
         assert done.returncode == 0
         _relay.wait(1)
-        # printable() shows the raw byte as \xff; the log quotes that value (docs/observability.md, "Logs").
+        # printable() shows the raw byte as \xff; the log quotes that value
+        # (docs/observability.md, "Logs").
         assert "deferred queue_id=" + odd + ' site="gone\\\\xffsite"' in shim.daemon_log()
 
     def test_damaged_status_does_not_stop_queue_runs(self, system: tuple[Shim, Relay]) -> None:

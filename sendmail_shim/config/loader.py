@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import MISSING, replace
+from functools import cache
 from typing import Any
 
 import yaml
@@ -111,6 +112,7 @@ def _join(where: str, name: str) -> str:
     return name if where == "top level" else f"{where}.{name}"
 
 
+@cache
 def _group_keys(cls: type, group: str) -> tuple[str, ...]:
     return tuple(k.name.split(".", 1)[1] for _, k in keys_of(cls)
                  if k.name.startswith(group + "."))
@@ -259,6 +261,12 @@ def _check_frontend_agrees(config: Config, path: str | None) -> None:
         )
 
 
+# libyaml's safe loader when PyYAML was built with it (Debian's python3-yaml is): the same
+# YAML 1.1 safe subset, errors with the same line marks, 8 times faster than the pure-Python
+# one (10,000 sites: 1 s instead of 8; bench/scale).
+_SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_config(explicit: str | None = None) -> Config:
     """Find (``paths.find_config``), read and check the configuration."""
     path = paths.find_config(explicit)
@@ -266,7 +274,7 @@ def load_config(explicit: str | None = None) -> Config:
         return parse_config({}, None)
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
