@@ -18,6 +18,11 @@ still serves its sockets (submissions and control requests are answered
 queue runner and the capture listener start once it opens.
 SIGHUP reloads the configuration (``systemctl reload``); a bad file is
 refused and the running configuration kept; every server reads the new one.
+The file is read and checked in a worker thread (10,000 sites take a second of
+YAML): hand-offs are answered meanwhile under the old configuration, and the
+new one replaces it in the event loop in one step, so each hand-off sees one
+whole configuration.  SIGHUPs that come during a reload make one more reload
+after it (the file as it is then), not one each.
 Metrics (``metrics.listen``/``textfile``, ``daemon/metrics.py``) start with the
 sockets and stop before the state is closed; without them prometheus_client is
 not imported.  The mail path never depends on a side listener: a metrics port
@@ -106,6 +111,8 @@ class Daemon:
         self._pickup = pickup.Pickup(self._halt)
         self._lock: filelock.BaseFileLock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set by serve()
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
 
     # -- start and stop -------------------------------------------------------
     def _take_lock(self) -> None:
@@ -284,13 +291,30 @@ class Daemon:
 
         Sites, quotas, policies, relays, routing and logins change at once; the
         spool, the capture port, the admin group, the node name and the state backend
-        need a restart.
+        need a restart.  The file is read in a worker thread (module docstring).
         """
-        try:
-            new = load_config(self.config.path)
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True  # one more when this one is done
             return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(),
+                                                                  name="reload")
+
+    async def _reload(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                new = await asyncio.to_thread(load_config, self.config.path)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+            except Exception:
+                log.exception("reload failed, keeping the running configuration")
+            else:
+                self._use(new)
+            if not self._reload_again:
+                return
+
+    def _use(self, new: Config) -> None:
+        """Every server reads ``new`` from now on (in the event loop: one step)."""
         if _restart_keys(new) != _restart_keys(self.config):
             log.warning("reload: spool, firewall.capture, admin.group, log.format, "
                         "log.target, metrics.listen/textfile, node or state changed; restart "
