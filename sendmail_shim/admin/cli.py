@@ -55,10 +55,15 @@ def cli() -> None:
 @config_option
 def serve(config_path: str | None) -> None:
     """Run the daemon in the foreground (hand-off socket, pickup, queue runner)."""
+    from sendmail_shim.config import ConfigError, load_config_isolated
     from sendmail_shim.daemon.logsetup import setup_logging
     from sendmail_shim.daemon.main import run_daemon
 
-    config = _load(config_path)
+    try:  # read by a child: the YAML parse's memory never enters the daemon
+        config = load_config_isolated(config_path)
+    except ConfigError as exc:
+        click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
+        sys.exit(sysexits.EX_CONFIG)
     setup_logging(config)
     sys.exit(run_daemon(config))
 

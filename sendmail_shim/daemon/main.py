@@ -18,8 +18,9 @@ still serves its sockets (submissions and control requests are answered
 queue runner and the capture listener start once it opens.
 SIGHUP reloads the configuration (``systemctl reload``); a bad file is
 refused and the running configuration kept; every server reads the new one.
-The file is read and checked in a worker thread (10,000 sites take a second of
-YAML): hand-offs are answered meanwhile under the old configuration, and the
+The file is read and checked by a child process (``config/isolated.py``: the
+YAML parse's memory stays there; 10,000 sites take seconds of YAML), waited for
+in a worker thread: hand-offs are answered meanwhile under the old configuration, and the
 new one replaces it in the event loop in one step, so each hand-off sees one
 whole configuration.  SIGHUPs that come during a reload make one more reload
 after it (the file as it is then), not one each.
@@ -61,7 +62,7 @@ from typing import TYPE_CHECKING
 
 import filelock
 
-from sendmail_shim.config import Config, ConfigError, load_config
+from sendmail_shim.config import Config, ConfigError, load_config_isolated
 from sendmail_shim.daemon import pickup
 from sendmail_shim.daemon.capture import CaptureHandler, CaptureListeners, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
@@ -291,7 +292,7 @@ class Daemon:
 
         Sites, quotas, policies, relays, routing and logins change at once; the
         spool, the capture port, the admin group, the node name and the state backend
-        need a restart.  The file is read in a worker thread (module docstring).
+        need a restart.  The file is read by a child process (module docstring).
         """
         if self._reloading is not None and not self._reloading.done():
             self._reload_again = True  # one more when this one is done
@@ -303,7 +304,7 @@ class Daemon:
         while True:
             self._reload_again = False
             try:
-                new = await asyncio.to_thread(load_config, self.config.path)
+                new = await asyncio.to_thread(load_config_isolated, self.config.path)
             except ConfigError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
             except Exception:
