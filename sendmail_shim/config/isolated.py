@@ -7,7 +7,7 @@ among the objects that stay (the Config), so neither Python nor malloc can give
 it back, and the daemon's RSS grew by 100 MiB from 10 to 10,000 sites
 (bench/scale).  So the daemon has the file read by a forked child: the child
 runs :func:`~sendmail_shim.config.loader.load_config` and writes the Config,
-pickled, into a pipe; the daemon unpickles it (2 MiB for 10,000 sites, 0.05 s)
+pickled, into a pipe; the daemon unpickles it (1.9 MB for 10,000 sites, 0.05 s)
 and holds only that.  A fork, not a new interpreter: the modules are already
 imported, so a small configuration costs a few milliseconds more, not the
 0.3 s of an interpreter's start.
