@@ -23,15 +23,18 @@ through the inherited wakeup descriptor.
 Trusts: the child is this process, forked; the pipe only it writes, so
 unpickling it is unpickling the daemon's own data.
 Guarantees: the same Config that ``load_config`` gives in process, or a
-ConfigError with the same text; a child that fails otherwise is a ConfigError
-that says so (the caller keeps its running configuration, as for a bad file).
+ConfigError with the same text; a child that fails otherwise, or is not done
+within TIMEOUT (then it is killed), is a ConfigError that says so (the caller
+keeps its running configuration, as for a bad file).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
+import time
 import traceback
 
 from sendmail_shim.config.errors import ConfigError
@@ -39,6 +42,7 @@ from sendmail_shim.config.model import Config
 
 _BAD_FILE = 78  # sysexits EX_CONFIG: the pipe holds the ConfigError's text
 _CRASHED = 70  # EX_SOFTWARE: the pipe holds a traceback
+TIMEOUT = 120.0  # seconds; 10,000 sites take 3 here
 
 
 def load_config_isolated(path: str | None) -> Config:
@@ -53,8 +57,17 @@ def load_config_isolated(path: str | None) -> Config:
         finally:
             os._exit(status)
     os.close(write_end)
-    with open(read_end, "rb") as fh:
-        data = fh.read()
+    try:
+        data = _read_all(read_end, time.monotonic() + TIMEOUT)
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise ConfigError(f"the configuration reader (a child process) took more than "
+                          f"{TIMEOUT:g}s and was stopped; the running configuration is "
+                          "kept: try again, and check the file's users and groups resolve "
+                          "(getent passwd)") from None
+    finally:
+        os.close(read_end)
     _, wait_status = os.waitpid(pid, 0)
     status = os.waitstatus_to_exitcode(wait_status)
     if status == 0:
@@ -66,6 +79,21 @@ def load_config_isolated(path: str | None) -> Config:
         raise ConfigError(text)
     raise ConfigError(f"the configuration reader (a child process) failed with exit status "
                       f"{status}: {text[-2000:] or 'no message'}")
+
+
+def _read_all(fd: int, deadline: float) -> bytes:
+    """Everything the child writes, until it closes the pipe; TimeoutError at
+    ``deadline`` (a child forked while another thread held a lock it then needs,
+    such as the C library's for user names, would wait for ever)."""
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _child(path: str | None, out: int) -> int:

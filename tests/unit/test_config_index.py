@@ -116,3 +116,42 @@ def test_a_value_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, b"spool: /var/\xff\n")
     with pytest.raises(paths.SettingsError, match="not UTF-8"):
         paths.read_frontend_settings(path)
+
+
+def test_the_isolated_reader_gives_the_same_config(tmp_path: Path) -> None:
+    text = (f"spool: {tmp_path}/spool\nsites:\n" + "".join(
+        f"  s{i}.test:\n    uids: [{1000 + i % 7}]\n    domains: [s{i}.test]\n"
+        f"    quota: {{per_hour: {i + 1}}}\n" for i in range(200)))
+    path = write(tmp_path, text.encode())
+    from sendmail_shim.config import load_config, load_config_isolated
+
+    child = load_config_isolated(path)
+    assert child == load_config(path)
+    assert [s.name for s in child.sites_of_uid(1003)] == [
+        s.name for s in load_config(path).sites_of_uid(1003)]
+
+
+def test_the_isolated_reader_gives_the_same_error(tmp_path: Path) -> None:
+    from sendmail_shim.config import ConfigError, load_config, load_config_isolated
+
+    path = write(tmp_path, b"sites:\n  a.test: {uids: [5], quota: {per_hour: lots}}\n")
+    with pytest.raises(ConfigError) as in_process:
+        load_config(path)
+    with pytest.raises(ConfigError) as isolated:
+        load_config_isolated(path)
+    assert str(isolated.value) == str(in_process.value)
+    assert "sites.a.test.quota.per_hour" in str(isolated.value)
+
+
+def test_a_stuck_reader_is_killed_and_reported(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from sendmail_shim.config import ConfigError, isolated, loader
+
+    monkeypatch.setattr(isolated, "TIMEOUT", 0.5)
+    monkeypatch.setattr(loader, "load_config", lambda path: time.sleep(60))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"took more than 0\.5s and was stopped"):
+        isolated.load_config_isolated(write(tmp_path, b"sites: {}\n"))
+    assert time.monotonic() - started < 30
