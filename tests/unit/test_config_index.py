@@ -5,6 +5,8 @@ these tests pin that it gives what the scan of every site gave (order included),
 that it is built once, and that a new Config (a reload) has its own.  The front
 end's two settings are found without reading a large file to its end
 (``wire.paths.read_frontend_settings``) and with the same first-line-wins rule.
+The daemon's reader in a forked child (``config/isolated.py``) gives the same
+Config and the same error text as ``load_config``, and a stuck child is killed.
 """
 
 from __future__ import annotations
