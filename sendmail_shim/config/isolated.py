@@ -39,6 +39,7 @@ import traceback
 
 from sendmail_shim.config.errors import ConfigError
 from sendmail_shim.config.model import Config
+from sendmail_shim.config.plainyaml import collector_paused
 
 _BAD_FILE = 78  # sysexits EX_CONFIG: the pipe holds the ConfigError's text
 _CRASHED = 70  # EX_SOFTWARE: the pipe holds a traceback
@@ -71,7 +72,8 @@ def load_config_isolated(path: str | None) -> Config:
     _, wait_status = os.waitpid(pid, 0)
     status = os.waitstatus_to_exitcode(wait_status)
     if status == 0:
-        config = pickle.loads(data)  # noqa: S301 - our own child's pipe
+        with collector_paused():  # 60,000 objects that all stay (config/plainyaml.py)
+            config = pickle.loads(data)  # noqa: S301 - our own child's pipe
         if isinstance(config, Config):
             return config
     text = data.decode("utf-8", "replace").strip() if status else "no configuration"

@@ -246,8 +246,9 @@ def parse_config(raw: Any, path: str | None) -> Config:
     """Build a :class:`Config` from the YAML tree ``raw`` read from ``path``."""
     r = _Reader()
     try:
-        values, data = r.values(Config, raw, "top level")
-        config = _finish_config(r, values, data, path)
+        with plainyaml.collector_paused():  # 10,000 sites: 60,000 objects that all stay
+            values, data = r.values(Config, raw, "top level")
+            config = _finish_config(r, values, data, path)
     except Problem as problem:
         raise ConfigError(f"{path or '<built-in defaults>'}: {problem}") from None
     if path is not None:  # a tree built in memory has no file for the front end to read
@@ -277,7 +278,7 @@ def load_config(explicit: str | None = None) -> Config:
         return parse_config({}, None)
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.load(fh, Loader=plainyaml.Loader)  # noqa: S506 - a safe loader
+            raw = plainyaml.load(fh)
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

@@ -19,7 +19,10 @@ aliases costs what its nodes cost, not more.
 
 from __future__ import annotations
 
-from typing import Any
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -29,6 +32,30 @@ _SPECIAL_KEYS = (_T + "merge", _T + "value")
 # libyaml's loader when PyYAML was built with it (Debian's python3-yaml is): 8 times the
 # speed of the pure-Python one, same YAML 1.1 safe subset, same line marks in errors.
 _Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off for the duration (back on after, if it was).
+
+    Building 240,000 nodes and then the objects, nothing of which is garbage until the
+    end, the collector ran again and again over the growing tree: 80 % of the time of
+    reading 10,000 sites (2.5 s of 3.0; 0.5 s without).  Nothing made while reading is
+    cyclic garbage that must go early; the collector runs again after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def load(stream: IO[str] | IO[bytes] | str | bytes) -> Any:
+    """The document of ``stream``, as ``yaml.safe_load`` gives it."""
+    with collector_paused():
+        return yaml.load(stream, Loader=Loader)  # noqa: S506 - a safe loader
 
 
 class _NotPlain(Exception):
