@@ -29,11 +29,14 @@ if TYPE_CHECKING:
 # (sendmail_shim.admin.main, its FAST table) when their command line is plain.
 
 
-def _load(config_path: str | None) -> Config:
-    from sendmail_shim.config import ConfigError, load_config
+def _load(config_path: str | None, isolated: bool = False) -> Config:
+    """The configuration, or exit 78 with the error; ``isolated``: read by a forked child
+    (config/isolated.py), for the processes that keep running (the YAML parse's memory
+    stays in the child)."""
+    from sendmail_shim.config import ConfigError, load_config, load_config_isolated
 
     try:
-        return load_config(config_path)
+        return (load_config_isolated if isolated else load_config)(config_path)
     except ConfigError as exc:
         click.echo(f"sendmail-shim-admin: configuration error: {exc}", err=True)
         sys.exit(sysexits.EX_CONFIG)
@@ -58,7 +61,7 @@ def serve(config_path: str | None) -> None:
     from sendmail_shim.daemon.logsetup import setup_logging
     from sendmail_shim.daemon.main import run_daemon
 
-    config = _load(config_path)
+    config = _load(config_path, isolated=True)
     setup_logging(config)
     sys.exit(run_daemon(config))
 
@@ -322,7 +325,7 @@ def policy_serve(config_path: str | None, listen: str | None) -> None:
     from sendmail_shim.relaypolicy.server import serve as serve_policy
     from sendmail_shim.store.state import state_dir
 
-    config = _load(config_path)
+    config = _load(config_path, isolated=True)
     if listen is not None:
         try:
             PolicyListen().read(listen, "--listen", "")
@@ -640,7 +643,7 @@ def spool_init(config_path: str | None, user: str | None) -> None:
     from sendmail_shim.store.spool import prepare_spool
     from sendmail_shim.store.state import state_dir
 
-    config = _load(config_path)
+    config = _load(config_path, isolated=True)
     prepare_spool(config.layout)
     os.makedirs(state_dir(config.layout), mode=paths.MODE_PRIVATE_DIR, exist_ok=True)
     os.makedirs(config.layout.control, mode=paths.MODE_CONTROL_DIR, exist_ok=True)

@@ -6,6 +6,7 @@ the modules inside.
 """
 
 from sendmail_shim.config.errors import ConfigError
+from sendmail_shim.config.isolated import load_config_isolated
 from sendmail_shim.config.loader import load_config, parse_config
 from sendmail_shim.config.model import (
     ADMIN_KEYS,
@@ -44,5 +45,5 @@ __all__ = [
     "OUTBREAK_KEYS", "QUOTA_KEYS", "RELAY_KEYS", "RESOLVER_KEYS", "RETRY_KEYS",
     "SENDER_ACTIONS", "SITE_KEYS", "TLS_MODES", "TOP_KEYS", "Admin", "Config", "ConfigError",
     "Firewall", "LocalTransport", "OutbreakRules", "Pool", "Quota", "Relay", "RelayLogin",
-    "RetryPolicy", "Scan", "Site", "load_config", "parse_config",
+    "RetryPolicy", "Scan", "Site", "load_config", "load_config_isolated", "parse_config",
 ]

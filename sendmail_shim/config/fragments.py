@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from sendmail_shim.config import plainyaml
 from sendmail_shim.config.errors import ConfigError
 from sendmail_shim.config.schema import Problem
 
@@ -104,7 +105,7 @@ def read_yaml(path: str) -> Any:
     """The YAML tree of one file; a ConfigError naming the file and the line."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=_Loader)  # noqa: S506 (a safe loader)
+            return plainyaml.load(fh)  # the main file's loader: plain YAML built fast
     except OSError as exc:
         raise ConfigError(f"cannot read site file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:

@@ -124,7 +124,7 @@ class ControlServer(DaemonServer):
         actor = f"operator uid {uid}"
         if action == "reload":  # the admin command's site add/change/remove, after a write
             log.info("reload asked by %s", actor)
-            refused = self.daemon.reload()
+            refused = await self.daemon.reload_and_wait()
             if refused is not None:
                 return protocol.format_reply(554, sysexits.EX_CONFIG,
                                              f"reload refused, the running configuration is "

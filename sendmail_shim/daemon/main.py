@@ -19,9 +19,15 @@ still serves its sockets (submissions and control requests are answered
 ``451`` with the reason) and retries every STATE_RETRY seconds; pickup, the
 queue runner and the capture listener start once it opens.
 SIGHUP (``systemctl reload``), or a ``reload`` request on the control socket
-(what ``site add``, ``change`` and ``remove`` send), reloads the configuration
-and its site files; a bad file is refused and the running configuration kept;
-every server reads the new one.
+(what ``site add``, ``change`` and ``remove`` send, and wait for), reloads the
+configuration and its site files; a bad file is refused and the running
+configuration kept; every server reads the new one.
+The file is read and checked by a child process (``config/isolated.py``: the
+YAML parse's memory stays there; 10,000 sites take seconds of YAML), waited for
+in a worker thread: hand-offs are answered meanwhile under the old configuration, and the
+new one replaces it in the event loop in one step, so each hand-off sees one
+whole configuration.  SIGHUPs that come during a reload make one more reload
+after it (the file as it is then), not one each.
 Metrics (``metrics.listen``/``textfile``, ``daemon/metrics.py``) start with the
 sockets and stop before the state is closed; without them prometheus_client is
 not imported.  The mail path never depends on a side listener: a metrics port
@@ -60,7 +66,7 @@ from typing import TYPE_CHECKING
 
 import filelock
 
-from sendmail_shim.config import Config, ConfigError, load_config
+from sendmail_shim.config import Config, ConfigError, load_config_isolated
 from sendmail_shim.daemon import pickup
 from sendmail_shim.daemon.capture import CaptureHandler, CaptureListeners, start_capture
 from sendmail_shim.daemon.control_server import ControlServer
@@ -112,6 +118,9 @@ class Daemon:
         self._pickup = pickup.Pickup(self._halt)
         self._lock: filelock.BaseFileLock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set by serve()
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._reload_error: str | None = None
 
     # -- start and stop -------------------------------------------------------
     def _take_lock(self) -> None:
@@ -286,19 +295,48 @@ class Daemon:
                 pass
             self.pickup_wake.clear()
 
-    def reload(self) -> str | None:
-        """SIGHUP (or the control socket's ``reload``): read the configuration and the
-        site fragments again; keep the old one if the new one is bad (its error returned).
+    def reload(self) -> None:
+        """SIGHUP: read the configuration and the site fragments again, in the
+        background; keep the old one if the new one is bad.
 
         Sites, quotas, policies, relays, routing and logins change at once; the
         spool, the capture port, the admin group, the node name and the state backend
-        need a restart.
+        need a restart.  The file is read by a child process (module docstring).
         """
-        try:
-            new = load_config(self.config.path)
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            return str(exc)
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True  # one more when this one is done
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(),
+                                                                  name="reload")
+
+    async def reload_and_wait(self) -> str | None:
+        """The control socket's ``reload``: a reload that reads the files as they are
+        now (one running already makes one more pass); its error, or None."""
+        self.reload()
+        task = self._reloading
+        assert task is not None
+        await asyncio.shield(task)
+        return self._reload_error
+
+    async def _reload(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                new = await asyncio.to_thread(load_config_isolated, self.config.path)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                self._reload_error = str(exc)
+            except Exception as exc:
+                log.exception("reload failed, keeping the running configuration")
+                self._reload_error = f"the configuration could not be read: {exc}"
+            else:
+                self._use(new)
+                self._reload_error = None
+            if not self._reload_again:
+                return
+
+    def _use(self, new: Config) -> None:
+        """Every server reads ``new`` from now on (in the event loop: one step)."""
         if _restart_keys(new) != _restart_keys(self.config):
             log.warning("reload: spool, firewall.capture, admin.group, log.format, "
                         "log.target, metrics.listen/textfile, node or state changed; restart "

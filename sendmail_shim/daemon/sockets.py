@@ -53,7 +53,7 @@ class Running(Protocol):
     pickup_wake: asyncio.Event  # set: scan the drop area now
     intake: IntakeWorkers  # the intake's threads, a share per uid (daemon/workers.py)
 
-    def reload(self) -> str | None:
+    async def reload_and_wait(self) -> str | None:
         """Read the configuration again; the error when it is refused (the old one kept)."""
 
 

@@ -59,11 +59,12 @@ def hosted_domains(config: Config) -> dict[str, frozenset[str]]:
     cached = _hosted
     if cached is not None and cached[0] is config:
         return cached[1]
-    owners: dict[str, set[str]] = {}
+    index: dict[str, frozenset[str]] = {}
     for site in config.sites.values():
+        mine = frozenset((site.name,))  # shared by the site's domains (10,000 sites: 20,000)
         for domain in _own_domains(site):
-            owners.setdefault(domain, set()).add(site.name)
-    index = {domain: frozenset(names) for domain, names in owners.items()}
+            have = index.get(domain)
+            index[domain] = mine if have is None or have == mine else have | mine
     _hosted = (config, index)
     return index
 

@@ -135,27 +135,56 @@ def _plain_scalar(raw: str) -> str:
     return value
 
 
+# The front end reads this much of the configuration first: where the two lines are when the
+# operator keeps them at the top, as the shipped file does.  Only when a line is missing
+# there does it read the rest (10,000 sites make a file of megabytes: bench/scale).
+FIRST_READ = 64 * 1024
+
+
 def read_frontend_settings(path: str | None) -> dict[str, str]:
     """The front end's two settings from the top level of the YAML file ``path``.
 
-    Only lines of the form ``key: value`` at column 0 count.  Keys that are absent
-    are absent from the result; the caller applies the defaults.
+    Only lines of the form ``key: value`` at column 0 count (the first of each key; lines
+    end at LF, CR or CRLF, as YAML's do).  Keys that are absent are absent from the result;
+    the caller applies the defaults.  The search is for the bytes ``key:`` at the start of
+    a line, so the file is read only up to the second key (the first ``FIRST_READ`` bytes
+    when both are near the top); only their values are decoded (the daemon's YAML loader
+    refuses a file that is not UTF-8).
     """
-    found: dict[str, str] = {}
     if path is None:
-        return found
+        return {}
     try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line or line[0] in " \t#-":
-                    continue
-                key, sep, rest = line.partition(":")
-                if sep and key in FRONTEND_KEYS and key not in found:
-                    found[key] = _plain_scalar(rest)
+        with open(path, "rb") as fh:
+            data = fh.read(FIRST_READ)
+            found = _settings_in(path, data, whole=len(data) < FIRST_READ)
+            if len(found) < len(FRONTEND_KEYS) and len(data) == FIRST_READ:
+                data += fh.read()
+                found = _settings_in(path, data, whole=True)
     except OSError as exc:
         raise SettingsError(f"cannot read configuration file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise SettingsError(f"configuration file {path} is not UTF-8: {exc}") from exc
+    return found
+
+
+def _settings_in(path: str, data: bytes, whole: bool) -> dict[str, str]:
+    """The first ``key: value`` line of each front end key in ``data``; a line cut off at
+    the end of ``data`` counts only if ``data`` is the whole file."""
+    found: dict[str, str] = {}
+    for key in FRONTEND_KEYS:
+        needle = key.encode("ascii") + b":"
+        at = data.find(needle)
+        while at > 0 and data[at - 1] not in b"\r\n":  # not at the start of a line
+            at = data.find(needle, at + 1)
+        if at < 0:
+            continue
+        start = at + len(needle)
+        ends = [end for end in (data.find(b"\n", start), data.find(b"\r", start)) if end >= 0]
+        if not ends and not whole:
+            continue  # the line goes on past what was read
+        raw = data[start:min(ends)] if ends else data[start:]
+        try:
+            found[key] = _plain_scalar(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SettingsError(f"configuration file {path}: {key}: not UTF-8: {exc}") from exc
     return found
 
 

@@ -9,6 +9,8 @@ specific hosted domain that matches it; a neighbour's address is never kept.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sendmail_shim.config import Config
@@ -29,7 +31,7 @@ def _apply(config: Config, envelope: Envelope, message: bytes,
            **policy: str) -> tuple[bytes, list[tuple[str, str]]]:
     site = config.sites[SITE1]
     if policy:
-        site = type(site)(**{**site.__dict__, **policy})  # a frozen dataclass: a copy
+        site = dataclasses.replace(site, **policy)  # a frozen dataclass: a copy
     result = apply_sender_policy(site, config, envelope, message)
     assert isinstance(result, tuple), result
     return result
@@ -87,7 +89,7 @@ class TestFromHeader:
                                                  make_envelope: MakeEnvelope) -> None:
         message = f"From: <orders@{SHOP}>\n\nbody\n".encode()
         site = hosted.sites[SITE1]
-        site = type(site)(**{**site.__dict__, "from_policy": "refuse"})
+        site = dataclasses.replace(site, from_policy="refuse")
         verdict = apply_sender_policy(site, hosted, make_envelope(message), message)
         assert not isinstance(verdict, tuple)
         assert verdict.code == 550 and f"orders@{SHOP}" in verdict.text
