@@ -70,8 +70,6 @@ def review(config: Config) -> Review:
     if config.dkim.update_key_file:
         problems += _open_secret("dkim.update_key_file", config.dkim.update_key_file,
                                  "could publish DNS records in the operator's zone")
-    from sendmail_shim.delivery.dkim import key_problems  # lazy: cryptography
-    problems += key_problems(config)
     own_fs, fs_text = spool_filesystem(config.spool)
     warnings = [w for w in (protected_hardlinks_problem(),) if w] + site_warnings
     if not own_fs:

@@ -56,6 +56,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Any
@@ -259,6 +260,9 @@ def load_key(store: dkimkeys.KeyStore, record: dkimkeys.KeyRecord) -> SigningKey
     return SigningKey(record.domain, record.selector, algorithm, key)
 
 
+CACHED_DOMAINS = 4096  # the signer's key cache: domains kept parsed (least recent out)
+
+
 class Signer:
     """Signs a message for the relay it goes to; holds the parsed keys between messages.
 
@@ -269,7 +273,9 @@ class Signer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = dkimkeys.KeyStore(config.dkim_keys)
-        self._domains: dict[str, _DomainKeys] = {}
+        # The parsed keys of the domains that sent last, at most CACHED_DOMAINS of them
+        # (10,000 sites: a parsed RSA key is a few kB of OpenSSL's memory).
+        self._domains: OrderedDict[str, _DomainKeys] = OrderedDict()
         self._loading = threading.Lock()  # one reader of changed keys at a time
 
     def reconfigure(self, config: Config) -> None:
@@ -375,6 +381,10 @@ class Signer:
             return _DomainKeys((0, 0, 0), [], [("", f"{path}: {exc.strerror}")], 0.0)
         cached = self._domains.get(domain)
         if cached is not None and cached.stamp == stamp and time.monotonic() < cached.retry:
+            try:
+                self._domains.move_to_end(domain)  # least recently used goes first
+            except KeyError:  # another thread's read dropped it meanwhile
+                pass
             return cached
         with self._loading:  # the config check's and any thread's reads: once per change
             cached = self._domains.get(domain)
@@ -399,28 +409,7 @@ class Signer:
         if entry.failed:
             entry.retry = time.monotonic() + RETRY_FAILED
         self._domains[domain] = entry
+        self._domains.move_to_end(domain)
+        while len(self._domains) > CACHED_DOMAINS:
+            self._domains.popitem(last=False)
         return entry
-
-
-def key_problems(config: Config) -> list[str]:
-    """What ``config check`` names: each signing key (or state file) the signer could not
-    use, and each domain whose keys would sign nothing (an Ed25519 key with no RSA key)."""
-    store = dkimkeys.KeyStore(config.dkim_keys)
-    problems = []
-    for domain in store.domains():
-        try:
-            records = store.signing(domain)
-        except dkimkeys.KeyStoreError as exc:
-            problems.append(f"DKIM {domain}: {exc}; its mail goes out unsigned")
-            continue
-        usable = []
-        for record in records:
-            try:
-                usable.append(load_key(store, record).algorithm)
-            except dkimkeys.KeyStoreError as exc:
-                problems.append(f"DKIM {domain} selector {record.selector}: {exc}")
-        if usable and dkimkeys.RSA not in usable:
-            problems.append(f"DKIM {domain}: only an Ed25519 key signs, and it never signs "
-                            f"alone: its mail goes out unsigned; make an RSA key: "
-                            f"sendmail-shim-admin dkim rotate --domain {domain}")
-    return problems

@@ -342,15 +342,30 @@ def test_config_check_names_each_unusable_key(make_config: MakeConfig) -> None:
 
     config = make_config()
     store = _keys(config.dkim_keys, SITE1, dkimkeys.RSA, dkimkeys.ED25519)
-    assert not [p for p in review(config).problems if p.startswith("DKIM")]
+    assert not [p for p in review(config).problems if p.startswith("dkim")]
     path = store.private_key_path(SITE1, "s0rsa")
     Path(path).write_bytes(b"garbage")
-    problems = [p for p in review(config).problems if p.startswith("DKIM")]
-    assert len(problems) == 2 and "selector s0rsa" in problems[0] and path in problems[0]
-    assert problems[1].startswith(f"DKIM {SITE1}: only an Ed25519 key signs")
+    problems = [p for p in review(config).problems if p.startswith("dkim")]
+    assert any("selector s0rsa" in p and path in p and "malformed" in p for p in problems)
     _keys(config.dkim_keys, SITE2, dkimkeys.RSA)
     Path(config.dkim_keys, SITE2, dkimkeys.STATE_FILE).write_text("[")
-    assert dkim.key_problems(config)[2].startswith(f"DKIM {SITE2}: DKIM state file")
+    problems = [p for p in review(config).problems if p.startswith(f"dkim: {SITE2}")]
+    assert problems and "DKIM state file" in problems[0]
+
+
+def test_the_key_cache_keeps_the_domains_that_sent_last(
+        make_config: MakeConfig, make_envelope: MakeEnvelope,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dkim, "CACHED_DOMAINS", 1)
+    config = make_config()
+    _keys(config.dkim_keys, SITE1, dkimkeys.RSA)
+    _keys(config.dkim_keys, SITE2, dkimkeys.RSA)
+    signer = dkim.Signer(config)
+    site2 = MESSAGE.replace(b"noreply@site1.test", b"noreply@site2.test")
+    assert b"d=site1.test;" in _wire(signer, make_envelope(MESSAGE))
+    assert b"d=site2.test;" in _wire(signer, make_envelope(site2, site=SITE2), message=site2)
+    assert list(signer._domains) == ["site2.test"]  # site1's keys were dropped
+    assert b"d=site1.test;" in _wire(signer, make_envelope(MESSAGE))  # and read again
 
 
 def test_a_bounce_is_signed_with_the_host_domain_key(make_config: MakeConfig,
